@@ -1,0 +1,226 @@
+"""The job spec: one pydantic model for a whole distillation job.
+
+It is the request body of `POST /v1/jobs`, the YAML file of `scdd distill --config`, and what the
+pipeline runs. Defaults live here once: with no overrides the spec describes the Fashion-MNIST
+demo, sized to finish in minutes on two CPU cores. Unknown fields are rejected everywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Annotated, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from api_schema.names import DatasetName, MethodName, ModelName
+
+ClassRef = Union[Annotated[int, Field(ge=0)], Annotated[str, Field(min_length=1, max_length=200)]]
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_range(value: tuple[float, float], name: str) -> tuple[float, float]:
+    low, high = value
+    if not 0 < low <= high:
+        raise ValueError(f"{name} must satisfy 0 < low <= high, got {value}")
+    return value
+
+
+class DatasetSpec(_Spec):
+    """Which real dataset to distill, and how much of it to use."""
+
+    name: DatasetName = Field("fashion-mnist", description="Dataset from the dataset registry.")
+    root: Optional[str] = Field(
+        None,
+        max_length=4096,
+        description="Where the data lies. fashion-mnist: folder with the four IDX files "
+        "(default /usr/share/datasets/fashion-mnist). imagefolder: folder holding train/ and val/, "
+        "one sub-folder per class (required).",
+    )
+    image_size: Optional[int] = Field(
+        None,
+        ge=8,
+        le=1024,
+        description="Side length images are resized to. None: the native size (28 for "
+        "fashion-mnist; for imagefolder the shorter side of the first training image).",
+    )
+    classes: Optional[list[ClassRef]] = Field(
+        None,
+        min_length=1,
+        max_length=100_000,
+        description="Subset of classes to use, by index in the source or by name. None: all.",
+    )
+    train_limit: Optional[int] = Field(
+        None,
+        ge=1,
+        le=10_000_000,
+        description="Training images per class used by squeeze (a seeded random pick). None: all.",
+    )
+
+
+class TeacherSpec(_Spec):
+    """Squeeze: the teacher whose BatchNorm statistics recovery matches."""
+
+    arch: ModelName = Field("convnet", description="Teacher architecture from the model registry.")
+    checkpoint: Optional[str] = Field(
+        None,
+        max_length=4096,
+        description="Load this checkpoint (path or URL) instead of training a teacher.",
+    )
+    epochs: int = Field(4, ge=1, le=10_000, description="Training epochs when no checkpoint is given.")
+    batch_size: int = Field(128, ge=1, le=65_536, description="Training batch size.")
+    optimizer: Literal["sgd", "adamw"] = Field("sgd", description="SGD (momentum 0.9, nesterov) or AdamW.")
+    lr: Optional[float] = Field(
+        None, gt=0, le=10, description="Peak learning rate (cosine decay). None: 0.05 for sgd, 1e-3 for adamw."
+    )
+    weight_decay: float = Field(5e-4, ge=0, le=1, description="Weight decay.")
+
+
+class AugmentSpec(_Spec):
+    """Augmentations applied to the synthetic batch on every recover step, drawn per image."""
+
+    crop: bool = Field(True, description="Random-resized-crop, resized back to the image size.")
+    crop_scale: tuple[float, float] = Field(
+        (0.08, 1.0), description="Area fraction range of the random-resized-crop."
+    )
+    crop_ratio: tuple[float, float] = Field(
+        (3 / 4, 4 / 3), description="Aspect-ratio range of the random-resized-crop."
+    )
+    flip: bool = Field(True, description="Random horizontal flip (probability 0.5).")
+    jitter: Optional[int] = Field(
+        None,
+        ge=0,
+        le=512,
+        description="Maximum random roll in pixels along each axis. None: image_size // 8.",
+    )
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _scale_in_unit_interval(cls, value: tuple[float, float]) -> tuple[float, float]:
+        _check_range(value, "crop_scale")
+        if value[1] > 1:
+            raise ValueError(f"crop_scale values must be <= 1, got {value}")
+        return value
+
+    @field_validator("crop_ratio")
+    @classmethod
+    def _ratio_positive(cls, value: tuple[float, float]) -> tuple[float, float]:
+        return _check_range(value, "crop_ratio")
+
+
+class RecoverSpec(_Spec):
+    """Recover: synthesise images from noise by matching the teacher's BatchNorm statistics."""
+
+    ipc: int = Field(10, ge=1, le=10_000, description="Images per class to synthesise.")
+    iterations: int = Field(300, ge=1, le=1_000_000, description="Optimisation steps per batch.")
+    batch_size: int = Field(
+        100, ge=1, le=100_000, description="Classes per batch (one image of each class per round)."
+    )
+    lr: float = Field(0.25, gt=0, le=100, description="Adam learning rate (cosine decay, no warm-up).")
+    r_bn: float = Field(0.01, ge=0, le=1e6, description="Weight of the BatchNorm-statistic loss.")
+    first_bn_multiplier: float = Field(
+        10.0, ge=0, le=1e6, description="Extra weight of the first BatchNorm layer's loss."
+    )
+    tv_weight: float = Field(0.0, ge=0, le=1e6, description="Weight of a total-variation image prior.")
+    l2_weight: float = Field(0.0, ge=0, le=1e6, description="Weight of an L2 image prior.")
+    augment: AugmentSpec = Field(default_factory=AugmentSpec, description="Per-step augmentation.")
+
+
+class ValidateSpec(_Spec):
+    """Validate: train a student on the distilled images by knowledge distillation, test on real data."""
+
+    enabled: bool = Field(True, description="Run the validation stage.")
+    student_arch: ModelName = Field("convnet", description="Student architecture from the model registry.")
+    epochs: int = Field(100, ge=1, le=100_000, description="Student training epochs over the distilled set.")
+    batch_size: int = Field(64, ge=1, le=65_536, description="Student batch size.")
+    lr: float = Field(1e-3, gt=0, le=10, description="AdamW peak learning rate (cosine decay).")
+    weight_decay: float = Field(0.01, ge=0, le=1, description="AdamW weight decay.")
+    temperature: float = Field(4.0, gt=0, le=100, description="Knowledge-distillation temperature.")
+    crop_scale: tuple[float, float] = Field(
+        (0.5, 1.0), description="Random-resized-crop area range of the student's training batches."
+    )
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _scale_in_unit_interval(cls, value: tuple[float, float]) -> tuple[float, float]:
+        _check_range(value, "crop_scale")
+        if value[1] > 1:
+            raise ValueError(f"crop_scale values must be <= 1, got {value}")
+        return value
+
+
+class ResourcesSpec(_Spec):
+    """Where and how fast to compute."""
+
+    device: str = Field(
+        "auto",
+        pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        description="auto (CUDA when available, else CPU), cpu, cuda or cuda:N.",
+    )
+    amp: Literal["auto", "bf16", "off"] = Field(
+        "auto", description="bf16 autocast. auto: on where it is faster (CUDA with bf16 support)."
+    )
+    channels_last: Literal["auto", "on", "off"] = Field(
+        "auto", description="channels-last memory format. auto: on where it is faster."
+    )
+    threads: Optional[int] = Field(None, ge=1, le=1024, description="CPU threads for torch. None: torch's default.")
+
+
+class OutputSpec(_Spec):
+    """Where results go."""
+
+    url: Optional[str] = Field(
+        None,
+        max_length=4096,
+        description="Artifact store URL: a local directory or an fsspec URL. None: ./runs/<job id>. "
+        "Running again with the same URL resumes the run.",
+    )
+    grid_per_class: int = Field(8, ge=1, le=100, description="Images per class shown in grid.png.")
+
+
+class JobSpec(_Spec):
+    """A whole distillation job: squeeze -> recover -> validate -> report."""
+
+    dataset: DatasetSpec = Field(default_factory=DatasetSpec, description="The real dataset.")
+    method: MethodName = Field("sre2l", description="Distillation method from the method registry.")
+    teacher: TeacherSpec = Field(default_factory=TeacherSpec, description="Squeeze stage.")
+    recover: RecoverSpec = Field(default_factory=RecoverSpec, description="Recover stage.")
+    validate_: ValidateSpec = Field(
+        default_factory=ValidateSpec, alias="validate", description="Validation stage."
+    )
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Compute resources.")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of every random choice in the job.")
+    output: OutputSpec = Field(default_factory=OutputSpec, description="Artifact output.")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _imagefolder_needs_root(self) -> "JobSpec":
+        if self.dataset.name == "imagefolder" and not self.dataset.root:
+            raise ValueError("dataset.root is required for dataset 'imagefolder' (a folder with train/ and val/)")
+        return self
+
+    def to_dict(self) -> dict:
+        """The spec as plain JSON-able data, with the public field names."""
+        return self.model_dump(mode="json", by_alias=True)
+
+    def digest(self, *sections: str) -> str:
+        """A short stable hash of the named top-level sections (all when none are named)."""
+        data = self.to_dict()
+        chosen = {key: data[key] for key in (sections or tuple(sorted(data)))}
+        blob = json.dumps(chosen, sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+    def teacher_digest(self) -> str:
+        """Hash of what determines the teacher: a second job with the same value reuses it."""
+        return self.digest("dataset", "method", "teacher", "seed")
+
+    def recover_digest(self) -> str:
+        """Hash of what determines the synthetic images; a resumed run must match it."""
+        return self.digest("dataset", "method", "teacher", "recover", "seed")
+
+    def job_id(self) -> str:
+        return f"{self.dataset.name}-{self.method}-ipc{self.recover.ipc}-{self.recover_digest()}"

@@ -1,0 +1,103 @@
+"""What a run writes: PNG images in an ImageFolder layout, the manifest and the preview grid."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import platform
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from scdd.data.base import DatasetInfo
+
+IMAGES_DIR = "images"
+
+
+@dataclass(frozen=True)
+class ImageEntry:
+    path: str  # relative to the store root
+    class_name: str
+    class_dir: str
+    class_index: int  # index of the class in the source dataset
+    label: int  # position among the distilled classes (the teacher's output index)
+    round: int  # ipc index
+    sha256: str
+    bytes: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def image_path(info: DatasetInfo, label: int, round_index: int) -> str:
+    return f"{IMAGES_DIR}/{info.class_dirs[label]}/{info.source_indices[label]}_{round_index:04d}.png"
+
+
+def to_uint8(pixels: torch.Tensor) -> np.ndarray:
+    """(C, H, W) in [0, 1] -> (H, W) or (H, W, C) uint8."""
+    array = (pixels.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return array[:, :, 0] if array.shape[2] == 1 else array
+
+
+def encode_png(pixels: torch.Tensor) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(to_uint8(pixels)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def decode_png(data: bytes, channels: int) -> torch.Tensor:
+    """PNG bytes -> (C, H, W) float in [0, 1]."""
+    with Image.open(io.BytesIO(data)) as image:
+        array = np.asarray(image.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
+    tensor = torch.from_numpy(array.copy()).float().div_(255)
+    return tensor[None] if channels == 1 else tensor.permute(2, 0, 1)
+
+
+def entry_for(info: DatasetInfo, label: int, round_index: int, data: bytes) -> ImageEntry:
+    return ImageEntry(
+        path=image_path(info, label, round_index),
+        class_name=info.class_names[label],
+        class_dir=info.class_dirs[label],
+        class_index=info.source_indices[label],
+        label=label,
+        round=round_index,
+        sha256=hashlib.sha256(data).hexdigest(),
+        bytes=len(data),
+    )
+
+
+def library_versions() -> dict[str, str]:
+    import pydantic
+    import torchvision
+
+    import scdd
+
+    return {
+        "scdd": scdd.__version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "pydantic": pydantic.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def grid_png(images: dict[int, list[torch.Tensor]], info: DatasetInfo, per_class: int, scale: int | None = None) -> bytes:
+    """A labelled grid: one row per class, up to `per_class` de-normalised (C, S, S) images in [0, 1]."""
+    size = info.image_size
+    scale = scale or max(1, 64 // size)
+    cell = size * scale
+    label_width = 110
+    rows = sorted(images)
+    canvas = Image.new("RGB", (label_width + per_class * (cell + 2), max(1, len(rows)) * (cell + 2)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, label in enumerate(rows):
+        top = r * (cell + 2)
+        draw.text((4, top + cell // 2 - 6), info.class_names[label][:16], fill="black")
+        for c, pixels in enumerate(images[label][:per_class]):
+            tile = Image.fromarray(to_uint8(pixels)).convert("RGB").resize((cell, cell), Image.NEAREST)
+            canvas.paste(tile, (label_width + c * (cell + 2), top))
+    buffer = io.BytesIO()
+    canvas.save(buffer, format="PNG")
+    return buffer.getvalue()

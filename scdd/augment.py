@@ -1,0 +1,111 @@
+"""Per-image random-resized-crop, horizontal flip and roll of a batch, in one differentiable op.
+
+Every image in the batch gets its own crop box, flip and roll (the SRe2L reference draws one crop
+for the whole batch). All three are folded into one sampling grid, so the batch is resampled by a
+single `grid_sample` call (bilinear, align_corners=False) and gradients flow back to the pixels.
+
+Crop boxes follow torchvision's RandomResizedCrop: up to 10 tries of area fraction ~ U(scale) and
+log aspect ratio ~ U(log ratio), the first box that fits is used, otherwise the whole image
+clipped to the ratio bounds. Boxes are continuous rather than rounded to whole pixels.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    """Per-image draws, all (N,) tensors: crop box in pixels, flip flags and roll offsets."""
+
+    x0: torch.Tensor
+    y0: torch.Tensor
+    w: torch.Tensor
+    h: torch.Tensor
+    flip: torch.Tensor
+    roll_x: torch.Tensor
+    roll_y: torch.Tensor
+
+
+def sample_crop_boxes(
+    n: int,
+    height: int,
+    width: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    generator: torch.Generator | None,
+    tries: int = 10,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x0, y0, w, h) per image, each (n,), in pixel units of a (height, width) image."""
+    area = height * width
+    target = area * torch.empty(n, tries).uniform_(scale[0], scale[1], generator=generator)
+    log_ratio = torch.empty(n, tries).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
+    aspect = log_ratio.exp()
+    w = (target * aspect).sqrt()
+    h = (target / aspect).sqrt()
+    fits = (w <= width) & (h <= height)
+    first = fits.float().argmax(dim=1)  # index of the first fitting try (0 when none fits)
+    any_fit = fits.any(dim=1)
+    w = w.gather(1, first[:, None]).squeeze(1)
+    h = h.gather(1, first[:, None]).squeeze(1)
+    # Fallback as torchvision: the whole image, clipped to the aspect-ratio bounds, centred.
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        fw, fh = float(width), width / ratio[0]
+    elif in_ratio > ratio[1]:
+        fw, fh = height * ratio[1], float(height)
+    else:
+        fw, fh = float(width), float(height)
+    w = torch.where(any_fit, w, torch.full_like(w, fw))
+    h = torch.where(any_fit, h, torch.full_like(h, fh))
+    u = torch.rand(n, 2, generator=generator)
+    x0 = torch.where(any_fit, u[:, 0] * (width - w), (width - w) / 2)
+    y0 = torch.where(any_fit, u[:, 1] * (height - h), (height - h) / 2)
+    return x0, y0, w, h
+
+
+def sample_params(
+    n: int,
+    size: int,
+    *,
+    crop: bool,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    flip: bool,
+    jitter: int,
+    generator: torch.Generator | None,
+) -> AugmentParams:
+    if crop:
+        x0, y0, w, h = sample_crop_boxes(n, size, size, scale, ratio, generator)
+    else:
+        x0 = y0 = torch.zeros(n)
+        w = h = torch.full((n,), float(size))
+    flips = torch.rand(n, generator=generator) < 0.5 if flip else torch.zeros(n, dtype=torch.bool)
+    if jitter > 0:
+        rolls = torch.randint(-jitter, jitter + 1, (2, n), generator=generator)
+    else:
+        rolls = torch.zeros(2, n, dtype=torch.long)
+    return AugmentParams(x0, y0, w, h, flips, rolls[0], rolls[1])
+
+
+def apply(images: torch.Tensor, params: AugmentParams) -> torch.Tensor:
+    """Resample (N, C, S, S) images: crop box -> resize to S -> flip -> roll (circular shift)."""
+    n, _, height, width = images.shape
+    device = images.device
+    p = {k: v.to(device) for k, v in vars(params).items()}
+    cols = torch.arange(width, device=device)
+    rows = torch.arange(height, device=device)
+    # Roll: output pixel j shows the pre-roll pixel (j - shift) mod S.
+    src_cols = (cols[None, :] - p["roll_x"][:, None]) % width  # (N, W)
+    src_rows = (rows[None, :] - p["roll_y"][:, None]) % height  # (N, H)
+    fx = (src_cols.float() + 0.5) / width  # position inside the crop, 0..1
+    fx = torch.where(p["flip"][:, None], 1 - fx, fx)
+    fy = (src_rows.float() + 0.5) / height
+    gx = 2 * (p["x0"][:, None] + fx * p["w"][:, None]) / width - 1  # (N, W) in [-1, 1]
+    gy = 2 * (p["y0"][:, None] + fy * p["h"][:, None]) / height - 1  # (N, H)
+    grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), dim=-1)  # (N, H, W, 2)
+    return F.grid_sample(images, grid.to(images.dtype), mode="bilinear", padding_mode="border", align_corners=False)

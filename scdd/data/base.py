@@ -1,0 +1,114 @@
+"""What every dataset provides: class metadata, normalisation and train/test splits.
+
+Splits yield `(image, label)` with `image` a normalised float tensor of shape (C, S, S) and
+`label` the position of the class in `DatasetInfo.class_names` (0..K-1 after a class subset).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from scdd.errors import DataError
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    class_names: tuple[str, ...]
+    class_dirs: tuple[str, ...]  # output folder per class; sorts in class order (ImageFolder-compatible)
+    source_indices: tuple[int, ...]  # each class's index in the full source dataset
+    channels: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def pixel_bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel (low, high) of valid normalised pixels, shaped (C, 1, 1)."""
+        mean = torch.tensor(self.mean).view(-1, 1, 1)
+        std = torch.tensor(self.std).view(-1, 1, 1)
+        return (0 - mean) / std, (1 - mean) / std
+
+    def denormalize(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) normalised -> pixels in [0, 1]."""
+        mean = torch.tensor(self.mean, device=images.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=images.device).view(1, -1, 1, 1)
+        return (images.float() * std + mean).clamp(0, 1)
+
+
+@dataclass(frozen=True)
+class RealData:
+    info: DatasetInfo
+    train: Dataset
+    test: Dataset
+
+
+class TensorImageDataset(Dataset):
+    """Images held in memory as uint8 (N, C, H, W); normalised on access."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean: Sequence[float], std: Sequence[float]):
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise ValueError("images must be uint8 (N, C, H, W)")
+        self.images = images
+        self.labels = labels.long()
+        self._mean = torch.tensor(mean).view(1, -1, 1, 1)
+        self._std = torch.tensor(std).view(1, -1, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        images = self.images[index].float().div_(255)
+        return (images - self._mean) / self._std, self.labels[index]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        images, labels = self.batch(torch.tensor([i]))
+        return images[0], int(labels[0])
+
+
+def slug(name: str) -> str:
+    """A class name made safe as a folder name."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")
+    return cleaned or "class"
+
+
+def select_classes(all_names: Sequence[str], wanted: Sequence[int | str] | None) -> list[int]:
+    """Resolve a subset given by source index or name into sorted, unique source indices."""
+    if wanted is None:
+        return list(range(len(all_names)))
+    by_name = {name: i for i, name in enumerate(all_names)}
+    chosen: set[int] = set()
+    for ref in wanted:
+        if isinstance(ref, int) or (isinstance(ref, str) and ref.isdigit() and ref not in by_name):
+            index = int(ref)
+            if not 0 <= index < len(all_names):
+                raise DataError(
+                    f"class index {index} is out of range: the dataset has {len(all_names)} classes (0..{len(all_names) - 1})"
+                )
+            chosen.add(index)
+        elif ref in by_name:
+            chosen.add(by_name[ref])
+        else:
+            raise DataError(f"unknown class {ref!r}; the dataset's classes are: {', '.join(all_names)}")
+    return sorted(chosen)
+
+
+def limit_per_class(labels: torch.Tensor, limit: int | None, seed: int) -> torch.Tensor:
+    """Indices of at most `limit` samples of each label, a seeded random pick, in original order."""
+    if limit is None:
+        return torch.arange(len(labels))
+    generator = torch.Generator().manual_seed(seed)
+    keep = []
+    for label in labels.unique():
+        members = (labels == label).nonzero().flatten()
+        pick = torch.randperm(len(members), generator=generator)[:limit]
+        keep.append(members[pick])
+    return torch.cat(keep).sort().values

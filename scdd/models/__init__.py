@@ -1,0 +1,7 @@
+"""Models by registered name, and checkpoint I/O."""
+
+from scdd.models import convnet, torchvision_models  # noqa: F401  (register the builders)
+from scdd.models.checkpoint import checkpoint_bytes, load_weights
+from scdd.models.registry import MODELS, create_model
+
+__all__ = ["MODELS", "checkpoint_bytes", "create_model", "load_weights"]

@@ -1,0 +1,74 @@
+"""Save and load model checkpoints, tolerant of the common wrappings.
+
+Accepted files: a plain state dict, `{"state_dict": ...}` or `{"model": ...}` (ours adds metadata
+beside it), with or without DataParallel/DDP `module.` prefixes.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import torch
+from torch import nn
+
+from scdd.errors import CheckpointError
+
+_WRAPPER_KEYS = ("state_dict", "model", "model_state_dict")
+
+
+def read_checkpoint(data: bytes, source: str) -> dict[str, Any]:
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad file
+        raise CheckpointError(
+            f"cannot read checkpoint {source}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}; "
+            f"pass a file written by torch.save"
+        ) from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"checkpoint {source} holds a {type(obj).__name__}, not a state dict")
+    return obj
+
+
+def extract_state_dict(obj: dict[str, Any], source: str) -> dict[str, torch.Tensor]:
+    for key in _WRAPPER_KEYS:
+        if isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not state:
+        raise CheckpointError(f"checkpoint {source} holds no tensors; expected a state dict")
+    if all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def load_weights(model: nn.Module, data: bytes, source: str) -> dict[str, Any]:
+    """Load a checkpoint into `model` strictly; returns the file's other entries (metadata)."""
+    obj = read_checkpoint(data, source)
+    state = extract_state_dict(obj, source)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = sorted(
+        f"{k} (checkpoint {tuple(state[k].shape)}, model {tuple(expected[k].shape)})"
+        for k in set(state) & set(expected)
+        if state[k].shape != expected[k].shape
+    )
+    if missing or unexpected or mismatched:
+        def show(keys: list[str]) -> str:
+            return ", ".join(keys[:10]) + (f" ... ({len(keys)} in all)" if len(keys) > 10 else "") if keys else "none"
+
+        raise CheckpointError(
+            f"checkpoint {source} does not fit the model: missing keys: {show(missing)}; "
+            f"unexpected keys: {show(unexpected)}; shape mismatches: {show(mismatched)}. "
+            f"Check the architecture, class count and input channels"
+        )
+    model.load_state_dict(state)
+    return {k: v for k, v in obj.items() if k not in _WRAPPER_KEYS}
+
+
+def checkpoint_bytes(model: nn.Module, **metadata: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save({"state_dict": model.state_dict(), **metadata}, buffer)
+    return buffer.getvalue()

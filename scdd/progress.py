@@ -1,0 +1,59 @@
+"""Progress reporting, decoupled from how it is shown (a console bar here, an event sink later)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Protocol, Union
+
+import torch
+
+Metric = Union[float, torch.Tensor]  # tensors are read (a device sync) only when shown
+
+
+class Progress(Protocol):
+    def start(self, stage: str, total: int, unit: str) -> None: ...
+
+    def advance(self, n: int = 1, **metrics: Metric) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+class SilentProgress:
+    def start(self, stage: str, total: int, unit: str) -> None:
+        pass
+
+    def advance(self, n: int = 1, **metrics: Metric) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+class ConsoleProgress:
+    """tqdm bars on stderr, one per stage."""
+
+    def __init__(self, refresh_seconds: float = 0.5) -> None:
+        self._bar = None
+        self._refresh_seconds = refresh_seconds
+        self._last_postfix = 0.0
+
+    def start(self, stage: str, total: int, unit: str) -> None:
+        from tqdm import tqdm
+
+        self.finish()
+        self._bar = tqdm(total=total, desc=f"{stage:>8}", unit=unit, file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+
+    def advance(self, n: int = 1, **metrics: Metric) -> None:
+        if self._bar is None:
+            return
+        now = time.monotonic()
+        if metrics and now - self._last_postfix >= self._refresh_seconds:
+            self._bar.set_postfix({k: f"{float(v):.3g}" for k, v in metrics.items()}, refresh=False)
+            self._last_postfix = now
+        self._bar.update(n)
+
+    def finish(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

@@ -1,0 +1,96 @@
+"""Optimise one batch of synthetic images against a frozen teacher (the SRe2L/SC-DD recover step).
+
+Images start as Gaussian noise in normalised space and are optimised by Adam (betas 0.5, 0.9)
+under a cosine learning rate without warm-up. Every step draws a fresh per-image augmentation,
+computes CE(teacher(aug(x)), targets) + r_bn * BN-statistic loss (+ priors), steps, and clips
+pixels to the valid normalised range. The last iterate is returned.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from api_schema import RecoverSpec
+from scdd import augment
+from scdd.recover.bn_loss import BNStatLoss, BatchStats, local_batch_stats
+from scdd.recover.priors import l2_norm, total_variation
+from scdd.runtime import Runtime
+
+
+@dataclass(frozen=True)
+class SynthesisResult:
+    images: torch.Tensor  # (N, C, S, S) normalised, on the CPU
+    ce: float  # losses of the last step
+    bn: float
+    total: float
+
+
+def cosine_lr(base_lr: float, step: int, total: int) -> float:
+    """Cosine decay from base_lr at step 0 towards 0 at step `total`, no warm-up."""
+    return 0.5 * (1 + math.cos(math.pi * step / total)) * base_lr
+
+
+def jitter_pixels(spec: RecoverSpec, image_size: int) -> int:
+    return spec.augment.jitter if spec.augment.jitter is not None else image_size // 8
+
+
+def synthesize(
+    teacher: nn.Module,
+    targets: torch.Tensor,
+    spec: RecoverSpec,
+    pixel_bounds: tuple[torch.Tensor, torch.Tensor],
+    image_shape: tuple[int, int, int],
+    runtime: Runtime,
+    generator: torch.Generator,
+    batch_stats: BatchStats = local_batch_stats,
+    on_step: Callable[[int], None] | None = None,
+) -> SynthesisResult:
+    """`teacher` must be in eval mode with frozen parameters; `targets` (N,) are class positions."""
+    device = runtime.device
+    channels, size, _ = image_shape
+    n = len(targets)
+    low, high = (b.to(device) for b in pixel_bounds)
+    noise = torch.randn((n, channels, size, size), generator=generator)
+    inputs = noise.to(device).contiguous(memory_format=runtime.memory_format()).requires_grad_(True)
+    targets = targets.to(device)
+    optimizer = torch.optim.Adam([inputs], lr=spec.lr, betas=(0.5, 0.9), eps=1e-8)
+    aug = spec.augment
+    jitter = jitter_pixels(spec, size)
+    ce = bn = total = torch.zeros(())
+    with BNStatLoss(teacher, spec.first_bn_multiplier, batch_stats) as bn_loss:
+        for step in range(spec.iterations):
+            for group in optimizer.param_groups:
+                group["lr"] = cosine_lr(spec.lr, step, spec.iterations)
+            params = augment.sample_params(
+                n, size, crop=aug.crop, scale=aug.crop_scale, ratio=aug.crop_ratio,
+                flip=aug.flip, jitter=jitter, generator=generator,
+            )
+            with runtime.autocast():
+                logits = teacher(augment.apply(inputs, params))
+            ce = F.cross_entropy(logits.float(), targets)
+            bn = bn_loss.loss()
+            total = ce + spec.r_bn * bn
+            if spec.tv_weight:
+                total = total + spec.tv_weight * total_variation(inputs)
+            if spec.l2_weight:
+                total = total + spec.l2_weight * l2_norm(inputs)
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            optimizer.step()
+            with torch.no_grad():
+                torch.maximum(torch.minimum(inputs, high), low, out=inputs)
+            if on_step is not None:
+                on_step(step)
+    return SynthesisResult(inputs.detach().float().cpu().contiguous(), float(ce), float(bn), float(total))
+
+
+def freeze(teacher: nn.Module, runtime: Runtime) -> nn.Module:
+    """Eval mode, no parameter gradients, on the runtime's device and memory format."""
+    teacher.eval().requires_grad_(False)
+    return teacher.to(runtime.device, memory_format=runtime.memory_format())
