@@ -161,10 +161,16 @@ class ResourcesSpec(_Spec):
         description="auto (CUDA when available, else CPU), cpu, cuda or cuda:N.",
     )
     amp: Literal["auto", "bf16", "off"] = Field(
-        "auto", description="bf16 autocast. auto: on where it is faster (CUDA with bf16 support)."
+        "auto",
+        description="bf16 autocast. auto: on where bf16 is fast (CUDA with bf16, CPUs with AVX512-BF16 or AMX).",
     )
     channels_last: Literal["auto", "on", "off"] = Field(
-        "auto", description="channels-last memory format. auto: on where it is faster."
+        "auto", description="channels-last memory format. auto: on (faster on CUDA and on oneDNN CPUs)."
+    )
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="torch.compile the teacher for recover. auto: on when the recover run is long enough to "
+        "repay the compile time (at least 2000 image-iterations per unit); falls back to eager if compiling fails.",
     )
     threads: Optional[int] = Field(None, ge=1, le=1024, description="CPU threads for torch. None: torch's default.")
 

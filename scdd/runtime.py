@@ -1,14 +1,19 @@
-"""Device, precision and memory-format choices, resolved once from the resources spec."""
+"""Device, precision, memory-format and compile choices, resolved once from the resources spec."""
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from api_schema import ResourcesSpec
 from scdd.errors import SpecError
+
+# Below this many image-iterations per recover unit, compiling costs more than it saves.
+COMPILE_MIN_IMAGE_ITERATIONS = 2000
 
 
 @dataclass(frozen=True)
@@ -16,6 +21,7 @@ class Runtime:
     device: torch.device
     amp_dtype: torch.dtype | None  # autocast dtype, None for full precision
     channels_last: bool
+    compile: str = "off"  # "on", "off" or "auto" (decided per workload by `should_compile`)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:
@@ -25,11 +31,17 @@ class Runtime:
     def memory_format(self) -> torch.memory_format:
         return torch.channels_last if self.channels_last else torch.contiguous_format
 
+    def should_compile(self, image_iterations_per_unit: int) -> bool:
+        if self.compile == "auto":
+            return image_iterations_per_unit >= COMPILE_MIN_IMAGE_ITERATIONS
+        return self.compile == "on"
+
     def describe(self) -> dict:
         return {
             "device": str(self.device),
             "amp": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "off",
             "channels_last": self.channels_last,
+            "compile": self.compile,
         }
 
 
@@ -41,22 +53,42 @@ def resolve_device(name: str) -> torch.device:
         if not torch.cuda.is_available():
             raise SpecError(f"device {name!r} was asked for but CUDA is not available; use --device cpu")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise SpecError(
-                f"device {name!r} does not exist: {torch.cuda.device_count()} CUDA device(s) visible"
-            )
+            raise SpecError(f"device {name!r} does not exist: {torch.cuda.device_count()} CUDA device(s) visible")
     return device
 
 
+def fast_bf16(device: torch.device) -> bool:
+    """Whether bf16 compute is native here (otherwise emulated, and slower than fp32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
 def resolve_runtime(spec: ResourcesSpec) -> Runtime:
-    """Pick the fast settings. `auto` turns an option on only where measurements showed it faster:
-    bf16 autocast and channels-last on CUDA (see bench/recover_speed.py for the CPU numbers)."""
+    """Pick the fast settings; `auto` turns an option on only where bench/recover_speed.py measured it faster."""
     if spec.threads:
         torch.set_num_threads(spec.threads)
     device = resolve_device(spec.device)
-    on_cuda = device.type == "cuda"
-    if spec.amp == "bf16" or (spec.amp == "auto" and on_cuda and torch.cuda.is_bf16_supported()):
-        amp_dtype = torch.bfloat16
-    else:
-        amp_dtype = None
-    channels_last = spec.channels_last == "on" or (spec.channels_last == "auto" and on_cuda)
-    return Runtime(device=device, amp_dtype=amp_dtype, channels_last=channels_last)
+    use_bf16 = spec.amp == "bf16" or (spec.amp == "auto" and fast_bf16(device))
+    channels_last = spec.channels_last != "off"
+    return Runtime(device=device, amp_dtype=torch.bfloat16 if use_bf16 else None, channels_last=channels_last, compile=spec.compile)
+
+
+def compiled(model: nn.Module) -> nn.Module:
+    """torch.compile, or the model itself (with a warning) where compiling is unavailable."""
+    try:
+        return torch.compile(model)
+    except Exception as exc:  # e.g. no C++ compiler, unsupported Python
+        warnings.warn(f"torch.compile unavailable ({exc}); running eagerly", RuntimeWarning, stacklevel=2)
+        return model

@@ -2,7 +2,7 @@
 
 from scdd.recover.bn_loss import BNStatLoss, local_batch_stats
 from scdd.recover.rounds import RecoverResult, Unit, plan_units, recover_dataset
-from scdd.recover.synthesize import SynthesisResult, freeze, synthesize
+from scdd.recover.synthesize import SynthesisResult, freeze, prepare_teacher, synthesize
 
 __all__ = [
     "BNStatLoss",
@@ -12,6 +12,7 @@ __all__ = [
     "freeze",
     "local_batch_stats",
     "plan_units",
+    "prepare_teacher",
     "recover_dataset",
     "synthesize",
 ]

@@ -21,7 +21,8 @@ from api_schema import RecoverSpec
 from scdd.artifacts import ImageEntry, encode_png, entry_for
 from scdd.data.base import DatasetInfo
 from scdd.progress import Progress, SilentProgress
-from scdd.recover.synthesize import synthesize
+from scdd.recover.bn_loss import BatchStats, BNStatLoss, local_batch_stats
+from scdd.recover.synthesize import prepare_teacher, synthesize
 from scdd.runtime import Runtime
 from scdd.store import ArtifactStore
 
@@ -72,6 +73,7 @@ def run_unit(
     runtime: Runtime,
     store: ArtifactStore,
     seed: int,
+    bn_loss: BNStatLoss,
     progress: Progress,
 ) -> dict:
     """Synthesise one unit, write its images, then its record. Returns the record."""
@@ -85,6 +87,7 @@ def run_unit(
         (info.channels, info.image_size, info.image_size),
         runtime,
         generator,
+        bn_loss,
         on_step=lambda step: progress.advance(1),
     )
     pixels = info.denormalize(result.images)
@@ -116,9 +119,10 @@ def recover_dataset(
     seed: int,
     progress: Progress | None = None,
     max_units: int | None = None,
+    batch_stats: BatchStats = local_batch_stats,
 ) -> RecoverResult:
     """Run every unit not yet recorded in `store` (at most `max_units` of them, for tests and
-    time-boxed runs) and return the entries of all recorded units."""
+    time-boxed runs) and return the entries of all recorded units. `teacher` is frozen here."""
     progress = progress or SilentProgress()
     units = plan_units(info.num_classes, spec.ipc, spec.batch_size)
     done = set(store.list(UNITS_DIR))
@@ -128,10 +132,13 @@ def recover_dataset(
     progress.start("recover", len(pending) * spec.iterations, "it")
     started = time.perf_counter()
     image_iterations = 0
-    for unit in pending:
-        record = run_unit(unit, teacher, info, spec, runtime, store, seed, progress)
-        image_iterations += len(unit.labels) * spec.iterations
-        progress.advance(0, ce=record["ce"], bn=record["bn"])
+    if pending:
+        runner = prepare_teacher(teacher, runtime, len(pending[0].labels) * spec.iterations)
+        with BNStatLoss(teacher, spec.first_bn_multiplier, batch_stats) as bn_loss:
+            for unit in pending:
+                record = run_unit(unit, runner, info, spec, runtime, store, seed, bn_loss, progress)
+                image_iterations += len(unit.labels) * spec.iterations
+                progress.advance(0, ce=record["ce"], bn=record["bn"])
     seconds = time.perf_counter() - started
     progress.finish()
 

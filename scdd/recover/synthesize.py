@@ -18,9 +18,9 @@ from torch import nn
 
 from api_schema import RecoverSpec
 from scdd import augment
-from scdd.recover.bn_loss import BNStatLoss, BatchStats, local_batch_stats
+from scdd.recover.bn_loss import BNStatLoss
 from scdd.recover.priors import l2_norm, total_variation
-from scdd.runtime import Runtime
+from scdd.runtime import Runtime, compiled
 
 
 @dataclass(frozen=True)
@@ -48,10 +48,11 @@ def synthesize(
     image_shape: tuple[int, int, int],
     runtime: Runtime,
     generator: torch.Generator,
-    batch_stats: BatchStats = local_batch_stats,
+    bn_loss: BNStatLoss,
     on_step: Callable[[int], None] | None = None,
 ) -> SynthesisResult:
-    """`teacher` must be in eval mode with frozen parameters; `targets` (N,) are class positions."""
+    """`teacher` must be in eval mode with frozen parameters (see `prepare_teacher`), `bn_loss` an
+    entered BNStatLoss hooked on it; `targets` (N,) are class positions."""
     device = runtime.device
     channels, size, _ = image_shape
     n = len(targets)
@@ -63,34 +64,42 @@ def synthesize(
     aug = spec.augment
     jitter = jitter_pixels(spec, size)
     ce = bn = total = torch.zeros(())
-    with BNStatLoss(teacher, spec.first_bn_multiplier, batch_stats) as bn_loss:
-        for step in range(spec.iterations):
-            for group in optimizer.param_groups:
-                group["lr"] = cosine_lr(spec.lr, step, spec.iterations)
-            params = augment.sample_params(
-                n, size, crop=aug.crop, scale=aug.crop_scale, ratio=aug.crop_ratio,
-                flip=aug.flip, jitter=jitter, generator=generator,
-            )
-            with runtime.autocast():
-                logits = teacher(augment.apply(inputs, params))
-            ce = F.cross_entropy(logits.float(), targets)
-            bn = bn_loss.loss()
-            total = ce + spec.r_bn * bn
-            if spec.tv_weight:
-                total = total + spec.tv_weight * total_variation(inputs)
-            if spec.l2_weight:
-                total = total + spec.l2_weight * l2_norm(inputs)
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            optimizer.step()
-            with torch.no_grad():
-                torch.maximum(torch.minimum(inputs, high), low, out=inputs)
-            if on_step is not None:
-                on_step(step)
-    return SynthesisResult(inputs.detach().float().cpu().contiguous(), float(ce), float(bn), float(total))
+    for step in range(spec.iterations):
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(spec.lr, step, spec.iterations)
+        params = augment.sample_params(
+            n, size, crop=aug.crop, scale=aug.crop_scale, ratio=aug.crop_ratio,
+            flip=aug.flip, jitter=jitter, generator=generator,
+        )
+        with runtime.autocast():
+            logits = teacher(augment.apply(inputs, params))
+        ce = F.cross_entropy(logits.float(), targets)
+        bn = bn_loss.loss()
+        total = ce + spec.r_bn * bn
+        if spec.tv_weight:
+            total = total + spec.tv_weight * total_variation(inputs)
+        if spec.l2_weight:
+            total = total + spec.l2_weight * l2_norm(inputs)
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+        with torch.no_grad():
+            torch.maximum(torch.minimum(inputs, high), low, out=inputs)
+        if on_step is not None:
+            on_step(step)
+    return SynthesisResult(
+        inputs.detach().float().cpu().contiguous(), float(ce.detach()), float(bn.detach()), float(total.detach())
+    )
 
 
 def freeze(teacher: nn.Module, runtime: Runtime) -> nn.Module:
     """Eval mode, no parameter gradients, on the runtime's device and memory format."""
     teacher.eval().requires_grad_(False)
     return teacher.to(runtime.device, memory_format=runtime.memory_format())
+
+
+def prepare_teacher(teacher: nn.Module, runtime: Runtime, image_iterations_per_unit: int) -> nn.Module:
+    """The frozen teacher as recover runs it: compiled where that pays (BN hooks stay on the
+    original modules, which the compiled graph calls)."""
+    teacher = freeze(teacher, runtime)
+    return compiled(teacher) if runtime.should_compile(image_iterations_per_unit) else teacher

@@ -1,0 +1,5 @@
+import sys
+
+from scdd.cli import main
+
+sys.exit(main())

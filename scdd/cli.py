@@ -1,0 +1,125 @@
+"""The `scdd` command line. Upper layers are imported lazily, inside the commands."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Sequence
+
+import scdd
+
+# flag -> (dotted spec path, type, help). Every flag overrides the config file.
+DISTILL_FLAGS: dict[str, tuple[str, Any, str]] = {
+    "--dataset": ("dataset.name", str, "dataset from the registry: fashion-mnist (default) or imagefolder"),
+    "--data-dir": ("dataset.root", str, "data folder: the Fashion-MNIST IDX files, or an ImageFolder root with train/ and val/"),
+    "--classes": ("dataset.classes", "list", "comma-separated subset of classes, by index or name (e.g. 0,1,2 or Bag,Coat)"),
+    "--train-limit": ("dataset.train_limit", int, "training images per class used by squeeze (seeded random pick)"),
+    "--image-size": ("dataset.image_size", int, "resize images to this side length (default: native size)"),
+    "--method": ("method", str, "distillation method: sre2l (supervised teacher)"),
+    "--teacher-arch": ("teacher.arch", str, "teacher architecture from the model registry (default convnet)"),
+    "--teacher-checkpoint": ("teacher.checkpoint", str, "load this teacher checkpoint instead of training one"),
+    "--teacher-epochs": ("teacher.epochs", int, "teacher training epochs"),
+    "--ipc": ("recover.ipc", int, "images per class to synthesise"),
+    "--iterations": ("recover.iterations", int, "optimisation steps per recover batch"),
+    "--batch-size": ("recover.batch_size", int, "classes per recover batch"),
+    "--lr": ("recover.lr", float, "recover learning rate (Adam, cosine decay)"),
+    "--r-bn": ("recover.r_bn", float, "weight of the BatchNorm-statistic loss"),
+    "--first-bn-multiplier": ("recover.first_bn_multiplier", float, "extra weight of the first BatchNorm layer"),
+    "--student-arch": ("validate.student_arch", str, "student architecture for validation"),
+    "--validate-epochs": ("validate.epochs", int, "student training epochs in validation"),
+    "--seed": ("seed", int, "seed of every random choice"),
+    "--device": ("resources.device", str, "auto, cpu, cuda or cuda:N"),
+    "--amp": ("resources.amp", str, "bf16 autocast: auto, bf16 or off"),
+    "--channels-last": ("resources.channels_last", str, "channels-last memory format: auto, on or off"),
+    "--out": ("output.url", str, "output folder or fsspec URL (default runs/<job id>); the same output resumes"),
+}
+
+
+def _parse_list(text: str) -> list[int | str]:
+    return [int(part) if part.strip().isdigit() else part.strip() for part in text.split(",") if part.strip()]
+
+
+def _add_distill(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "distill",
+        help="distill a dataset on this machine",
+        description="Distill a dataset: train or load a teacher (squeeze), synthesise IPC images per class "
+        "(recover), train a student on them and test it on real data (validate). With no flags it runs the "
+        "Fashion-MNIST demo. Flags override the config file.",
+    )
+    parser.add_argument("--config", help="YAML job spec (the same fields as the API's job spec)")
+    for flag, (dotted, kind, text) in DISTILL_FLAGS.items():
+        parser.add_argument(flag, dest=dotted, type=str if kind == "list" else kind, default=None, help=text)
+    parser.add_argument("--no-validate", action="store_true", help="skip the validation stage")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--print-spec", action="store_true", help="print the resolved job spec as YAML and exit")
+    parser.set_defaults(handler=_distill)
+
+
+def _distill(args: argparse.Namespace) -> int:
+    import yaml
+
+    from scdd.config import build_spec
+    from scdd.pipeline import run_distillation
+    from scdd.progress import ConsoleProgress, SilentProgress
+
+    overrides: dict[str, Any] = {}
+    for flag, (dotted, kind, _text) in DISTILL_FLAGS.items():
+        value = getattr(args, dotted)
+        if value is not None:
+            overrides[dotted] = _parse_list(value) if kind == "list" else value
+    if args.no_validate:
+        overrides["validate.enabled"] = False
+    spec = build_spec(args.config, overrides)
+    if args.print_spec:
+        print(yaml.safe_dump(spec.to_dict(), sort_keys=False), end="")
+        return 0
+    report = run_distillation(spec, SilentProgress() if args.quiet else ConsoleProgress())
+    print(summary(report))
+    return 0
+
+
+def summary(report: dict) -> str:
+    rec, teacher, val = report["recover"], report["teacher"], report["validate"]
+    lines = [
+        "",
+        f"scdd distill: {report['job_id']}" + ("  (resumed)" if report["resumed"] else ""),
+        f"  dataset   {report['dataset']['name']}: {report['dataset']['classes']} classes, "
+        f"{report['dataset']['train_images']} train / {report['dataset']['test_images']} test images",
+        f"  teacher   {teacher['arch']} ({teacher['source']}): top-1 {teacher['top1']:.2f}% on the real test split",
+        f"  recover   {rec['images']}/{rec['expected_images']} images, {rec['iterations']} iterations, "
+        f"{rec['image_iterations_per_second']:.0f} image-it/s, final CE {rec['final_ce']:.3f}, BN {rec['final_bn']:.3f}",
+    ]
+    if val:
+        lines.append(f"  validate  {val['arch']} student, KD {val['epochs']} epochs: top-1 {val['top1']:.2f}%, top-5 {val['top5']:.2f}%")
+    elif not report["complete"]:
+        lines.append("  validate  skipped: the distilled set is incomplete (rerun with the same --out to resume)")
+    stages = ", ".join(f"{name} {sec:.1f}s" for name, sec in report["stage_seconds"].items())
+    lines += [f"  time      {stages}", f"  output    {report['output']}  (images/, manifest.json, report.json, grid.png)"]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scdd", description="Dataset distillation: SC-DD and SRe2L.")
+    parser.add_argument("--version", action="version", version=f"scdd {scdd.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_distill(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from scdd.errors import ScddError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except ScddError as exc:
+        print(f"scdd: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("scdd: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from api_schema import ResourcesSpec
+from scdd.models.convnet import ConvNet
+from scdd.runtime import Runtime
+
+FASHION_MNIST = Path(os.environ.get("SCDD_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
+
+
+@pytest.fixture(scope="session")
+def fmnist_root() -> Path:
+    if not (FASHION_MNIST / "train-images-idx3-ubyte.gz").exists():
+        pytest.fail(f"Fashion-MNIST not found at {FASHION_MNIST}: apt-get install dataset-fashion-mnist")
+    return FASHION_MNIST
+
+
+@pytest.fixture
+def cpu() -> Runtime:
+    """Plain fp32 eager CPU: the reference runtime of the numerical tests."""
+    return Runtime(device=torch.device("cpu"), amp_dtype=None, channels_last=False, compile="off")
+
+
+def tiny_teacher(seed: int = 0, classes: int = 3, channels: int = 1, size: int = 12, width: int = 8) -> ConvNet:
+    """A seeded ConvNet with non-trivial BN running statistics, in eval mode."""
+    torch.manual_seed(seed)
+    model = ConvNet(classes, channels, size, width=width, depth=2)
+    generator = torch.Generator().manual_seed(seed + 1)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.copy_(torch.randn(module.num_features, generator=generator) * 0.3)
+            module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
+    return model.eval()
+
+
+def quick_resources() -> dict:
+    """Spec resources for fast, reproducible tests: fp32, eager."""
+    return ResourcesSpec(device="cpu", amp="off", channels_last="off", compile="off").model_dump()
+
+
+@pytest.fixture(scope="session")
+def fmnist_teacher_ckpt(tmp_path_factory, fmnist_root) -> Path:
+    """A ConvNet teacher trained briefly on 3 Fashion-MNIST classes, saved as a checkpoint."""
+    from api_schema import DatasetSpec, TeacherSpec
+    from scdd.data import load_dataset
+    from scdd.models import checkpoint_bytes, create_model
+    from scdd.progress import SilentProgress
+    from scdd.squeeze import train_supervised
+
+    data = load_dataset(DatasetSpec(root=str(fmnist_root), classes=[0, 1, 2], train_limit=200), seed=0)
+    torch.manual_seed(0)
+    model = create_model("convnet", 3, 1, 28)
+    runtime = Runtime(device=torch.device("cpu"), amp_dtype=None, channels_last=False)
+    train_supervised(model, data, TeacherSpec(epochs=2, batch_size=64), runtime, 0, SilentProgress())
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
+    path.write_bytes(checkpoint_bytes(model))
+    return path
+
+
+def tiny_job(fmnist_root: Path, out: Path, teacher: Path | None = None, **sections) -> dict:
+    """A job spec dict on 3 Fashion-MNIST classes with tiny settings; `sections` override parts."""
+    spec = {
+        "dataset": {"root": str(fmnist_root), "classes": [0, 1, 2], "train_limit": 50},
+        "teacher": {"epochs": 1, "batch_size": 64, **({"checkpoint": str(teacher)} if teacher else {})},
+        "recover": {"ipc": 3, "iterations": 6, "batch_size": 2},
+        "validate": {"enabled": False},
+        "resources": quick_resources(),
+        "output": {"url": str(out)},
+    }
+    for key, value in sections.items():
+        spec[key] = {**spec.get(key, {}), **value} if isinstance(value, dict) else value
+    return spec

@@ -1,0 +1,76 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+import scdd
+from scdd.cli import DISTILL_FLAGS
+
+
+def scdd_cli(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "scdd", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_version():
+    result = scdd_cli("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"scdd {scdd.__version__}"
+
+
+def test_distill_help_explains_every_flag():
+    result = scdd_cli("distill", "--help")
+    assert result.returncode == 0
+    for flag in [*DISTILL_FLAGS, "--config", "--no-validate"]:
+        assert flag in result.stdout
+
+
+def test_distill_end_to_end_on_fashion_mnist(tmp_path, fmnist_root):
+    out = tmp_path / "run"
+    result = scdd_cli(
+        "distill", "--data-dir", str(fmnist_root), "--classes", "0,Trouser,2", "--train-limit", "60",
+        "--teacher-epochs", "1", "--ipc", "2", "--iterations", "5", "--validate-epochs", "2",
+        "--device", "cpu", "--amp", "off", "--out", str(out), "--quiet",
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"output    {out}" in result.stdout and "validate  convnet student" in result.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["complete"] and report["recover"]["images"] == 6
+    assert report["dataset"]["train_images"] == 180 and report["dataset"]["test_images"] == 3000
+    assert report["validate"]["total"] == 3000 and 0 <= report["validate"]["top1"] <= 100
+    assert set(report["stage_seconds"]) == {"load", "squeeze", "recover", "write", "validate"}
+    assert len(list((out / "images").rglob("*.png"))) == 6
+
+
+def test_config_file_with_flag_override(tmp_path, fmnist_root):
+    config = tmp_path / "job.yaml"
+    config.write_text(f"dataset:\n  root: {fmnist_root}\n  classes: [1, 2]\nrecover:\n  ipc: 7\n")
+    result = scdd_cli("distill", "--config", str(config), "--ipc", "2", "--print-spec")
+    assert result.returncode == 0
+    assert "ipc: 2" in result.stdout and "- 1\n  - 2" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--teacher-arch", "vgg11"], "teacher.arch: Input should be 'convnet'"),
+        (["--ipc", "0"], "recover.ipc: Input should be greater than or equal to 1"),
+        (["--data-dir", "/nonexistent/fm"], "Fashion-MNIST folder /nonexistent/fm does not exist"),
+        (["--classes", "0,Socks"], "unknown class 'Socks'"),
+        (["--device", "cuda"], "CUDA is not available"),
+    ],
+)
+def test_bad_input_gives_a_clear_error_without_traceback(args, message):
+    result = scdd_cli("distill", "--quiet", *args)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bad_teacher_checkpoint_is_named(tmp_path, fmnist_root):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    result = scdd_cli("distill", "--quiet", "--data-dir", str(fmnist_root), "--teacher-checkpoint", str(junk),
+                      "--out", str(tmp_path / "o"))
+    assert result.returncode == 2 and f"cannot read checkpoint {junk}" in result.stderr
+    missing = scdd_cli("distill", "--quiet", "--data-dir", str(fmnist_root), "--teacher-checkpoint",
+                       str(tmp_path / "none.pt"), "--out", str(tmp_path / "o2"))
+    assert missing.returncode == 2 and "none.pt does not exist" in missing.stderr
