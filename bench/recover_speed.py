@@ -1,0 +1,173 @@
+"""Recover throughput: scdd's loop against a yardstick of the published SRe2L loop, same process.
+
+For each teacher (ConvNet, small-image ResNet-18; trained briefly on real Fashion-MNIST so the BN
+statistics are realistic) and a batch of 100 images it runs:
+  yardstick  the published loop: one RandomResizedCrop + flip for the whole batch, one roll,
+             BN variance by permute-and-copy, fp32, eager, a loss.item() per step
+  fp32       scdd: per-image crop/flip/roll in one grid_sample, var_mean statistics, fp32, eager
+  fast       scdd with the speed options this machine's `auto` resolves to
+             (torch.compile + channels-last + bf16 autocast where bf16 is native)
+and prints image-iterations per second, the ratio to the yardstick, and the CE and BN losses of
+each loop's final images, all measured the same way (fp32, eager, same initial noise) in two views:
+`aug` is the mean over 20 fixed draws of the per-image augmentation (the objective recover
+optimises, and what a student sees in training), `plain` is the images without augmentation. Compile time is paid once per run and listed apart (inductor caches compiled
+kernels on disk, so a second run of the script compiles faster).
+
+    python bench/recover_speed.py [--iterations 100] [--models convnet resnet18_small]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision import transforms
+
+from api_schema import DatasetSpec, RecoverSpec, ResourcesSpec, TeacherSpec
+from scdd import augment
+from scdd.data import load_dataset
+from scdd.models import create_model
+from scdd.progress import SilentProgress
+from scdd.recover import BNStatLoss, freeze, prepare_teacher, synthesize
+from scdd.recover.bn_loss import bn_layers
+from scdd.runtime import Runtime, resolve_runtime
+from scdd.squeeze import train_supervised
+
+BATCH = 100
+
+
+class PublishedBNHook:
+    """The reference hook: mean over (0, 2, 3), variance of a permuted contiguous copy."""
+
+    def __init__(self, module: nn.BatchNorm2d):
+        self.handle = module.register_forward_hook(self.hook)
+        self.r_feature = None
+
+    def hook(self, module, inputs, _output):
+        x = inputs[0]
+        channels = x.shape[1]
+        mean = x.mean([0, 2, 3])
+        var = x.permute(1, 0, 2, 3).contiguous().reshape([channels, -1]).var(1, unbiased=False)
+        self.r_feature = torch.norm(module.running_var.data - var, 2) + torch.norm(module.running_mean.data - mean, 2)
+
+
+@torch.no_grad()
+def losses_of(teacher, images, targets, first_bn_multiplier) -> tuple[float, float]:
+    with BNStatLoss(teacher, first_bn_multiplier) as bn:
+        ce = F.cross_entropy(teacher(images.float().contiguous()), targets)
+        return ce.item(), bn.loss().item()
+
+
+@torch.no_grad()
+def final_losses(teacher, images, targets, spec: RecoverSpec, jitter: int, draws: int = 20) -> tuple[float, ...]:
+    """(CE aug, BN aug, CE plain, BN plain) of finished images; the same draws for every loop."""
+    generator = torch.Generator().manual_seed(1234)
+    ce_aug = bn_aug = 0.0
+    for _ in range(draws):
+        params = augment.sample_params(
+            len(images), images.shape[-1], crop=True, scale=spec.augment.crop_scale, ratio=spec.augment.crop_ratio,
+            flip=True, jitter=jitter, generator=generator,
+        )
+        ce, bn = losses_of(teacher, augment.apply(images.float(), params), targets, spec.first_bn_multiplier)
+        ce_aug, bn_aug = ce_aug + ce / draws, bn_aug + bn / draws
+    return (ce_aug, bn_aug, *losses_of(teacher, images, targets, spec.first_bn_multiplier))
+
+
+def yardstick(teacher, targets, spec: RecoverSpec, bounds, size, jitter, seed):
+    teacher = teacher.to(memory_format=torch.contiguous_format)
+    hooks = [PublishedBNHook(m) for m in bn_layers(teacher)]
+    random.seed(seed)
+    torch.manual_seed(seed)
+    inputs = torch.randn((len(targets), 1, size, size), generator=torch.Generator().manual_seed(seed)).requires_grad_(True)
+    optimizer = torch.optim.Adam([inputs], lr=spec.lr, betas=[0.5, 0.9], eps=1e-8)
+    rescale = [spec.first_bn_multiplier] + [1.0] * (len(hooks) - 1)
+    low, high = bounds
+    started = time.perf_counter()
+    for iteration in range(spec.iterations):
+        for group in optimizer.param_groups:
+            group["lr"] = 0.5 * (1 + math.cos(math.pi * iteration / spec.iterations)) * spec.lr
+        aug = transforms.Compose([transforms.RandomResizedCrop(size, scale=spec.augment.crop_scale), transforms.RandomHorizontalFlip()])
+        inputs_jit = aug(inputs)
+        off1, off2 = random.randint(0, jitter), random.randint(0, jitter)
+        inputs_jit = torch.roll(inputs_jit, shifts=(off1, off2), dims=(2, 3))
+        optimizer.zero_grad()
+        outputs = teacher(inputs_jit)
+        loss_ce = F.cross_entropy(outputs, targets)
+        loss_bn = sum(h.r_feature * rescale[i] for i, h in enumerate(hooks))
+        loss = loss_ce + spec.r_bn * loss_bn
+        loss.item()  # the published loop reads the loss every step
+        loss.backward()
+        optimizer.step()
+        inputs.data = torch.max(torch.min(inputs.data, high), low)
+    seconds = time.perf_counter() - started
+    for h in hooks:
+        h.handle.remove()
+    return seconds, inputs.detach()
+
+
+def ours(teacher, targets, spec, bounds, size, runtime: Runtime, seed):
+    runner = prepare_teacher(teacher, runtime, len(targets) * spec.iterations)
+    compile_seconds = 0.0
+    with BNStatLoss(teacher, spec.first_bn_multiplier) as bn:
+        if runner is not teacher:  # pay the one-time compile (forward and backward graphs) outside the timing
+            started = time.perf_counter()
+            warm = spec.model_copy(update={"iterations": 2})
+            synthesize(runner, targets, warm, bounds, (1, size, size), runtime, torch.Generator().manual_seed(seed), bn)
+            compile_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        result = synthesize(runner, targets, spec, bounds, (1, size, size), runtime, torch.Generator().manual_seed(seed), bn)
+        seconds = time.perf_counter() - started
+    return seconds, result.images, compile_seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--iterations", type=int, default=100)
+    parser.add_argument("--models", nargs="+", default=["convnet", "resnet18_small"])
+    parser.add_argument("--train-limit", type=int, default=300, help="teacher training images per class")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    data = load_dataset(DatasetSpec(train_limit=args.train_limit), seed=args.seed)
+    info = data.info
+    low, high = info.pixel_bounds()
+    targets = torch.arange(BATCH) % info.num_classes
+    spec = RecoverSpec(iterations=args.iterations, batch_size=BATCH)
+    jitter = info.image_size // 8
+    plain = Runtime(torch.device("cpu"), None, False, "off")
+    fast = resolve_runtime(ResourcesSpec(compile="on"))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {BATCH}, {args.iterations} iterations; "
+          f"fast = {fast.describe()}")
+    header = (f"{'model':<15} {'loop':<10} {'img-it/s':>9} {'x yard':>7} {'CE aug':>7} {'BN aug':>8} "
+              f"{'CE plain':>8} {'BN plain':>8} {'compile s':>9}")
+
+    def row(name, loop, rate, ratio, losses, compile_s):
+        ce_a, bn_a, ce_p, bn_p = losses
+        return f"{name:<15} {loop:<10} {rate:9.1f} {ratio:7.2f} {ce_a:7.4f} {bn_a:8.3f} {ce_p:8.4f} {bn_p:8.3f} {compile_s:>9}"
+
+    rows = []
+    for name in args.models:
+        torch.manual_seed(args.seed)
+        teacher = create_model(name, info.num_classes, info.channels, info.image_size)
+        train_supervised(teacher, data, TeacherSpec(epochs=1), plain, args.seed, SilentProgress())
+        freeze(teacher, plain)
+        y_sec, y_images = yardstick(teacher, targets, spec, (low, high), info.image_size, jitter, args.seed)
+        y_losses = final_losses(teacher, y_images, targets, spec, jitter)
+        y_rate = BATCH * args.iterations / y_sec
+        rows.append(row(name, "yardstick", y_rate, 1.0, y_losses, "-"))
+        for label, runtime in (("fp32", plain), ("fast", fast)):
+            sec, images, comp = ours(teacher, targets, spec, (low, high), info.image_size, runtime, args.seed)
+            freeze(teacher, plain)
+            losses = final_losses(teacher, images, targets, spec, jitter)
+            rate = BATCH * args.iterations / sec
+            rows.append(row(name, label, rate, rate / y_rate, losses, f"{comp:.1f}"))
+    print("\n".join([header, *rows]))
+
+
+if __name__ == "__main__":
+    main()
