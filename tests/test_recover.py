@@ -9,7 +9,7 @@ from api_schema import JobSpec, RecoverSpec
 from scdd.errors import OutputConflictError
 from scdd.models import create_model, load_weights
 from scdd.pipeline import run_distillation
-from scdd.recover import BNStatLoss, freeze, plan_units, synthesize
+from scdd.recover import BNStatLoss, freeze, plan_units, prepare_teacher, synthesize
 from tests.conftest import tiny_job, tiny_teacher
 
 BOUNDS = (torch.tensor([-1.0]).view(1, 1, 1), torch.tensor([1.0]).view(1, 1, 1))
@@ -127,3 +127,25 @@ def test_different_spec_into_same_output_is_refused(tmp_path, fmnist_root, fmnis
     changed = JobSpec.model_validate(tiny_job(fmnist_root, out, fmnist_teacher_ckpt, recover={"lr": 0.1}))
     with pytest.raises(OutputConflictError, match="holds a run of a different spec"):
         run_distillation(changed)
+
+
+def test_compiled_teacher_gives_the_eager_result(cpu):
+    teacher = tiny_teacher()
+    spec = RecoverSpec(iterations=3, lr=0.1)
+    compiled_cpu = cpu.__class__(cpu.device, None, False, compile="on")
+    results = []
+    for runtime in (cpu, compiled_cpu):
+        runner = prepare_teacher(teacher, runtime, 3)
+        with BNStatLoss(teacher, spec.first_bn_multiplier) as bn:
+            results.append(synthesize(runner, torch.tensor([0, 1, 2]), spec, BOUNDS, (1, 12, 12), runtime,
+                                      torch.Generator().manual_seed(3), bn))
+    assert isinstance(prepare_teacher(teacher, compiled_cpu, 3), torch._dynamo.eval_frame.OptimizedModule)
+    torch.testing.assert_close(results[1].images, results[0].images, rtol=1e-4, atol=1e-4)
+    assert results[1].bn == pytest.approx(results[0].bn, rel=1e-4)
+
+
+def test_bf16_channels_last_run_tracks_fp32(cpu):
+    fast = cpu.__class__(cpu.device, torch.bfloat16, True, compile="off")
+    plain, quick = run_synthesis(cpu, 20, lr=0.1), run_synthesis(fast, 20, lr=0.1)
+    assert quick.images.is_contiguous()
+    assert quick.bn == pytest.approx(plain.bn, rel=0.05) and quick.ce == pytest.approx(plain.ce, rel=0.05)

@@ -1,0 +1,37 @@
+"""The import rules of DESIGN.md: api_schema is the leaf (pydantic only), imports point down."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ALLOWED = {"api_schema": set(), "scdd": {"api_schema"}, "workers": {"api_schema", "scdd"}, "service": {"api_schema"}}
+OURS = set(ALLOWED)
+
+
+def imported_packages(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names & OURS
+
+
+@pytest.mark.parametrize("package", sorted(ALLOWED))
+def test_imports_point_down_the_layers(package):
+    for path in (ROOT / package).rglob("*.py"):
+        if package == "scdd" and path.name == "cli.py":
+            continue  # the CLI imports upper layers lazily, by design
+        wrong = imported_packages(path) - ALLOWED[package] - {package}
+        assert not wrong, f"{path.relative_to(ROOT)} imports {wrong}"
+
+
+def test_api_schema_does_not_load_torch():
+    code = "import sys, api_schema; api_schema.JobSpec(); assert 'torch' not in sys.modules, 'torch loaded'"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
