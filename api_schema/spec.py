@@ -11,7 +11,7 @@ import hashlib
 import json
 from typing import Annotated, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from api_schema.names import DatasetName, MethodName, ModelName
 
@@ -22,11 +22,22 @@ class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def _check_range(value: tuple[float, float], name: str) -> tuple[float, float]:
+def _ordered_positive(value: tuple[float, float]) -> tuple[float, float]:
     low, high = value
     if not 0 < low <= high:
-        raise ValueError(f"{name} must satisfy 0 < low <= high, got {value}")
+        raise ValueError(f"must satisfy 0 < low <= high, got {value}")
     return value
+
+
+def _area_fraction(value: tuple[float, float]) -> tuple[float, float]:
+    if value[1] > 1:
+        raise ValueError(f"area fractions must be <= 1, got {value}")
+    return value
+
+
+# (low, high) ranges of random-resized-crop parameters.
+AspectRange = Annotated[tuple[float, float], AfterValidator(_ordered_positive)]
+AreaRange = Annotated[tuple[float, float], AfterValidator(_ordered_positive), AfterValidator(_area_fraction)]
 
 
 class DatasetSpec(_Spec):
@@ -83,12 +94,8 @@ class AugmentSpec(_Spec):
     """Augmentations applied to the synthetic batch on every recover step, drawn per image."""
 
     crop: bool = Field(True, description="Random-resized-crop, resized back to the image size.")
-    crop_scale: tuple[float, float] = Field(
-        (0.08, 1.0), description="Area fraction range of the random-resized-crop."
-    )
-    crop_ratio: tuple[float, float] = Field(
-        (3 / 4, 4 / 3), description="Aspect-ratio range of the random-resized-crop."
-    )
+    crop_scale: AreaRange = Field((0.08, 1.0), description="Area fraction range of the random-resized-crop.")
+    crop_ratio: AspectRange = Field((3 / 4, 4 / 3), description="Aspect-ratio range of the random-resized-crop.")
     flip: bool = Field(True, description="Random horizontal flip (probability 0.5).")
     jitter: Optional[int] = Field(
         None,
@@ -96,19 +103,6 @@ class AugmentSpec(_Spec):
         le=512,
         description="Maximum random roll in pixels along each axis. None: image_size // 8.",
     )
-
-    @field_validator("crop_scale")
-    @classmethod
-    def _scale_in_unit_interval(cls, value: tuple[float, float]) -> tuple[float, float]:
-        _check_range(value, "crop_scale")
-        if value[1] > 1:
-            raise ValueError(f"crop_scale values must be <= 1, got {value}")
-        return value
-
-    @field_validator("crop_ratio")
-    @classmethod
-    def _ratio_positive(cls, value: tuple[float, float]) -> tuple[float, float]:
-        return _check_range(value, "crop_ratio")
 
 
 class RecoverSpec(_Spec):
@@ -139,17 +133,7 @@ class ValidateSpec(_Spec):
     lr: float = Field(1e-3, gt=0, le=10, description="AdamW peak learning rate (cosine decay).")
     weight_decay: float = Field(0.01, ge=0, le=1, description="AdamW weight decay.")
     temperature: float = Field(4.0, gt=0, le=100, description="Knowledge-distillation temperature.")
-    crop_scale: tuple[float, float] = Field(
-        (0.5, 1.0), description="Random-resized-crop area range of the student's training batches."
-    )
-
-    @field_validator("crop_scale")
-    @classmethod
-    def _scale_in_unit_interval(cls, value: tuple[float, float]) -> tuple[float, float]:
-        _check_range(value, "crop_scale")
-        if value[1] > 1:
-            raise ValueError(f"crop_scale values must be <= 1, got {value}")
-        return value
+    crop_scale: AreaRange = Field((0.5, 1.0), description="Random-resized-crop area range of the student's batches.")
 
 
 class ResourcesSpec(_Spec):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from typing import Any, Sequence
 
@@ -110,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from scdd.errors import ScddError
 
+    # torch.compile on a CPU-only machine logs that it found no CUDA runtime: true, and no news.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)

@@ -21,3 +21,13 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> torch
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
     )
+
+
+def training_step(
+    loss: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler
+) -> None:
+    """Back-propagate `loss`, step the optimiser, then the per-step schedule."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    scheduler.step()

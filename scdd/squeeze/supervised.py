@@ -15,7 +15,7 @@ from torch import nn
 from api_schema import TeacherSpec
 from scdd import augment
 from scdd.data import RealData, iterate_batches
-from scdd.optim import build_optimizer, cosine_schedule
+from scdd.optim import build_optimizer, cosine_schedule, training_step
 from scdd.progress import Progress
 from scdd.runtime import Runtime
 
@@ -43,10 +43,7 @@ def train_supervised(
             with runtime.autocast():
                 logits = model(augment.apply(images, params))
             loss = F.cross_entropy(logits.float(), labels.to(runtime.device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
+            training_step(loss, optimizer, scheduler)
             progress.advance(1, loss=loss.detach())
     progress.finish()
     return model.eval()

@@ -15,7 +15,7 @@ from torch import nn
 
 from api_schema import ValidateSpec
 from scdd import augment
-from scdd.optim import cosine_schedule
+from scdd.optim import cosine_schedule, training_step
 from scdd.progress import Progress
 from scdd.runtime import Runtime
 
@@ -60,10 +60,7 @@ def train_student_kd(
                     teacher_logits = teacher(batch)
                 student_logits = student(batch)
             loss = kd_loss(student_logits, teacher_logits, spec.temperature)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
+            training_step(loss, optimizer, scheduler)
             progress.advance(1, loss=loss.detach())
     progress.finish()
     return student.eval()
