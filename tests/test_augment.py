@@ -10,13 +10,14 @@ def params(n, size, **kw):
 
 
 def test_disabled_augmentation_is_identity():
-    x = torch.randn(3, 2, 9, 9)
+    # Exact up to float rounding of the sampling grid (pixel centres land within ~1e-7 px).
+    x = torch.randn(3, 2, 9, 9, generator=torch.Generator().manual_seed(0))
     p = params(3, 9, crop=False, flip=False, jitter=0)
-    torch.testing.assert_close(augment.apply(x, p), x, rtol=0, atol=1e-6)
+    torch.testing.assert_close(augment.apply(x, p), x, rtol=0, atol=1e-5)
 
 
 def test_flip_and_roll_match_torch_reference_per_image():
-    x = torch.randn(4, 1, 8, 8)
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     p = augment.AugmentParams(
         x0=torch.zeros(4), y0=torch.zeros(4), w=torch.full((4,), 8.0), h=torch.full((4,), 8.0),
         flip=torch.tensor([True, False, True, False]), roll_x=torch.tensor([1, 2, 0, -3]), roll_y=torch.tensor([0, 1, 2, 3]),
@@ -32,7 +33,7 @@ def test_crop_of_left_half_matches_bilinear_resize_of_that_half():
     # Inside the crop the result equals resizing the cut-out half. At the crop's inner edge the
     # sampler reads the real neighbouring pixel, where resizing a cut-out replicates the edge,
     # so the last column is left out of the comparison.
-    x = torch.randn(1, 1, 8, 8)
+    x = torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     p = augment.AugmentParams(
         x0=torch.zeros(1), y0=torch.zeros(1), w=torch.full((1,), 4.0), h=torch.full((1,), 8.0),
         flip=torch.tensor([False]), roll_x=torch.zeros(1, dtype=torch.long), roll_y=torch.zeros(1, dtype=torch.long),
@@ -45,7 +46,7 @@ def test_crops_differ_within_a_batch():
     p = params(16, 28)
     boxes = torch.stack([p.x0, p.y0, p.w, p.h], dim=1)
     assert len(torch.unique(boxes, dim=0)) == 16
-    same = torch.randn(1, 1, 28, 28).expand(16, 1, 28, 28).contiguous()
+    same = torch.randn(1, 1, 28, 28, generator=torch.Generator().manual_seed(0)).expand(16, 1, 28, 28).contiguous()
     out = augment.apply(same, p)
     assert all(not torch.allclose(out[0], out[i]) for i in range(1, 16))
 
