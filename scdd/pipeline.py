@@ -95,9 +95,7 @@ def load_distilled(store: ArtifactStore, result: RecoverResult, data: RealData) 
     """Read the written PNGs back: (N, C, S, S) normalised images and their labels (what a user gets)."""
     info = data.info
     pixels = torch.stack([decode_png(store.read_bytes(e.path), info.channels) for e in result.entries])
-    mean = torch.tensor(info.mean).view(1, -1, 1, 1)
-    std = torch.tensor(info.std).view(1, -1, 1, 1)
-    return (pixels - mean) / std, torch.tensor([e.label for e in result.entries])
+    return info.normalize(pixels), torch.tensor([e.label for e in result.entries])
 
 
 def write_manifest(store: ArtifactStore, spec: JobSpec, data: RealData, result: RecoverResult, complete: bool) -> None:

@@ -37,6 +37,12 @@ class DatasetInfo:
         std = torch.tensor(self.std).view(-1, 1, 1)
         return (0 - mean) / std, (1 - mean) / std
 
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) pixels in [0, 1] -> normalised."""
+        mean = torch.tensor(self.mean, device=pixels.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=pixels.device).view(1, -1, 1, 1)
+        return (pixels - mean) / std
+
     def denormalize(self, images: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) normalised -> pixels in [0, 1]."""
         mean = torch.tensor(self.mean, device=images.device).view(1, -1, 1, 1)

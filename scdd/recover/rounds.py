@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -58,7 +58,6 @@ class RecoverResult:
     image_iterations: int  # images x iterations synthesised in this run
     final_ce: float  # mean over all units of the last step's losses
     final_bn: float
-    unit_losses: list[dict] = field(default_factory=list)
 
     @property
     def image_iterations_per_second(self) -> float:
@@ -142,7 +141,8 @@ def recover_dataset(
     seconds = time.perf_counter() - started
     progress.finish()
 
-    records = [store.read_json(u.record_path) for u in units if store.exists(u.record_path)]
+    recorded = set(store.list(UNITS_DIR))
+    records = [store.read_json(u.record_path) for u in units if u.record_path in recorded]
     entries = [ImageEntry(**e) for rec in records for e in rec["entries"]]
     entries.sort(key=lambda e: (e.label, e.round))
     return RecoverResult(
@@ -153,5 +153,4 @@ def recover_dataset(
         image_iterations=image_iterations,
         final_ce=sum(r["ce"] for r in records) / max(1, len(records)),
         final_bn=sum(r["bn"] for r in records) / max(1, len(records)),
-        unit_losses=[{k: r[k] for k in ("round", "batch", "ce", "bn", "total")} for r in records],
     )
