@@ -1,13 +1,15 @@
 """The job spec and API models (pydantic only: the leaf layer, imports nothing of ours)."""
 
-from api_schema.names import DATASETS, METHODS, MODELS
+from api_schema.names import DATASETS, METHODS, MODELS, SSL_METHODS
 from api_schema.spec import (
     AugmentSpec,
     DatasetSpec,
     JobSpec,
     OutputSpec,
+    ProbeSpec,
     RecoverSpec,
     ResourcesSpec,
+    SSLSpec,
     TeacherSpec,
     ValidateSpec,
 )
@@ -16,12 +18,15 @@ __all__ = [
     "DATASETS",
     "METHODS",
     "MODELS",
+    "SSL_METHODS",
     "AugmentSpec",
     "DatasetSpec",
     "JobSpec",
     "OutputSpec",
+    "ProbeSpec",
     "RecoverSpec",
     "ResourcesSpec",
+    "SSLSpec",
     "TeacherSpec",
     "ValidateSpec",
 ]

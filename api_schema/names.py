@@ -7,7 +7,9 @@ rather than read from the registries at import time.
 from typing import Literal, get_args
 
 DatasetName = Literal["fashion-mnist", "imagefolder"]
-MethodName = Literal["sre2l"]
+MethodName = Literal["scdd", "sre2l"]
+SSLMethodName = Literal["moco_v2"]
+SSLCheckpointFormat = Literal["auto", "moco_v2", "moco_v3", "dino", "swav", "torchvision"]
 ModelName = Literal[
     "convnet",
     "convnet_in",
@@ -21,3 +23,4 @@ ModelName = Literal[
 DATASETS: frozenset[str] = frozenset(get_args(DatasetName))
 METHODS: frozenset[str] = frozenset(get_args(MethodName))
 MODELS: frozenset[str] = frozenset(get_args(ModelName))
+SSL_METHODS: frozenset[str] = frozenset(get_args(SSLMethodName))

@@ -13,7 +13,7 @@ from typing import Annotated, Literal, Optional, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from api_schema.names import DatasetName, MethodName, ModelName
+from api_schema.names import DatasetName, MethodName, ModelName, SSLCheckpointFormat, SSLMethodName
 
 ClassRef = Union[Annotated[int, Field(ge=0)], Annotated[str, Field(min_length=1, max_length=200)]]
 
@@ -72,6 +72,40 @@ class DatasetSpec(_Spec):
     )
 
 
+class SSLSpec(_Spec):
+    """SC-DD squeeze, step 1: a self-supervised backbone (pretrained here, or imported)."""
+
+    method: SSLMethodName = Field("moco_v2", description="Self-supervised method from the SSL registry.")
+    epochs: int = Field(
+        2, ge=1, le=10_000, description="Pretraining epochs over the training images (labels unused); short demo default."
+    )
+    batch_size: int = Field(256, ge=8, le=65_536, description="Pretraining batch size.")
+    lr: float = Field(0.06, gt=0, le=10, description="SGD learning rate (momentum 0.9, cosine decay).")
+    weight_decay: float = Field(5e-4, ge=0, le=1, description="Weight decay.")
+    temperature: float = Field(0.2, gt=0, le=10, description="InfoNCE temperature.")
+    queue_size: int = Field(4096, ge=16, le=1_000_000, description="Negative keys kept in the MoCo queue.")
+    momentum: float = Field(0.99, ge=0, lt=1, description="EMA momentum of the key encoder.")
+    proj_dim: int = Field(128, ge=8, le=8192, description="Output size of the projection head.")
+    bn_groups: int = Field(
+        4, ge=1, le=64, description="Shuffle-BN groups: keys are encoded in this many shuffled sub-batches."
+    )
+    checkpoint: Optional[str] = Field(
+        None, max_length=4096, description="Import this self-supervised checkpoint instead of pretraining."
+    )
+    checkpoint_format: SSLCheckpointFormat = Field(
+        "auto", description="Layout of `checkpoint`: auto-detected, or moco_v2, moco_v3, dino, swav, torchvision."
+    )
+
+
+class ProbeSpec(_Spec):
+    """SC-DD squeeze, step 2: a linear classifier on the frozen backbone (BN statistics untouched)."""
+
+    epochs: int = Field(30, ge=1, le=10_000, description="Probe training epochs over precomputed features.")
+    batch_size: int = Field(256, ge=1, le=65_536, description="Probe batch size.")
+    lr: float = Field(1e-3, gt=0, le=10, description="AdamW learning rate (cosine decay).")
+    weight_decay: float = Field(1e-4, ge=0, le=1, description="AdamW weight decay.")
+
+
 class TeacherSpec(_Spec):
     """Squeeze: the teacher whose BatchNorm statistics recovery matches."""
 
@@ -79,15 +113,23 @@ class TeacherSpec(_Spec):
     checkpoint: Optional[str] = Field(
         None,
         max_length=4096,
-        description="Load this checkpoint (path or URL) instead of training a teacher.",
+        description="Load this full teacher checkpoint (path or URL) instead of building one.",
     )
-    epochs: int = Field(4, ge=1, le=10_000, description="Training epochs when no checkpoint is given.")
+    epochs: int = Field(
+        3, ge=1, le=10_000, description="Supervised training epochs (sre2l; the relabel teacher); short demo default."
+    )
     batch_size: int = Field(128, ge=1, le=65_536, description="Training batch size.")
     optimizer: Literal["sgd", "adamw"] = Field("sgd", description="SGD (momentum 0.9, nesterov) or AdamW.")
     lr: Optional[float] = Field(
         None, gt=0, le=10, description="Peak learning rate (cosine decay). None: 0.05 for sgd, 1e-3 for adamw."
     )
     weight_decay: float = Field(5e-4, ge=0, le=1, description="Weight decay.")
+    ssl: SSLSpec = Field(default_factory=SSLSpec, description="Self-supervised backbone (method scdd).")
+    probe: ProbeSpec = Field(default_factory=ProbeSpec, description="Linear probe (method scdd).")
+
+    def supervised_part(self) -> dict:
+        """The fields that determine a supervised teacher."""
+        return self.model_dump(mode="json", exclude={"ssl", "probe"})
 
 
 class AugmentSpec(_Spec):
@@ -124,16 +166,37 @@ class RecoverSpec(_Spec):
 
 
 class ValidateSpec(_Spec):
-    """Validate: train a student on the distilled images by knowledge distillation, test on real data."""
+    """Validate: train a student on the distilled images, test it on the whole real test split, and
+    train the same student the same way on a random real subset of the same size (the baseline).
+
+    Fields left at None take the default of the mode: `kd` (knowledge distillation, SRe2L/SC-DD
+    style) or `hard` (cross-entropy on class labels, the protocol of classic distillation papers).
+    """
 
     enabled: bool = Field(True, description="Run the validation stage.")
-    student_arch: ModelName = Field("convnet", description="Student architecture from the model registry.")
-    epochs: int = Field(100, ge=1, le=100_000, description="Student training epochs over the distilled set.")
-    batch_size: int = Field(64, ge=1, le=65_536, description="Student batch size.")
-    lr: float = Field(1e-3, gt=0, le=10, description="AdamW peak learning rate (cosine decay).")
-    weight_decay: float = Field(0.01, ge=0, le=1, description="AdamW weight decay.")
-    temperature: float = Field(4.0, gt=0, le=100, description="Knowledge-distillation temperature.")
+    mode: Literal["kd", "hard"] = Field("kd", description="kd: soft labels from the relabel teacher; hard: class labels.")
+    student_arch: Optional[ModelName] = Field(None, description="Student model. None: convnet (kd), convnet_in (hard).")
+    epochs: Optional[int] = Field(None, ge=1, le=100_000, description="Training epochs. None: 100 (kd), 300 (hard).")
+    batch_size: Optional[int] = Field(None, ge=1, le=65_536, description="Batch size. None: 64 (kd), 256 (hard).")
+    optimizer: Optional[Literal["sgd", "adamw"]] = Field(None, description="None: adamw (kd), sgd momentum 0.9 (hard).")
+    lr: Optional[float] = Field(None, gt=0, le=10, description="Peak learning rate (cosine). None: 1e-3 (kd), 0.01 (hard).")
+    weight_decay: Optional[float] = Field(None, ge=0, le=1, description="None: 0.01 (kd), 5e-4 (hard).")
+    temperature: float = Field(4.0, gt=0, le=100, description="Knowledge-distillation temperature (kd).")
+    mix: Optional[Literal["none", "cutmix", "mixup"]] = Field(
+        None, description="Batch mixing. None: cutmix (kd), none (hard)."
+    )
+    mix_alpha: float = Field(1.0, gt=0, le=100, description="Beta(alpha, alpha) of the mixing ratio.")
     crop_scale: AreaRange = Field((0.5, 1.0), description="Random-resized-crop area range of the student's batches.")
+    relabel_teacher: Literal["supervised", "recover"] = Field(
+        "supervised",
+        description="Teacher giving soft labels (kd): a supervised teacher of the teacher arch (the same for "
+        "sre2l and scdd, so a comparison differs only in the images; for sre2l it is the recovery teacher), "
+        "or the recovery teacher itself.",
+    )
+    relabel_checkpoint: Optional[str] = Field(
+        None, max_length=4096, description="Load the supervised relabel teacher from this checkpoint instead of training it."
+    )
+    baseline: bool = Field(True, description="Also train on a random real subset of the same size (IPC per class).")
 
 
 class ResourcesSpec(_Spec):
@@ -169,13 +232,21 @@ class OutputSpec(_Spec):
         "Running again with the same URL resumes the run.",
     )
     grid_per_class: int = Field(8, ge=1, le=100, description="Images per class shown in grid.png.")
+    teacher_cache: Optional[str] = Field(
+        None,
+        max_length=4096,
+        description="Folder or URL where trained teachers are cached by the hash of what determines them. "
+        "None: $SCDD_CACHE_DIR/teachers, or ~/.cache/scdd/teachers.",
+    )
 
 
 class JobSpec(_Spec):
     """A whole distillation job: squeeze -> recover -> validate -> report."""
 
     dataset: DatasetSpec = Field(default_factory=DatasetSpec, description="The real dataset.")
-    method: MethodName = Field("sre2l", description="Distillation method from the method registry.")
+    method: MethodName = Field(
+        "scdd", description="scdd: self-supervised backbone + linear probe teacher; sre2l: supervised teacher."
+    )
     teacher: TeacherSpec = Field(default_factory=TeacherSpec, description="Squeeze stage.")
     recover: RecoverSpec = Field(default_factory=RecoverSpec, description="Recover stage.")
     validate_: ValidateSpec = Field(
@@ -200,13 +271,23 @@ class JobSpec(_Spec):
     def digest(self, *sections: str) -> str:
         """A short stable hash of the named top-level sections (all when none are named)."""
         data = self.to_dict()
-        chosen = {key: data[key] for key in (sections or tuple(sorted(data)))}
-        blob = json.dumps(chosen, sort_keys=True, separators=(",", ":")).encode()
+        return self._hash({key: data[key] for key in (sections or tuple(sorted(data)))})
+
+    def _hash(self, data: dict) -> str:
+        blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
+    def supervised_teacher_digest(self) -> str:
+        """Hash of what determines a supervised teacher (sre2l's recovery teacher, the relabel teacher)."""
+        return self._hash({"kind": "supervised", "dataset": self.to_dict()["dataset"],
+                           "teacher": self.teacher.supervised_part(), "seed": self.seed})
+
     def teacher_digest(self) -> str:
-        """Hash of what determines the teacher: a second job with the same value reuses it."""
-        return self.digest("dataset", "method", "teacher", "seed")
+        """Hash of what determines the recovery teacher: a second job with the same value reuses it."""
+        if self.method == "sre2l":
+            return self.supervised_teacher_digest()
+        return self._hash({"kind": self.method, "dataset": self.to_dict()["dataset"],
+                           "teacher": self.to_dict()["teacher"], "seed": self.seed})
 
     def recover_digest(self) -> str:
         """Hash of what determines the synthetic images; a resumed run must match it."""

@@ -109,3 +109,28 @@ def apply(images: torch.Tensor, params: AugmentParams) -> torch.Tensor:
     gy = 2 * (p["y0"][:, None] + fy * p["h"][:, None]) / height - 1  # (N, H)
     grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), dim=-1)  # (N, H, W, 2)
     return F.grid_sample(images, grid.to(images.dtype), mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def color_jitter(
+    pixels: torch.Tensor, strength: float, probability: float, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Per-image brightness, contrast (and saturation for RGB) jitter of (N, C, H, W) pixels in [0, 1].
+
+    Each factor is drawn from U(1 - strength, 1 + strength); an image is jittered with `probability`
+    (as MoCo v2's RandomApply(ColorJitter, p=0.8)). Hue is left alone.
+    """
+    n, channels = pixels.shape[:2]
+    device = pixels.device
+
+    def factors() -> torch.Tensor:
+        draw = torch.empty(n).uniform_(1 - strength, 1 + strength, generator=generator)
+        return draw.to(device).view(n, 1, 1, 1)
+
+    apply_to = (torch.rand(n, generator=generator) < probability).to(device).view(n, 1, 1, 1)
+    out = pixels * factors()  # brightness
+    mean = out.mean(dim=(1, 2, 3), keepdim=True)
+    out = (out - mean) * factors() + mean  # contrast
+    if channels == 3:
+        grey = out.mean(dim=1, keepdim=True)
+        out = (out - grey) * factors() + grey  # saturation
+    return torch.where(apply_to, out.clamp(0, 1), pixels)

@@ -16,18 +16,27 @@ DISTILL_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--classes": ("dataset.classes", "list", "comma-separated subset of classes, by index or name (e.g. 0,1,2 or Bag,Coat)"),
     "--train-limit": ("dataset.train_limit", int, "training images per class used by squeeze (seeded random pick)"),
     "--image-size": ("dataset.image_size", int, "resize images to this side length (default: native size)"),
-    "--method": ("method", str, "distillation method: sre2l (supervised teacher)"),
+    "--method": ("method", str, "scdd (self-supervised backbone + linear probe, default) or sre2l (supervised teacher)"),
     "--teacher-arch": ("teacher.arch", str, "teacher architecture from the model registry (default convnet)"),
     "--teacher-checkpoint": ("teacher.checkpoint", str, "load this teacher checkpoint instead of training one"),
-    "--teacher-epochs": ("teacher.epochs", int, "teacher training epochs"),
+    "--teacher-epochs": ("teacher.epochs", int, "supervised teacher training epochs (sre2l; the relabel teacher)"),
+    "--ssl-method": ("teacher.ssl.method", str, "self-supervised method for scdd: moco_v2"),
+    "--ssl-epochs": ("teacher.ssl.epochs", int, "self-supervised pretraining epochs (scdd)"),
+    "--ssl-checkpoint": ("teacher.ssl.checkpoint", str, "import this self-supervised checkpoint instead of pretraining"),
+    "--ssl-checkpoint-format": ("teacher.ssl.checkpoint_format", str, "auto, moco_v2, moco_v3, dino, swav or torchvision"),
+    "--probe-epochs": ("teacher.probe.epochs", int, "linear-probe epochs on the frozen backbone (scdd)"),
     "--ipc": ("recover.ipc", int, "images per class to synthesise"),
     "--iterations": ("recover.iterations", int, "optimisation steps per recover batch"),
     "--batch-size": ("recover.batch_size", int, "classes per recover batch"),
     "--lr": ("recover.lr", float, "recover learning rate (Adam, cosine decay)"),
     "--r-bn": ("recover.r_bn", float, "weight of the BatchNorm-statistic loss"),
     "--first-bn-multiplier": ("recover.first_bn_multiplier", float, "extra weight of the first BatchNorm layer"),
-    "--student-arch": ("validate.student_arch", str, "student architecture for validation"),
-    "--validate-epochs": ("validate.epochs", int, "student training epochs in validation"),
+    "--validate-mode": ("validate.mode", str, "kd (soft labels from the relabel teacher) or hard (class labels)"),
+    "--student-arch": ("validate.student_arch", str, "student architecture (default convnet for kd, convnet_in for hard)"),
+    "--validate-epochs": ("validate.epochs", int, "student training epochs (default 100 for kd, 300 for hard)"),
+    "--temperature": ("validate.temperature", float, "knowledge-distillation temperature"),
+    "--mix": ("validate.mix", str, "batch mixing in validation: none, cutmix or mixup (default cutmix for kd)"),
+    "--relabel-teacher": ("validate.relabel_teacher", str, "supervised (default, same for both methods) or recover"),
     "--seed": ("seed", int, "seed of every random choice"),
     "--device": ("resources.device", str, "auto, cpu, cuda or cuda:N"),
     "--amp": ("resources.amp", str, "bf16 autocast: auto, bf16 or off"),
@@ -82,17 +91,29 @@ def _distill(args: argparse.Namespace) -> int:
 
 def summary(report: dict) -> str:
     rec, teacher, val = report["recover"], report["teacher"], report["validate"]
+    data = report["dataset"]
     lines = [
         "",
-        f"scdd distill: {report['job_id']}" + ("  (resumed)" if report["resumed"] else ""),
-        f"  dataset   {report['dataset']['name']}: {report['dataset']['classes']} classes, "
-        f"{report['dataset']['train_images']} train / {report['dataset']['test_images']} test images",
-        f"  teacher   {teacher['arch']} ({teacher['source']}): top-1 {teacher['top1']:.2f}% on the real test split",
+        f"scdd distill: {report['job_id']}  (method {report['method']})" + ("  (resumed)" if report["resumed"] else ""),
+        f"  dataset   {data['name']}: {data['classes']} classes, {data['train_images']} train / {data['test_images']} test images",
+        f"  teacher   {teacher['arch']} ({teacher['source']}): top-1 {teacher['top1']:.2f}% on the real test split"
+        + (f"; {teacher['ssl'].get('method', teacher['ssl']['source'])} backbone + linear probe"
+           if "ssl" in teacher else ""),
         f"  recover   {rec['images']}/{rec['expected_images']} images, {rec['iterations']} iterations, "
         f"{rec['image_iterations_per_second']:.0f} image-it/s, final CE {rec['final_ce']:.3f}, BN {rec['final_bn']:.3f}",
     ]
     if val:
-        lines.append(f"  validate  {val['arch']} student, KD {val['epochs']} epochs: top-1 {val['top1']:.2f}%, top-5 {val['top5']:.2f}%")
+        protocol, student = val["protocol"], val["student"]
+        lines.append(
+            f"  validate  {protocol['student_arch']} student, {protocol['mode']} {protocol['epochs']} epochs: "
+            f"top-1 {student['top1']:.2f}%, top-5 {student['top5']:.2f}% on the whole real test split"
+        )
+        if "baseline" in val:
+            base = val["baseline"]
+            lines.append(
+                f"  baseline  same protocol on {base['images']} random real images: top-1 {base['top1']:.2f}% "
+                f"-> distilled images add {val['gain_top1']:+.2f} points"
+            )
     elif not report["complete"]:
         lines.append("  validate  skipped: the distilled set is incomplete (rerun with the same --out to resume)")
     stages = ", ".join(f"{name} {sec:.1f}s" for name, sec in report["stage_seconds"].items())

@@ -20,16 +20,15 @@ from scdd.artifacts import decode_png, grid_png, library_versions
 from scdd.data import RealData, load_dataset
 from scdd.errors import OutputConflictError
 from scdd.evaluate import evaluate
-from scdd.models import checkpoint_bytes, create_model, load_weights
+from scdd.models import checkpoint_bytes, create_model
 from scdd.progress import Progress, SilentProgress
 from scdd.recover import RecoverResult, freeze, recover_dataset
 from scdd.runtime import Runtime, resolve_runtime
-from scdd.squeeze import METHODS
-from scdd.store import ArtifactStore, read_url
-from scdd.validate import train_student_kd
+from scdd.squeeze import Teacher, TeacherCache, bn_variance_summary, recovery_teacher, relabel_teacher
+from scdd.store import ArtifactStore
+from scdd.validate import Protocol, random_real_subset, resolve_protocol, train_student
 
 SPEC_RECORD = "state/spec.json"
-TEACHER_PATH = "teacher/teacher.pt"
 
 
 @dataclass
@@ -63,32 +62,6 @@ def claim_output(store: ArtifactStore, spec: JobSpec) -> bool:
         raise OutputConflictError(f"output {store.url} already holds images from another tool or run; choose another --out")
     store.write_json(SPEC_RECORD, {"recover_digest": spec.recover_digest(), "spec": spec.to_dict()})
     return False
-
-
-def obtain_teacher(
-    spec: JobSpec, data: RealData, store: ArtifactStore, runtime: Runtime, progress: Progress
-) -> tuple[nn.Module, str]:
-    """The teacher and where it came from: a given checkpoint, this output's saved one, or squeeze."""
-    info = data.info
-    teacher_spec = spec.teacher
-    if teacher_spec.checkpoint:
-        model = create_model(teacher_spec.arch, info.num_classes, info.channels, info.image_size)
-        load_weights(model, read_url(teacher_spec.checkpoint), teacher_spec.checkpoint)
-        return model, "checkpoint"
-    if store.exists(TEACHER_PATH):
-        model = create_model(teacher_spec.arch, info.num_classes, info.channels, info.image_size)
-        meta = load_weights(model, store.read_bytes(TEACHER_PATH), store.url_of(TEACHER_PATH))
-        if meta.get("teacher_digest") == spec.teacher_digest():
-            return model, "resumed"
-    model = METHODS.get(spec.method)(data, teacher_spec, runtime, spec.seed, progress)
-    store.write_bytes(
-        TEACHER_PATH,
-        checkpoint_bytes(
-            model, arch=teacher_spec.arch, num_classes=info.num_classes, in_channels=info.channels,
-            image_size=info.image_size, class_names=list(info.class_names), teacher_digest=spec.teacher_digest(),
-        ),
-    )
-    return model, "trained"
 
 
 def load_distilled(store: ArtifactStore, result: RecoverResult, data: RealData) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,6 +98,54 @@ def write_grid(store: ArtifactStore, spec: JobSpec, data: RealData, images: torc
     store.write_bytes("grid.png", grid_png(per_class, data.info, spec.output.grid_per_class))
 
 
+def save_teacher(store: ArtifactStore, path: str, teacher: Teacher, spec: JobSpec, data: RealData) -> None:
+    info = data.info
+    store.write_bytes(path, checkpoint_bytes(
+        teacher.model, arch=spec.teacher.arch, num_classes=info.num_classes, in_channels=info.channels,
+        image_size=info.image_size, class_names=list(info.class_names), digest=teacher.digest,
+        source=teacher.source, details=teacher.details,
+    ))
+
+
+def teacher_report(teacher: Teacher, spec: JobSpec, data: RealData, runtime: Runtime) -> dict:
+    return {
+        "arch": spec.teacher.arch,
+        "source": teacher.source,
+        "digest": teacher.digest,
+        **evaluate(teacher.model, data.test, runtime).to_dict(),
+        **teacher.details,
+        "bn_running_var": bn_variance_summary(teacher.model),
+    }
+
+
+def validate_both(
+    spec: JobSpec, data: RealData, images: torch.Tensor, labels: torch.Tensor, relabel: Teacher | None,
+    protocol: Protocol, runtime: Runtime, progress: Progress, clock: StageClock,
+) -> dict:
+    """Train the student on the distilled images and, as the baseline, on a random real subset of the
+    same size, under one protocol; test both on the whole real test split."""
+    info = data.info
+    teacher = relabel.model if relabel is not None else None
+
+    def fit(train_images: torch.Tensor, train_labels: torch.Tensor, stage: str) -> dict:
+        torch.manual_seed(spec.seed)  # the same student initialisation for both
+        student = create_model(protocol.student_arch, info.num_classes, info.channels, info.image_size)
+        train_student(student, train_images, train_labels, protocol, teacher, runtime, spec.seed, progress, stage)
+        return evaluate(student, data.test, runtime).to_dict()
+
+    with clock.stage("validate"):
+        result = {"protocol": protocol.to_dict(), "images": len(images), "student": fit(images, labels, "validate")}
+    if relabel is not None:
+        result["relabel_teacher"] = {"source": relabel.source, "digest": relabel.digest}
+    if spec.validate_.baseline:
+        with clock.stage("baseline"):
+            real_images, real_labels = random_real_subset(data.train, spec.recover.ipc, info.num_classes, spec.seed)
+            result["baseline"] = {"kind": "random real subset", "images": len(real_images),
+                                  **fit(real_images, real_labels, "baseline")}
+        result["gain_top1"] = round(result["student"]["top1"] - result["baseline"]["top1"], 2)
+    return result
+
+
 def run_distillation(spec: JobSpec, progress: Progress | None = None, max_units: int | None = None) -> dict:
     """Run the whole job; returns the report (also written to report.json).
 
@@ -135,6 +156,7 @@ def run_distillation(spec: JobSpec, progress: Progress | None = None, max_units:
     runtime = resolve_runtime(spec.resources)
     torch.manual_seed(spec.seed)
     store = ArtifactStore(spec.output.url or default_output_url(spec))
+    cache = TeacherCache(spec.output.teacher_cache)
 
     with clock.stage("load"):
         data = load_dataset(spec.dataset, spec.seed)
@@ -142,12 +164,13 @@ def run_distillation(spec: JobSpec, progress: Progress | None = None, max_units:
     info = data.info
 
     with clock.stage("squeeze"):
-        teacher, teacher_source = obtain_teacher(spec, data, store, runtime, progress)
-        teacher = freeze(teacher, runtime)
-        teacher_accuracy = evaluate(teacher, data.test, runtime)
+        recovery = recovery_teacher(spec, data, cache, runtime, progress)
+        freeze(recovery.model, runtime)
+        save_teacher(store, "teacher/teacher.pt", recovery, spec, data)
+        teacher_info = teacher_report(recovery, spec, data, runtime)
 
     with clock.stage("recover"):
-        result = recover_dataset(teacher, info, spec.recover, runtime, store, spec.seed, progress, max_units=max_units)
+        result = recover_dataset(recovery.model, info, spec.recover, runtime, store, spec.seed, progress, max_units=max_units)
     complete = len(result.entries) == info.num_classes * spec.recover.ipc
 
     with clock.stage("write"):
@@ -155,13 +178,19 @@ def run_distillation(spec: JobSpec, progress: Progress | None = None, max_units:
         images, labels = load_distilled(store, result, data)
         write_grid(store, spec, data, images, labels)
 
-    student_report = None
+    validation = None
     if spec.validate_.enabled and complete:
-        with clock.stage("validate"):
-            vspec = spec.validate_
-            student = create_model(vspec.student_arch, info.num_classes, info.channels, info.image_size)
-            student = train_student_kd(student, teacher, images, vspec, runtime, spec.seed, progress)
-            student_report = {"arch": vspec.student_arch, "epochs": vspec.epochs, **evaluate(student, data.test, runtime).to_dict()}
+        protocol = resolve_protocol(spec.validate_)
+        relabel = None
+        if protocol.mode == "kd":
+            with clock.stage("squeeze"):
+                relabel = relabel_teacher(spec, data, recovery, cache, runtime, progress)
+                freeze(relabel.model, runtime)
+                if relabel is not recovery:
+                    save_teacher(store, "teacher/relabel.pt", relabel, spec, data)
+        validation = validate_both(spec, data, images, labels, relabel, protocol, runtime, progress, clock)
+        if relabel is not None and relabel is not recovery:
+            validation["relabel_teacher"].update(evaluate(relabel.model, data.test, runtime).to_dict())
 
     report = {
         "job_id": spec.job_id(),
@@ -178,7 +207,7 @@ def run_distillation(spec: JobSpec, progress: Progress | None = None, max_units:
             "test_images": len(data.test),
         },
         "runtime": runtime.describe(),
-        "teacher": {"arch": spec.teacher.arch, "source": teacher_source, **teacher_accuracy.to_dict()},
+        "teacher": teacher_info,
         "recover": {
             "images": len(result.entries),
             "expected_images": info.num_classes * spec.recover.ipc,
@@ -190,7 +219,7 @@ def run_distillation(spec: JobSpec, progress: Progress | None = None, max_units:
             "final_ce": result.final_ce,
             "final_bn": result.final_bn,
         },
-        "validate": student_report,
+        "validate": validation,
         "stage_seconds": clock.seconds,
     }
     store.write_json("report.json", report)

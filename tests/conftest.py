@@ -14,9 +14,11 @@ FASHION_MNIST = Path(os.environ.get("SCDD_FASHION_MNIST", "/usr/share/datasets/f
 
 
 @pytest.fixture(autouse=True)
-def _seeded():
-    """Every test starts from the same global RNG state, so numeric tolerances are checked once, not by luck."""
+def _seeded_and_isolated(tmp_path_factory, monkeypatch):
+    """Every test starts from the same global RNG state (numeric tolerances are checked once, not
+    by luck) and caches teachers in its own folder, never in the user's home."""
     torch.manual_seed(0)
+    monkeypatch.setenv("SCDD_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
 
 
 @pytest.fixture(scope="session")
@@ -71,6 +73,7 @@ def fmnist_teacher_ckpt(tmp_path_factory, fmnist_root) -> Path:
 def tiny_job(fmnist_root: Path, out: Path, teacher: Path | None = None, **sections) -> dict:
     """A job spec dict on 3 Fashion-MNIST classes with tiny settings; `sections` override parts."""
     spec = {
+        "method": "sre2l",
         "dataset": {"root": str(fmnist_root), "classes": [0, 1, 2], "train_limit": 50},
         "teacher": {"epochs": 1, "batch_size": 64, **({"checkpoint": str(teacher)} if teacher else {})},
         "recover": {"ipc": 3, "iterations": 6, "batch_size": 2},

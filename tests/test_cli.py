@@ -27,23 +27,24 @@ def test_distill_help_explains_every_flag():
 def test_distill_end_to_end_on_fashion_mnist(tmp_path, fmnist_root):
     out = tmp_path / "run"
     args = (
-        "distill", "--data-dir", str(fmnist_root), "--classes", "0,Trouser,2", "--train-limit", "60",
+        "distill", "--method", "sre2l", "--data-dir", str(fmnist_root), "--classes", "0,Trouser,2", "--train-limit", "60",
         "--teacher-epochs", "1", "--ipc", "2", "--iterations", "5", "--validate-epochs", "2",
         "--device", "cpu", "--amp", "off", "--out", str(out), "--quiet",
     )
     result = scdd_cli(*args)
     assert result.returncode == 0, result.stderr
-    assert f"output    {out}" in result.stdout and "validate  convnet student" in result.stdout
+    assert f"output    {out}" in result.stdout and "validate  convnet student, kd 2 epochs" in result.stdout
+    assert "baseline  same protocol on 6 random real images" in result.stdout
     report = json.loads((out / "report.json").read_text())
     assert report["complete"] and report["recover"]["images"] == 6
     assert report["dataset"]["train_images"] == 180 and report["dataset"]["test_images"] == 3000
-    assert report["validate"]["total"] == 3000 and 0 <= report["validate"]["top1"] <= 100
-    assert set(report["stage_seconds"]) == {"load", "squeeze", "recover", "write", "validate"}
+    assert report["validate"]["student"]["total"] == 3000 and 0 <= report["validate"]["student"]["top1"] <= 100
+    assert set(report["stage_seconds"]) == {"load", "squeeze", "recover", "write", "validate", "baseline"}
     assert len(list((out / "images").rglob("*.png"))) == 6
 
     again = scdd_cli(*args)  # the same command resumes: teacher and units reused, nothing rewritten
     assert again.returncode == 0, again.stderr
-    assert "(resumed)" in again.stdout and "convnet (resumed)" in again.stdout
+    assert "(resumed)" in again.stdout and "convnet (cached)" in again.stdout
     assert json.loads((out / "report.json").read_text())["recover"]["units_run"] == 0
 
 

@@ -1,21 +1,24 @@
 import pytest
 from pydantic import ValidationError
 
-from api_schema import DATASETS, METHODS, JobSpec
+from api_schema import DATASETS, METHODS, SSL_METHODS, JobSpec
 from scdd.config import build_spec
 from scdd.data import DATASETS as DATA_REGISTRY
 from scdd.errors import SpecError
 from scdd.squeeze import METHODS as METHOD_REGISTRY
+from scdd.squeeze.ssl import SSL_METHODS as SSL_REGISTRY
 
 
 def test_spec_names_equal_registries():
     assert set(DATASETS) == set(DATA_REGISTRY.names())
     assert set(METHODS) == set(METHOD_REGISTRY.names())
+    assert set(SSL_METHODS) == set(SSL_REGISTRY.names())
 
 
 def test_defaults_describe_the_fashion_mnist_demo():
     spec = JobSpec()
-    assert (spec.dataset.name, spec.method, spec.recover.first_bn_multiplier) == ("fashion-mnist", "sre2l", 10.0)
+    assert (spec.dataset.name, spec.method, spec.recover.first_bn_multiplier) == ("fashion-mnist", "scdd", 10.0)
+    assert (spec.validate_.mode, spec.validate_.relabel_teacher, spec.validate_.baseline) == ("kd", "supervised", True)
 
 
 @pytest.mark.parametrize(
@@ -68,4 +71,8 @@ def test_digest_tracks_what_determines_the_images():
     assert base.recover_digest() == JobSpec().recover_digest()
     assert base.recover_digest() != JobSpec.model_validate({"recover": {"lr": 0.1}}).recover_digest()
     assert base.teacher_digest() == JobSpec.model_validate({"recover": {"lr": 0.1}}).teacher_digest()
+    # sre2l's teacher is the supervised teacher; scdd shares it as its relabel teacher.
+    sre2l, ssl_change = JobSpec(method="sre2l"), JobSpec.model_validate({"teacher": {"ssl": {"epochs": 9}}})
+    assert sre2l.teacher_digest() == base.supervised_teacher_digest() == ssl_change.supervised_teacher_digest()
+    assert ssl_change.teacher_digest() != base.teacher_digest()
     assert base.recover_digest() == JobSpec.model_validate({"output": {"url": "/x"}}).recover_digest()

@@ -1,6 +1,21 @@
 """Squeeze: build the teacher whose BatchNorm statistics recovery matches."""
 
-from scdd.squeeze.methods import METHODS, register_method
+from scdd.squeeze.methods import METHODS, SqueezeResult, register_method
+from scdd.squeeze.probe import extract_features, train_probe
+from scdd.squeeze.summary import bn_variance_summary
 from scdd.squeeze.supervised import train_supervised
+from scdd.squeeze.teachers import Teacher, TeacherCache, recovery_teacher, relabel_teacher
 
-__all__ = ["METHODS", "register_method", "train_supervised"]
+__all__ = [
+    "METHODS",
+    "SqueezeResult",
+    "Teacher",
+    "TeacherCache",
+    "bn_variance_summary",
+    "extract_features",
+    "recovery_teacher",
+    "register_method",
+    "relabel_teacher",
+    "train_probe",
+    "train_supervised",
+]

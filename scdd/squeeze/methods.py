@@ -1,27 +1,60 @@
-"""The method registry: each method's squeeze turns real data into a recovery teacher."""
+"""The method registry: each method's squeeze turns real data into a recovery teacher.
+
+A squeeze returns the teacher (a registry model, eval mode) and facts about how it was made.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Callable
 
 from torch import nn
 
 from api_schema import TeacherSpec
 from scdd.data import RealData
-from scdd.models import create_model
+from scdd.models import create_model, set_head, strip_head
 from scdd.progress import Progress
 from scdd.registry import Registry
 from scdd.runtime import Runtime
+from scdd.squeeze.probe import train_probe
+from scdd.squeeze.ssl import SSL_METHODS, import_backbone
 from scdd.squeeze.supervised import train_supervised
+from scdd.store import read_url
 
-SqueezeFn = Callable[[RealData, TeacherSpec, Runtime, int, Progress], nn.Module]
+
+@dataclass
+class SqueezeResult:
+    model: nn.Module
+    details: dict = field(default_factory=dict)
+
+
+SqueezeFn = Callable[[RealData, TeacherSpec, Runtime, int, Progress], SqueezeResult]
 METHODS: Registry[SqueezeFn] = Registry("method")
 register_method = METHODS.register
 
 
 @register_method("sre2l")
-def sre2l(data: RealData, spec: TeacherSpec, runtime: Runtime, seed: int, progress: Progress) -> nn.Module:
+def sre2l(data: RealData, spec: TeacherSpec, runtime: Runtime, seed: int, progress: Progress) -> SqueezeResult:
     """SRe2L (arXiv 2306.13092): a teacher trained with labels."""
     info = data.info
     model = create_model(spec.arch, info.num_classes, info.channels, info.image_size)
-    return train_supervised(model, data, spec, runtime, seed, progress)
+    return SqueezeResult(train_supervised(model, data, spec, runtime, seed, progress), {"kind": "supervised"})
+
+
+@register_method("scdd")
+def scdd(data: RealData, spec: TeacherSpec, runtime: Runtime, seed: int, progress: Progress) -> SqueezeResult:
+    """SC-DD (arXiv 2404.07976): a self-supervised backbone, frozen, plus a linear probe."""
+    info = data.info
+    model = create_model(spec.arch, info.num_classes, info.channels, info.image_size)
+    head, feature_dim = strip_head(model)
+    ssl = spec.ssl
+    if ssl.checkpoint:
+        fmt = import_backbone(model, head, read_url(ssl.checkpoint), ssl.checkpoint, ssl.checkpoint_format)
+        ssl_details = {"source": "checkpoint", "checkpoint": ssl.checkpoint, "format": fmt}
+        model.to(runtime.device, memory_format=runtime.memory_format())
+    else:
+        ssl_details = {"source": "pretrained", **SSL_METHODS.get(ssl.method)(model, feature_dim, data, ssl, runtime, seed, progress)}
+    probe = train_probe(model, data, spec.probe, runtime, seed, progress)
+    set_head(model, head, probe.head.to(runtime.device))
+    return SqueezeResult(model.eval(), {"kind": "self-supervised + linear probe", "ssl": ssl_details,
+                                        "probe": {"epochs": spec.probe.epochs, **probe.accuracy.to_dict()}})

@@ -1,0 +1,94 @@
+"""Obtain the teachers a job needs: from a given checkpoint, from the cache, or by squeezing.
+
+Trained teachers are cached under the hash of the spec fields that determine them
+(`JobSpec.teacher_digest`, `JobSpec.supervised_teacher_digest`), so a second job with the same
+squeeze settings reuses them, and an sre2l job and an scdd job share their supervised teacher.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+from api_schema import JobSpec
+from scdd.data import RealData
+from scdd.models import checkpoint_bytes, create_model, load_weights
+from scdd.progress import Progress
+from scdd.runtime import Runtime
+from scdd.squeeze.methods import METHODS
+from scdd.store import ArtifactStore, read_url
+
+
+def default_cache_url() -> str:
+    base = os.environ.get("SCDD_CACHE_DIR") or str(Path.home() / ".cache" / "scdd")
+    return f"{base.rstrip('/')}/teachers"
+
+
+@dataclass
+class Teacher:
+    model: nn.Module
+    source: str  # "checkpoint", "cached" or "trained"
+    digest: str | None
+    details: dict = field(default_factory=dict)
+
+
+class TeacherCache:
+    def __init__(self, url: str | None):
+        self.store = ArtifactStore(url or default_cache_url())
+
+    def load(self, digest: str, model: nn.Module) -> dict | None:
+        """Fill `model` from the cache; returns the stored details, or None on a miss."""
+        path = f"{digest}.pt"
+        if not self.store.exists(path):
+            return None
+        meta = load_weights(model, self.store.read_bytes(path), self.store.url_of(path))
+        return meta.get("details", {})
+
+    def save(self, digest: str, model: nn.Module, details: dict) -> None:
+        self.store.write_bytes(f"{digest}.pt", checkpoint_bytes(model, digest=digest, details=details))
+
+
+def _blank(spec: JobSpec, data: RealData) -> nn.Module:
+    info = data.info
+    return create_model(spec.teacher.arch, info.num_classes, info.channels, info.image_size)
+
+
+def _from_checkpoint(spec: JobSpec, data: RealData, url: str) -> Teacher:
+    model = _blank(spec, data)
+    load_weights(model, read_url(url), url)
+    return Teacher(model.eval(), "checkpoint", None, {"checkpoint": url})
+
+
+def _cached_or_squeezed(
+    spec: JobSpec, method: str, digest: str, data: RealData, cache: TeacherCache, runtime: Runtime, progress: Progress
+) -> Teacher:
+    model = _blank(spec, data)
+    details = cache.load(digest, model)
+    if details is not None:
+        return Teacher(model.eval(), "cached", digest, details)
+    result = METHODS.get(method)(data, spec.teacher, runtime, spec.seed, progress)
+    cache.save(digest, result.model, result.details)
+    return Teacher(result.model, "trained", digest, result.details)
+
+
+def recovery_teacher(spec: JobSpec, data: RealData, cache: TeacherCache, runtime: Runtime, progress: Progress) -> Teacher:
+    if spec.teacher.checkpoint:
+        return _from_checkpoint(spec, data, spec.teacher.checkpoint)
+    return _cached_or_squeezed(spec, spec.method, spec.teacher_digest(), data, cache, runtime, progress)
+
+
+def relabel_teacher(
+    spec: JobSpec, data: RealData, recovery: Teacher, cache: TeacherCache, runtime: Runtime, progress: Progress
+) -> Teacher:
+    """The teacher that gives soft labels in KD validation (see ValidateSpec.relabel_teacher)."""
+    vspec = spec.validate_
+    if vspec.relabel_teacher == "recover":
+        return recovery
+    if vspec.relabel_checkpoint:
+        return _from_checkpoint(spec, data, vspec.relabel_checkpoint)
+    if spec.method == "sre2l":
+        return recovery  # sre2l's recovery teacher is the supervised teacher
+    return _cached_or_squeezed(spec, "sre2l", spec.supervised_teacher_digest(), data, cache, runtime, progress)

@@ -1,0 +1,35 @@
+"""The honest baseline: a random real subset with the same number of images per class."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import Dataset
+
+from scdd.data.base import TensorImageDataset
+from scdd.errors import DataError
+
+
+def labels_of(dataset: Dataset) -> torch.Tensor:
+    if isinstance(dataset, TensorImageDataset):
+        return dataset.labels
+    return torch.tensor([label for _path, label in dataset.samples])  # ImageFileDataset
+
+
+def random_real_subset(dataset: Dataset, ipc: int, num_classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exactly `ipc` images of each class, drawn with `seed`: ((K*ipc, C, S, S) images, labels)."""
+    labels = labels_of(dataset)
+    generator = torch.Generator().manual_seed(seed)
+    chosen = []
+    for label in range(num_classes):
+        members = (labels == label).nonzero().flatten()
+        if len(members) < ipc:
+            raise DataError(
+                f"class {label} has {len(members)} training images, fewer than IPC {ipc}: the random-real baseline "
+                f"needs IPC real images per class; raise dataset.train_limit or set validate.baseline: false"
+            )
+        chosen.append(members[torch.randperm(len(members), generator=generator)[:ipc]])
+    index = torch.cat(chosen)
+    if isinstance(dataset, TensorImageDataset):
+        return dataset.batch(index)
+    pairs = [dataset[int(i)] for i in index]
+    return torch.stack([image for image, _ in pairs]), torch.tensor([label for _, label in pairs])

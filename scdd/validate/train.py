@@ -1,0 +1,71 @@
+"""Train a student on a small image set (distilled or a real baseline subset) under a protocol.
+
+kd:   the relabel teacher labels the same augmented, mixed batch the student sees; loss = kd_loss.
+hard: cross-entropy on the class labels, mixed as the images are (lam y_i + (1 - lam) y_perm(i)).
+Augmentation per image on every batch: random-resized-crop (protocol.crop_scale) and flip.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scdd import augment
+from scdd.optim import build_optimizer, cosine_schedule, training_step
+from scdd.progress import Progress
+from scdd.runtime import Runtime
+from scdd.validate.kd import kd_loss
+from scdd.validate.mix import mix_batch
+from scdd.validate.protocol import Protocol
+
+
+def train_student(
+    student: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    protocol: Protocol,
+    teacher: nn.Module | None,
+    runtime: Runtime,
+    seed: int,
+    progress: Progress,
+    stage: str = "validate",
+) -> nn.Module:
+    """`images` (N, C, S, S) normalised, `labels` (N,); `teacher` (eval, frozen) is required for kd."""
+    if protocol.mode == "kd" and teacher is None:
+        raise ValueError("kd validation needs a relabel teacher")
+    device, fmt = runtime.device, runtime.memory_format()
+    student.to(device, memory_format=fmt).train()
+    optimizer = build_optimizer(protocol.optimizer, student.parameters(), protocol.lr, protocol.weight_decay)
+    steps_per_epoch = math.ceil(len(images) / protocol.batch_size)
+    scheduler = cosine_schedule(optimizer, protocol.epochs * steps_per_epoch)
+    generator = torch.Generator().manual_seed(seed)
+    size = images.shape[-1]
+    images, labels = images.to(device), labels.to(device)
+    progress.start(stage, protocol.epochs * steps_per_epoch, "batch")
+    for _epoch in range(protocol.epochs):
+        order = torch.randperm(len(images), generator=generator).to(device)
+        for start in range(0, len(images), protocol.batch_size):
+            index = order[start : start + protocol.batch_size]
+            params = augment.sample_params(
+                len(index), size, crop=True, scale=protocol.crop_scale, ratio=(3 / 4, 4 / 3),
+                flip=True, jitter=0, generator=generator,
+            )
+            batch = augment.apply(images[index], params).contiguous(memory_format=fmt)
+            batch, perm, lam = mix_batch(batch, protocol.mix, protocol.mix_alpha, generator)
+            with runtime.autocast():
+                logits = student(batch)
+                if protocol.mode == "kd":
+                    with torch.no_grad():
+                        target_logits = teacher(batch)
+            if protocol.mode == "kd":
+                loss = kd_loss(logits, target_logits, protocol.temperature)
+            else:
+                y = labels[index]
+                loss = lam * F.cross_entropy(logits.float(), y) + (1 - lam) * F.cross_entropy(logits.float(), y[perm])
+            training_step(loss, optimizer, scheduler)
+            progress.advance(1, loss=loss.detach())
+    progress.finish()
+    return student.eval()
