@@ -81,3 +81,45 @@ def test_bad_teacher_checkpoint_is_named(tmp_path, fmnist_root):
     missing = scdd_cli("distill", "--quiet", "--data-dir", str(fmnist_root), "--teacher-checkpoint",
                        str(tmp_path / "none.pt"), "--out", str(tmp_path / "o2"))
     assert missing.returncode == 2 and "none.pt does not exist" in missing.stderr
+
+
+def test_distill_scdd_end_to_end_writes_every_report_key(tmp_path, fmnist_root):
+    out = tmp_path / "scdd"
+    result = scdd_cli(
+        "distill", "--method", "scdd", "--data-dir", str(fmnist_root), "--classes", "0,1,8", "--train-limit", "80",
+        "--ssl-epochs", "1", "--probe-epochs", "5", "--teacher-epochs", "1", "--ipc", "2", "--iterations", "5",
+        "--validate-epochs", "3", "--mix", "mixup", "--temperature", "2", "--device", "cpu", "--amp", "off",
+        "--out", str(out), "--quiet",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "moco_v2 backbone + linear probe" in result.stdout
+    report = json.loads((out / "report.json").read_text())
+    teacher = report["teacher"]
+    assert teacher["source"] == "trained" and teacher["ssl"]["source"] == "pretrained"
+    assert len(teacher["ssl"]["epoch_losses"]) == 1 and 0 <= teacher["probe"]["top1"] <= 100
+    assert [row["layer"] for row in teacher["bn_running_var"]] == ["features.1", "features.5", "features.9"]
+    assert all({"mean", "std", "min", "max", "channels"} <= set(row) for row in teacher["bn_running_var"])
+    val = report["validate"]
+    assert val["protocol"] == {
+        "mode": "kd", "student_arch": "convnet", "epochs": 3, "batch_size": 64, "optimizer": "adamw", "lr": 0.001,
+        "weight_decay": 0.01, "temperature": 2.0, "mix": "mixup", "mix_alpha": 1.0, "crop_scale": [0.5, 1.0],
+    }
+    for key in ("student", "baseline"):
+        assert {"top1", "top5", "total"} <= set(val[key]) and val[key]["total"] == 3000
+    assert val["gain_top1"] == round(val["student"]["top1"] - val["baseline"]["top1"], 2)
+    assert val["relabel_teacher"]["source"] == "trained" and 0 <= val["relabel_teacher"]["top1"] <= 100
+    assert set(report["stage_seconds"]) == {"load", "squeeze", "recover", "write", "validate", "baseline"}
+    assert (out / "teacher" / "teacher.pt").exists() and (out / "teacher" / "relabel.pt").exists()
+
+    # A second job with the same squeeze settings reuses both cached teachers.
+    again = scdd_cli(
+        "distill", "--method", "scdd", "--data-dir", str(fmnist_root), "--classes", "0,1,8", "--train-limit", "80",
+        "--ssl-epochs", "1", "--probe-epochs", "5", "--teacher-epochs", "1", "--ipc", "1", "--iterations", "5",
+        "--validate-mode", "hard", "--validate-epochs", "2", "--device", "cpu", "--amp", "off",
+        "--out", str(tmp_path / "second"), "--quiet",
+    )
+    assert again.returncode == 0, again.stderr
+    second = json.loads((tmp_path / "second" / "report.json").read_text())
+    assert second["teacher"]["source"] == "cached" and second["teacher"]["digest"] == teacher["digest"]
+    assert second["teacher"]["bn_running_var"] == teacher["bn_running_var"]
+    assert second["validate"]["protocol"]["student_arch"] == "convnet_in" and "relabel_teacher" not in second["validate"]
