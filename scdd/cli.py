@@ -29,7 +29,7 @@ DISTILL_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--iterations": ("recover.iterations", int, "optimisation steps per recover batch"),
     "--batch-size": ("recover.batch_size", int, "classes per recover batch"),
     "--lr": ("recover.lr", float, "recover learning rate (Adam, cosine decay)"),
-    "--r-bn": ("recover.r_bn", float, "weight of the BatchNorm-statistic loss"),
+    "--r-bn": ("recover.r_bn", float, "weight of the BatchNorm-statistic loss (default 0.1)"),
     "--first-bn-multiplier": ("recover.first_bn_multiplier", float, "extra weight of the first BatchNorm layer"),
     "--validate-mode": ("validate.mode", str, "kd (soft labels from the relabel teacher) or hard (class labels)"),
     "--student-arch": ("validate.student_arch", str, "student architecture (default convnet for kd, convnet_in for hard)"),
@@ -102,6 +102,9 @@ def summary(report: dict) -> str:
         f"  recover   {rec['images']}/{rec['expected_images']} images, {rec['iterations']} iterations, "
         f"{rec['image_iterations_per_second']:.0f} image-it/s, final CE {rec['final_ce']:.3f}, BN {rec['final_bn']:.3f}",
     ]
+    schedule = report.get("schedule")
+    if schedule:
+        lines.append(f"  schedule  {schedule}")
     if val:
         protocol, student = val["protocol"], val["student"]
         lines.append(

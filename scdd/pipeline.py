@@ -118,6 +118,19 @@ def teacher_report(teacher: Teacher, spec: JobSpec, data: RealData, runtime: Run
     }
 
 
+def squeeze_schedule(spec: JobSpec, recovery: Teacher) -> str | None:
+    """One line on how long the teachers trained, so a short (demo) schedule is never mistaken for a full one."""
+    if recovery.source == "checkpoint":
+        return None
+    t = spec.teacher
+    parts = [f"{t.epochs} supervised epochs"]
+    if spec.method == "scdd" and not t.ssl.checkpoint:
+        parts.insert(0, f"{t.ssl.epochs} {t.ssl.method} epochs, {t.probe.epochs} probe epochs")
+    short = t.epochs < 10 or (spec.method == "scdd" and not t.ssl.checkpoint and t.ssl.epochs < 100)
+    note = " (short schedules sized for a few minutes on a CPU; raise --ssl-epochs / --teacher-epochs for quality)"
+    return ", ".join(parts) + (note if short else "")
+
+
 def validate_both(
     spec: JobSpec, data: RealData, images: torch.Tensor, labels: torch.Tensor, relabel: Teacher | None,
     protocol: Protocol, runtime: Runtime, progress: Progress, clock: StageClock,
@@ -221,6 +234,7 @@ def run_distillation(spec: JobSpec, progress: Progress | None = None, max_units:
         },
         "validate": validation,
         "stage_seconds": clock.seconds,
+        "schedule": squeeze_schedule(spec, recovery),
     }
     store.write_json("report.json", report)
     return report

@@ -1,9 +1,12 @@
 """Linear probe on a frozen backbone (SC-DD squeeze, step 2).
 
 The backbone stays in eval mode throughout, so its BatchNorm running statistics remain exactly
-those of the self-supervised model: they are what recovery matches. Features are computed once;
-the probe is trained on standardised features and the standardisation is folded into its weights
-(W' = W / s, b' = b - W' m), so backbone + probe is a plain registry model.
+those of the self-supervised model: they are what recovery matches. Features are computed once:
+of the clean training images and of `augmented_views` random-resized-crop + flip views of each
+(the supervised teacher's training augmentation), so the probe, like a supervised teacher, is
+robust to the crops recover applies. The probe is trained on standardised features and the
+standardisation is folded into its weights (W' = W / s, b' = b - W' m), so backbone + probe is a
+plain registry model.
 """
 
 from __future__ import annotations
@@ -17,19 +20,34 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from api_schema import ProbeSpec
+from scdd import augment
 from scdd.data import RealData, iterate_batches
 from scdd.evaluate import Accuracy, count_correct
 from scdd.optim import build_optimizer, cosine_schedule, training_step
 from scdd.progress import Progress
 from scdd.runtime import Runtime
+from scdd.squeeze.supervised import TRAIN_CROP_SCALE
 
 
 @torch.no_grad()
-def extract_features(backbone: nn.Module, dataset: Dataset, runtime: Runtime, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, D) float32 features on the CPU and (N,) labels; the backbone is put in eval mode."""
+def extract_features(
+    backbone: nn.Module,
+    dataset: Dataset,
+    runtime: Runtime,
+    generator: torch.Generator | None = None,
+    batch_size: int = 500,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, D) float32 features on the CPU and (N,) labels; the backbone is put in eval mode. With a
+    generator, each image is first given a random crop and flip (the supervised training augmentation)."""
     backbone.eval()
     feats, labels = [], []
     for images, batch_labels in iterate_batches(dataset, batch_size):
+        if generator is not None:
+            params = augment.sample_params(
+                len(images), images.shape[-1], crop=True, scale=TRAIN_CROP_SCALE, ratio=(3 / 4, 4 / 3),
+                flip=True, jitter=0, generator=generator,
+            )
+            images = augment.apply(images, params)
         with runtime.autocast():
             out = backbone(images.to(runtime.device, memory_format=runtime.memory_format()))
         feats.append(out.float().cpu())
@@ -46,7 +64,10 @@ class ProbeResult:
 def train_probe(
     backbone: nn.Module, data: RealData, spec: ProbeSpec, runtime: Runtime, seed: int, progress: Progress
 ) -> ProbeResult:
-    train_x, train_y = extract_features(backbone, data.train, runtime)
+    generator = torch.Generator().manual_seed(seed)
+    views = [extract_features(backbone, data.train, runtime)]
+    views += [extract_features(backbone, data.train, runtime, generator) for _ in range(spec.augmented_views)]
+    train_x, train_y = torch.cat([x for x, _ in views]), torch.cat([y for _, y in views])
     test_x, test_y = extract_features(backbone, data.test, runtime)
     mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
     train_z = (train_x - mean) / std
@@ -54,7 +75,6 @@ def train_probe(
     optimizer = build_optimizer("adamw", linear.parameters(), spec.lr, spec.weight_decay)
     steps_per_epoch = math.ceil(len(train_z) / spec.batch_size)
     scheduler = cosine_schedule(optimizer, spec.epochs * steps_per_epoch)
-    generator = torch.Generator().manual_seed(seed)
     progress.start("probe", spec.epochs, "epoch")
     for _epoch in range(spec.epochs):
         order = torch.randperm(len(train_z), generator=generator)
