@@ -131,13 +131,14 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["convnet", "resnet18_small"])
     parser.add_argument("--train-limit", type=int, default=300, help="teacher training images per class")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--r-bn", type=float, default=0.01, help="BN-loss weight (0.01: SRe2L's published value)")
     args = parser.parse_args()
 
     data = load_dataset(DatasetSpec(train_limit=args.train_limit), seed=args.seed)
     info = data.info
     low, high = info.pixel_bounds()
     targets = torch.arange(BATCH) % info.num_classes
-    spec = RecoverSpec(iterations=args.iterations, batch_size=BATCH)
+    spec = RecoverSpec(iterations=args.iterations, batch_size=BATCH, r_bn=args.r_bn)
     jitter = info.image_size // 8
     plain = Runtime(torch.device("cpu"), None, False, "off")
     fast = resolve_runtime(ResourcesSpec(compile="on"))

@@ -75,7 +75,7 @@ def test_ssl_checkpoint_mismatch_lists_the_keys():
     with pytest.raises(CheckpointError) as info:
         import_backbone(target, head, to_bytes(checkpoint), "ssl.pt")
     message = str(info.value)
-    assert "moco_v2 checkpoint ssl.pt does not fit" in message
+    assert "moco_v2 checkpoint ssl.pt for the backbone does not fit" in message
     assert "missing keys: features.0.bias" in message and "unexpected keys: bn1.bias" in message
 
 

@@ -43,10 +43,8 @@ def extract_state_dict(obj: dict[str, Any], source: str) -> dict[str, torch.Tens
     return state
 
 
-def load_weights(model: nn.Module, data: bytes, source: str) -> dict[str, Any]:
-    """Load a checkpoint into `model` strictly; returns the file's other entries (metadata)."""
-    obj = read_checkpoint(data, source)
-    state = extract_state_dict(obj, source)
+def check_fits(model: nn.Module, state: dict[str, torch.Tensor], what: str, hint: str) -> None:
+    """Raise a CheckpointError listing missing, unexpected and mis-shaped keys, if there are any."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -55,15 +53,23 @@ def load_weights(model: nn.Module, data: bytes, source: str) -> dict[str, Any]:
         for k in set(state) & set(expected)
         if state[k].shape != expected[k].shape
     )
-    if missing or unexpected or mismatched:
-        def show(keys: list[str]) -> str:
-            return ", ".join(keys[:10]) + (f" ... ({len(keys)} in all)" if len(keys) > 10 else "") if keys else "none"
+    if not (missing or unexpected or mismatched):
+        return
 
-        raise CheckpointError(
-            f"checkpoint {source} does not fit the model: missing keys: {show(missing)}; "
-            f"unexpected keys: {show(unexpected)}; shape mismatches: {show(mismatched)}. "
-            f"Check the architecture, class count and input channels"
-        )
+    def show(keys: list[str]) -> str:
+        return (", ".join(keys[:10]) + (f" ... ({len(keys)} in all)" if len(keys) > 10 else "")) if keys else "none"
+
+    raise CheckpointError(
+        f"{what} does not fit: missing keys: {show(missing)}; unexpected keys: {show(unexpected)}; "
+        f"shape mismatches: {show(mismatched)}. {hint}"
+    )
+
+
+def load_weights(model: nn.Module, data: bytes, source: str) -> dict[str, Any]:
+    """Load a checkpoint into `model` strictly; returns the file's other entries (metadata)."""
+    obj = read_checkpoint(data, source)
+    state = extract_state_dict(obj, source)
+    check_fits(model, state, f"checkpoint {source} for the model", "Check the architecture, class count and input channels")
     model.load_state_dict(state)
     return {k: v for k, v in obj.items() if k not in _WRAPPER_KEYS}
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from scdd.errors import CheckpointError
-from scdd.models.checkpoint import read_checkpoint
+from scdd.models.checkpoint import check_fits, read_checkpoint
 
 FORMATS = ("moco_v2", "moco_v3", "dino", "swav", "torchvision")
 
@@ -79,18 +79,7 @@ def import_backbone(backbone: nn.Module, head: str, data: bytes, source: str, fm
     obj = read_checkpoint(data, source)
     fmt = detect_format(obj) if fmt == "auto" else fmt
     state = {k: v for k, v in backbone_state(obj, fmt, source).items() if not k.startswith(head + ".")}
-    expected = backbone.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mismatched = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
-    if missing or unexpected or mismatched:
-        def show(keys: list[str]) -> str:
-            return (", ".join(keys[:10]) + (f" ... ({len(keys)} in all)" if len(keys) > 10 else "")) if keys else "none"
-
-        raise CheckpointError(
-            f"{fmt} checkpoint {source} does not fit the backbone: missing keys: {show(missing)}; "
-            f"unexpected keys: {show(unexpected)}; shape mismatches: {show(mismatched)}. "
-            f"Check teacher.arch, the input channels and teacher.ssl.checkpoint_format"
-        )
+    check_fits(backbone, state, f"{fmt} checkpoint {source} for the backbone",
+               "Check teacher.arch, the input channels and teacher.ssl.checkpoint_format")
     backbone.load_state_dict(state)
     return fmt
