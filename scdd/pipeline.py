@@ -13,14 +13,13 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
-from torch import nn
 
 from api_schema import JobSpec
 from scdd.artifacts import decode_png, grid_png, library_versions
 from scdd.data import RealData, load_dataset
 from scdd.errors import OutputConflictError
 from scdd.evaluate import evaluate
-from scdd.models import checkpoint_bytes, create_model
+from scdd.models import checkpoint_bytes, create_model, load_weights
 from scdd.progress import Progress, SilentProgress
 from scdd.recover import RecoverResult, freeze, recover_dataset
 from scdd.runtime import Runtime, resolve_runtime
@@ -107,6 +106,19 @@ def save_teacher(store: ArtifactStore, path: str, teacher: Teacher, spec: JobSpe
     ))
 
 
+def saved_teacher(store: ArtifactStore, path: str, spec: JobSpec, data: RealData, digest: str) -> Teacher | None:
+    """The teacher a resumed run used before, if it is in the output with the same digest: the units
+    already written came from it, so the rest must too, even if the cache was cleared meanwhile."""
+    if not store.exists(path):
+        return None
+    info = data.info
+    model = create_model(spec.teacher.arch, info.num_classes, info.channels, info.image_size)
+    meta = load_weights(model, store.read_bytes(path), store.url_of(path))
+    if meta.get("digest") != digest:
+        return None
+    return Teacher(model.eval(), "resumed", digest, meta.get("details", {}))
+
+
 def teacher_report(teacher: Teacher, spec: JobSpec, data: RealData, runtime: Runtime) -> dict:
     return {
         "arch": spec.teacher.arch,
@@ -177,7 +189,10 @@ def run_distillation(spec: JobSpec, progress: Progress | None = None, max_units:
     info = data.info
 
     with clock.stage("squeeze"):
-        recovery = recovery_teacher(spec, data, cache, runtime, progress)
+        recovery = None
+        if resuming and not spec.teacher.checkpoint:
+            recovery = saved_teacher(store, "teacher/teacher.pt", spec, data, spec.teacher_digest())
+        recovery = recovery or recovery_teacher(spec, data, cache, runtime, progress)
         freeze(recovery.model, runtime)
         save_teacher(store, "teacher/teacher.pt", recovery, spec, data)
         teacher_info = teacher_report(recovery, spec, data, runtime)

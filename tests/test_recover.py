@@ -1,4 +1,5 @@
 import hashlib
+import shutil
 import json
 
 import pytest
@@ -149,3 +150,16 @@ def test_bf16_channels_last_run_tracks_fp32(cpu):
     plain, quick = run_synthesis(cpu, 20, lr=0.1), run_synthesis(fast, 20, lr=0.1)
     assert quick.images.is_contiguous()
     assert quick.bn == pytest.approx(plain.bn, rel=0.05) and quick.ce == pytest.approx(plain.ce, rel=0.05)
+
+
+def test_resume_uses_the_outputs_teacher_even_if_the_cache_was_cleared(tmp_path, fmnist_root):
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    spec = JobSpec.model_validate(tiny_job(fmnist_root, out, output={"url": str(out), "teacher_cache": str(cache)}))
+    first = run_distillation(spec, max_units=2)
+    assert first["teacher"]["source"] == "trained"
+    shutil.rmtree(cache)  # a retrained teacher could differ from the one the written units came from
+    second = run_distillation(spec)
+    assert second["complete"] and second["teacher"]["source"] == "resumed"
+    assert second["teacher"]["top1"] == first["teacher"]["top1"]
+    assert second["teacher"]["bn_running_var"] == first["teacher"]["bn_running_var"]
+    assert not cache.exists() or not any(cache.iterdir())  # nothing retrained
