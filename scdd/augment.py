@@ -111,6 +111,16 @@ def apply(images: torch.Tensor, params: AugmentParams) -> torch.Tensor:
     return F.grid_sample(images, grid.to(images.dtype), mode="bilinear", padding_mode="border", align_corners=False)
 
 
+def crop_flip(images: torch.Tensor, scale: tuple[float, float], generator: torch.Generator | None) -> torch.Tensor:
+    """Per-image random-resized-crop (area `scale`, aspect 3/4..4/3) and flip, no roll: the training
+    augmentation of the squeeze, probe, self-supervised and student stages."""
+    params = sample_params(
+        len(images), images.shape[-1], crop=True, scale=scale, ratio=(3 / 4, 4 / 3),
+        flip=True, jitter=0, generator=generator,
+    )
+    return apply(images, params)
+
+
 def color_jitter(
     pixels: torch.Tensor, strength: float, probability: float, generator: torch.Generator | None
 ) -> torch.Tensor:

@@ -19,11 +19,18 @@ from scdd.artifacts import decode_png, grid_png, library_versions
 from scdd.data import RealData, load_dataset
 from scdd.errors import OutputConflictError
 from scdd.evaluate import evaluate
-from scdd.models import checkpoint_bytes, create_model, load_weights
+from scdd.models import checkpoint_bytes, create_model
 from scdd.progress import Progress, SilentProgress
 from scdd.recover import RecoverResult, freeze, recover_dataset
 from scdd.runtime import Runtime, resolve_runtime
-from scdd.squeeze import Teacher, TeacherCache, bn_variance_summary, recovery_teacher, relabel_teacher
+from scdd.squeeze import (
+    Teacher,
+    TeacherCache,
+    bn_variance_summary,
+    load_stored_teacher,
+    recovery_teacher,
+    relabel_teacher,
+)
 from scdd.store import ArtifactStore
 from scdd.validate import Protocol, random_real_subset, resolve_protocol, train_student
 
@@ -106,19 +113,6 @@ def save_teacher(store: ArtifactStore, path: str, teacher: Teacher, spec: JobSpe
     ))
 
 
-def saved_teacher(store: ArtifactStore, path: str, spec: JobSpec, data: RealData, digest: str) -> Teacher | None:
-    """The teacher a resumed run used before, if it is in the output with the same digest: the units
-    already written came from it, so the rest must too, even if the cache was cleared meanwhile."""
-    if not store.exists(path):
-        return None
-    info = data.info
-    model = create_model(spec.teacher.arch, info.num_classes, info.channels, info.image_size)
-    meta = load_weights(model, store.read_bytes(path), store.url_of(path))
-    if meta.get("digest") != digest:
-        return None
-    return Teacher(model.eval(), "resumed", digest, meta.get("details", {}))
-
-
 def teacher_report(teacher: Teacher, spec: JobSpec, data: RealData, runtime: Runtime) -> dict:
     return {
         "arch": spec.teacher.arch,
@@ -191,7 +185,9 @@ def run_distillation(spec: JobSpec, progress: Progress | None = None, max_units:
     with clock.stage("squeeze"):
         recovery = None
         if resuming and not spec.teacher.checkpoint:
-            recovery = saved_teacher(store, "teacher/teacher.pt", spec, data, spec.teacher_digest())
+            # The units already written came from the teacher saved in the output, so the rest must
+            # too, even if the cache was cleared meanwhile.
+            recovery = load_stored_teacher(store, "teacher/teacher.pt", spec.teacher_digest(), "resumed", spec, data)
         recovery = recovery or recovery_teacher(spec, data, cache, runtime, progress)
         freeze(recovery.model, runtime)
         save_teacher(store, "teacher/teacher.pt", recovery, spec, data)

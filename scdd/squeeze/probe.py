@@ -43,11 +43,7 @@ def extract_features(
     feats, labels = [], []
     for images, batch_labels in iterate_batches(dataset, batch_size):
         if generator is not None:
-            params = augment.sample_params(
-                len(images), images.shape[-1], crop=True, scale=TRAIN_CROP_SCALE, ratio=(3 / 4, 4 / 3),
-                flip=True, jitter=0, generator=generator,
-            )
-            images = augment.apply(images, params)
+            images = augment.crop_flip(images, TRAIN_CROP_SCALE, generator)
         with runtime.autocast():
             out = backbone(images.to(runtime.device, memory_format=runtime.memory_format()))
         feats.append(out.float().cpu())

@@ -31,17 +31,12 @@ def train_supervised(
     steps_per_epoch = math.ceil(len(data.train) / spec.batch_size)
     scheduler = cosine_schedule(optimizer, spec.epochs * steps_per_epoch)
     generator = torch.Generator().manual_seed(seed)
-    size = data.info.image_size
     progress.start("squeeze", spec.epochs * steps_per_epoch, "batch")
     for _epoch in range(spec.epochs):
         for images, labels in iterate_batches(data.train, spec.batch_size, shuffle=True, generator=generator):
-            params = augment.sample_params(
-                len(labels), size, crop=True, scale=TRAIN_CROP_SCALE, ratio=(3 / 4, 4 / 3),
-                flip=True, jitter=0, generator=generator,
-            )
             images = images.to(runtime.device, memory_format=runtime.memory_format())
             with runtime.autocast():
-                logits = model(augment.apply(images, params))
+                logits = model(augment.crop_flip(images, TRAIN_CROP_SCALE, generator))
             loss = F.cross_entropy(logits.float(), labels.to(runtime.device))
             training_step(loss, optimizer, scheduler)
             progress.advance(1, loss=loss.detach())

@@ -35,25 +35,33 @@ class Teacher:
     details: dict = field(default_factory=dict)
 
 
+def _blank(spec: JobSpec, data: RealData) -> nn.Module:
+    info = data.info
+    return create_model(spec.teacher.arch, info.num_classes, info.channels, info.image_size)
+
+
+def load_stored_teacher(
+    store: ArtifactStore, path: str, digest: str, source: str, spec: JobSpec, data: RealData
+) -> Teacher | None:
+    """The teacher saved at `path` if it is there and was made for `digest`, else None."""
+    if not store.exists(path):
+        return None
+    model = _blank(spec, data)
+    meta = load_weights(model, store.read_bytes(path), store.url_of(path))
+    if meta.get("digest") != digest:
+        return None
+    return Teacher(model.eval(), source, digest, meta.get("details", {}))
+
+
 class TeacherCache:
     def __init__(self, url: str | None):
         self.store = ArtifactStore(url or default_cache_url())
 
-    def load(self, digest: str, model: nn.Module) -> dict | None:
-        """Fill `model` from the cache; returns the stored details, or None on a miss."""
-        path = f"{digest}.pt"
-        if not self.store.exists(path):
-            return None
-        meta = load_weights(model, self.store.read_bytes(path), self.store.url_of(path))
-        return meta.get("details", {})
+    def load(self, digest: str, spec: JobSpec, data: RealData) -> Teacher | None:
+        return load_stored_teacher(self.store, f"{digest}.pt", digest, "cached", spec, data)
 
     def save(self, digest: str, model: nn.Module, details: dict) -> None:
         self.store.write_bytes(f"{digest}.pt", checkpoint_bytes(model, digest=digest, details=details))
-
-
-def _blank(spec: JobSpec, data: RealData) -> nn.Module:
-    info = data.info
-    return create_model(spec.teacher.arch, info.num_classes, info.channels, info.image_size)
 
 
 def _from_checkpoint(spec: JobSpec, data: RealData, url: str) -> Teacher:
@@ -65,10 +73,9 @@ def _from_checkpoint(spec: JobSpec, data: RealData, url: str) -> Teacher:
 def _cached_or_squeezed(
     spec: JobSpec, method: str, digest: str, data: RealData, cache: TeacherCache, runtime: Runtime, progress: Progress
 ) -> Teacher:
-    model = _blank(spec, data)
-    details = cache.load(digest, model)
-    if details is not None:
-        return Teacher(model.eval(), "cached", digest, details)
+    cached = cache.load(digest, spec, data)
+    if cached is not None:
+        return cached
     result = METHODS.get(method)(data, spec.teacher, runtime, spec.seed, progress)
     cache.save(digest, result.model, result.details)
     return Teacher(result.model, "trained", digest, result.details)

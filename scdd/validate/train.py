@@ -42,18 +42,13 @@ def train_student(
     steps_per_epoch = math.ceil(len(images) / protocol.batch_size)
     scheduler = cosine_schedule(optimizer, protocol.epochs * steps_per_epoch)
     generator = torch.Generator().manual_seed(seed)
-    size = images.shape[-1]
     images, labels = images.to(device), labels.to(device)
     progress.start(stage, protocol.epochs * steps_per_epoch, "batch")
     for _epoch in range(protocol.epochs):
         order = torch.randperm(len(images), generator=generator).to(device)
         for start in range(0, len(images), protocol.batch_size):
             index = order[start : start + protocol.batch_size]
-            params = augment.sample_params(
-                len(index), size, crop=True, scale=protocol.crop_scale, ratio=(3 / 4, 4 / 3),
-                flip=True, jitter=0, generator=generator,
-            )
-            batch = augment.apply(images[index], params).contiguous(memory_format=fmt)
+            batch = augment.crop_flip(images[index], protocol.crop_scale, generator).contiguous(memory_format=fmt)
             batch, perm, lam = mix_batch(batch, protocol.mix, protocol.mix_alpha, generator)
             with runtime.autocast():
                 logits = student(batch)

@@ -89,11 +89,7 @@ class MoCo(nn.Module):
 def make_view(images: torch.Tensor, data: RealData, generator: torch.Generator) -> torch.Tensor:
     """One random view of a normalised batch: crop, flip, colour jitter (per image)."""
     info = data.info
-    params = augment.sample_params(
-        len(images), info.image_size, crop=True, scale=VIEW_CROP_SCALE, ratio=(3 / 4, 4 / 3),
-        flip=True, jitter=0, generator=generator,
-    )
-    pixels = info.denormalize(augment.apply(images, params))
+    pixels = info.denormalize(augment.crop_flip(images, VIEW_CROP_SCALE, generator))
     return info.normalize(augment.color_jitter(pixels, JITTER_STRENGTH, JITTER_PROBABILITY, generator))
 
 
