@@ -1,18 +1,38 @@
 """Recover: synthesise images by matching a frozen teacher's BatchNorm statistics."""
 
-from scdd.recover.bn_loss import BNStatLoss, local_batch_stats
-from scdd.recover.rounds import RecoverResult, Unit, plan_units, recover_dataset
-from scdd.recover.synthesize import SynthesisResult, freeze, prepare_teacher, synthesize
+from scdd.recover.bn_loss import BNStatLoss
+from scdd.recover.rounds import (
+    UNITS_DIR,
+    RecoverResult,
+    Unit,
+    class_slices,
+    collect_result,
+    pending_units,
+    plan_units,
+    recover_dataset,
+    run_share,
+)
+from scdd.recover.scope import BatchScope, GlobalScope, LocalScope, local_batch_stats
+from scdd.recover.synthesize import SynthesisResult, freeze, prepare_teacher, recover_loss, synthesize
 
 __all__ = [
+    "UNITS_DIR",
     "BNStatLoss",
+    "BatchScope",
+    "GlobalScope",
+    "LocalScope",
     "RecoverResult",
     "SynthesisResult",
     "Unit",
+    "class_slices",
+    "collect_result",
     "freeze",
     "local_batch_stats",
+    "pending_units",
     "plan_units",
     "prepare_teacher",
     "recover_dataset",
+    "recover_loss",
+    "run_share",
     "synthesize",
 ]

@@ -6,25 +6,20 @@ and compare its batch statistics with the layer's running statistics:
     loss_l = || mean_{N,H,W}(x) - running_mean ||_2 + || var_{N,H,W}(x) - running_var ||_2
 
 with the biased variance. The total is sum_l w_l * loss_l, w_0 = first_bn_multiplier, w_l = 1
-otherwise. Statistics are computed in one pass (`torch.var_mean`) in float32, also under autocast.
+otherwise. Statistics are computed in float32 at least, also under autocast.
 
-How the batch statistics are computed is pluggable (`BatchStats`): per process here; the
-distributed recover passes a function that all-reduces them across workers.
+Whose batch the statistics describe is the `BatchScope` (scope.py): this process's (one pass of
+`torch.var_mean`), or the union of all workers' batches in a distributed recover.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-BatchStats = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # x -> (mean (C,), biased var (C,))
-
-
-def local_batch_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    var, mean = torch.var_mean(x.float(), dim=(0, 2, 3), correction=0)
-    return mean, var
+from scdd.recover.scope import BatchScope, LocalScope
 
 
 def bn_layers(model: nn.Module) -> list[nn.BatchNorm2d]:
@@ -38,21 +33,18 @@ class BNStatLoss:
     removed on exit.
     """
 
-    def __init__(self, model: nn.Module, first_bn_multiplier: float = 10.0, batch_stats: BatchStats = local_batch_stats):
+    def __init__(self, model: nn.Module, first_bn_multiplier: float = 10.0, scope: BatchScope | None = None):
         self.layers = bn_layers(model)
         if not self.layers:
             raise ValueError("the teacher has no BatchNorm2d layer: recovery needs BatchNorm statistics")
         self.weights = [first_bn_multiplier] + [1.0] * (len(self.layers) - 1)
-        self.batch_stats = batch_stats
+        self.scope = scope or LocalScope()
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._layer_losses: list[torch.Tensor | None] = [None] * len(self.layers)
+        self._collected: list[Any] = [None] * len(self.layers)
 
     def _hook(self, index: int):
         def hook(module: nn.BatchNorm2d, inputs: tuple[torch.Tensor, ...], _output: torch.Tensor) -> None:
-            mean, var = self.batch_stats(inputs[0])
-            self._layer_losses[index] = torch.linalg.vector_norm(mean - module.running_mean, 2) + torch.linalg.vector_norm(
-                var - module.running_var, 2
-            )
+            self._collected[index] = self.scope.collect(module, inputs[0])
 
         return hook
 
@@ -64,15 +56,20 @@ class BNStatLoss:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self._layer_losses = [None] * len(self.layers)
+        self._collected = [None] * len(self.layers)
 
     def layer_losses(self) -> list[torch.Tensor]:
-        if any(loss is None for loss in self._layer_losses):
-            raise RuntimeError("BNStatLoss.loss() called before a forward pass through every BatchNorm layer")
-        return list(self._layer_losses)  # type: ignore[arg-type]
+        """Per-layer losses of the last forward pass (float32 scalars); resets for the next one.
+
+        In a global scope this is a collective: every worker calls it once per step, also a worker
+        that ran no forward because it holds no images."""
+        stats = self.scope.combine(self.layers, self._collected)
+        self._collected = [None] * len(self.layers)
+        return [
+            (torch.linalg.vector_norm(mean - layer.running_mean, 2) + torch.linalg.vector_norm(var - layer.running_var, 2)).float()
+            for layer, (mean, var) in zip(self.layers, stats)
+        ]
 
     def loss(self) -> torch.Tensor:
         """Weighted sum over layers of the last forward pass; resets for the next one."""
-        losses = self.layer_losses()
-        self._layer_losses = [None] * len(self.layers)
-        return sum(w * l for w, l in zip(self.weights, losses))  # type: ignore[return-value]
+        return sum(w * l for w, l in zip(self.weights, self.layer_losses()))  # type: ignore[return-value]

@@ -1,15 +1,17 @@
-"""Optional image priors of DeepInversion (arXiv 1912.08795), on normalised images (N, C, H, W)."""
+"""Optional image priors of DeepInversion (arXiv 1912.08795), on normalised images (N, C, H, W).
+
+Both return one value per image (N,), so a distributed batch can sum its shares."""
 
 import torch
 
 
 def total_variation(images: torch.Tensor) -> torch.Tensor:
-    """Mean squared difference of vertically and horizontally adjacent pixels (a scalar)."""
+    """Per image: mean squared difference of vertically plus of horizontally adjacent pixels."""
     dy = images[:, :, 1:, :] - images[:, :, :-1, :]
     dx = images[:, :, :, 1:] - images[:, :, :, :-1]
-    return dy.pow(2).mean() + dx.pow(2).mean()
+    return dy.pow(2).flatten(1).mean(1) + dx.pow(2).flatten(1).mean(1)
 
 
 def l2_norm(images: torch.Tensor) -> torch.Tensor:
-    """Mean over the batch of each image's L2 norm (a scalar)."""
-    return torch.linalg.vector_norm(images.flatten(1), 2, dim=1).mean()
+    """Per image: its L2 norm."""
+    return torch.linalg.vector_norm(images.flatten(1), 2, dim=1)

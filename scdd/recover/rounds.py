@@ -6,11 +6,17 @@ of `batch_size` classes; a (round, batch) pair is a unit. Each unit has its own 
 run produces the same files as an uninterrupted one. A finished unit writes its images first and
 then a record `state/units/r<round>-b<batch>.json` (its manifest entries and losses); a rerun skips
 every recorded unit and never rewrites its files.
+
+With W workers (workers/recover.py) the classes are cut into W balanced contiguous slices; batch b
+of a round holds the b-th run of ceil(batch_size / W) classes of every slice, so each worker's
+share of a unit comes from its own slice (a share may be short or empty at the end of a round).
+With W = 1 this is the single-process plan.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from dataclasses import dataclass
 
@@ -21,7 +27,8 @@ from api_schema import RecoverSpec
 from scdd.artifacts import ImageEntry, encode_png, entry_for
 from scdd.data.base import DatasetInfo
 from scdd.progress import Progress, SilentProgress
-from scdd.recover.bn_loss import BatchStats, BNStatLoss, local_batch_stats
+from scdd.errors import SpecError
+from scdd.recover.bn_loss import BNStatLoss
 from scdd.recover.synthesize import prepare_teacher, synthesize
 from scdd.runtime import Runtime
 from scdd.store import ArtifactStore
@@ -33,20 +40,48 @@ UNITS_DIR = "state/units"
 class Unit:
     round: int
     batch: int
-    labels: tuple[int, ...]  # class positions synthesised by this unit
+    shares: tuple[tuple[int, ...], ...]  # class positions synthesised by each worker (rank order)
+
+    @property
+    def labels(self) -> tuple[int, ...]:
+        return tuple(label for share in self.shares for label in share)
+
+    @property
+    def name(self) -> str:
+        return f"r{self.round:05d}-b{self.batch:05d}"
 
     @property
     def record_path(self) -> str:
-        return f"{UNITS_DIR}/r{self.round:05d}-b{self.batch:05d}.json"
+        return f"{UNITS_DIR}/{self.name}.json"
 
-    def seed(self, base_seed: int) -> int:
-        digest = hashlib.sha256(f"{base_seed}:{self.round}:{self.batch}".encode()).digest()
+    def seed(self, base_seed: int, rank: int = 0) -> int:
+        """Seed of one worker's share (rank 0's is the single-process unit seed)."""
+        key = f"{base_seed}:{self.round}:{self.batch}" + (f":{rank}" if rank else "")
+        digest = hashlib.sha256(key.encode()).digest()
         return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def plan_units(num_classes: int, ipc: int, batch_size: int) -> list[Unit]:
-    batches = [tuple(range(start, min(start + batch_size, num_classes))) for start in range(0, num_classes, batch_size)]
-    return [Unit(r, b, labels) for r in range(ipc) for b, labels in enumerate(batches)]
+def class_slices(num_classes: int, workers: int) -> list[range]:
+    """W balanced contiguous slices of the classes (sizes differ by at most one)."""
+    if workers > num_classes:
+        raise SpecError(
+            f"{workers} workers for {num_classes} classes: each worker needs a class of its own; "
+            f"use at most {num_classes} workers"
+        )
+    base, extra = divmod(num_classes, workers)
+    starts = [w * base + min(w, extra) for w in range(workers + 1)]
+    return [range(starts[w], starts[w + 1]) for w in range(workers)]
+
+
+def plan_units(num_classes: int, ipc: int, batch_size: int, workers: int = 1) -> list[Unit]:
+    slices = class_slices(num_classes, workers)
+    per_worker = math.ceil(batch_size / workers)
+    batches = math.ceil(max(len(s) for s in slices) / per_worker)
+    return [
+        Unit(r, b, tuple(tuple(s[b * per_worker:(b + 1) * per_worker]) for s in slices))
+        for r in range(ipc)
+        for b in range(batches)
+    ]
 
 
 @dataclass
@@ -64,23 +99,27 @@ class RecoverResult:
         return self.image_iterations / self.seconds if self.seconds > 0 else 0.0
 
 
-def run_unit(
+def run_share(
     unit: Unit,
+    rank: int,
     teacher: nn.Module,
     info: DatasetInfo,
     spec: RecoverSpec,
     runtime: Runtime,
-    store: ArtifactStore,
     seed: int,
     bn_loss: BNStatLoss,
     progress: Progress,
+    store: ArtifactStore | None,
 ) -> dict:
-    """Synthesise one unit, write its images, then its record. Returns the record."""
+    """Synthesise worker `rank`'s share of one unit and write its images to `store` (None: compute
+    only, for a worker whose share is already stored but whose peers need it in the collectives).
+    Returns the share's record: manifest entries and the batch's last-step losses."""
     started = time.perf_counter()
-    generator = torch.Generator().manual_seed(unit.seed(seed))
+    labels = unit.shares[rank]
+    generator = torch.Generator().manual_seed(unit.seed(seed, rank))
     result = synthesize(
         teacher,
-        torch.tensor(unit.labels),
+        torch.tensor(labels, dtype=torch.long),
         spec,
         info.pixel_bounds(),
         (info.channels, info.image_size, info.image_size),
@@ -89,24 +128,45 @@ def run_unit(
         bn_loss,
         on_step=lambda step: progress.advance(1),
     )
-    pixels = info.denormalize(result.images)
     entries = []
-    for label, image in zip(unit.labels, pixels):
-        data = encode_png(image)
-        entry = entry_for(info, label, unit.round, data)
-        store.write_bytes(entry.path, data)
-        entries.append(entry.to_dict())
-    record = {
+    if store is not None:
+        for label, image in zip(labels, info.denormalize(result.images)):
+            data = encode_png(image)
+            entry = entry_for(info, label, unit.round, data)
+            store.write_bytes(entry.path, data)
+            entries.append(entry.to_dict())
+    return {
         "round": unit.round,
         "batch": unit.batch,
+        "rank": rank,
         "entries": entries,
         "ce": result.ce,
         "bn": result.bn,
         "total": result.total,
         "seconds": time.perf_counter() - started,
     }
-    store.write_json(unit.record_path, record)
-    return record
+
+
+def pending_units(store: ArtifactStore, units: list[Unit]) -> list[Unit]:
+    done = set(store.list(UNITS_DIR))
+    return [u for u in units if u.record_path not in done]
+
+
+def collect_result(store: ArtifactStore, units: list[Unit], units_run: int, seconds: float, image_iterations: int) -> RecoverResult:
+    """The entries of every recorded unit, and this run's counts."""
+    recorded = set(store.list(UNITS_DIR))
+    records = [store.read_json(u.record_path) for u in units if u.record_path in recorded]
+    entries = [ImageEntry(**e) for rec in records for e in rec["entries"]]
+    entries.sort(key=lambda e: (e.label, e.round))
+    return RecoverResult(
+        entries=entries,
+        units_run=units_run,
+        units_resumed=len(records) - units_run,
+        seconds=seconds,
+        image_iterations=image_iterations,
+        final_ce=sum(r["ce"] for r in records) / max(1, len(records)),
+        final_bn=sum(r["bn"] for r in records) / max(1, len(records)),
+    )
 
 
 def recover_dataset(
@@ -118,14 +178,13 @@ def recover_dataset(
     seed: int,
     progress: Progress | None = None,
     max_units: int | None = None,
-    batch_stats: BatchStats = local_batch_stats,
 ) -> RecoverResult:
-    """Run every unit not yet recorded in `store` (at most `max_units` of them, for tests and
-    time-boxed runs) and return the entries of all recorded units. `teacher` is frozen here."""
+    """Run, in this process, every unit not yet recorded in `store` (at most `max_units` of them,
+    for tests and time-boxed runs) and return the entries of all recorded units. `teacher` is
+    frozen here."""
     progress = progress or SilentProgress()
     units = plan_units(info.num_classes, spec.ipc, spec.batch_size)
-    done = set(store.list(UNITS_DIR))
-    pending = [u for u in units if u.record_path not in done]
+    pending = pending_units(store, units)
     if max_units is not None:
         pending = pending[:max_units]
     progress.start("recover", len(pending) * spec.iterations, "it")
@@ -133,24 +192,12 @@ def recover_dataset(
     image_iterations = 0
     if pending:
         runner = prepare_teacher(teacher, runtime, len(pending[0].labels) * spec.iterations)
-        with BNStatLoss(teacher, spec.first_bn_multiplier, batch_stats) as bn_loss:
+        with BNStatLoss(teacher, spec.first_bn_multiplier) as bn_loss:
             for unit in pending:
-                record = run_unit(unit, runner, info, spec, runtime, store, seed, bn_loss, progress)
+                record = run_share(unit, 0, runner, info, spec, runtime, seed, bn_loss, progress, store)
+                store.write_json(unit.record_path, record)
                 image_iterations += len(unit.labels) * spec.iterations
                 progress.advance(0, ce=record["ce"], bn=record["bn"])
     seconds = time.perf_counter() - started
     progress.finish()
-
-    recorded = set(store.list(UNITS_DIR))
-    records = [store.read_json(u.record_path) for u in units if u.record_path in recorded]
-    entries = [ImageEntry(**e) for rec in records for e in rec["entries"]]
-    entries.sort(key=lambda e: (e.label, e.round))
-    return RecoverResult(
-        entries=entries,
-        units_run=len(pending),
-        units_resumed=len(records) - len(pending),
-        seconds=seconds,
-        image_iterations=image_iterations,
-        final_ce=sum(r["ce"] for r in records) / max(1, len(records)),
-        final_bn=sum(r["bn"] for r in records) / max(1, len(records)),
-    )
+    return collect_result(store, units, len(pending), seconds, image_iterations)

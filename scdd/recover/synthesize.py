@@ -4,6 +4,10 @@ Images start as Gaussian noise in normalised space and are optimised by Adam (be
 under a cosine learning rate without warm-up. Every step draws a fresh per-image augmentation,
 computes CE(teacher(aug(x)), targets) + r_bn * BN-statistic loss (+ priors), steps, and clips
 pixels to the valid normalised range. The last iterate is returned.
+
+In a distributed recover each worker holds a share of the batch (possibly none) and the BN
+statistics are those of the whole batch; `recover_loss` splits the loss so that every worker's
+gradients are those of the whole batch's loss (see scope.py).
 """
 
 from __future__ import annotations
@@ -21,6 +25,47 @@ from scdd import augment
 from scdd.recover.bn_loss import BNStatLoss
 from scdd.recover.priors import l2_norm, total_variation
 from scdd.runtime import Runtime, compiled
+
+
+@dataclass(frozen=True)
+class StepLoss:
+    own: torch.Tensor  # what this process back-propagates
+    ce_sum: torch.Tensor  # summed over this process's images
+    prior_sum: torch.Tensor  # weighted priors, summed over this process's images
+    bn: torch.Tensor  # BN-statistic loss of the scope's batch (the same on every worker of a global scope)
+
+
+def recover_loss(
+    teacher: nn.Module,
+    views: torch.Tensor,
+    targets: torch.Tensor,
+    inputs: torch.Tensor,
+    spec: RecoverSpec,
+    runtime: Runtime,
+    bn_loss: BNStatLoss,
+    batch_images: int,
+) -> StepLoss:
+    """Loss of one recover step for this process's share of a batch of `batch_images` images.
+
+    views (n, C, S, S): augmented `inputs` (n may be 0 on a worker with no images in this batch);
+    targets (n,) class positions. The scope's whole-batch loss is
+    CE_mean + r_bn * BN + tv_weight * TV_mean + l2_weight * L2_mean; this process's `own` part holds
+    its images' CE and prior terms over `batch_images` and the BN term times the scope's
+    `replicated_scale`, so the parts' gradients and their sum are those of the whole batch.
+    """
+    zero = torch.zeros((), device=inputs.device)
+    ce_sum = prior_sum = zero
+    if len(targets):
+        with runtime.autocast():
+            logits = teacher(views)
+        ce_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
+        if spec.tv_weight:
+            prior_sum = prior_sum + spec.tv_weight * total_variation(inputs).sum()
+        if spec.l2_weight:
+            prior_sum = prior_sum + spec.l2_weight * l2_norm(inputs).sum()
+    bn = bn_loss.loss()
+    own = (ce_sum + prior_sum) / batch_images + bn_loss.scope.replicated_scale * spec.r_bn * bn
+    return StepLoss(own, ce_sum, prior_sum, bn)
 
 
 @dataclass(frozen=True)
@@ -52,7 +97,8 @@ def synthesize(
     on_step: Callable[[int], None] | None = None,
 ) -> SynthesisResult:
     """`teacher` must be in eval mode with frozen parameters (see `prepare_teacher`), `bn_loss` an
-    entered BNStatLoss hooked on it; `targets` (N,) are class positions."""
+    entered BNStatLoss hooked on it; `targets` (N,) are class positions (N may be 0 for a worker
+    of a distributed batch). Reported losses are those of the scope's whole batch."""
     device = runtime.device
     channels, size, _ = image_shape
     n = len(targets)
@@ -63,33 +109,32 @@ def synthesize(
     optimizer = torch.optim.Adam([inputs], lr=spec.lr, betas=(0.5, 0.9), eps=1e-8)
     aug = spec.augment
     jitter = jitter_pixels(spec, size)
-    ce = bn = total = torch.zeros(())
+    batch_images = bn_loss.scope.images(n)
+    loss = None
     for step in range(spec.iterations):
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(spec.lr, step, spec.iterations)
-        params = augment.sample_params(
-            n, size, crop=aug.crop, scale=aug.crop_scale, ratio=aug.crop_ratio,
-            flip=aug.flip, jitter=jitter, generator=generator,
-        )
-        with runtime.autocast():
-            logits = teacher(augment.apply(inputs, params))
-        ce = F.cross_entropy(logits.float(), targets)
-        bn = bn_loss.loss()
-        total = ce + spec.r_bn * bn
-        if spec.tv_weight:
-            total = total + spec.tv_weight * total_variation(inputs)
-        if spec.l2_weight:
-            total = total + spec.l2_weight * l2_norm(inputs)
+        views = inputs
+        if n:
+            params = augment.sample_params(
+                n, size, crop=aug.crop, scale=aug.crop_scale, ratio=aug.crop_ratio,
+                flip=aug.flip, jitter=jitter, generator=generator,
+            )
+            views = augment.apply(inputs, params)
+        loss = recover_loss(teacher, views, targets, inputs, spec, runtime, bn_loss, batch_images)
         optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        loss.own.backward()
         optimizer.step()
         with torch.no_grad():
             torch.maximum(torch.minimum(inputs, high), low, out=inputs)
         if on_step is not None:
             on_step(step)
-    return SynthesisResult(
-        inputs.detach().float().cpu().contiguous(), float(ce.detach()), float(bn.detach()), float(total.detach())
-    )
+    ce = bn = total = 0.0
+    if loss is not None:
+        sums = bn_loss.scope.total(torch.stack([loss.ce_sum.detach(), loss.prior_sum.detach()])) / batch_images
+        ce, bn = float(sums[0]), float(loss.bn.detach())
+        total = ce + spec.r_bn * bn + float(sums[1])
+    return SynthesisResult(inputs.detach().float().cpu().contiguous(), ce, bn, total)
 
 
 def freeze(teacher: nn.Module, runtime: Runtime) -> nn.Module:
