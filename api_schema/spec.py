@@ -176,6 +176,12 @@ class RecoverSpec(_Spec):
     tv_weight: float = Field(0.0, ge=0, le=1e6, description="Weight of a total-variation image prior.")
     l2_weight: float = Field(0.0, ge=0, le=1e6, description="Weight of an L2 image prior.")
     augment: AugmentSpec = Field(default_factory=AugmentSpec, description="Per-step augmentation.")
+    bn_sync: Literal["global", "local"] = Field(
+        "global",
+        description="With several workers: global gives every BatchNorm layer the statistics of the union of all "
+        "workers' batches each step (like SyncBatchNorm; the single-process objective); local keeps each "
+        "worker's own statistics. No effect with one worker.",
+    )
 
 
 class ValidateSpec(_Spec):
@@ -232,7 +238,53 @@ class ResourcesSpec(_Spec):
         description="torch.compile the teacher for recover. auto: on when the recover run is long enough to "
         "repay the compile time (at least 2000 image-iterations per unit); falls back to eager if compiling fails.",
     )
-    threads: Optional[int] = Field(None, ge=1, le=1024, description="CPU threads for torch. None: torch's default.")
+    threads: Optional[int] = Field(
+        None, ge=1, le=1024,
+        description="CPU threads for torch (per worker when workers > 1, where None means 1). None: torch's default.",
+    )
+    workers: int = Field(
+        1, ge=1, le=4096,
+        description="Recover workers: Ray actors, one per GPU (or `threads` CPUs each, gloo, without GPUs), each "
+        "recovering a slice of the classes. 1: in this process, no Ray. Joins the Ray cluster at RAY_ADDRESS, "
+        "else starts a local one.",
+    )
+
+
+class S3Spec(_Spec):
+    """Connection settings of s3:// artifact stores (AWS S3 or an S3-compatible server such as MinIO,
+    Ceph RGW or moto); ignored for other URLs. Fields left at None fall back to the environment.
+
+    Credentials are never part of the spec (it is stored in the manifest and in Redis): botocore
+    reads them from the environment of each process that touches the store — AWS_ACCESS_KEY_ID,
+    AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_PROFILE, the shared ~/.aws files, or an instance or
+    pod role. The endpoint may also come from AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL, the region
+    from AWS_DEFAULT_REGION.
+    """
+
+    endpoint_url: Optional[str] = Field(
+        None,
+        max_length=2048,
+        pattern=r"^https?://[^\s/]+(/\S*)?$",
+        description="S3 API endpoint, e.g. http://minio:9000 for MinIO/Ceph/moto. None: "
+        "AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL if set, else AWS S3.",
+    )
+    region: Optional[str] = Field(
+        None,
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description="Region name used to sign requests, e.g. us-east-1. "
+        "None: AWS_DEFAULT_REGION or the profile's region.",
+    )
+    profile: Optional[str] = Field(
+        None,
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9_.@+=,:/-]+$",
+        description="Named profile of the shared AWS config/credentials files to take credentials from. "
+        "None: AWS_PROFILE, else the default credential chain. Secret keys are never accepted in the spec; "
+        "set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (/ AWS_SESSION_TOKEN) in the environment instead.",
+    )
 
 
 class OutputSpec(_Spec):
@@ -250,6 +302,10 @@ class OutputSpec(_Spec):
         max_length=4096,
         description="Folder or URL where trained teachers are cached by the hash of what determines them. "
         "None: $SCDD_CACHE_DIR/teachers, or ~/.cache/scdd/teachers.",
+    )
+    s3: S3Spec = Field(
+        default_factory=S3Spec,
+        description="Endpoint, region and profile for s3:// URLs; credentials come only from the environment.",
     )
 
 
@@ -303,8 +359,14 @@ class JobSpec(_Spec):
                            "teacher": self.to_dict()["teacher"], "seed": self.seed})
 
     def recover_digest(self) -> str:
-        """Hash of what determines the synthetic images; a resumed run must match it."""
-        return self.digest("dataset", "method", "teacher", "recover", "seed")
+        """Hash of what determines the synthetic images; a resumed run must match it. The worker
+        count cuts the classes into slices, so it counts when above 1 (and bn_sync only then)."""
+        data = {key: self.to_dict()[key] for key in ("dataset", "method", "teacher", "recover", "seed")}
+        if self.resources.workers > 1:
+            data["workers"] = self.resources.workers
+        else:
+            data["recover"].pop("bn_sync")
+        return self._hash(data)
 
     def job_id(self) -> str:
         return f"{self.dataset.name}-{self.method}-ipc{self.recover.ipc}-{self.recover_digest()}"

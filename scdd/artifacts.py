@@ -26,6 +26,7 @@ class ImageEntry:
     round: int  # ipc index
     sha256: str
     bytes: int
+    worker: int = 0  # rank of the recover worker that synthesised it
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -55,7 +56,7 @@ def decode_png(data: bytes, channels: int) -> torch.Tensor:
     return tensor[None] if channels == 1 else tensor.permute(2, 0, 1)
 
 
-def entry_for(info: DatasetInfo, label: int, round_index: int, data: bytes) -> ImageEntry:
+def entry_for(info: DatasetInfo, label: int, round_index: int, data: bytes, worker: int = 0) -> ImageEntry:
     return ImageEntry(
         path=image_path(info, label, round_index),
         class_name=info.class_names[label],
@@ -65,6 +66,7 @@ def entry_for(info: DatasetInfo, label: int, round_index: int, data: bytes) -> I
         round=round_index,
         sha256=hashlib.sha256(data).hexdigest(),
         bytes=len(data),
+        worker=worker,
     )
 
 

@@ -41,6 +41,10 @@ DISTILL_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--device": ("resources.device", str, "auto, cpu, cuda or cuda:N"),
     "--amp": ("resources.amp", str, "bf16 autocast: auto, bf16 or off"),
     "--channels-last": ("resources.channels_last", str, "channels-last memory format: auto, on or off"),
+    "--threads": ("resources.threads", int, "CPU threads for torch (per worker with --workers; default 1 there)"),
+    "--workers": ("resources.workers", int, "recover on Ray with this many workers, one GPU (or --threads CPUs) each; "
+                  "joins RAY_ADDRESS or starts a local Ray"),
+    "--bn-sync": ("recover.bn_sync", str, "with --workers: global (BN statistics of all workers' batches, default) or local"),
     "--out": ("output.url", str, "output folder or fsspec URL (default runs/<job id>); the same output resumes"),
 }
 
@@ -84,7 +88,13 @@ def _distill(args: argparse.Namespace) -> int:
     if args.print_spec:
         print(yaml.safe_dump(spec.to_dict(), sort_keys=False), end="")
         return 0
-    report = run_distillation(spec, SilentProgress() if args.quiet else ConsoleProgress())
+    recover = None
+    if spec.resources.workers > 1:
+        from workers.recover import RayRecover
+
+        logging.basicConfig(level=logging.INFO, format="scdd: %(message)s")
+        recover = RayRecover(spec.resources)
+    report = run_distillation(spec, SilentProgress() if args.quiet else ConsoleProgress(), recover=recover)
     print(summary(report))
     return 0
 
@@ -100,7 +110,8 @@ def summary(report: dict) -> str:
         + (f"; {teacher['ssl'].get('method', teacher['ssl']['source'])} backbone + linear probe"
            if "ssl" in teacher else ""),
         f"  recover   {rec['images']}/{rec['expected_images']} images, {rec['iterations']} iterations, "
-        f"{rec['image_iterations_per_second']:.0f} image-it/s, final CE {rec['final_ce']:.3f}, BN {rec['final_bn']:.3f}",
+        f"{rec['image_iterations_per_second']:.0f} image-it/s, final CE {rec['final_ce']:.3f}, BN {rec['final_bn']:.3f}"
+        + (f"; {rec['workers']} workers, bn_sync {rec['bn_sync']}" if rec["workers"] > 1 else ""),
     ]
     schedule = report.get("schedule")
     if schedule:

@@ -33,3 +33,11 @@ class SpecError(ScddError):
 
 class OutputConflictError(ScddError):
     """The output location holds a different run."""
+
+
+class ResourceError(ScddError):
+    """The cluster cannot provide what the job asks for (workers, CPUs, GPUs)."""
+
+
+class WorkerFailedError(ScddError):
+    """A distributed step kept failing after its retries."""

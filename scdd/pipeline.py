@@ -17,11 +17,11 @@ import torch
 from api_schema import JobSpec
 from scdd.artifacts import decode_png, grid_png, library_versions
 from scdd.data import RealData, load_dataset
-from scdd.errors import OutputConflictError
+from scdd.errors import OutputConflictError, SpecError
 from scdd.evaluate import evaluate
 from scdd.models import checkpoint_bytes, create_model
 from scdd.progress import Progress, SilentProgress
-from scdd.recover import RecoverResult, freeze, recover_dataset
+from scdd.recover import RecoverResult, RecoverStage, freeze, recover_dataset
 from scdd.runtime import Runtime, resolve_runtime
 from scdd.squeeze import (
     Teacher,
@@ -31,7 +31,7 @@ from scdd.squeeze import (
     recovery_teacher,
     relabel_teacher,
 )
-from scdd.store import ArtifactStore
+from scdd.store import ArtifactStore, open_store
 from scdd.validate import Protocol, random_real_subset, resolve_protocol, train_student
 
 SPEC_RECORD = "state/spec.json"
@@ -165,16 +165,27 @@ def validate_both(
     return result
 
 
-def run_distillation(spec: JobSpec, progress: Progress | None = None, max_units: int | None = None) -> dict:
+def run_distillation(
+    spec: JobSpec, progress: Progress | None = None, max_units: int | None = None, recover: RecoverStage | None = None
+) -> dict:
     """Run the whole job; returns the report (also written to report.json).
 
     `max_units` stops recovery early (the run stays resumable); used to test interruption.
+    `recover` runs the recover stage: in this process by default; `workers.recover.RayRecover` for
+    `resources.workers` > 1 (the CLI picks it; this layer does not import Ray).
     """
+    if recover is None:
+        if spec.resources.workers > 1:
+            raise SpecError(
+                f"resources.workers = {spec.resources.workers} runs recover on Ray: pass "
+                f"recover=workers.recover.RayRecover(spec.resources), or use `scdd distill --workers N`"
+            )
+        recover = recover_dataset
     progress = progress or SilentProgress()
     clock = StageClock()
     runtime = resolve_runtime(spec.resources)
     torch.manual_seed(spec.seed)
-    store = ArtifactStore(spec.output.url or default_output_url(spec))
+    store = open_store(spec.output, spec.output.url or default_output_url(spec))
     cache = TeacherCache(spec.output.teacher_cache)
 
     with clock.stage("load"):
@@ -194,7 +205,7 @@ def run_distillation(spec: JobSpec, progress: Progress | None = None, max_units:
         teacher_info = teacher_report(recovery, spec, data, runtime)
 
     with clock.stage("recover"):
-        result = recover_dataset(recovery.model, info, spec.recover, runtime, store, spec.seed, progress, max_units=max_units)
+        result = recover(recovery.model, info, spec.recover, runtime, store, spec.seed, progress, max_units=max_units)
     complete = len(result.entries) == info.num_classes * spec.recover.ipc
 
     with clock.stage("write"):
@@ -242,6 +253,9 @@ def run_distillation(spec: JobSpec, progress: Progress | None = None, max_units:
             "image_iterations_per_second": round(result.image_iterations_per_second, 2),
             "final_ce": result.final_ce,
             "final_bn": result.final_bn,
+            "workers": spec.resources.workers,
+            "bn_sync": spec.recover.bn_sync if spec.resources.workers > 1 else "local",
+            "restarts": result.restarts,
         },
         "validate": validation,
         "stage_seconds": clock.seconds,

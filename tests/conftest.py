@@ -84,3 +84,13 @@ def tiny_job(fmnist_root: Path, out: Path, teacher: Path | None = None, **sectio
     for key, value in sections.items():
         spec[key] = {**spec.get(key, {}), **value} if isinstance(value, dict) else value
     return spec
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray cluster with 2 CPUs (the CI machine's size), shared by the Ray tests."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -78,3 +78,16 @@ def checkpoint_bytes(model: nn.Module, **metadata: Any) -> bytes:
     buffer = io.BytesIO()
     torch.save({"state_dict": model.state_dict(), **metadata}, buffer)
     return buffer.getvalue()
+
+
+def model_from_checkpoint(data: bytes, source: str) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a model from one of our checkpoints, whose metadata names the architecture and shape."""
+    from scdd.models.registry import create_model
+
+    meta = {k: v for k, v in read_checkpoint(data, source).items() if k not in _WRAPPER_KEYS}
+    needed = ("arch", "num_classes", "in_channels", "image_size")
+    if any(key not in meta for key in needed):
+        raise CheckpointError(f"checkpoint {source} lacks the metadata {needed} that names its model; save it with scdd")
+    model = create_model(meta["arch"], meta["num_classes"], meta["in_channels"], meta["image_size"])
+    load_weights(model, data, source)
+    return model, meta

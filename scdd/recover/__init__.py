@@ -4,6 +4,7 @@ from scdd.recover.bn_loss import BNStatLoss
 from scdd.recover.rounds import (
     UNITS_DIR,
     RecoverResult,
+    RecoverStage,
     Unit,
     class_slices,
     collect_result,
@@ -22,6 +23,7 @@ __all__ = [
     "GlobalScope",
     "LocalScope",
     "RecoverResult",
+    "RecoverStage",
     "SynthesisResult",
     "Unit",
     "class_slices",

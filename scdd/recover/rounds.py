@@ -18,7 +18,8 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -93,10 +94,18 @@ class RecoverResult:
     image_iterations: int  # images x iterations synthesised in this run
     final_ce: float  # mean over all units of the last step's losses
     final_bn: float
+    restarts: list[dict] = field(default_factory=list)  # distributed runs: worker groups re-formed, and why
 
     @property
     def image_iterations_per_second(self) -> float:
         return self.image_iterations / self.seconds if self.seconds > 0 else 0.0
+
+
+class RecoverStage(Protocol):
+    """Runs the recover stage of a job: `recover_dataset` here, or a distributed runner."""
+
+    def __call__(self, teacher: nn.Module, info: DatasetInfo, spec: RecoverSpec, runtime: Runtime, store: ArtifactStore,
+                 seed: int, progress: Progress | None = None, max_units: int | None = None) -> RecoverResult: ...
 
 
 def run_share(
@@ -132,7 +141,7 @@ def run_share(
     if store is not None:
         for label, image in zip(labels, info.denormalize(result.images)):
             data = encode_png(image)
-            entry = entry_for(info, label, unit.round, data)
+            entry = entry_for(info, label, unit.round, data, rank)
             store.write_bytes(entry.path, data)
             entries.append(entry.to_dict())
     return {

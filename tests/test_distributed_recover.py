@@ -1,0 +1,188 @@
+"""Distributed recover on a real local Ray cluster (2 CPUs, gloo): slices, manifest, layout, faults."""
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torchvision.datasets import ImageFolder
+
+from api_schema import JobSpec
+from scdd.cli import main
+from scdd.errors import ResourceError, SpecError, WorkerFailedError
+from scdd.pipeline import run_distillation
+from scdd.recover import class_slices, plan_units
+from tests.conftest import tiny_job
+from workers.recover import FaultInjection, RayRecover
+
+TWO_WORKERS = {"workers": 2, "threads": 1}
+
+
+def distributed_job(fmnist_root, out, teacher, classes=(0, 1, 2, 3), **recover):
+    spec = tiny_job(fmnist_root, out, teacher, resources=TWO_WORKERS,
+                    recover={"ipc": 2, "iterations": 5, "batch_size": 4, **recover})
+    spec["dataset"]["classes"] = list(classes)
+    return JobSpec.model_validate(spec)
+
+
+@pytest.fixture(scope="module")
+def four_class_teacher(tmp_path_factory, fmnist_root):
+    """A ConvNet teacher trained briefly on 4 Fashion-MNIST classes."""
+    from api_schema import DatasetSpec, TeacherSpec
+    from scdd.data import load_dataset
+    from scdd.models import checkpoint_bytes, create_model
+    from scdd.progress import SilentProgress
+    from scdd.runtime import Runtime
+    from scdd.squeeze import train_supervised
+
+    data = load_dataset(DatasetSpec(root=str(fmnist_root), classes=[0, 1, 2, 3], train_limit=100), seed=0)
+    torch.manual_seed(0)
+    model = create_model("convnet", 4, 1, 28)
+    train_supervised(model, data, TeacherSpec(epochs=1, batch_size=64), Runtime(torch.device("cpu"), None, False), 0,
+                     SilentProgress())
+    path = tmp_path_factory.mktemp("teacher4") / "teacher.pt"
+    path.write_bytes(checkpoint_bytes(model))
+    return path
+
+
+def cpus_free_soon(ray, seconds: float = 10.0) -> float:
+    """Free CPUs once Ray has caught up with released placement groups (it frees them asynchronously)."""
+    deadline = time.monotonic() + seconds
+    while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return ray.available_resources().get("CPU", 0)
+
+
+def read_manifest(out: Path) -> dict:
+    return json.loads((out / "manifest.json").read_text())
+
+
+def image_bytes(out: Path) -> dict[str, bytes]:
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted((out / "images").rglob("*.png"))}
+
+
+@pytest.fixture(scope="module")
+def global_run(ray_local, tmp_path_factory, fmnist_root, four_class_teacher):
+    out = tmp_path_factory.mktemp("global") / "run"
+    spec = distributed_job(fmnist_root, out, four_class_teacher)
+    return out, run_distillation(spec, recover=RayRecover(spec.resources))
+
+
+def test_plan_gives_each_worker_its_own_balanced_slice():
+    assert class_slices(10, 3) == [range(0, 4), range(4, 7), range(7, 10)]
+    units = plan_units(num_classes=5, ipc=2, batch_size=2, workers=2)
+    assert [u.shares for u in units[:3]] == [((0,), (3,)), ((1,), (4,)), ((2,), ())]
+    assert sorted((label, u.round) for u in units for label in u.labels) == [(c, r) for c in range(5) for r in range(2)]
+    assert plan_units(5, 2, 2, workers=1) == plan_units(5, 2, 2)
+    with pytest.raises(SpecError, match="at most 5 workers"):
+        plan_units(5, 1, 2, workers=6)
+
+
+def test_two_workers_recover_every_class_from_the_worker_that_owns_it(global_run):
+    out, report = global_run
+    manifest = read_manifest(out)
+    assert manifest["complete"] and report["complete"]
+    assert len(manifest["images"]) == 2 * 4 == report["recover"]["images"]
+    assert (report["recover"]["workers"], report["recover"]["bn_sync"]) == (2, "global")
+    owner = {0: 0, 1: 0, 2: 1, 3: 1}  # slices (0, 1) and (2, 3)
+    assert {(e["label"], e["worker"]) for e in manifest["images"]} == set(owner.items())
+    assert sorted((e["label"], e["round"]) for e in manifest["images"]) == [(c, r) for c in range(4) for r in range(2)]
+    for entry in manifest["images"]:
+        data = (out / entry["path"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == entry["sha256"] and len(data) == entry["bytes"]
+    assert len(ImageFolder(str(out / "images"))) == 8
+    record = json.loads((out / "state/units/r00000-b00000.json").read_text())
+    assert (record["workers"], record["bn_sync"], len(record["entries"])) == (2, "global", 4)
+
+
+def test_distributed_output_has_the_single_process_layout(global_run, tmp_path, fmnist_root, four_class_teacher):
+    out, _ = global_run
+    single = tmp_path / "single"
+    spec = distributed_job(fmnist_root, single, four_class_teacher).to_dict()
+    spec["resources"]["workers"] = 1
+    run_distillation(JobSpec.model_validate(spec))
+
+    def layout(root: Path) -> set[str]:
+        return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.parts[len(root.parts)] != "state"}
+
+    assert layout(out) == layout(single)
+    assert {k for k in read_manifest(out)} == {k for k in read_manifest(single)}
+
+
+def test_local_bn_sync_gives_other_images_than_global(global_run, tmp_path, fmnist_root, four_class_teacher):
+    out, report = global_run
+    local_out = tmp_path / "local"
+    spec = distributed_job(fmnist_root, local_out, four_class_teacher, bn_sync="local")
+    local_report = run_distillation(spec, recover=RayRecover(spec.resources))
+    assert local_report["recover"]["bn_sync"] == "local"
+    global_images, local_images = image_bytes(out), image_bytes(local_out)
+    assert global_images.keys() == local_images.keys()
+    # Same seeds, same teacher: only the BN statistics differ, and with them every image.
+    assert all(global_images[path] != local_images[path] for path in global_images)
+    assert local_report["recover"]["final_bn"] != pytest.approx(report["recover"]["final_bn"], rel=1e-3)
+
+
+def test_killed_worker_is_replaced_and_the_run_resumes_without_rewriting(ray_local, tmp_path, fmnist_root, fmnist_teacher_ckpt):
+    # 3 classes on 2 workers: slices (0, 1) and (2,); batches of 1 class per worker, so rank 1 has
+    # an empty share in every second unit. It dies before its third unit.
+    def job(out):
+        return distributed_job(fmnist_root, out, fmnist_teacher_ckpt, classes=(0, 1, 2), ipc=3, batch_size=2)
+
+    out = tmp_path / "faulty"
+    spec = job(out)
+    recover = RayRecover(spec.resources, fault=FaultInjection(rank=1, after_units=2))
+    report = run_distillation(spec, recover=recover)
+    assert report["complete"] and report["recover"]["images"] == 9
+    (restart,) = report["recover"]["restarts"]
+    assert restart["unit"] == "r00001-b00000" and "worker 1 died" in restart["cause"]
+    manifest = read_manifest(out)
+    paths = [e["path"] for e in manifest["images"]]
+    assert len(paths) == len(set(paths)) == 9
+    # Nothing of the two units finished before the crash was written again after it.
+    before = {e["path"] for u in ("r00000-b00000", "r00000-b00001")
+              for e in json.loads((out / f"state/units/{u}.json").read_text())["entries"]}
+    assert len(before) == 3
+    for path in (out / "images").rglob("*.png"):
+        rel = path.relative_to(out).as_posix()
+        assert (path.stat().st_mtime < restart["time"]) == (rel in before)
+    for part in (out / "state/parts").glob("r00000-*.json"):
+        assert part.stat().st_mtime < restart["time"]
+
+    # The resumed run made the same images as an uninterrupted one.
+    straight = tmp_path / "straight"
+    run_distillation(job(straight), recover=RayRecover(spec.resources))
+    assert image_bytes(out) == image_bytes(straight)
+
+
+def test_a_unit_that_keeps_failing_ends_the_run_with_its_name(ray_local, tmp_path, fmnist_root, fmnist_teacher_ckpt):
+    spec = distributed_job(fmnist_root, tmp_path / "doomed", fmnist_teacher_ckpt, classes=(0, 1, 2), ipc=1, batch_size=2)
+    recover = RayRecover(spec.resources, max_retries=1, fault=FaultInjection(rank=0, after_units=0, groups=10))
+    with pytest.raises(WorkerFailedError, match=r"unit r00000-b00000 \(round 0, batch 0\) failed 2 times"):
+        run_distillation(spec, recover=recover)
+    assert cpus_free_soon(ray_local) == 2  # every group's actors and bundles were released
+
+
+def test_more_workers_than_the_cluster_holds_is_a_clear_error(ray_local, tmp_path, fmnist_root, fmnist_teacher_ckpt):
+    spec = tiny_job(fmnist_root, tmp_path / "big", fmnist_teacher_ckpt, resources={"workers": 3, "threads": 1})
+    spec = JobSpec.model_validate(spec)
+    with pytest.raises(ResourceError, match="cannot place 3 workers"):
+        run_distillation(spec, recover=RayRecover(spec.resources, placement_timeout_s=2))
+
+
+def test_pipeline_refuses_workers_without_a_distributed_stage(tmp_path, fmnist_root, fmnist_teacher_ckpt):
+    spec = JobSpec.model_validate(tiny_job(fmnist_root, tmp_path / "x", fmnist_teacher_ckpt, resources=TWO_WORKERS))
+    with pytest.raises(SpecError, match="runs recover on Ray"):
+        run_distillation(spec)
+
+
+def test_cli_workers_flag_runs_the_ray_path(ray_local, tmp_path, fmnist_root, fmnist_teacher_ckpt, capsys):
+    out = tmp_path / "cli"
+    code = main(["distill", "--data-dir", str(fmnist_root), "--classes", "0,1,2", "--train-limit", "50",
+                 "--method", "sre2l", "--teacher-checkpoint", str(fmnist_teacher_ckpt), "--ipc", "1",
+                 "--iterations", "3", "--device", "cpu", "--amp", "off", "--no-validate", "--quiet",
+                 "--workers", "2", "--threads", "1", "--out", str(out)])
+    assert code == 0
+    assert "2 workers, bn_sync global" in capsys.readouterr().out
+    assert {e["worker"] for e in read_manifest(out)["images"]} == {0, 1}

@@ -1,0 +1,244 @@
+"""Distributed recover on Ray: W workers, a slice of the classes each, BatchNorm statistics of the
+union of their batches (scdd/recover/scope.py), resumable unit by unit.
+
+Each worker is a Ray actor with one GPU (NCCL) or `resources.threads` CPUs (gloo); the W actors form
+one torch process group. The driver hands out units one at a time: every worker synthesises its
+share of the unit in lockstep with the others (one all-reduce forward and one backward per step in
+`bn_sync: global`), writes its images and a part record straight to the artifact store, and
+returns the part record (small: manifest entries and losses). The driver merges the parts into the
+unit record `state/units/<unit>.json` (the record the single-process path writes) and the manifest.
+
+Why our own actors with a torch process group rather than Ray Train's worker group: recover is not
+a training loop that checkpoints a model, it is a sequence of lockstep units whose progress lives in
+the artifact store. Handing out units one at a time lets the driver see each one finish (progress,
+cancellation between units, a retry count per unit); when a worker dies the driver kills the group,
+forms a new one and hands out the first unrecorded unit again, where Ray Train would re-run the
+whole training function from its last checkpoint.
+
+A worker whose part of a unit is already stored (its peer died after it finished) still joins the
+unit's collectives but writes nothing, so no file is written twice.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from collections import Counter
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import ray
+import torch
+import torch.distributed as dist
+from ray.exceptions import RayActorError, RayTaskError
+from torch import nn
+
+from api_schema import RecoverSpec, ResourcesSpec
+from scdd.data.base import DatasetInfo
+from scdd.errors import ScddError, WorkerFailedError
+from scdd.models import model_from_checkpoint
+from scdd.progress import Progress, SilentProgress
+from scdd.recover import (
+    BNStatLoss,
+    GlobalScope,
+    LocalScope,
+    RecoverResult,
+    Unit,
+    collect_result,
+    pending_units,
+    plan_units,
+    prepare_teacher,
+    run_share,
+)
+from scdd.runtime import Runtime, resolve_runtime
+from scdd.store import ArtifactStore
+from workers.cluster import Placement, WorkerGroup, connect, rendezvous_address, wants_gpus
+
+PARTS_DIR = "state/parts"
+TEACHER_PATH = "teacher/teacher.pt"
+
+
+def part_path(unit: Unit, rank: int) -> str:
+    return f"{PARTS_DIR}/{unit.name}-w{rank:03d}.json"
+
+
+@dataclass(frozen=True)
+class FaultInjection:
+    """Test hook: worker `rank` kills its own process (SIGKILL, as the OOM killer would) when it is
+    about to start its unit number `after_units` + 1, in each of the first `groups` groups formed."""
+
+    rank: int
+    after_units: int
+    groups: int = 1
+
+
+@dataclass(frozen=True)
+class WorkerJob:
+    """What every worker of a run needs; small, pickled into each actor (the teacher it reads from
+    the store, which is the channel for large data)."""
+
+    store: ArtifactStore
+    teacher_path: str
+    info: DatasetInfo
+    recover: RecoverSpec
+    resources: ResourcesSpec
+    seed: int
+    use_gpu: bool
+
+    def threads(self) -> int:
+        return self.resources.threads or 1
+
+
+class RecoverWorker:
+    """One rank of a distributed recover (instantiated as a Ray actor by `WorkerGroup`)."""
+
+    def __init__(self, rank: int, world_size: int, job: WorkerJob, fault: FaultInjection | None):
+        self.rank, self.world_size, self.job = rank, world_size, job
+        self.fault = fault if fault is not None and fault.rank == rank else None
+        self.units_started = 0
+        torch.set_num_threads(job.threads())
+
+    def address(self) -> str:
+        return rendezvous_address()
+
+    def setup(self, address: str, timeout_s: float) -> dict[str, Any]:
+        """Join the process group, load the teacher from the store and hook its BN layers."""
+        job = self.job
+        if job.use_gpu:
+            torch.cuda.set_device(0)  # Ray exposes exactly the GPU it assigned to this actor
+        backend = "nccl" if job.use_gpu else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://{address}", rank=self.rank,
+                                world_size=self.world_size, timeout=timedelta(seconds=timeout_s))
+        self.runtime: Runtime = resolve_runtime(job.resources.model_copy(
+            update={"device": "cuda" if job.use_gpu else "cpu", "threads": job.threads()}))
+        data = job.store.read_bytes(job.teacher_path)
+        teacher, _ = model_from_checkpoint(data, job.store.url_of(job.teacher_path))
+        share = math.ceil(job.recover.batch_size / self.world_size)
+        self.runner: nn.Module = prepare_teacher(teacher, self.runtime, share * job.recover.iterations)
+        synced = job.recover.bn_sync == "global" and self.world_size > 1
+        self.bn_loss = BNStatLoss(teacher, job.recover.first_bn_multiplier, GlobalScope() if synced else LocalScope())
+        self.bn_loss.__enter__()
+        return {"rank": self.rank, "backend": backend, "pid": os.getpid(), **self.runtime.describe()}
+
+    def run_unit(self, unit: Unit) -> dict:
+        if self.fault is not None and self.units_started >= self.fault.after_units:
+            os.kill(os.getpid(), signal.SIGKILL)
+        self.units_started += 1
+        job, path = self.job, part_path(unit, self.rank)
+        args = (unit, self.rank, self.runner, job.info, job.recover, self.runtime, job.seed, self.bn_loss, SilentProgress())
+        if job.store.exists(path):
+            if isinstance(self.bn_loss.scope, GlobalScope):
+                run_share(*args, store=None)  # the peers need this rank in every collective
+            return job.store.read_json(path)
+        record = run_share(*args, store=job.store)
+        job.store.write_json(path, record)
+        return record
+
+
+class WorkerLost(Exception):
+    """A worker died or its collective broke: the group must be formed anew."""
+
+
+def gather(refs: list[ray.ObjectRef]) -> list[Any]:
+    """Results of one call on every rank, in rank order; the first failure ends the wait."""
+    results: dict[ray.ObjectRef, Any] = {}
+    waiting = list(refs)
+    while waiting:
+        (ready,), waiting = ray.wait(waiting, num_returns=1)
+        rank = refs.index(ready)
+        try:
+            results[ready] = ray.get(ready)
+        except RayActorError as exc:
+            raise WorkerLost(f"worker {rank} died ({type(exc).__name__}: {str(exc).splitlines()[0][:300]})") from None
+        except RayTaskError as exc:
+            if isinstance(exc.cause, ScddError):
+                raise exc.cause from None
+            raise WorkerLost(f"worker {rank} failed: {type(exc.cause).__name__}: {str(exc.cause).splitlines()[0][:300]}") from None
+    return [results[ref] for ref in refs]
+
+
+def merge_parts(unit: Unit, parts: list[dict], synced: bool) -> dict:
+    """The unit record from its workers' part records."""
+    entries = sorted((e for part in parts for e in part["entries"]), key=lambda e: (e["label"], e["round"]))
+    if synced:  # every rank reports the losses of the whole batch
+        losses = {key: parts[0][key] for key in ("ce", "bn", "total")}
+    else:  # each rank's own batch: weigh by its images
+        sizes = [len(share) for share in unit.shares]
+        losses = {key: sum(p[key] * n for p, n in zip(parts, sizes)) / sum(sizes) for key in ("ce", "bn", "total")}
+    return {"round": unit.round, "batch": unit.batch, "workers": len(parts), "bn_sync": "global" if synced else "local",
+            "entries": entries, **losses, "seconds": max(p["seconds"] for p in parts)}
+
+
+class RayRecover:
+    """The recover stage on a Ray cluster, with `resources.workers` workers (what `scdd distill
+    --workers N` runs). Same call as `scdd.recover.recover_dataset`; the workers load the teacher
+    the pipeline saved at `teacher_path` in the store, not the `teacher` object passed in."""
+
+    def __init__(self, resources: ResourcesSpec, teacher_path: str = TEACHER_PATH, max_retries: int = 3,
+                 fault: FaultInjection | None = None, collective_timeout_s: float = 1800.0,
+                 placement_timeout_s: float = 120.0):
+        self.resources = resources
+        self.teacher_path = teacher_path
+        self.max_retries = max_retries
+        self.fault = fault
+        self.collective_timeout_s = collective_timeout_s
+        self.placement_timeout_s = placement_timeout_s
+        self.groups_formed = 0
+        self.restarts: list[dict] = []
+
+    def __call__(self, teacher: nn.Module, info: DatasetInfo, spec: RecoverSpec, runtime: Runtime, store: ArtifactStore,
+                 seed: int, progress: Progress | None = None, max_units: int | None = None) -> RecoverResult:
+        progress = progress or SilentProgress()
+        connect()
+        world_size = self.resources.workers
+        units = plan_units(info.num_classes, spec.ipc, spec.batch_size, world_size)
+        pending = pending_units(store, units)
+        if max_units is not None:
+            pending = pending[:max_units]
+        use_gpu = wants_gpus(self.resources.device, world_size)
+        job = WorkerJob(store, self.teacher_path, info, spec, self.resources, seed, use_gpu)
+        placement = Placement(world_size, job.threads(), 1 if use_gpu else 0)
+        synced = spec.bn_sync == "global" and world_size > 1
+        failures: Counter[str] = Counter()
+        progress.start("recover", len(pending) * spec.iterations, "it")
+        started = time.perf_counter()
+        units_run = image_iterations = 0
+        while pending:
+            group = self._form_group(placement, job)
+            try:
+                (address,) = gather([group.actors[0].address.remote()])
+                gather(group.call("setup", address, self.collective_timeout_s))
+                while pending:
+                    unit = pending[0]
+                    parts = gather(group.call("run_unit", unit))
+                    record = merge_parts(unit, parts, synced)
+                    store.write_json(unit.record_path, record)
+                    pending.pop(0)
+                    units_run += 1
+                    image_iterations += len(unit.labels) * spec.iterations
+                    progress.advance(spec.iterations, ce=record["ce"], bn=record["bn"])
+            except WorkerLost as lost:
+                unit = pending[0]
+                failures[unit.name] += 1
+                self.restarts.append({"unit": unit.name, "cause": str(lost), "time": time.time()})
+                if failures[unit.name] > self.max_retries:
+                    raise WorkerFailedError(
+                        f"recover unit {unit.name} (round {unit.round}, batch {unit.batch}) failed "
+                        f"{failures[unit.name]} times; last cause: {lost}. The units before it are stored: "
+                        f"run the same job again to resume"
+                    ) from None
+            finally:
+                group.shutdown()
+        progress.finish()
+        result = collect_result(store, units, units_run, time.perf_counter() - started, image_iterations)
+        result.restarts = list(self.restarts)
+        return result
+
+    def _form_group(self, placement: Placement, job: WorkerJob) -> WorkerGroup:
+        fault = self.fault if self.fault is not None and self.groups_formed < self.fault.groups else None
+        self.groups_formed += 1
+        return WorkerGroup(RecoverWorker, placement, lambda rank: (rank, placement.workers, job, fault),
+                           self.placement_timeout_s)
