@@ -2,6 +2,9 @@
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -10,7 +13,6 @@ import torch
 from torchvision.datasets import ImageFolder
 
 from api_schema import JobSpec
-from scdd.cli import main
 from scdd.errors import ResourceError, SpecError, WorkerFailedError
 from scdd.pipeline import run_distillation
 from scdd.recover import class_slices, plan_units
@@ -177,12 +179,18 @@ def test_pipeline_refuses_workers_without_a_distributed_stage(tmp_path, fmnist_r
         run_distillation(spec)
 
 
-def test_cli_workers_flag_runs_the_ray_path(ray_local, tmp_path, fmnist_root, fmnist_teacher_ckpt, capsys):
+def test_cli_workers_flag_joins_the_cluster_at_ray_address(ray_local, tmp_path, fmnist_root, fmnist_teacher_ckpt):
     out = tmp_path / "cli"
-    code = main(["distill", "--data-dir", str(fmnist_root), "--classes", "0,1,2", "--train-limit", "50",
-                 "--method", "sre2l", "--teacher-checkpoint", str(fmnist_teacher_ckpt), "--ipc", "1",
-                 "--iterations", "3", "--device", "cpu", "--amp", "off", "--no-validate", "--quiet",
-                 "--workers", "2", "--threads", "1", "--out", str(out)])
-    assert code == 0
-    assert "2 workers, bn_sync global" in capsys.readouterr().out
+    address = ray_local.get_runtime_context().gcs_address
+    env = {**os.environ, "RAY_ADDRESS": address}
+    done = subprocess.run(
+        [sys.executable, "-m", "scdd", "distill", "--data-dir", str(fmnist_root), "--classes", "0,1,2",
+         "--train-limit", "50", "--method", "sre2l", "--teacher-checkpoint", str(fmnist_teacher_ckpt), "--ipc", "1",
+         "--iterations", "3", "--device", "cpu", "--amp", "off", "--no-validate", "--quiet",
+         "--workers", "2", "--threads", "1", "--out", str(out)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"joined the Ray cluster at {address}" in done.stderr
+    assert "2 workers, bn_sync global" in done.stdout
     assert {e["worker"] for e in read_manifest(out)["images"]} == {0, 1}

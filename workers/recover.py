@@ -21,6 +21,7 @@ unit's collectives but writes nothing, so no file is written twice.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import signal
@@ -56,6 +57,8 @@ from scdd.recover import (
 from scdd.runtime import Runtime, resolve_runtime
 from scdd.store import ArtifactStore
 from workers.cluster import Placement, WorkerGroup, connect, rendezvous_address, wants_gpus
+
+log = logging.getLogger("scdd.workers")
 
 PARTS_DIR = "state/parts"
 TEACHER_PATH = "teacher/teacher.pt"
@@ -202,6 +205,9 @@ class RayRecover:
         job = WorkerJob(store, self.teacher_path, info, spec, self.resources, seed, use_gpu)
         placement = Placement(world_size, job.threads(), 1 if use_gpu else 0)
         synced = spec.bn_sync == "global" and world_size > 1
+        log.info("recover: %d workers on %s (%s), bn_sync %s, %d units to run", world_size,
+                 "one GPU each" if use_gpu else f"{job.threads()} CPU thread(s) each", "nccl" if use_gpu else "gloo",
+                 "global" if synced else "local", len(pending))
         failures: Counter[str] = Counter()
         progress.start("recover", len(pending) * spec.iterations, "it")
         started = time.perf_counter()
