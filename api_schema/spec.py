@@ -240,7 +240,8 @@ class ResourcesSpec(_Spec):
     )
     threads: Optional[int] = Field(
         None, ge=1, le=1024,
-        description="CPU threads for torch (per worker when workers > 1, where None means 1). None: torch's default.",
+        description="CPU threads for torch. With workers > 1: each worker's threads (None: 1), and the "
+        "driver process keeps torch's default. None: torch's default.",
     )
     workers: int = Field(
         1, ge=1, le=4096,

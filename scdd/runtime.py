@@ -77,7 +77,7 @@ def _cpu_flags() -> set[str]:
 
 def resolve_runtime(spec: ResourcesSpec) -> Runtime:
     """Pick the fast settings; `auto` turns an option on only where bench/recover_speed.py measured it faster."""
-    if spec.threads:
+    if spec.threads and spec.workers == 1:  # with workers, `threads` is each worker's share (workers/recover.py)
         torch.set_num_threads(spec.threads)
     device = resolve_device(spec.device)
     use_bf16 = spec.amp == "bf16" or (spec.amp == "auto" and fast_bf16(device))

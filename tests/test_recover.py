@@ -163,3 +163,18 @@ def test_resume_uses_the_outputs_teacher_even_if_the_cache_was_cleared(tmp_path,
     assert second["teacher"]["top1"] == first["teacher"]["top1"]
     assert second["teacher"]["bn_running_var"] == first["teacher"]["bn_running_var"]
     assert not cache.exists() or not any(cache.iterdir())  # nothing retrained
+
+
+def test_an_empty_share_without_collectives_makes_nothing(cpu, tmp_path):
+    from scdd.data.base import DatasetInfo
+    from scdd.recover import run_share
+    from scdd.progress import SilentProgress
+    from scdd.store import ArtifactStore
+
+    info = DatasetInfo("t", ("a", "b", "c"), ("0-a", "1-b", "2-c"), (0, 1, 2), 1, 12, (0.5,), (0.5,))
+    (unit,) = [u for u in plan_units(3, 1, 2, workers=2) if not u.shares[1]]
+    teacher = tiny_teacher()
+    with BNStatLoss(teacher, 10.0) as bn:
+        record = run_share(unit, 1, teacher, info, RecoverSpec(iterations=2), cpu, 0, bn, SilentProgress(),
+                           ArtifactStore(str(tmp_path)))
+    assert record["entries"] == [] and record["rank"] == 1

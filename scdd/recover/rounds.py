@@ -125,6 +125,9 @@ def run_share(
     Returns the share's record: manifest entries and the batch's last-step losses."""
     started = time.perf_counter()
     labels = unit.shares[rank]
+    if not labels and not bn_loss.scope.collective:  # nothing to make, and no peer waits for this rank
+        return {"round": unit.round, "batch": unit.batch, "rank": rank, "entries": [],
+                "ce": 0.0, "bn": 0.0, "total": 0.0, "seconds": 0.0}
     generator = torch.Generator().manual_seed(unit.seed(seed, rank))
     result = synthesize(
         teacher,

@@ -43,6 +43,7 @@ Stats = tuple[torch.Tensor, torch.Tensor]  # (mean (C,), biased var (C,))
 
 class BatchScope(Protocol):
     replicated_scale: float  # multiplier of loss terms that every worker computes identically
+    collective: bool  # whether every worker must take part in every step (also with no images)
 
     def collect(self, layer: nn.BatchNorm2d, x: torch.Tensor) -> Any: ...
 
@@ -83,6 +84,7 @@ class LocalScope:
     """Statistics and losses of this process's batch."""
 
     replicated_scale = 1.0
+    collective = False
 
     def collect(self, layer: nn.BatchNorm2d, x: torch.Tensor) -> Stats:
         return local_batch_stats(x)
@@ -105,6 +107,8 @@ class GlobalScope:
     Every worker must make the same sequence of calls (one `images` per batch, one `combine` and one
     backward per step, one `total` per report), also a worker with no images: it contributes zeros.
     """
+
+    collective = True
 
     def __init__(self, group: dist.ProcessGroup | None = None):
         self.group = group
