@@ -13,7 +13,7 @@ import torch
 from torchvision.datasets import ImageFolder
 
 from api_schema import JobSpec
-from scdd.errors import ResourceError, SpecError, WorkerFailedError
+from scdd.errors import OutputConflictError, ResourceError, SpecError, WorkerFailedError
 from scdd.pipeline import run_distillation
 from scdd.recover import class_slices, plan_units
 from tests.conftest import tiny_job
@@ -194,3 +194,11 @@ def test_cli_workers_flag_joins_the_cluster_at_ray_address(ray_local, tmp_path, 
     assert f"joined the Ray cluster at {address}" in done.stderr
     assert "2 workers, bn_sync global" in done.stdout
     assert {e["worker"] for e in read_manifest(out)["images"]} == {0, 1}
+
+
+def test_resuming_with_another_worker_count_is_refused(global_run, fmnist_root, four_class_teacher):
+    out, _ = global_run
+    spec = distributed_job(fmnist_root, out, four_class_teacher).to_dict()
+    spec["resources"]["workers"] = 1  # other slices and batches: the stored units cannot be continued
+    with pytest.raises(OutputConflictError, match="holds a run of a different spec"):
+        run_distillation(JobSpec.model_validate(spec))
