@@ -195,6 +195,7 @@ class RayRecover:
     def __call__(self, teacher: nn.Module, info: DatasetInfo, spec: RecoverSpec, runtime: Runtime, store: ArtifactStore,
                  seed: int, progress: Progress | None = None, max_units: int | None = None) -> RecoverResult:
         progress = progress or SilentProgress()
+        self.groups_formed, self.restarts = 0, []
         connect()
         world_size = self.resources.workers
         units = plan_units(info.num_classes, spec.ipc, spec.batch_size, world_size)
