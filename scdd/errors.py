@@ -41,3 +41,7 @@ class ResourceError(ScddError):
 
 class WorkerFailedError(ScddError):
     """A distributed step kept failing after its retries."""
+
+
+class JobCancelled(Exception):
+    """The job was cancelled on request (not an error: the run ends with status `cancelled`)."""

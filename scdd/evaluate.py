@@ -10,6 +10,7 @@ from torch.utils.data import Dataset
 
 from scdd.data.loader import iterate_batches
 from scdd.runtime import Runtime
+from scdd.shard import Shard
 
 
 @dataclass(frozen=True)
@@ -34,15 +35,22 @@ def count_correct(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset: Dataset, runtime: Runtime, batch_size: int = 500) -> Accuracy:
+def evaluate(model: nn.Module, dataset: Dataset, runtime: Runtime, batch_size: int = 500, shard: Shard | None = None) -> Accuracy:
+    """Accuracy on the whole split. With `shard`, this rank counts its samples (every world_size-th)
+    and the counts are summed over the process group, so every rank returns the whole split's
+    accuracy with each sample counted once, equal to the single-process value."""
     was_training = model.training
     model.eval()
-    correct1 = correct5 = total = 0
-    for images, labels in iterate_batches(dataset, batch_size):
+    counts = torch.zeros(3, dtype=torch.long)  # top-1 hits, top-k hits, samples
+    indices = shard.indices(len(dataset)) if shard is not None else None
+    for images, labels in iterate_batches(dataset, batch_size, indices=indices):
         images = images.to(runtime.device, memory_format=runtime.memory_format())
         with runtime.autocast():
             logits = model(images)
         c1, c5 = count_correct(logits.float().cpu(), labels)
-        correct1, correct5, total = correct1 + c1, correct5 + c5, total + len(labels)
+        counts += torch.tensor([c1, c5, len(labels)])
+    if shard is not None:
+        counts = shard.sum(counts.to(runtime.device)).cpu()
     model.train(was_training)
+    correct1, correct5, total = (int(c) for c in counts)
     return Accuracy(100.0 * correct1 / max(1, total), 100.0 * correct5 / max(1, total), correct1, correct5, total)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+import typing
 from typing import Iterator
 
 import torch
@@ -17,11 +18,11 @@ import torch
 from api_schema import JobSpec
 from scdd.artifacts import decode_png, grid_png, library_versions
 from scdd.data import RealData, load_dataset
-from scdd.errors import OutputConflictError, SpecError
+from scdd.errors import JobCancelled, OutputConflictError, SpecError
 from scdd.evaluate import evaluate
 from scdd.models import checkpoint_bytes, create_model
 from scdd.progress import Progress, SilentProgress
-from scdd.recover import RecoverResult, RecoverStage, freeze, recover_dataset
+from scdd.recover import RecoverResult, RecoverStage, collect_result, freeze, plan_units, recover_dataset
 from scdd.runtime import Runtime, resolve_runtime
 from scdd.squeeze import (
     Teacher,
@@ -35,19 +36,30 @@ from scdd.store import ArtifactStore, open_store
 from scdd.validate import Protocol, random_real_subset, resolve_protocol, train_student
 
 SPEC_RECORD = "state/spec.json"
+TEACHER_PATH = "teacher/teacher.pt"  # the recovery teacher, in the output
+RELABEL_PATH = "teacher/relabel.pt"  # the KD relabel teacher, when it is another one
+
+
+StageListener = typing.Callable[[str, str, float], None]  # ("started" | "finished", stage, seconds)
 
 
 @dataclass
 class StageClock:
     seconds: dict[str, float] = field(default_factory=dict)
+    listener: StageListener | None = None
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
         started = time.perf_counter()
+        if self.listener is not None:
+            self.listener("started", name, 0.0)
         try:
             yield
         finally:
-            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - started, 3)
+            elapsed = time.perf_counter() - started
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + elapsed, 3)
+        if self.listener is not None:
+            self.listener("finished", name, elapsed)
 
 
 def default_output_url(spec: JobSpec) -> str:
@@ -84,6 +96,7 @@ def write_manifest(store: ArtifactStore, spec: JobSpec, data: RealData, result: 
         {
             "job_id": spec.job_id(),
             "complete": complete,
+            "partial": not complete,  # a stopped or time-boxed run: resumable with the same spec and output
             "seed": spec.seed,
             "spec": spec.to_dict(),
             "versions": library_versions(),
@@ -137,42 +150,59 @@ def squeeze_schedule(spec: JobSpec, recovery: Teacher) -> str | None:
     return ", ".join(parts) + (note if short else "")
 
 
+class StudentStage(typing.Protocol):
+    """Trains a student for `stage` ("validate" or "baseline") and tests it on the whole real test
+    split: in this process (`local_student_stage`) or data-parallel on a cluster (workers/train.py).
+    `relabel_path` is where the relabel teacher is saved in the output (kd)."""
+
+    def __call__(self, stage: str, images: torch.Tensor, labels: torch.Tensor, protocol: Protocol,
+                 relabel: Teacher | None, relabel_path: str | None) -> dict: ...
+
+
+def local_student_stage(spec: JobSpec, data: RealData, runtime: Runtime, progress: Progress) -> StudentStage:
+    def fit(stage: str, images: torch.Tensor, labels: torch.Tensor, protocol: Protocol, relabel: Teacher | None,
+            relabel_path: str | None) -> dict:
+        info = data.info
+        torch.manual_seed(spec.seed)  # the same student initialisation for both
+        student = create_model(protocol.student_arch, info.num_classes, info.channels, info.image_size)
+        teacher = relabel.model if relabel is not None else None
+        train_student(student, images, labels, protocol, teacher, runtime, spec.seed, progress, stage)
+        return evaluate(student, data.test, runtime).to_dict()
+
+    return fit
+
+
 def validate_both(
     spec: JobSpec, data: RealData, images: torch.Tensor, labels: torch.Tensor, relabel: Teacher | None,
-    protocol: Protocol, runtime: Runtime, progress: Progress, clock: StageClock,
+    relabel_path: str | None, protocol: Protocol, fit: StudentStage, clock: StageClock,
 ) -> dict:
     """Train the student on the distilled images and, as the baseline, on a random real subset of the
     same size, under one protocol; test both on the whole real test split."""
     info = data.info
-    teacher = relabel.model if relabel is not None else None
-
-    def fit(train_images: torch.Tensor, train_labels: torch.Tensor, stage: str) -> dict:
-        torch.manual_seed(spec.seed)  # the same student initialisation for both
-        student = create_model(protocol.student_arch, info.num_classes, info.channels, info.image_size)
-        train_student(student, train_images, train_labels, protocol, teacher, runtime, spec.seed, progress, stage)
-        return evaluate(student, data.test, runtime).to_dict()
-
     with clock.stage("validate"):
-        result = {"protocol": protocol.to_dict(), "images": len(images), "student": fit(images, labels, "validate")}
+        student = fit("validate", images, labels, protocol, relabel, relabel_path)
+        result = {"protocol": protocol.to_dict(), "images": len(images), "student": student}
     if relabel is not None:
         result["relabel_teacher"] = {"source": relabel.source, "digest": relabel.digest}
     if spec.validate_.baseline:
         with clock.stage("baseline"):
             real_images, real_labels = random_real_subset(data.train, spec.recover.ipc, info.num_classes, spec.seed)
             result["baseline"] = {"kind": "random real subset", "images": len(real_images),
-                                  **fit(real_images, real_labels, "baseline")}
+                                  **fit("baseline", real_images, real_labels, protocol, relabel, relabel_path)}
         result["gain_top1"] = round(result["student"]["top1"] - result["baseline"]["top1"], 2)
     return result
 
 
 def run_distillation(
-    spec: JobSpec, progress: Progress | None = None, max_units: int | None = None, recover: RecoverStage | None = None
+    spec: JobSpec, progress: Progress | None = None, max_units: int | None = None, recover: RecoverStage | None = None,
+    fit_student: StudentStage | None = None, on_stage: StageListener | None = None,
 ) -> dict:
     """Run the whole job; returns the report (also written to report.json).
 
     `max_units` stops recovery early (the run stays resumable); used to test interruption.
-    `recover` runs the recover stage: in this process by default; `workers.recover.RayRecover` for
-    `resources.workers` > 1 (the CLI picks it; this layer does not import Ray).
+    `recover` and `fit_student` run those stages: in this process by default; `workers/` has their
+    Ray versions for `resources.workers` > 1 (the CLI and the job driver pick them; this layer does
+    not import Ray). `on_stage` hears every stage start and finish.
     """
     if recover is None:
         if spec.resources.workers > 1:
@@ -182,7 +212,7 @@ def run_distillation(
             )
         recover = recover_dataset
     progress = progress or SilentProgress()
-    clock = StageClock()
+    clock = StageClock(listener=on_stage)
     runtime = resolve_runtime(spec.resources)
     torch.manual_seed(spec.seed)
     store = open_store(spec.output, spec.output.url or default_output_url(spec))
@@ -198,14 +228,19 @@ def run_distillation(
         if resuming and not spec.teacher.checkpoint:
             # The units already written came from the teacher saved in the output, so the rest must
             # too, even if the cache was cleared meanwhile.
-            recovery = load_stored_teacher(store, "teacher/teacher.pt", spec.teacher_digest(), "resumed", spec, data)
+            recovery = load_stored_teacher(store, TEACHER_PATH, spec.teacher_digest(), "resumed", spec, data)
         recovery = recovery or recovery_teacher(spec, data, cache, runtime, progress)
         freeze(recovery.model, runtime)
-        save_teacher(store, "teacher/teacher.pt", recovery, spec, data)
+        save_teacher(store, TEACHER_PATH, recovery, spec, data)
         teacher_info = teacher_report(recovery, spec, data, runtime)
 
     with clock.stage("recover"):
-        result = recover(recovery.model, info, spec.recover, runtime, store, spec.seed, progress, max_units=max_units)
+        try:
+            result = recover(recovery.model, info, spec.recover, runtime, store, spec.seed, progress, max_units=max_units)
+        except JobCancelled:  # keep what was made, marked partial, and stop
+            units = plan_units(info.num_classes, spec.recover.ipc, spec.recover.batch_size, spec.resources.workers)
+            write_manifest(store, spec, data, collect_result(store, units, 0, 0.0, 0), complete=False)
+            raise
     complete = len(result.entries) == info.num_classes * spec.recover.ipc
 
     with clock.stage("write"):
@@ -216,14 +251,17 @@ def run_distillation(
     validation = None
     if spec.validate_.enabled and complete:
         protocol = resolve_protocol(spec.validate_)
-        relabel = None
+        relabel = relabel_path = None
         if protocol.mode == "kd":
             with clock.stage("squeeze"):
                 relabel = relabel_teacher(spec, data, recovery, cache, runtime, progress)
                 freeze(relabel.model, runtime)
+                relabel_path = TEACHER_PATH
                 if relabel is not recovery:
-                    save_teacher(store, "teacher/relabel.pt", relabel, spec, data)
-        validation = validate_both(spec, data, images, labels, relabel, protocol, runtime, progress, clock)
+                    relabel_path = RELABEL_PATH
+                    save_teacher(store, relabel_path, relabel, spec, data)
+        fit = fit_student or local_student_stage(spec, data, runtime, progress)
+        validation = validate_both(spec, data, images, labels, relabel, relabel_path, protocol, fit, clock)
         if relabel is not None and relabel is not recovery:
             validation["relabel_teacher"].update(evaluate(relabel.model, data.test, runtime).to_dict())
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Protocol, Union
+from typing import Callable, Protocol, Union
 
 import torch
 
@@ -57,3 +57,22 @@ class ConsoleProgress:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+class CheckedProgress:
+    """Another Progress, plus a `check` called on every `start` and `advance`: the check raises
+    (e.g. `JobCancelled`) to stop the loop that reports, between two of its steps."""
+
+    def __init__(self, inner: Progress, check: Callable[[], None]) -> None:
+        self.inner, self.check = inner, check
+
+    def start(self, stage: str, total: int, unit: str) -> None:
+        self.check()
+        self.inner.start(stage, total, unit)
+
+    def advance(self, n: int = 1, **metrics: Metric) -> None:
+        self.check()
+        self.inner.advance(n, **metrics)
+
+    def finish(self) -> None:
+        self.inner.finish()

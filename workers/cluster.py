@@ -87,7 +87,8 @@ class WorkerGroup:
 
     def call(self, method: str, *args: Any) -> list[ray.ObjectRef]:
         """Start `method(*args)` on every actor; returns one reference per rank."""
-        return [getattr(actor, method).remote(*args) for actor in self.actors]
+        self.outstanding = [getattr(actor, method).remote(*args) for actor in self.actors]
+        return self.outstanding
 
     def shutdown(self) -> None:
         """Kill the actors (also ones blocked in a collective) and release the bundles."""
@@ -95,6 +96,12 @@ class WorkerGroup:
             ray.kill(actor, no_restart=True)
         self.actors = []
         remove_placement_group(self.group)
+        for ref in getattr(self, "outstanding", []):  # collect the calls' fates, so Ray logs no unhandled error
+            try:
+                ray.get(ref, timeout=10)
+            except Exception:
+                pass
+        self.outstanding = []
 
 
 def free_port() -> int:

@@ -39,9 +39,10 @@ from torch import nn
 
 from api_schema import RecoverSpec, ResourcesSpec
 from scdd.data.base import DatasetInfo
-from scdd.errors import ScddError, WorkerFailedError
+from scdd.errors import JobCancelled, ScddError, WorkerFailedError
 from scdd.models import model_from_checkpoint
-from scdd.progress import Progress, SilentProgress
+from scdd.pipeline import TEACHER_PATH
+from scdd.progress import CheckedProgress, Progress, SilentProgress
 from scdd.recover import (
     BNStatLoss,
     GlobalScope,
@@ -57,11 +58,11 @@ from scdd.recover import (
 from scdd.runtime import Runtime, resolve_runtime
 from scdd.store import ArtifactStore
 from workers.cluster import Placement, WorkerGroup, connect, rendezvous_address, wants_gpus
+from workers.control import RemoteCheck
 
 log = logging.getLogger("scdd.workers")
 
 PARTS_DIR = "state/parts"
-TEACHER_PATH = "teacher/teacher.pt"
 
 
 def part_path(unit: Unit, rank: int) -> str:
@@ -98,8 +99,10 @@ class WorkerJob:
 class RecoverWorker:
     """One rank of a distributed recover (instantiated as a Ray actor by `WorkerGroup`)."""
 
-    def __init__(self, rank: int, world_size: int, job: WorkerJob, fault: FaultInjection | None):
+    def __init__(self, rank: int, world_size: int, job: WorkerJob, fault: FaultInjection | None, control: Any = None):
         self.rank, self.world_size, self.job = rank, world_size, job
+        # Checked between iterations: a cancelled job stops within a step (plus the check interval).
+        self.progress: Progress = CheckedProgress(SilentProgress(), RemoteCheck(control)) if control else SilentProgress()
         self.fault = fault if fault is not None and fault.rank == rank else None
         self.units_started = 0
         torch.set_num_threads(job.threads())
@@ -131,7 +134,7 @@ class RecoverWorker:
             os.kill(os.getpid(), signal.SIGKILL)
         self.units_started += 1
         job, path = self.job, part_path(unit, self.rank)
-        args = (unit, self.rank, self.runner, job.info, job.recover, self.runtime, job.seed, self.bn_loss, SilentProgress())
+        args = (unit, self.rank, self.runner, job.info, job.recover, self.runtime, job.seed, self.bn_loss, self.progress)
         if job.store.exists(path):
             if isinstance(self.bn_loss.scope, GlobalScope):
                 run_share(*args, store=None)  # the peers need this rank in every collective
@@ -157,7 +160,7 @@ def gather(refs: list[ray.ObjectRef]) -> list[Any]:
         except RayActorError as exc:
             raise WorkerLost(f"worker {rank} died ({type(exc).__name__}: {str(exc).splitlines()[0][:300]})") from None
         except RayTaskError as exc:
-            if isinstance(exc.cause, ScddError):
+            if isinstance(exc.cause, (ScddError, JobCancelled)):
                 raise exc.cause from None
             raise WorkerLost(f"worker {rank} failed: {type(exc.cause).__name__}: {str(exc.cause).splitlines()[0][:300]}") from None
     return [results[ref] for ref in refs]
@@ -182,13 +185,14 @@ class RayRecover:
 
     def __init__(self, resources: ResourcesSpec, teacher_path: str = TEACHER_PATH, max_retries: int = 3,
                  fault: FaultInjection | None = None, collective_timeout_s: float = 1800.0,
-                 placement_timeout_s: float = 120.0):
+                 placement_timeout_s: float = 120.0, control: Any = None):
         self.resources = resources
         self.teacher_path = teacher_path
         self.max_retries = max_retries
         self.fault = fault
         self.collective_timeout_s = collective_timeout_s
         self.placement_timeout_s = placement_timeout_s
+        self.control = control  # workers.control.JobControl actor: cancellation between iterations
         self.groups_formed = 0
         self.restarts: list[dict] = []
 
@@ -226,7 +230,8 @@ class RayRecover:
                     pending.pop(0)
                     units_run += 1
                     image_iterations += len(unit.labels) * spec.iterations
-                    progress.advance(spec.iterations, ce=record["ce"], bn=record["bn"])
+                    progress.advance(spec.iterations, ce=record["ce"], bn=record["bn"], round=unit.round,
+                                     images_written=len(record["entries"]))
             except WorkerLost as lost:
                 unit = pending[0]
                 failures[unit.name] += 1
@@ -247,5 +252,5 @@ class RayRecover:
     def _form_group(self, placement: Placement, job: WorkerJob) -> WorkerGroup:
         fault = self.fault if self.fault is not None and self.groups_formed < self.fault.groups else None
         self.groups_formed += 1
-        return WorkerGroup(RecoverWorker, placement, lambda rank: (rank, placement.workers, job, fault),
+        return WorkerGroup(RecoverWorker, placement, lambda rank: (rank, placement.workers, job, fault, self.control),
                            self.placement_timeout_s)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from scdd.data.base import TensorImageDataset
 
@@ -16,14 +16,18 @@ def iterate_batches(
     shuffle: bool = False,
     generator: torch.Generator | None = None,
     workers: int = 0,
+    indices: Sequence[int] | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (images (B, C, S, S), labels (B,)) covering the dataset once."""
+    """Yield (images (B, C, S, S), labels (B,)) covering the dataset (or its `indices`) once."""
     if isinstance(dataset, TensorImageDataset):
-        n = len(dataset)
-        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-        for start in range(0, n, batch_size):
+        order = torch.arange(len(dataset)) if indices is None else torch.as_tensor(list(indices), dtype=torch.long)
+        if shuffle:
+            order = order[torch.randperm(len(order), generator=generator)]
+        for start in range(0, len(order), batch_size):
             yield dataset.batch(order[start : start + batch_size])
         return
+    if indices is not None:
+        dataset = Subset(dataset, list(indices))
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=workers)
     for images, labels in loader:
         yield images, torch.as_tensor(labels)

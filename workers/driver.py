@@ -1,0 +1,117 @@
+"""The job driver: one whole job on a Ray cluster, with progress events and cancellation.
+
+`run_job(spec, sink, should_cancel)` runs squeeze -> distributed recover -> distributed validation
+and baseline -> report through `scdd.pipeline.run_distillation`, handing it the Ray stages when
+`resources.workers` > 1 (with 1 worker every stage runs in this process, as `scdd distill` does).
+
+A watcher thread polls `should_cancel` (every `poll_s`) and, once it says yes, raises the job's
+cancel flag: loops in this process stop at their next step, remote workers at their next check of
+the job's `JobControl` actor (at most `check_s` later); recover worker groups and Ray Train runs
+then release their actors and placement groups. The same thread forwards the workers' relayed
+progress into the event stream. The job ends with status `succeeded`, `failed` (with the stage and
+the cause) or `cancelled`; what was written stays in the output, the manifest marks an unfinished
+image set `partial`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import traceback
+from typing import Any, Callable
+
+import ray
+
+from api_schema import JobSpec
+from scdd.errors import JobCancelled, ScddError
+from scdd.pipeline import default_output_url, run_distillation
+from scdd.progress import CheckedProgress
+from scdd.store import open_store
+from workers.cluster import connect
+from workers.control import JobControl
+from workers.events import EventSink, JobEvents, ThrottledSink
+from workers.recover import RayRecover
+from workers.train import ray_student_stage
+
+
+def _never() -> bool:
+    return False
+
+
+class _Watcher(threading.Thread):
+    """Polls `should_cancel`, raises the flags, and relays the workers' progress events."""
+
+    def __init__(self, should_cancel: Callable[[], bool], control: Any, events: JobEvents, poll_s: float):
+        super().__init__(name="scdd-job-watcher", daemon=True)
+        self.should_cancel, self.control, self.events, self.poll_s = should_cancel, control, events, poll_s
+        self.cancelled = threading.Event()
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.poll_s):
+            self.poll()
+
+    def poll(self) -> None:
+        if not self.cancelled.is_set() and self.should_cancel():
+            self.cancelled.set()
+            self.control.cancel.remote()
+        for event in ray.get(self.control.drain.remote()):
+            self.events.publish_progress(event.pop("loop"), event.pop("fraction"), event.pop("done"),
+                                         event.pop("total"), event.pop("unit"), event.pop("eta_s"), event)
+
+    def check(self) -> None:
+        if self.cancelled.is_set():
+            raise JobCancelled("cancelled on request")
+
+
+def summary(report: dict) -> dict:
+    validate = report.get("validate") or {}
+    return {
+        "teacher_top1": report["teacher"]["top1"],
+        "images": report["recover"]["images"],
+        "student_top1": (validate.get("student") or {}).get("top1"),
+        "baseline_top1": (validate.get("baseline") or {}).get("top1"),
+        "output": report["output"],
+    }
+
+
+def run_job(spec: JobSpec, sink: EventSink, should_cancel: Callable[[], bool] = _never, *, poll_s: float = 0.2,
+            check_s: float = 0.5, recover: RayRecover | None = None, fit_student: Any = None) -> dict:
+    """Run `spec` to the end, publishing events to `sink`; returns {status, report, error, seconds}.
+    `recover` / `fit_student` replace the Ray stages built from the spec (tests inject faults so)."""
+    connect()
+    started = time.perf_counter()
+    events = JobEvents(ThrottledSink(sink))
+    control = JobControl.create()
+    watcher = _Watcher(should_cancel, control, events, poll_s)
+    workers = spec.resources.workers
+    if workers > 1:
+        store = open_store(spec.output, spec.output.url or default_output_url(spec))
+        recover = recover or RayRecover(spec.resources, control=control)
+        recover.control = control
+        fit_student = fit_student or ray_student_stage(spec, store, control=control, check_s=check_s)
+    events.sink.publish({"type": "job_started", "job_id": spec.job_id(), "workers": workers})
+    status, report, error = "failed", None, None
+    watcher.start()
+    try:
+        report = run_distillation(spec, CheckedProgress(events, watcher.check), recover=recover,
+                                  fit_student=fit_student, on_stage=events.stage)
+        status = "succeeded"
+    except JobCancelled:
+        status = "cancelled"
+    except ScddError as exc:
+        error = f"{events.stage_name or 'setup'} stage failed: {exc}"
+    except Exception as exc:  # a bug or an infrastructure failure: still end the job with its cause
+        error = f"{events.stage_name or 'setup'} stage failed: {type(exc).__name__}: {exc}"
+        traceback.print_exc()
+    finally:
+        watcher.stopped.set()
+        watcher.join()
+        watcher.poll()  # the last relayed events
+        ray.kill(control)
+    if error is not None:
+        events.sink.publish({"type": "error", "stage": events.stage_name, "message": error})
+    outcome = {"status": status, "error": error, "job_fraction": 1.0 if status == "succeeded" else events.job_fraction, "seconds": round(time.perf_counter() - started, 3),
+               "summary": summary(report) if report else None}
+    events.sink.publish({"type": "job_finished", "job_id": spec.job_id(), **outcome})
+    return {**outcome, "report": report}
