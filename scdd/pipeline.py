@@ -8,9 +8,9 @@ rather than mixed into it.
 from __future__ import annotations
 
 import time
+import typing
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-import typing
 from typing import Iterator
 
 import torch
@@ -32,6 +32,7 @@ from scdd.squeeze import (
     recovery_teacher,
     relabel_teacher,
 )
+from scdd.squeeze.methods import LOCAL_TRAINERS, Trainers
 from scdd.store import ArtifactStore, open_store
 from scdd.validate import Protocol, random_real_subset, resolve_protocol, train_student
 
@@ -195,14 +196,15 @@ def validate_both(
 
 def run_distillation(
     spec: JobSpec, progress: Progress | None = None, max_units: int | None = None, recover: RecoverStage | None = None,
-    fit_student: StudentStage | None = None, on_stage: StageListener | None = None,
+    fit_student: StudentStage | None = None, trainers: Trainers | None = None, on_stage: StageListener | None = None,
 ) -> dict:
     """Run the whole job; returns the report (also written to report.json).
 
     `max_units` stops recovery early (the run stays resumable); used to test interruption.
-    `recover` and `fit_student` run those stages: in this process by default; `workers/` has their
-    Ray versions for `resources.workers` > 1 (the CLI and the job driver pick them; this layer does
-    not import Ray). `on_stage` hears every stage start and finish.
+    `recover`, `fit_student` and `trainers` (squeeze's training loops) run those stages: in this
+    process by default; `workers/` has their Ray versions for `resources.workers` > 1 (the CLI and
+    the job driver pick them; this layer does not import Ray). `on_stage` hears every stage start
+    and finish.
     """
     if recover is None:
         if spec.resources.workers > 1:
@@ -229,7 +231,7 @@ def run_distillation(
             # The units already written came from the teacher saved in the output, so the rest must
             # too, even if the cache was cleared meanwhile.
             recovery = load_stored_teacher(store, TEACHER_PATH, spec.teacher_digest(), "resumed", spec, data)
-        recovery = recovery or recovery_teacher(spec, data, cache, runtime, progress)
+        recovery = recovery or recovery_teacher(spec, data, cache, runtime, progress, trainers or LOCAL_TRAINERS)
         freeze(recovery.model, runtime)
         save_teacher(store, TEACHER_PATH, recovery, spec, data)
         teacher_info = teacher_report(recovery, spec, data, runtime)
@@ -254,7 +256,7 @@ def run_distillation(
         relabel = relabel_path = None
         if protocol.mode == "kd":
             with clock.stage("squeeze"):
-                relabel = relabel_teacher(spec, data, recovery, cache, runtime, progress)
+                relabel = relabel_teacher(spec, data, recovery, cache, runtime, progress, trainers or LOCAL_TRAINERS)
                 freeze(relabel.model, runtime)
                 relabel_path = TEACHER_PATH
                 if relabel is not recovery:

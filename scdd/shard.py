@@ -1,16 +1,28 @@
-"""This process's part of a data-parallel job: its rank among `world_size` processes of the
-default torch process group (set up by Ray Train, or by a test)."""
+"""Data-parallel training support for the training loops (squeeze, SSL, validation).
+
+A loop runs in one process by default. Run data-parallel (Ray Train gives each worker a rank in a
+torch process group), it gets `TrainHooks` with this process's `Shard`, a `wrap` that makes the
+trained module DDP, a state to `resume` from, and an `on_epoch_end` that checkpoints. Each rank
+then takes its DistributedSampler part of every epoch in batches of ceil(batch_size / W), so a
+step's global batch is the single-process one, and DDP averages the gradients.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DistributedSampler
 
 
 @dataclass(frozen=True)
 class Shard:
+    """This process's rank among `world_size` processes of the default torch process group."""
+
     rank: int
     world_size: int
 
@@ -23,3 +35,69 @@ class Shard:
         values = values.clone()
         dist.all_reduce(values)
         return values
+
+    def gather(self, values: torch.Tensor) -> torch.Tensor:
+        """Every rank's `values` (same shape on each), concatenated in rank order along dim 0."""
+        parts = [torch.empty_like(values) for _ in range(self.world_size)]
+        dist.all_gather(parts, values.contiguous())
+        return torch.cat(parts)
+
+
+@dataclass(frozen=True)
+class EpochEnd:
+    epoch: int  # 0-based, just finished
+    loss: float  # mean training loss of the epoch on this rank
+    state: dict[str, Any]  # everything the loop needs to go on after this epoch (`TrainHooks.resume`)
+
+
+def _unwrapped(module: nn.Module) -> nn.Module:
+    return module
+
+
+@dataclass
+class TrainHooks:
+    shard: Shard | None = None
+    wrap: Callable[[nn.Module], nn.Module] = _unwrapped  # e.g. DistributedDataParallel
+    resume: dict[str, Any] | None = None  # an EpochEnd.state
+    on_epoch_end: Callable[[EpochEnd], None] | None = None
+    losses: list[float] = field(default_factory=list)  # this rank's epoch losses so far (with on_epoch_end)
+
+    def batch_size(self, batch_size: int) -> int:
+        return batch_size if self.shard is None else math.ceil(batch_size / self.shard.world_size)
+
+    def samples(self, n: int) -> int:
+        """How many samples this rank sees per epoch."""
+        if self.shard is None:
+            return n
+        return len(DistributedSampler(range(n), self.shard.world_size, self.shard.rank))
+
+    def epoch_order(self, n: int, epoch: int, generator: torch.Generator, seed: int) -> torch.Tensor:
+        """This rank's sample order for one epoch: a permutation of all n in one process; with a
+        shard, its DistributedSampler part (equally long on every rank, as DDP requires), and the
+        generator reseeded per (rank, epoch) so ranks draw differently and a resumed run repeats
+        the draws."""
+        if self.shard is None:
+            return torch.randperm(n, generator=generator)
+        generator.manual_seed(seed + 1_000_003 * self.shard.rank + 7_919 * epoch)
+        sampler = DistributedSampler(range(n), self.shard.world_size, self.shard.rank, shuffle=True, seed=seed)
+        sampler.set_epoch(epoch)
+        return torch.tensor(list(sampler), dtype=torch.long)
+
+    def first_epoch(self, *stateful: Any) -> int:
+        """Load the resume state into the loop's stateful objects (model, optimizer, scheduler,
+        generator, in the order the loop saves them) and return the epoch to start at."""
+        self.losses = list(self.resume["losses"]) if self.resume is not None else []
+        if self.resume is None:
+            return 0
+        for obj, state in zip(stateful, self.resume["objects"]):
+            obj.set_state(state) if isinstance(obj, torch.Generator) else obj.load_state_dict(state)
+        return self.resume["epoch"] + 1
+
+    def end_epoch(self, epoch: int, loss: float, *stateful: Any) -> None:
+        if self.on_epoch_end is not None:
+            self.losses.append(loss)
+            objects = [obj.get_state() if isinstance(obj, torch.Generator) else obj.state_dict() for obj in stateful]
+            self.on_epoch_end(EpochEnd(epoch, loss, {"epoch": epoch, "objects": objects, "losses": list(self.losses)}))
+
+
+LOCAL = TrainHooks()

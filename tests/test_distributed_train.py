@@ -89,12 +89,12 @@ def test_run_job_with_two_workers_reports_events_in_order(ray_local, tmp_path, f
 
 def test_killed_training_worker_resumes_from_its_checkpoint(ray_local, tmp_path, fmnist_root, fmnist_teacher_ckpt):
     from scdd.store import ArtifactStore
-    from workers.train import ray_student_stage
+    from workers.train import RayTraining
 
     spec = job(fmnist_root, tmp_path / "run", fmnist_teacher_ckpt)
     spec = JobSpec.model_validate({**spec.to_dict(), "validate": {**spec.to_dict()["validate"], "baseline": False}})
-    fit = ray_student_stage(spec, ArtifactStore(str(tmp_path / "run")), fault=TrainFault(rank=1, epoch=4, step=1))
-    result = run_job(spec, ListSink(), fit_student=fit)
+    training = RayTraining(spec, ArtifactStore(str(tmp_path / "run")), fault=TrainFault(rank=1, epoch=4, step=1))
+    result = run_job(spec, ListSink(), training=training)
     assert result["status"] == "succeeded", result["error"]
     student = result["report"]["validate"]["student"]
     assert json.loads((tmp_path / "run/state/train/validate/fault-fired.json").read_text())["epoch"] == 4
@@ -132,3 +132,20 @@ def test_a_failing_stage_ends_the_job_with_the_stage_unit_and_cause(ray_local, t
     assert "recover stage failed: recover unit r00000-b00001" in result["error"] and "worker 0 died" in result["error"]
     assert [e["type"] for e in sink.events[-2:]] == ["error", "job_finished"]
     assert (tmp_path / "run/state/units/r00000-b00000.json").exists()  # what was written stays
+
+
+def test_run_job_squeezes_on_ray_train_with_two_workers(ray_local, tmp_path, fmnist_root):
+    spec = tiny_job(fmnist_root, tmp_path / "run", None, resources={"workers": 2, "threads": 1},
+                    validate={"enabled": True, "epochs": 2, "baseline": False}, method="scdd",
+                    output={"url": str(tmp_path / "run"), "teacher_cache": str(tmp_path / "cache")})
+    spec["teacher"] = {"epochs": 2, "batch_size": 64, "probe": {"epochs": 5},
+                       "ssl": {"epochs": 2, "batch_size": 64, "queue_size": 256}}
+    result = run_job(JobSpec.model_validate(spec), ListSink())
+    assert result["status"] == "succeeded", result["error"]
+    teacher = result["report"]["teacher"]
+    # MoCo v2 pretraining ran on 2 DDP workers, then the probe here: the teacher separates 3 classes.
+    assert teacher["ssl"]["workers"] == 2 and len(teacher["ssl"]["epoch_losses"]) == 2
+    assert teacher["top1"] > 60
+    for stage in ("squeeze-ssl", "squeeze-supervised", "validate"):  # the relabel teacher trained there too
+        outcome = json.loads((tmp_path / f"run/state/train/{stage}/result.json").read_text())
+        assert outcome["status"] == "done" and len(outcome["history"]) == 2

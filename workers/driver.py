@@ -31,7 +31,7 @@ from workers.cluster import connect
 from workers.control import JobControl
 from workers.events import EventSink, JobEvents, ThrottledSink
 from workers.recover import RayRecover
-from workers.train import ray_student_stage
+from workers.train import RayTraining
 
 
 def _never() -> bool:
@@ -76,26 +76,29 @@ def summary(report: dict) -> dict:
 
 
 def run_job(spec: JobSpec, sink: EventSink, should_cancel: Callable[[], bool] = _never, *, poll_s: float = 0.2,
-            check_s: float = 0.5, recover: RayRecover | None = None, fit_student: Any = None) -> dict:
+            check_s: float = 0.5, recover: RayRecover | None = None, training: RayTraining | None = None) -> dict:
     """Run `spec` to the end, publishing events to `sink`; returns {status, report, error, seconds}.
-    `recover` / `fit_student` replace the Ray stages built from the spec (tests inject faults so)."""
+    `recover` / `training` replace the Ray stages built from the spec (tests inject faults so)."""
     connect()
     started = time.perf_counter()
     events = JobEvents(ThrottledSink(sink))
     control = JobControl.create()
     watcher = _Watcher(should_cancel, control, events, poll_s)
     workers = spec.resources.workers
+    fit_student = trainers = None
     if workers > 1:
         store = open_store(spec.output, spec.output.url or default_output_url(spec))
-        recover = recover or RayRecover(spec.resources, control=control)
-        recover.control = control
-        fit_student = fit_student or ray_student_stage(spec, store, control=control, check_s=check_s)
+        recover = recover or RayRecover(spec.resources)
+        training = training or RayTraining(spec, store)
+        recover.control = training.control = control
+        training.check_s = check_s
+        fit_student, trainers = training.fit_student, training.trainers()
     events.sink.publish({"type": "job_started", "job_id": spec.job_id(), "workers": workers})
     status, report, error = "failed", None, None
     watcher.start()
     try:
         report = run_distillation(spec, CheckedProgress(events, watcher.check), recover=recover,
-                                  fit_student=fit_student, on_stage=events.stage)
+                                  fit_student=fit_student, trainers=trainers, on_stage=events.stage)
         status = "succeeded"
     except JobCancelled:
         status = "cancelled"

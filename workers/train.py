@@ -1,24 +1,27 @@
-"""KD validation and the random-real baseline on Ray Train: a `TorchTrainer` with W workers (DDP;
-NCCL on GPUs, gloo on CPU).
+"""Training stages on Ray Train: KD validation, the random-real baseline, and squeeze's supervised
+and self-supervised training, each a `TorchTrainer` with W workers (DDP; NCCL on GPUs, gloo on CPU).
 
-Every worker loads what it trains on itself — the distilled PNGs from the artifact store, or the
-same seeded random real subset — and the relabel teacher from the store; its DistributedSampler
-part of each epoch goes through `scdd.validate.train_student` with the student DDP-wrapped, so a
-step's global batch is the protocol's. After every epoch the ranks report the mean loss through
-`ray.train.report`, rank 0 with a checkpoint (student, optimiser, schedule and sampler state) kept
-under `state/train/` of the job's output; a failed worker makes Ray Train restart the group, which
-resumes from the last checkpoint (at most `max_failures` times). The test split is evaluated
-sharded (every W-th sample per rank, counts all-reduced), so the accuracy equals one process's.
+Every worker loads what it trains on itself (the real data from disk; the distilled PNGs and the
+relabel teacher from the artifact store; the module to train from its initial weights in the store)
+and runs the library's own loop (`train_student`, `train_supervised`, a registered SSL method) with
+`TrainHooks`: its DistributedSampler part of each epoch, the module DDP-wrapped, so a step's global
+batch is the single-process one. After every epoch the ranks report the mean loss through
+`ray.train.report`, rank 0 with a checkpoint of the loop's whole state kept under `state/train/`
+of the job's output; when a worker fails, Ray Train restarts the group, which resumes from the last
+checkpoint (at most `max_failures` times). Rank 0 writes the outcome (accuracy, or the trained
+weights) to the store, where the driver reads it. The test split is evaluated sharded (every W-th
+sample per rank, counts all-reduced), so the accuracy equals one process's.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import ray
 import ray.train
@@ -26,20 +29,23 @@ import ray.train.torch
 import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
+from torch import nn
 
 from api_schema import JobSpec
 from scdd.artifacts import decode_png
-from scdd.data import load_dataset
+from scdd.data import RealData, load_dataset
 from scdd.errors import JobCancelled, WorkerFailedError
 from scdd.evaluate import evaluate
-from scdd.models import create_model, model_from_checkpoint
+from scdd.models import create_model, model_from_checkpoint, strip_head
 from scdd.progress import Progress, SilentProgress
 from scdd.recover import freeze
-from scdd.runtime import resolve_runtime
-from scdd.shard import Shard
+from scdd.runtime import Runtime, resolve_runtime
+from scdd.shard import EpochEnd, Shard, TrainHooks
+from scdd.squeeze.methods import Trainers
+from scdd.squeeze.ssl import SSL_METHODS
+from scdd.squeeze.supervised import train_supervised
 from scdd.store import ArtifactStore
 from scdd.validate import Protocol, random_real_subset, train_student
-from scdd.validate.train import EpochEnd
 from workers.cluster import connect, wants_gpus
 from workers.control import RemoteProgress
 
@@ -61,44 +67,61 @@ class TrainFault:
 
 
 @dataclass(frozen=True)
-class StudentTask:
-    """One student training run, as each Ray Train worker gets it (small; data comes from disk/store)."""
+class TrainTask:
+    """One training run, as each Ray Train worker gets it (small; data comes from disk and store)."""
 
-    stage: str  # "validate" (the distilled images) or "baseline" (the random real subset)
+    kind: str  # "student", "supervised" or "ssl"
+    stage: str  # names the run: validate, baseline, squeeze-supervised, squeeze-ssl
     spec: JobSpec
     store: ArtifactStore
-    protocol: Protocol
-    relabel_path: str | None
+    protocol: Protocol | None = None  # student
+    relabel_path: str | None = None  # student, kd
+    ssl_method: str | None = None  # ssl
+    feature_dim: int | None = None  # ssl: the backbone's feature size
     fault: TrainFault | None = None
     control: Any = None  # workers.control.JobControl: progress relay and cancel flag
     check_s: float = 0.5  # how often a worker asks the control actor whether the job is cancelled
 
+    def path(self, name: str) -> str:
+        return f"state/train/{self.stage}/{name}"
 
-def distilled_set(store: ArtifactStore, channels: int, normalize) -> tuple[torch.Tensor, torch.Tensor]:
+
+def distilled_set(store: ArtifactStore, channels: int, normalize: Callable) -> tuple[torch.Tensor, torch.Tensor]:
     """The images of the output's manifest, read back as a user gets them."""
     entries = store.read_json("manifest.json")["images"]
     pixels = torch.stack([decode_png(store.read_bytes(e["path"]), channels) for e in entries])
     return normalize(pixels), torch.tensor([e["label"] for e in entries])
 
 
+def state_bytes(module: nn.Module) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(module.state_dict(), buffer)
+    return buffer.getvalue()
+
+
+def load_state(module: nn.Module, data: bytes) -> nn.Module:
+    module.load_state_dict(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
+    return module
+
+
 class FaultProgress:
     """Progress that fires a TrainFault (test hook) and otherwise forwards."""
 
-    def __init__(self, inner: Progress, task: StudentTask, rank: int, marker: str) -> None:
-        self.inner, self.task, self.rank, self.marker = inner, task, rank, marker
+    def __init__(self, inner: Progress, task: TrainTask, rank: int) -> None:
+        self.inner, self.task, self.rank = inner, task, rank
         self.steps_per_epoch, self.done = 1, 0
 
     def start(self, stage: str, total: int, unit: str) -> None:
-        self.steps_per_epoch = max(1, total // self.task.protocol.epochs)
+        epochs = self.task.protocol.epochs if self.task.protocol else self.task.spec.teacher.epochs
+        self.steps_per_epoch = max(1, total // max(1, epochs))
         self.inner.start(stage, total, unit)
 
     def advance(self, n: int = 1, **metrics: Any) -> None:
         self.done += n
-        fault = self.task.fault
+        fault, marker = self.task.fault, self.task.path("fault-fired.json")
         if (fault is not None and n and fault.rank == self.rank and fault.stage == self.task.stage
-                and not self.task.store.exists(self.marker)
-                and self.done == fault.epoch * self.steps_per_epoch + fault.step):
-            self.task.store.write_json(self.marker, {"rank": self.rank, "epoch": fault.epoch, "step": fault.step})
+                and self.done == fault.epoch * self.steps_per_epoch + fault.step and not self.task.store.exists(marker)):
+            self.task.store.write_json(marker, {"rank": self.rank, "epoch": fault.epoch, "step": fault.step})
             time.sleep(fault.delay_s)
             os.kill(os.getpid(), signal.SIGKILL)
         self.inner.advance(n, **metrics)
@@ -107,17 +130,8 @@ class FaultProgress:
         self.inner.finish()
 
 
-def train_worker(config: dict[str, Any]) -> None:
-    """Ray Train's train_loop_per_worker for one `StudentTask`."""
-    task: StudentTask = config["task"]
-    spec, protocol = task.spec, task.protocol
-    context = ray.train.get_context()
-    shard = Shard(context.get_world_rank(), context.get_world_size())
-    device = ray.train.torch.get_device()
-    torch.set_num_threads(spec.resources.threads or 1)
-    runtime = resolve_runtime(spec.resources.model_copy(update={"device": "cuda" if device.type == "cuda" else "cpu"}))
-    data = load_dataset(spec.dataset, spec.seed)
-    info = data.info
+def run_student(task: TrainTask, data: RealData, runtime: Runtime, hooks: TrainHooks, progress: Progress) -> dict:
+    spec, protocol, info = task.spec, task.protocol, data.info
     if task.stage == "baseline":
         images, labels = random_real_subset(data.train, spec.recover.ipc, info.num_classes, spec.seed)
     else:
@@ -128,82 +142,151 @@ def train_worker(config: dict[str, Any]) -> None:
         freeze(teacher, runtime)
     torch.manual_seed(spec.seed)  # the same initialisation as the single-process stage
     student = create_model(protocol.student_arch, info.num_classes, info.channels, info.image_size)
-    resume, history = None, []
+    train_student(student, images, labels, protocol, teacher, runtime, spec.seed, progress, task.stage, hooks)
+    return evaluate(student, data.test, runtime, shard=hooks.shard).to_dict()
+
+
+def initial_model(task: TrainTask, data: RealData, headless: bool) -> nn.Module:
+    """The module the driver asked to train: the registry model, head stripped for SSL, with the
+    initial weights the driver stored."""
+    info = data.info
+    model = create_model(task.spec.teacher.arch, info.num_classes, info.channels, info.image_size)
+    if headless:
+        strip_head(model)
+    return load_state(model, task.store.read_bytes(task.path("initial.pt")))
+
+
+def run_supervised(task: TrainTask, data: RealData, runtime: Runtime, hooks: TrainHooks, progress: Progress) -> dict:
+    model = initial_model(task, data, headless=False)
+    train_supervised(model, data, task.spec.teacher, runtime, task.spec.seed, progress, hooks)
+    if hooks.shard.rank == 0:
+        task.store.write_bytes(task.path("final.pt"), state_bytes(model))
+    return {}
+
+
+def run_ssl(task: TrainTask, data: RealData, runtime: Runtime, hooks: TrainHooks, progress: Progress) -> dict:
+    backbone = initial_model(task, data, headless=True)
+    details = SSL_METHODS.get(task.ssl_method)(backbone, task.feature_dim, data, task.spec.teacher.ssl, runtime,
+                                                task.spec.seed, progress, hooks)
+    if hooks.shard.rank == 0:
+        task.store.write_bytes(task.path("final.pt"), state_bytes(backbone))
+    return {"details": details}
+
+
+RUNNERS = {"student": run_student, "supervised": run_supervised, "ssl": run_ssl}
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """Ray Train's train_loop_per_worker for one `TrainTask`."""
+    task: TrainTask = config["task"]
+    spec = task.spec
+    context = ray.train.get_context()
+    shard = Shard(context.get_world_rank(), context.get_world_size())
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(spec.resources.threads or 1)
+    runtime = resolve_runtime(spec.resources.model_copy(update={"device": "cuda" if device.type == "cuda" else "cpu"}))
+    data = load_dataset(spec.dataset, spec.seed)
+    resume = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            saved = torch.load(os.path.join(folder, STATE_FILE), weights_only=False)
-        student.load_state_dict(saved["model"])
-        resume, history = saved["train"], saved["history"]
-    student.to(device, memory_format=runtime.memory_format())
-    model = ray.train.torch.prepare_model(student, move_to_device=False) if shard.world_size > 1 else student
-
-    def report(metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
-        with tempfile.TemporaryDirectory() as folder:
-            saved_checkpoint = None
-            if shard.rank == 0 and state is not None:
-                torch.save({"model": student.state_dict(), "train": state, "history": history},
-                           os.path.join(folder, STATE_FILE))
-                saved_checkpoint = Checkpoint.from_directory(folder)
-            ray.train.report(metrics, checkpoint=saved_checkpoint)
+            resume = torch.load(os.path.join(folder, STATE_FILE), weights_only=False)
 
     def on_epoch_end(end: EpochEnd) -> None:
         loss = float(shard.sum(torch.tensor([end.loss], device=device))[0]) / shard.world_size
-        history.append({"epoch": end.epoch + 1, "loss": round(loss, 6)})
-        report({"epoch": end.epoch + 1, "loss": loss}, end.state)
+        hooks.losses[-1] = end.state["losses"][-1] = loss  # the mean over the ranks
+        with tempfile.TemporaryDirectory() as folder:
+            saved = None
+            if shard.rank == 0:
+                torch.save(end.state, os.path.join(folder, STATE_FILE))
+                saved = Checkpoint.from_directory(folder)
+            ray.train.report({"epoch": end.epoch + 1, "loss": loss}, checkpoint=saved)
 
-    progress: Progress = RemoteProgress(task.control, shard.rank, task.check_s) if task.control is not None else SilentProgress()
-    progress = FaultProgress(progress, task, shard.rank, f"state/train/{task.stage}/fault-fired.json")
+    def wrap(module: nn.Module) -> nn.Module:
+        return ray.train.torch.prepare_model(module, move_to_device=False) if shard.world_size > 1 else module
+
+    hooks = TrainHooks(shard, wrap, resume, on_epoch_end)
+    progress: Progress = RemoteProgress(task.control, shard.rank, task.check_s) if task.control else SilentProgress()
     try:
-        train_student(model, images, labels, protocol, teacher, runtime, spec.seed, progress, task.stage,
-                      shard=shard, resume=resume, on_epoch_end=on_epoch_end)
+        outcome = RUNNERS[task.kind](task, data, runtime, hooks, FaultProgress(progress, task, shard.rank))
     except JobCancelled:
         if shard.rank == 0:
-            task.store.write_json(result_path(task.stage), {"status": "cancelled"})
+            task.store.write_json(task.path("result.json"), {"status": "cancelled"})
         return  # ends this run without a failure (no restart)
-    accuracy = evaluate(student, data.test, runtime, shard=shard)
     if shard.rank == 0:
-        task.store.write_json(result_path(task.stage), {"status": "done", **accuracy.to_dict(), "history": history,
-                                                        "resumed_at_epoch": None if resume is None else resume["epoch"] + 1})
-    report({"epoch": protocol.epochs, **accuracy.to_dict()}, None)
+        losses = [{"epoch": i + 1, "loss": round(loss, 6)} for i, loss in enumerate(hooks.losses)]
+        task.store.write_json(task.path("result.json"), {
+            "status": "done", **outcome, "history": losses,
+            "resumed_at_epoch": None if resume is None else resume["epoch"] + 1,
+        })
 
 
-def result_path(stage: str) -> str:
-    return f"state/train/{stage}/result.json"
+class RayTraining:
+    """Runs `TrainTask`s on Ray Train with `spec.resources.workers` workers; provides the pipeline's
+    `fit_student` stage and squeeze `trainers`."""
 
+    def __init__(self, spec: JobSpec, store: ArtifactStore, max_failures: int = 2, fault: TrainFault | None = None,
+                 control: Any = None, check_s: float = 0.5):
+        self.spec, self.store, self.max_failures = spec, store, max_failures
+        self.fault, self.control, self.check_s = fault, control, check_s
 
-def ray_student_stage(spec: JobSpec, store: ArtifactStore, max_failures: int = 2, fault: TrainFault | None = None,
-                      control: Any = None, check_s: float = 0.5):
-    """A `scdd.pipeline.StudentStage` that trains on Ray Train with `spec.resources.workers` workers."""
-
-    def fit(stage: str, images: torch.Tensor, labels: torch.Tensor, protocol: Protocol, relabel: Any,
-            relabel_path: str | None) -> dict:
+    def run(self, kind: str, stage: str, **fields: Any) -> dict:
         connect()
-        workers = spec.resources.workers
-        use_gpu = wants_gpus(spec.resources.device, workers)
-        task = StudentTask(stage, spec, store, protocol, relabel_path, fault, control, check_s)
+        resources = self.spec.resources
+        use_gpu = wants_gpus(resources.device, resources.workers)
+        task = TrainTask(kind, stage, self.spec, self.store, fault=self.fault, control=self.control,
+                         check_s=self.check_s, **fields)
         trainer = TorchTrainer(
             train_worker,
             train_loop_config={"task": task},
-            scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
-                                         resources_per_worker={"CPU": spec.resources.threads or 1,
+            scaling_config=ScalingConfig(num_workers=resources.workers, use_gpu=use_gpu,
+                                         resources_per_worker={"CPU": resources.threads or 1,
                                                                **({"GPU": 1} if use_gpu else {})}),
-            run_config=RunConfig(name=stage, storage_path=checkpoint_root(store),
-                                 failure_config=FailureConfig(max_failures=max_failures),
+            run_config=RunConfig(name=stage, storage_path=checkpoint_root(self.store),
+                                 failure_config=FailureConfig(max_failures=self.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=1)),
         )
-        store.write_json(result_path(stage), {"status": "running"})
+        self.store.write_json(task.path("result.json"), {"status": "running"})
         result = trainer.fit()
         if result.error is not None:
-            raise WorkerFailedError(f"{stage} training on Ray Train failed after {max_failures} restarts: "
+            raise WorkerFailedError(f"{stage} training on Ray Train failed after {self.max_failures} restarts: "
                                     f"{type(result.error).__name__}: {str(result.error).splitlines()[0][:300]}")
-        outcome = store.read_json(result_path(stage))
+        outcome = self.store.read_json(task.path("result.json"))
         if outcome["status"] == "cancelled":
             raise JobCancelled(f"cancelled during {stage}")
-        return {"top1": outcome["top1"], "top5": outcome["top5"], "total": outcome["total"], "workers": workers,
-                "epochs": outcome["history"], "resumed_at_epoch": outcome["resumed_at_epoch"]}
+        return outcome
 
-    return fit
+    def fit_student(self, stage: str, images: torch.Tensor, labels: torch.Tensor, protocol: Protocol, relabel: Any,
+                    relabel_path: str | None) -> dict:
+        """A `scdd.pipeline.StudentStage`: the workers read the images themselves (store or disk)."""
+        outcome = self.run("student", stage, protocol=protocol, relabel_path=relabel_path)
+        return {"top1": outcome["top1"], "top5": outcome["top5"], "total": outcome["total"],
+                "workers": self.spec.resources.workers, "epochs": outcome["history"],
+                "resumed_at_epoch": outcome["resumed_at_epoch"]}
+
+    def trainers(self) -> Trainers:
+        return Trainers(supervised=self._supervised, ssl=self._ssl)
+
+    def _supervised(self, model: nn.Module, data: RealData, spec: Any, runtime: Runtime, seed: int,
+                    progress: Progress) -> nn.Module:
+        stage = "squeeze-supervised"
+        self.store.write_bytes(f"state/train/{stage}/initial.pt", state_bytes(model))
+        self.run("supervised", stage)
+        load_state(model, self.store.read_bytes(f"state/train/{stage}/final.pt"))
+        return model.to(runtime.device, memory_format=runtime.memory_format()).eval()
+
+    def _ssl(self, method: str) -> Callable[..., dict]:
+        def pretrain(backbone: nn.Module, feature_dim: int, data: RealData, spec: Any, runtime: Runtime, seed: int,
+                     progress: Progress) -> dict:
+            stage = "squeeze-ssl"
+            self.store.write_bytes(f"state/train/{stage}/initial.pt", state_bytes(backbone))
+            outcome = self.run("ssl", stage, ssl_method=method, feature_dim=feature_dim)
+            load_state(backbone, self.store.read_bytes(f"state/train/{stage}/final.pt"))
+            backbone.to(runtime.device, memory_format=runtime.memory_format())
+            return {**outcome["details"], "workers": self.spec.resources.workers}
+
+        SSL_METHODS.get(method)  # an unknown name fails here, in the driver, with the registry's message
+        return pretrain
 
 
 def checkpoint_root(store: ArtifactStore) -> str:

@@ -1,6 +1,7 @@
 """The method registry: each method's squeeze turns real data into a recovery teacher.
 
-A squeeze returns the teacher (a registry model, eval mode) and facts about how it was made.
+A squeeze returns the teacher (a registry model, eval mode) and facts about how it was made. The
+probe of SC-DD always trains in the calling process: a linear layer on precomputed features.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from scdd.registry import Registry
 from scdd.runtime import Runtime
 from scdd.squeeze.probe import train_probe
 from scdd.squeeze.ssl import SSL_METHODS, import_backbone
+from scdd.squeeze.ssl.registry import PretrainFn
 from scdd.squeeze.supervised import train_supervised
 from scdd.store import read_url
 
@@ -28,21 +30,34 @@ class SqueezeResult:
     details: dict = field(default_factory=dict)
 
 
-SqueezeFn = Callable[[RealData, TeacherSpec, Runtime, int, Progress], SqueezeResult]
+@dataclass(frozen=True)
+class Trainers:
+    """Where squeeze's training loops run: in this process (the defaults), or data-parallel on a
+    cluster (workers/train.py builds one). Each has the signature of the in-process function and
+    trains the module it is given in place."""
+
+    supervised: Callable[..., nn.Module] = train_supervised
+    ssl: Callable[[str], PretrainFn] = SSL_METHODS.get
+
+
+LOCAL_TRAINERS = Trainers()
+SqueezeFn = Callable[[RealData, TeacherSpec, Runtime, int, Progress, Trainers], SqueezeResult]
 METHODS: Registry[SqueezeFn] = Registry("method")
 register_method = METHODS.register
 
 
 @register_method("sre2l")
-def sre2l(data: RealData, spec: TeacherSpec, runtime: Runtime, seed: int, progress: Progress) -> SqueezeResult:
+def sre2l(data: RealData, spec: TeacherSpec, runtime: Runtime, seed: int, progress: Progress,
+          trainers: Trainers = LOCAL_TRAINERS) -> SqueezeResult:
     """SRe2L (arXiv 2306.13092): a teacher trained with labels."""
     info = data.info
     model = create_model(spec.arch, info.num_classes, info.channels, info.image_size)
-    return SqueezeResult(train_supervised(model, data, spec, runtime, seed, progress), {"kind": "supervised"})
+    return SqueezeResult(trainers.supervised(model, data, spec, runtime, seed, progress), {"kind": "supervised"})
 
 
 @register_method("scdd")
-def scdd(data: RealData, spec: TeacherSpec, runtime: Runtime, seed: int, progress: Progress) -> SqueezeResult:
+def scdd(data: RealData, spec: TeacherSpec, runtime: Runtime, seed: int, progress: Progress,
+         trainers: Trainers = LOCAL_TRAINERS) -> SqueezeResult:
     """SC-DD (arXiv 2404.07976): a self-supervised backbone, frozen, plus a linear probe."""
     info = data.info
     model = create_model(spec.arch, info.num_classes, info.channels, info.image_size)
@@ -53,7 +68,7 @@ def scdd(data: RealData, spec: TeacherSpec, runtime: Runtime, seed: int, progres
         ssl_details = {"source": "checkpoint", "checkpoint": ssl.checkpoint, "format": fmt}
         model.to(runtime.device, memory_format=runtime.memory_format())
     else:
-        ssl_details = {"source": "pretrained", **SSL_METHODS.get(ssl.method)(model, feature_dim, data, ssl, runtime, seed, progress)}
+        ssl_details = {"source": "pretrained", **trainers.ssl(ssl.method)(model, feature_dim, data, ssl, runtime, seed, progress)}
     probe = train_probe(model, data, spec.probe, runtime, seed, progress)
     set_head(model, head, probe.head.to(runtime.device))
     return SqueezeResult(model.eval(), {"kind": "self-supervised + linear probe", "ssl": ssl_details,

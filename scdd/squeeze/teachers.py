@@ -18,7 +18,7 @@ from scdd.data import RealData
 from scdd.models import checkpoint_bytes, create_model, load_weights
 from scdd.progress import Progress
 from scdd.runtime import Runtime
-from scdd.squeeze.methods import METHODS
+from scdd.squeeze.methods import LOCAL_TRAINERS, METHODS, Trainers
 from scdd.store import ArtifactStore, read_url
 
 
@@ -71,24 +71,29 @@ def _from_checkpoint(spec: JobSpec, data: RealData, url: str) -> Teacher:
 
 
 def _cached_or_squeezed(
-    spec: JobSpec, method: str, digest: str, data: RealData, cache: TeacherCache, runtime: Runtime, progress: Progress
+    spec: JobSpec, method: str, digest: str, data: RealData, cache: TeacherCache, runtime: Runtime, progress: Progress,
+    trainers: Trainers,
 ) -> Teacher:
     cached = cache.load(digest, spec, data)
     if cached is not None:
         return cached
-    result = METHODS.get(method)(data, spec.teacher, runtime, spec.seed, progress)
+    result = METHODS.get(method)(data, spec.teacher, runtime, spec.seed, progress, trainers)
     cache.save(digest, result.model, result.details)
     return Teacher(result.model, "trained", digest, result.details)
 
 
-def recovery_teacher(spec: JobSpec, data: RealData, cache: TeacherCache, runtime: Runtime, progress: Progress) -> Teacher:
+def recovery_teacher(
+    spec: JobSpec, data: RealData, cache: TeacherCache, runtime: Runtime, progress: Progress,
+    trainers: Trainers = LOCAL_TRAINERS,
+) -> Teacher:
     if spec.teacher.checkpoint:
         return _from_checkpoint(spec, data, spec.teacher.checkpoint)
-    return _cached_or_squeezed(spec, spec.method, spec.teacher_digest(), data, cache, runtime, progress)
+    return _cached_or_squeezed(spec, spec.method, spec.teacher_digest(), data, cache, runtime, progress, trainers)
 
 
 def relabel_teacher(
-    spec: JobSpec, data: RealData, recovery: Teacher, cache: TeacherCache, runtime: Runtime, progress: Progress
+    spec: JobSpec, data: RealData, recovery: Teacher, cache: TeacherCache, runtime: Runtime, progress: Progress,
+    trainers: Trainers = LOCAL_TRAINERS,
 ) -> Teacher:
     """The teacher that gives soft labels in KD validation (see ValidateSpec.relabel_teacher)."""
     vspec = spec.validate_
@@ -98,4 +103,4 @@ def relabel_teacher(
         return _from_checkpoint(spec, data, vspec.relabel_checkpoint)
     if spec.method == "sre2l":
         return recovery  # sre2l's recovery teacher is the supervised teacher
-    return _cached_or_squeezed(spec, "sre2l", spec.supervised_teacher_digest(), data, cache, runtime, progress)
+    return _cached_or_squeezed(spec, "sre2l", spec.supervised_teacher_digest(), data, cache, runtime, progress, trainers)

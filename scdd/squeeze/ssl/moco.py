@@ -26,6 +26,7 @@ from scdd.data import RealData, iterate_batches
 from scdd.optim import build_optimizer, cosine_schedule, training_step
 from scdd.progress import Progress
 from scdd.runtime import Runtime
+from scdd.shard import LOCAL, Shard, TrainHooks
 from scdd.squeeze.ssl.registry import register_ssl
 
 VIEW_CROP_SCALE = (0.2, 1.0)  # MoCo v2's CIFAR-size crops
@@ -70,10 +71,15 @@ class MoCo(nn.Module):
         out[order] = torch.cat(parts)
         return out
 
-    def forward(self, view_q: torch.Tensor, view_k: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """InfoNCE loss of a batch of view pairs, each (N, C, S, S); updates the key encoder and queue."""
+    def forward(self, view_q: torch.Tensor, view_k: torch.Tensor, generator: torch.Generator,
+                encoder_q: nn.Module | None = None, shard: Shard | None = None) -> torch.Tensor:
+        """InfoNCE loss of a batch of view pairs, each (N, C, S, S); updates the key encoder and queue.
+
+        Data-parallel: `encoder_q` is the DDP-wrapped query encoder, and the keys of every rank's
+        batch enter the queue (all-gathered), as in MoCo's multi-GPU code."""
         n = len(view_q)
-        q = F.normalize(self._encode_in_groups(self.encoder_q, view_q, torch.arange(n, device=view_q.device)), dim=1)
+        encoder_q = encoder_q or self.encoder_q
+        q = F.normalize(self._encode_in_groups(encoder_q, view_q, torch.arange(n, device=view_q.device)), dim=1)
         with torch.no_grad():
             self.momentum_update()
             shuffle = torch.randperm(n, generator=generator).to(view_k.device)
@@ -82,7 +88,7 @@ class MoCo(nn.Module):
         negatives = q @ self.queue.clone().detach().to(q.dtype)
         logits = torch.cat([positives, negatives], dim=1).float() / self.spec.temperature
         loss = F.cross_entropy(logits, torch.zeros(n, dtype=torch.long, device=q.device))
-        self.enqueue(k)
+        self.enqueue(k if shard is None else shard.gather(k))
         return loss
 
 
@@ -95,28 +101,37 @@ def make_view(images: torch.Tensor, data: RealData, generator: torch.Generator) 
 
 @register_ssl("moco_v2")
 def pretrain_moco_v2(
-    backbone: nn.Module, feature_dim: int, data: RealData, spec: SSLSpec, runtime: Runtime, seed: int, progress: Progress
+    backbone: nn.Module, feature_dim: int, data: RealData, spec: SSLSpec, runtime: Runtime, seed: int, progress: Progress,
+    hooks: TrainHooks = LOCAL,
 ) -> dict:
+    """Pretrain `backbone` in place; data-parallel and resumable through `hooks` (scdd/shard.py)."""
     device, fmt = runtime.device, runtime.memory_format()
     moco = MoCo(backbone, feature_dim, spec).to(device, memory_format=fmt).train()
+    encoder_q = hooks.wrap(moco.encoder_q)
     optimizer = build_optimizer("sgd", moco.encoder_q.parameters(), spec.lr, spec.weight_decay)
-    steps_per_epoch = math.ceil(len(data.train) / spec.batch_size)
+    batch_size = hooks.batch_size(spec.batch_size)
+    steps_per_epoch = math.ceil(hooks.samples(len(data.train)) / batch_size)
     scheduler = cosine_schedule(optimizer, spec.epochs * steps_per_epoch)
     generator = torch.Generator().manual_seed(seed)
+    stateful = (moco, optimizer, scheduler, generator)
+    first_epoch = hooks.first_epoch(*stateful)
     progress.start("ssl", spec.epochs * steps_per_epoch, "batch")
-    epoch_losses = []
-    for _epoch in range(spec.epochs):
+    progress.advance(first_epoch * steps_per_epoch)
+    epoch_losses = [round(loss, 4) for loss in hooks.losses]  # epochs before a resume
+    for epoch in range(first_epoch, spec.epochs):
         total, steps = torch.zeros((), device=device), 0
-        for images, _labels in iterate_batches(data.train, spec.batch_size, shuffle=True, generator=generator):
+        order = hooks.epoch_order(len(data.train), epoch, generator, seed)
+        for images, _labels in iterate_batches(data.train, batch_size, indices=order):
             if len(images) < 2:
-                continue  # InfoNCE needs a batch
+                continue  # InfoNCE needs a batch (ranks' parts are equally long, so all skip together)
             images = images.to(device, memory_format=fmt)
             view_q, view_k = make_view(images, data, generator), make_view(images, data, generator)
             with runtime.autocast():
-                loss = moco(view_q, view_k, generator)
+                loss = moco(view_q, view_k, generator, encoder_q, hooks.shard)
             training_step(loss, optimizer, scheduler)
             total, steps = total + loss.detach(), steps + 1
             progress.advance(1, loss=loss.detach())
         epoch_losses.append(round(float(total) / max(1, steps), 4))
+        hooks.end_epoch(epoch, epoch_losses[-1], *stateful)
     progress.finish()
     return {"method": "moco_v2", "epochs": spec.epochs, "epoch_losses": epoch_losses}
