@@ -67,6 +67,8 @@ def _add_distill(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-validate", action="store_true", help="skip the validation stage")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--print-spec", action="store_true", help="print the resolved job spec as YAML and exit")
+    parser.add_argument("--events", metavar="FILE", help="run through the Ray job driver and append its events to FILE "
+                        "as JSON lines (always the path with --workers > 1)")
     parser.set_defaults(handler=_distill)
 
 
@@ -88,14 +90,29 @@ def _distill(args: argparse.Namespace) -> int:
     if args.print_spec:
         print(yaml.safe_dump(spec.to_dict(), sort_keys=False), end="")
         return 0
-    recover = None
-    if spec.resources.workers > 1:
-        from workers.recover import RayRecover
-
-        logging.basicConfig(level=logging.INFO, format="scdd: %(message)s")
-        recover = RayRecover(spec.resources)
-    report = run_distillation(spec, SilentProgress() if args.quiet else ConsoleProgress(), recover=recover)
+    if spec.resources.workers > 1 or args.events:
+        return _distill_on_ray(spec, args)
+    report = run_distillation(spec, SilentProgress() if args.quiet else ConsoleProgress())
     print(summary(report))
+    return 0
+
+
+def _distill_on_ray(spec: Any, args: argparse.Namespace) -> int:
+    """The job driver on a Ray cluster: every stage on `resources.workers` workers, events shown
+    (and written to --events FILE as JSON lines)."""
+    from workers.driver import run_job
+    from workers.events import FanOut, FileSink, HumanSink, ListSink
+
+    logging.basicConfig(level=logging.INFO, format="scdd: %(message)s")
+    sinks = [ListSink() if args.quiet else HumanSink()] + ([FileSink(args.events)] if args.events else [])
+    outcome = run_job(spec, FanOut(*sinks))
+    if outcome["status"] == "cancelled":
+        print("scdd: cancelled; rerun the same command to resume", file=sys.stderr)
+        return 130
+    if outcome["status"] != "succeeded":
+        print(f"scdd: error: {outcome['error']}", file=sys.stderr)
+        return 2
+    print(summary(outcome["report"]))
     return 0
 
 

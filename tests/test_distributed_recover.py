@@ -186,14 +186,17 @@ def test_cli_workers_flag_joins_the_cluster_at_ray_address(ray_local, tmp_path, 
     done = subprocess.run(
         [sys.executable, "-m", "scdd", "distill", "--data-dir", str(fmnist_root), "--classes", "0,1,2",
          "--train-limit", "50", "--method", "sre2l", "--teacher-checkpoint", str(fmnist_teacher_ckpt), "--ipc", "1",
-         "--iterations", "3", "--device", "cpu", "--amp", "off", "--no-validate", "--quiet",
-         "--workers", "2", "--threads", "1", "--out", str(out)],
+         "--iterations", "3", "--device", "cpu", "--amp", "off", "--no-validate",
+         "--workers", "2", "--threads", "1", "--out", str(out), "--events", str(tmp_path / "events.jsonl")],
         env=env, capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"joined the Ray cluster at {address}" in done.stderr
     assert "2 workers, bn_sync global" in done.stdout
     assert {e["worker"] for e in read_manifest(out)["images"]} == {0, 1}
+    assert "scdd: recover done in" in done.stderr
+    events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert events[0]["type"] == "job_started" and events[-1]["status"] == "succeeded"
 
 
 def test_resuming_with_another_worker_count_is_refused(global_run, fmnist_root, four_class_teacher):

@@ -93,7 +93,8 @@ def test_killed_training_worker_resumes_from_its_checkpoint(ray_local, tmp_path,
 
     spec = job(fmnist_root, tmp_path / "run", fmnist_teacher_ckpt)
     spec = JobSpec.model_validate({**spec.to_dict(), "validate": {**spec.to_dict()["validate"], "baseline": False}})
-    training = RayTraining(spec, ArtifactStore(str(tmp_path / "run")), fault=TrainFault(rank=1, epoch=4, step=1))
+    training = RayTraining(spec, ArtifactStore(str(tmp_path / "run")), fault=TrainFault(rank=1, epoch=4, step=1),
+                           checkpoint_every_s=0)
     result = run_job(spec, ListSink(), training=training)
     assert result["status"] == "succeeded", result["error"]
     student = result["report"]["validate"]["student"]

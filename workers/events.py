@@ -8,7 +8,7 @@ type-specific fields:
 - `progress` (stage, fraction 0..1 of the stage, done, total, unit, eta_s, and the loop's latest
   metrics: losses, round, images_written, epoch ...);
 - `error` (stage, message).
-The CLI prints them (`ConsoleSink`); the service issue adds a Redis sink. `ThrottledSink` passes
+The CLI prints them (`HumanSink`) and can log them (`FileSink`, `scdd distill --events FILE`); the service issue adds a Redis sink. `ThrottledSink` passes
 at most a few progress events per second per stage; every other event passes.
 """
 
@@ -37,14 +37,56 @@ class ListSink:
         self.events.append(event)
 
 
-class ConsoleSink:
-    """One JSON line per event on a stream (stderr by default)."""
+class HumanSink:
+    """Readable lines for a terminal: stage boundaries, every 10 % of a loop, errors, the end."""
 
     def __init__(self, stream: TextIO | None = None) -> None:
         self.stream = stream or sys.stderr
+        self._shown: dict[str, int] = {}
 
     def publish(self, event: dict[str, Any]) -> None:
-        print(json.dumps(event, sort_keys=True), file=self.stream, flush=True)
+        kind = event["type"]
+        if kind == "progress":
+            key, tenth = f'{event["stage"]}/{event.get("loop")}', int(event["fraction"] * 10)
+            if self._shown.get(key, -1) >= tenth:
+                return
+            self._shown[key] = tenth
+            skip = {"type", "stage", "loop", "fraction", "job_fraction", "done", "total", "unit", "eta_s", "seq", "time"}
+            metrics = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in event.items() if k not in skip)
+            eta = f", ETA {event['eta_s']:.0f} s" if event.get("eta_s") else ""
+            line = (f"  {event['stage']:>9} {event.get('loop', ''):>9} {100 * event['fraction']:5.1f}% "
+                    f"({event['done']}/{event['total']} {event['unit']}{eta}) {metrics}")
+        elif kind == "stage_started":
+            line = f"scdd: {event['stage']} ..."
+        elif kind == "stage_finished":
+            line = f"scdd: {event['stage']} done in {event['seconds']:.1f} s"
+        elif kind == "error":
+            line = f"scdd: {event['message']}"
+        elif kind == "job_finished":
+            line = f"scdd: job {event['job_id']} {event['status']} after {event['seconds']:.1f} s"
+        else:
+            line = f"scdd: {kind} {event.get('job_id', '')}"
+        print(line, file=self.stream, flush=True)
+
+
+class FileSink:
+    """One JSON line per event, appended to a local file."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def publish(self, event: dict[str, Any]) -> None:
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(event, sort_keys=True) + "\n")
+
+
+class FanOut:
+    def __init__(self, *sinks: EventSink) -> None:
+        self.sinks = sinks
+
+    def publish(self, event: dict[str, Any]) -> None:
+        for sink in self.sinks:
+            sink.publish(event)
 
 
 class ThrottledSink:

@@ -81,6 +81,13 @@ class TrainTask:
     fault: TrainFault | None = None
     control: Any = None  # workers.control.JobControl: progress relay and cancel flag
     check_s: float = 0.5  # how often a worker asks the control actor whether the job is cancelled
+    checkpoint_every_s: float = 30.0  # report and checkpoint at most this often (and after the last epoch)
+
+    @property
+    def epochs(self) -> int:
+        if self.kind == "student":
+            return self.protocol.epochs
+        return self.spec.teacher.ssl.epochs if self.kind == "ssl" else self.spec.teacher.epochs
 
     def path(self, name: str) -> str:
         return f"state/train/{self.stage}/{name}"
@@ -112,8 +119,7 @@ class FaultProgress:
         self.steps_per_epoch, self.done = 1, 0
 
     def start(self, stage: str, total: int, unit: str) -> None:
-        epochs = self.task.protocol.epochs if self.task.protocol else self.task.spec.teacher.epochs
-        self.steps_per_epoch = max(1, total // max(1, epochs))
+        self.steps_per_epoch = max(1, total // max(1, self.task.epochs))
         self.inner.start(stage, total, unit)
 
     def advance(self, n: int = 1, **metrics: Any) -> None:
@@ -192,15 +198,30 @@ def train_worker(config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as folder:
             resume = torch.load(os.path.join(folder, STATE_FILE), weights_only=False)
 
+    last_report = [time.monotonic()]
+    unreported: list[dict[str, float]] = []
+
     def on_epoch_end(end: EpochEnd) -> None:
-        loss = float(shard.sum(torch.tensor([end.loss], device=device))[0]) / shard.world_size
-        hooks.losses[-1] = end.state["losses"][-1] = loss  # the mean over the ranks
+        # The epoch's mean loss over the ranks. A report costs about 2 s here (Ray Train's
+        # controller takes it in by polling), more than a short epoch, so the ranks report, each
+        # time with a checkpoint, every `checkpoint_every_s` and after the last epoch, carrying
+        # the per-epoch metrics since the last report. The decision travels with the loss sum, so
+        # all ranks agree on it.
+        due = float(time.monotonic() - last_report[0] >= task.checkpoint_every_s or end.epoch + 1 == task.epochs)
+        total = shard.sum(torch.tensor([end.loss, due], device=device))
+        loss = float(total[0]) / shard.world_size
+        hooks.losses[-1] = end.state["losses"][-1] = loss
+        unreported.append({"epoch": end.epoch + 1, "loss": loss})
+        if float(total[1]) == 0:
+            return
+        last_report[0] = time.monotonic()
         with tempfile.TemporaryDirectory() as folder:
             saved = None
             if shard.rank == 0:
                 torch.save(end.state, os.path.join(folder, STATE_FILE))
                 saved = Checkpoint.from_directory(folder)
-            ray.train.report({"epoch": end.epoch + 1, "loss": loss}, checkpoint=saved)
+            ray.train.report({"epoch": end.epoch + 1, "loss": loss, "epochs": list(unreported)}, checkpoint=saved)
+        unreported.clear()
 
     def wrap(module: nn.Module) -> nn.Module:
         return ray.train.torch.prepare_model(module, move_to_device=False) if shard.world_size > 1 else module
@@ -226,16 +247,17 @@ class RayTraining:
     `fit_student` stage and squeeze `trainers`."""
 
     def __init__(self, spec: JobSpec, store: ArtifactStore, max_failures: int = 2, fault: TrainFault | None = None,
-                 control: Any = None, check_s: float = 0.5):
+                 control: Any = None, check_s: float = 0.5, checkpoint_every_s: float = 30.0):
         self.spec, self.store, self.max_failures = spec, store, max_failures
         self.fault, self.control, self.check_s = fault, control, check_s
+        self.checkpoint_every_s = checkpoint_every_s
 
     def run(self, kind: str, stage: str, **fields: Any) -> dict:
         connect()
         resources = self.spec.resources
         use_gpu = wants_gpus(resources.device, resources.workers)
         task = TrainTask(kind, stage, self.spec, self.store, fault=self.fault, control=self.control,
-                         check_s=self.check_s, **fields)
+                         check_s=self.check_s, checkpoint_every_s=self.checkpoint_every_s, **fields)
         trainer = TorchTrainer(
             train_worker,
             train_loop_config={"task": task},
