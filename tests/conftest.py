@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,11 @@ def ray_local():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+def cpus_free_soon(ray, seconds: float = 10.0) -> float:
+    """Free CPUs once Ray has caught up with released placement groups (it frees them asynchronously)."""
+    deadline = time.monotonic() + seconds
+    while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return ray.available_resources().get("CPU", 0)

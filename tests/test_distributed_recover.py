@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ from api_schema import JobSpec
 from scdd.errors import OutputConflictError, ResourceError, SpecError, WorkerFailedError
 from scdd.pipeline import run_distillation
 from scdd.recover import class_slices, plan_units
-from tests.conftest import tiny_job
+from tests.conftest import cpus_free_soon, tiny_job
 from workers.recover import FaultInjection, RayRecover
 
 TWO_WORKERS = {"workers": 2, "threads": 1}
@@ -47,14 +46,6 @@ def four_class_teacher(tmp_path_factory, fmnist_root):
     path = tmp_path_factory.mktemp("teacher4") / "teacher.pt"
     path.write_bytes(checkpoint_bytes(model))
     return path
-
-
-def cpus_free_soon(ray, seconds: float = 10.0) -> float:
-    """Free CPUs once Ray has caught up with released placement groups (it frees them asynchronously)."""
-    deadline = time.monotonic() + seconds
-    while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return ray.available_resources().get("CPU", 0)
 
 
 def read_manifest(out: Path) -> dict:

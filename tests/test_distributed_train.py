@@ -14,8 +14,7 @@ from scdd.evaluate import evaluate
 from scdd.models import create_model
 from scdd.runtime import Runtime
 from scdd.shard import Shard
-from tests.conftest import tiny_job
-from tests.test_distributed_recover import cpus_free_soon
+from tests.conftest import cpus_free_soon, tiny_job
 from workers.driver import run_job
 from workers.events import ListSink
 from workers.recover import FaultInjection, RayRecover

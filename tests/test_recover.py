@@ -1,6 +1,6 @@
 import hashlib
-import shutil
 import json
+import shutil
 
 import pytest
 import torch
@@ -167,8 +167,8 @@ def test_resume_uses_the_outputs_teacher_even_if_the_cache_was_cleared(tmp_path,
 
 def test_an_empty_share_without_collectives_makes_nothing(cpu, tmp_path):
     from scdd.data.base import DatasetInfo
-    from scdd.recover import run_share
     from scdd.progress import SilentProgress
+    from scdd.recover import run_share
     from scdd.store import ArtifactStore
 
     info = DatasetInfo("t", ("a", "b", "c"), ("0-a", "1-b", "2-c"), (0, 1, 2), 1, 12, (0.5,), (0.5,))

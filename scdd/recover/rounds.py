@@ -27,8 +27,8 @@ from torch import nn
 from api_schema import RecoverSpec
 from scdd.artifacts import ImageEntry, encode_png, entry_for
 from scdd.data.base import DatasetInfo
-from scdd.progress import Progress, SilentProgress
 from scdd.errors import SpecError
+from scdd.progress import Progress, SilentProgress
 from scdd.recover.bn_loss import BNStatLoss
 from scdd.recover.synthesize import prepare_teacher, synthesize
 from scdd.runtime import Runtime
