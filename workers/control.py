@@ -35,9 +35,8 @@ class JobControl:
     def cancelled(self) -> bool:
         return self._cancelled
 
-    def publish(self, event: dict[str, Any]) -> bool:
+    def publish(self, event: dict[str, Any]) -> None:
         self._events.append(event)
-        return self._cancelled
 
     def drain(self) -> list[dict[str, Any]]:
         events, self._events = self._events, []

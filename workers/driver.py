@@ -15,6 +15,7 @@ image set `partial`.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import traceback
@@ -33,6 +34,8 @@ from workers.events import EventSink, JobEvents, ThrottledSink
 from workers.recover import RayRecover
 from workers.train import RayTraining
 
+log = logging.getLogger("scdd.workers")
+
 
 def _never() -> bool:
     return False
@@ -49,7 +52,10 @@ class _Watcher(threading.Thread):
 
     def run(self) -> None:
         while not self.stopped.wait(self.poll_s):
-            self.poll()
+            try:
+                self.poll()
+            except Exception:  # e.g. the cancel source is briefly unreachable: keep watching
+                log.exception("job watcher: polling failed; trying again")
 
     def poll(self) -> None:
         if not self.cancelled.is_set() and self.should_cancel():
@@ -85,18 +91,18 @@ def run_job(spec: JobSpec, sink: EventSink, should_cancel: Callable[[], bool] = 
     control = JobControl.create()
     watcher = _Watcher(should_cancel, control, events, poll_s)
     workers = spec.resources.workers
-    fit_student = trainers = None
-    if workers > 1:
-        store = open_store(spec.output, spec.output.url or default_output_url(spec))
-        recover = recover or RayRecover(spec.resources)
-        training = training or RayTraining(spec, store)
-        recover.control = training.control = control
-        training.check_s = check_s
-        fit_student, trainers = training.fit_student, training.trainers()
     events.sink.publish({"type": "job_started", "job_id": spec.job_id(), "workers": workers})
     status, report, error = "failed", None, None
     watcher.start()
     try:
+        fit_student = trainers = None
+        if workers > 1:
+            store = open_store(spec.output, spec.output.url or default_output_url(spec))
+            recover = recover or RayRecover(spec.resources)
+            training = training or RayTraining(spec, store)
+            recover.control = training.control = control
+            training.check_s = check_s
+            fit_student, trainers = training.fit_student, training.trainers()
         report = run_distillation(spec, CheckedProgress(events, watcher.check), recover=recover,
                                   fit_student=fit_student, trainers=trainers, on_stage=events.stage)
         status = "succeeded"
@@ -114,7 +120,12 @@ def run_job(spec: JobSpec, sink: EventSink, should_cancel: Callable[[], bool] = 
         ray.kill(control)
     if error is not None:
         events.sink.publish({"type": "error", "stage": events.stage_name, "message": error})
-    outcome = {"status": status, "error": error, "job_fraction": 1.0 if status == "succeeded" else events.job_fraction, "seconds": round(time.perf_counter() - started, 3),
-               "summary": summary(report) if report else None}
+    outcome = {
+        "status": status,
+        "error": error,
+        "job_fraction": 1.0 if status == "succeeded" else events.job_fraction,
+        "seconds": round(time.perf_counter() - started, 3),
+        "summary": summary(report) if report else None,
+    }
     events.sink.publish({"type": "job_finished", "job_id": spec.job_id(), **outcome})
     return {**outcome, "report": report}
