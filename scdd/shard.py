@@ -18,6 +18,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DistributedSampler
 
+from scdd.optim import cosine_schedule
+from scdd.progress import Progress
+
 
 @dataclass(frozen=True)
 class Shard:
@@ -62,14 +65,20 @@ class TrainHooks:
     on_epoch_end: Callable[[EpochEnd], None] | None = None
     losses: list[float] = field(default_factory=list)  # this rank's epoch losses so far (with on_epoch_end)
 
-    def batch_size(self, batch_size: int) -> int:
-        return batch_size if self.shard is None else math.ceil(batch_size / self.shard.world_size)
+    def schedule(self, optimizer: torch.optim.Optimizer, n: int, batch_size: int, epochs: int) -> tuple[int, int, Any]:
+        """This rank's batch size, its steps per epoch over n samples, and the per-step cosine schedule."""
+        if self.shard is not None:
+            batch_size = math.ceil(batch_size / self.shard.world_size)
+            n = len(DistributedSampler(range(n), self.shard.world_size, self.shard.rank))
+        steps_per_epoch = math.ceil(n / batch_size)
+        return batch_size, steps_per_epoch, cosine_schedule(optimizer, epochs * steps_per_epoch)
 
-    def samples(self, n: int) -> int:
-        """How many samples this rank sees per epoch."""
-        if self.shard is None:
-            return n
-        return len(DistributedSampler(range(n), self.shard.world_size, self.shard.rank))
+    def begin(self, progress: Progress, stage: str, epochs: int, steps_per_epoch: int, *stateful: Any) -> int:
+        """Resume the loop's stateful objects when resuming, start its progress; the first epoch to run."""
+        first_epoch = self.first_epoch(*stateful)
+        progress.start(stage, epochs * steps_per_epoch, "batch")
+        progress.advance(first_epoch * steps_per_epoch)
+        return first_epoch
 
     def epoch_order(self, n: int, epoch: int, generator: torch.Generator, seed: int) -> torch.Tensor:
         """This rank's sample order for one epoch: a permutation of all n in one process; with a

@@ -6,8 +6,6 @@ in (0.35, 1) and horizontal flip, drawn on the batch. Cosine learning rate per s
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,7 +13,7 @@ from torch import nn
 from api_schema import TeacherSpec
 from scdd import augment
 from scdd.data import RealData, iterate_batches
-from scdd.optim import build_optimizer, cosine_schedule, training_step
+from scdd.optim import build_optimizer, training_step
 from scdd.progress import Progress
 from scdd.runtime import Runtime
 from scdd.shard import LOCAL, TrainHooks
@@ -32,14 +30,10 @@ def train_supervised(
     model.to(runtime.device, memory_format=runtime.memory_format()).train()
     net = hooks.wrap(model)
     optimizer = build_optimizer(spec.optimizer, model.parameters(), spec.lr or DEFAULT_LR[spec.optimizer], spec.weight_decay)
-    batch_size = hooks.batch_size(spec.batch_size)
-    steps_per_epoch = math.ceil(hooks.samples(len(data.train)) / batch_size)
-    scheduler = cosine_schedule(optimizer, spec.epochs * steps_per_epoch)
+    batch_size, steps_per_epoch, scheduler = hooks.schedule(optimizer, len(data.train), spec.batch_size, spec.epochs)
     generator = torch.Generator().manual_seed(seed)
     stateful = (model, optimizer, scheduler, generator)
-    first_epoch = hooks.first_epoch(*stateful)
-    progress.start("squeeze", spec.epochs * steps_per_epoch, "batch")
-    progress.advance(first_epoch * steps_per_epoch)
+    first_epoch = hooks.begin(progress, "squeeze", spec.epochs, steps_per_epoch, *stateful)
     for epoch in range(first_epoch, spec.epochs):
         total = torch.zeros((), device=runtime.device)
         order = hooks.epoch_order(len(data.train), epoch, generator, seed)

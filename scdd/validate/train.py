@@ -7,14 +7,12 @@ Augmentation per image on every batch: random-resized-crop (protocol.crop_scale)
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from scdd import augment
-from scdd.optim import build_optimizer, cosine_schedule, training_step
+from scdd.optim import build_optimizer, training_step
 from scdd.progress import Progress
 from scdd.runtime import Runtime
 from scdd.shard import LOCAL, TrainHooks
@@ -43,15 +41,11 @@ def train_student(
     student.to(device, memory_format=fmt).train()
     net = hooks.wrap(student)
     optimizer = build_optimizer(protocol.optimizer, student.parameters(), protocol.lr, protocol.weight_decay)
-    batch_size = hooks.batch_size(protocol.batch_size)
-    steps_per_epoch = math.ceil(hooks.samples(len(images)) / batch_size)
-    scheduler = cosine_schedule(optimizer, protocol.epochs * steps_per_epoch)
+    batch_size, steps_per_epoch, scheduler = hooks.schedule(optimizer, len(images), protocol.batch_size, protocol.epochs)
     generator = torch.Generator().manual_seed(seed)
     stateful = (student, optimizer, scheduler, generator)
-    first_epoch = hooks.first_epoch(*stateful)
+    first_epoch = hooks.begin(progress, stage, protocol.epochs, steps_per_epoch, *stateful)
     images, labels = images.to(device), labels.to(device)
-    progress.start(stage, protocol.epochs * steps_per_epoch, "batch")
-    progress.advance(first_epoch * steps_per_epoch)
     for epoch in range(first_epoch, protocol.epochs):
         order = hooks.epoch_order(len(images), epoch, generator, seed).to(device)
         total = torch.zeros((), device=device)

@@ -14,7 +14,6 @@ sub-batches: queries in contiguous groups, keys in groups of a random permutatio
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +22,7 @@ from torch import nn
 from api_schema import SSLSpec
 from scdd import augment
 from scdd.data import RealData, iterate_batches
-from scdd.optim import build_optimizer, cosine_schedule, training_step
+from scdd.optim import build_optimizer, training_step
 from scdd.progress import Progress
 from scdd.runtime import Runtime
 from scdd.shard import LOCAL, Shard, TrainHooks
@@ -109,14 +108,10 @@ def pretrain_moco_v2(
     moco = MoCo(backbone, feature_dim, spec).to(device, memory_format=fmt).train()
     encoder_q = hooks.wrap(moco.encoder_q)
     optimizer = build_optimizer("sgd", moco.encoder_q.parameters(), spec.lr, spec.weight_decay)
-    batch_size = hooks.batch_size(spec.batch_size)
-    steps_per_epoch = math.ceil(hooks.samples(len(data.train)) / batch_size)
-    scheduler = cosine_schedule(optimizer, spec.epochs * steps_per_epoch)
+    batch_size, steps_per_epoch, scheduler = hooks.schedule(optimizer, len(data.train), spec.batch_size, spec.epochs)
     generator = torch.Generator().manual_seed(seed)
     stateful = (moco, optimizer, scheduler, generator)
-    first_epoch = hooks.first_epoch(*stateful)
-    progress.start("ssl", spec.epochs * steps_per_epoch, "batch")
-    progress.advance(first_epoch * steps_per_epoch)
+    first_epoch = hooks.begin(progress, "ssl", spec.epochs, steps_per_epoch, *stateful)
     epoch_losses = [round(loss, 4) for loss in hooks.losses]  # epochs before a resume
     for epoch in range(first_epoch, spec.epochs):
         total, steps = torch.zeros((), device=device), 0
