@@ -18,6 +18,7 @@ import torch
 from api_schema import JobSpec
 from scdd.artifacts import decode_png, grid_png, library_versions
 from scdd.data import RealData, load_dataset
+from scdd.data.base import DatasetInfo
 from scdd.errors import JobCancelled, OutputConflictError, SpecError
 from scdd.evaluate import evaluate
 from scdd.models import checkpoint_bytes, create_model
@@ -83,11 +84,10 @@ def claim_output(store: ArtifactStore, spec: JobSpec) -> bool:
     return False
 
 
-def load_distilled(store: ArtifactStore, result: RecoverResult, data: RealData) -> tuple[torch.Tensor, torch.Tensor]:
+def load_distilled(store: ArtifactStore, paths: list[str], labels: list[int], info: DatasetInfo) -> tuple[torch.Tensor, torch.Tensor]:
     """Read the written PNGs back: (N, C, S, S) normalised images and their labels (what a user gets)."""
-    info = data.info
-    pixels = torch.stack([decode_png(store.read_bytes(e.path), info.channels) for e in result.entries])
-    return info.normalize(pixels), torch.tensor([e.label for e in result.entries])
+    pixels = torch.stack([decode_png(store.read_bytes(path), info.channels) for path in paths])
+    return info.normalize(pixels), torch.tensor(labels)
 
 
 def write_manifest(store: ArtifactStore, spec: JobSpec, data: RealData, result: RecoverResult, complete: bool) -> None:
@@ -247,7 +247,7 @@ def run_distillation(
 
     with clock.stage("write"):
         write_manifest(store, spec, data, result, complete)
-        images, labels = load_distilled(store, result, data)
+        images, labels = load_distilled(store, [e.path for e in result.entries], [e.label for e in result.entries], info)
         write_grid(store, spec, data, images, labels)
 
     validation = None

@@ -15,7 +15,6 @@ sample per rank, counts all-reduced), so the accuracy equals one process's.
 
 from __future__ import annotations
 
-import io
 import os
 import signal
 import tempfile
@@ -32,11 +31,11 @@ from ray.train.torch import TorchTrainer
 from torch import nn
 
 from api_schema import JobSpec
-from scdd.artifacts import decode_png
 from scdd.data import RealData, load_dataset
 from scdd.errors import JobCancelled, WorkerFailedError
 from scdd.evaluate import evaluate
-from scdd.models import create_model, model_from_checkpoint, strip_head
+from scdd.models import checkpoint_bytes, create_model, load_weights, model_from_checkpoint, strip_head
+from scdd.pipeline import load_distilled
 from scdd.progress import Progress, SilentProgress
 from scdd.recover import freeze
 from scdd.runtime import Runtime, resolve_runtime
@@ -93,24 +92,6 @@ class TrainTask:
         return f"state/train/{self.stage}/{name}"
 
 
-def distilled_set(store: ArtifactStore, channels: int, normalize: Callable) -> tuple[torch.Tensor, torch.Tensor]:
-    """The images of the output's manifest, read back as a user gets them."""
-    entries = store.read_json("manifest.json")["images"]
-    pixels = torch.stack([decode_png(store.read_bytes(e["path"]), channels) for e in entries])
-    return normalize(pixels), torch.tensor([e["label"] for e in entries])
-
-
-def state_bytes(module: nn.Module) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(module.state_dict(), buffer)
-    return buffer.getvalue()
-
-
-def load_state(module: nn.Module, data: bytes) -> nn.Module:
-    module.load_state_dict(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
-    return module
-
-
 class FaultProgress:
     """Progress that fires a TrainFault (test hook) and otherwise forwards."""
 
@@ -141,7 +122,8 @@ def run_student(task: TrainTask, data: RealData, runtime: Runtime, hooks: TrainH
     if task.stage == "baseline":
         images, labels = random_real_subset(data.train, spec.recover.ipc, info.num_classes, spec.seed)
     else:
-        images, labels = distilled_set(task.store, info.channels, info.normalize)
+        entries = task.store.read_json("manifest.json")["images"]
+        images, labels = load_distilled(task.store, [e["path"] for e in entries], [e["label"] for e in entries], info)
     teacher = None
     if protocol.mode == "kd":
         teacher, _ = model_from_checkpoint(task.store.read_bytes(task.relabel_path), task.store.url_of(task.relabel_path))
@@ -159,14 +141,15 @@ def initial_model(task: TrainTask, data: RealData, headless: bool) -> nn.Module:
     model = create_model(task.spec.teacher.arch, info.num_classes, info.channels, info.image_size)
     if headless:
         strip_head(model)
-    return load_state(model, task.store.read_bytes(task.path("initial.pt")))
+    load_weights(model, task.store.read_bytes(task.path("initial.pt")), task.store.url_of(task.path("initial.pt")))
+    return model
 
 
 def run_supervised(task: TrainTask, data: RealData, runtime: Runtime, hooks: TrainHooks, progress: Progress) -> dict:
     model = initial_model(task, data, headless=False)
     train_supervised(model, data, task.spec.teacher, runtime, task.spec.seed, progress, hooks)
     if hooks.shard.rank == 0:
-        task.store.write_bytes(task.path("final.pt"), state_bytes(model))
+        task.store.write_bytes(task.path("final.pt"), checkpoint_bytes(model))
     return {}
 
 
@@ -175,7 +158,7 @@ def run_ssl(task: TrainTask, data: RealData, runtime: Runtime, hooks: TrainHooks
     details = SSL_METHODS.get(task.ssl_method)(backbone, task.feature_dim, data, task.spec.teacher.ssl, runtime,
                                                 task.spec.seed, progress, hooks)
     if hooks.shard.rank == 0:
-        task.store.write_bytes(task.path("final.pt"), state_bytes(backbone))
+        task.store.write_bytes(task.path("final.pt"), checkpoint_bytes(backbone))
     return {"details": details}
 
 
@@ -292,18 +275,20 @@ class RayTraining:
     def _supervised(self, model: nn.Module, data: RealData, spec: Any, runtime: Runtime, seed: int,
                     progress: Progress) -> nn.Module:
         stage = "squeeze-supervised"
-        self.store.write_bytes(f"state/train/{stage}/initial.pt", state_bytes(model))
+        self.store.write_bytes(f"state/train/{stage}/initial.pt", checkpoint_bytes(model))
         self.run("supervised", stage)
-        load_state(model, self.store.read_bytes(f"state/train/{stage}/final.pt"))
+        final = f"state/train/{stage}/final.pt"
+        load_weights(model, self.store.read_bytes(final), self.store.url_of(final))
         return model.to(runtime.device, memory_format=runtime.memory_format()).eval()
 
     def _ssl(self, method: str) -> Callable[..., dict]:
         def pretrain(backbone: nn.Module, feature_dim: int, data: RealData, spec: Any, runtime: Runtime, seed: int,
                      progress: Progress) -> dict:
             stage = "squeeze-ssl"
-            self.store.write_bytes(f"state/train/{stage}/initial.pt", state_bytes(backbone))
+            self.store.write_bytes(f"state/train/{stage}/initial.pt", checkpoint_bytes(backbone))
             outcome = self.run("ssl", stage, ssl_method=method, feature_dim=feature_dim)
-            load_state(backbone, self.store.read_bytes(f"state/train/{stage}/final.pt"))
+            final = f"state/train/{stage}/final.pt"
+            load_weights(backbone, self.store.read_bytes(final), self.store.url_of(final))
             backbone.to(runtime.device, memory_format=runtime.memory_format())
             return {**outcome["details"], "workers": self.spec.resources.workers}
 
