@@ -1,6 +1,18 @@
 """The job spec and API models (pydantic only: the leaf layer, imports nothing of ours)."""
 
 from api_schema.names import DATASETS, METHODS, MODELS, SSL_METHODS
+from api_schema.service import (
+    ACTIVE_STATES,
+    FINAL_STATES,
+    JOB_STATES,
+    ArtifactList,
+    ArtifactOut,
+    ErrorOut,
+    JobList,
+    JobOut,
+    JobState,
+    JobSummary,
+)
 from api_schema.spec import (
     AugmentSpec,
     DatasetSpec,
@@ -15,6 +27,16 @@ from api_schema.spec import (
 )
 
 __all__ = [
+    "ACTIVE_STATES",
+    "FINAL_STATES",
+    "JOB_STATES",
+    "ArtifactList",
+    "ArtifactOut",
+    "ErrorOut",
+    "JobList",
+    "JobOut",
+    "JobState",
+    "JobSummary",
     "DATASETS",
     "METHODS",
     "MODELS",

@@ -88,11 +88,22 @@ def tiny_job(fmnist_root: Path, out: Path, teacher: Path | None = None, **sectio
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """A real local Ray cluster with 2 CPUs (the CI machine's size), shared by the Ray tests."""
+def ray_head():
+    """A real Ray head on loopback with 2 CPUs (the CI machine's size) and the Jobs API, shared by
+    the Ray tests (they connect to it) and the job-service tests (they submit Ray jobs to it)."""
+    from tests.services import RayHead
+
+    head = RayHead(cpus=2).start()
+    yield head
+    head.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_local(ray_head):
+    """This test process connected to the shared Ray head."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address=ray_head.gcs, log_to_driver=False)
     yield ray
     ray.shutdown()
 

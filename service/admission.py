@@ -1,0 +1,62 @@
+"""What a tenant's spec may ask of the service, and where its job writes.
+
+The service chooses the output: every job writes under `<artifacts>/<tenant>/<job id>` and caches
+teachers under `<teacher cache>/<tenant>`, so `output.url`, `output.teacher_cache` and `output.s3`
+are not for requests. Paths a job reads (dataset root, checkpoints) must lie under one of the
+service's data roots (SCDD_DATA_ROOTS) or the tenant's own artifacts.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from api_schema import JobSpec
+from service.settings import Settings
+
+
+class AdmissionError(ValueError):
+    def __init__(self, errors: list[tuple[tuple[str, ...], str]]):
+        super().__init__("; ".join(f"{'.'.join(loc)}: {msg}" for loc, msg in errors))
+        self.errors = errors
+
+
+def job_prefix(settings: Settings, tenant: str, job_id: str) -> str:
+    return f"{settings.artifacts.rstrip('/')}/{tenant}/{job_id}"
+
+
+def _readable(path: str, roots: list[str], tenant_root: str) -> bool:
+    if "://" in path:
+        return path.startswith(tenant_root + "/")
+    real = os.path.realpath(path)
+    return any(real == root or real.startswith(root.rstrip("/") + "/") for root in roots + [tenant_root])
+
+
+def admit(spec: JobSpec, tenant: str, job_id: str, settings: Settings) -> dict:
+    """The spec the job will run (as a dict), or AdmissionError naming each refused field."""
+    errors: list[tuple[tuple[str, ...], str]] = []
+    output = spec.output
+    for field, value in (("url", output.url), ("teacher_cache", output.teacher_cache)):
+        if value is not None:
+            errors.append((("body", "output", field), "chosen by the service (each job writes under its own artifact "
+                                                       "prefix): leave it out"))
+    if output.s3.model_dump(exclude_none=True):
+        errors.append((("body", "output", "s3"), "the service's artifact store is configured by the operator: leave it out"))
+    tenant_root = f"{settings.artifacts.rstrip('/')}/{tenant}"
+    roots = settings.data_root_list
+    reads: list[tuple[tuple[str, ...], Optional[str]]] = [
+        (("dataset", "root"), spec.dataset.root),
+        (("teacher", "checkpoint"), spec.teacher.checkpoint),
+        (("teacher", "ssl", "checkpoint"), spec.teacher.ssl.checkpoint),
+        (("validate", "relabel_checkpoint"), spec.validate_.relabel_checkpoint),
+    ]
+    for loc, path in reads:
+        if path is not None and not _readable(path, roots, tenant_root):
+            errors.append((("body", *loc), f"{path!r} is outside the folders this service reads from "
+                                           f"({', '.join(roots)}, or your own job artifacts)"))
+    if errors:
+        raise AdmissionError(errors)
+    data = spec.to_dict()
+    data["output"] = {**data["output"], "url": job_prefix(settings, tenant, job_id),
+                      "teacher_cache": f"{settings.teacher_cache_root.rstrip('/')}/{tenant}"}
+    return data

@@ -1,0 +1,1 @@
+"""The HTTP API (FastAPI). Imports api_schema and the service's Redis model; never torch."""

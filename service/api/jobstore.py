@@ -1,0 +1,68 @@
+"""Job records, the queue and events in Redis, as the API (asyncio) uses them."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from typing import Any, Optional
+
+import redis.asyncio as aioredis
+
+from service import records
+from service.records import Keys
+
+JOB_ID = re.compile(r"^j-[0-9a-f]{20}$")
+STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+
+
+class AsyncJobStore:
+    def __init__(self, client: aioredis.Redis, prefix: str, events_maxlen: int, idempotency_ttl_s: int):
+        self.redis, self.keys = client, Keys(prefix)
+        self.events_maxlen, self.idempotency_ttl_s = events_maxlen, idempotency_ttl_s
+        self._create = client.register_script(records.CREATE)
+        self._cancel = client.register_script(records.CANCEL)
+
+    async def create(self, job_id: str, tenant: str, spec: dict[str, Any], quota: int,
+                     idempotency_key_hash: Optional[str], body_hash: str) -> tuple[str, str]:
+        """('created' | 'existing' | 'conflict', job id) or ('quota', active job count)."""
+        k = self.keys
+        idem = k.idempotency(tenant, idempotency_key_hash) if idempotency_key_hash else k.idempotency(tenant, "-")
+        outcome, value = await self._create(
+            keys=[k.job(job_id), idem, k.queue, k.tenant_jobs(tenant), *(k.tenant_state(tenant, s) for s in
+                  ("queued", "dispatched", "running")), k.counts],
+            args=[job_id, tenant, f"{time.time():.3f}", json.dumps(spec, sort_keys=True), body_hash, quota,
+                  self.idempotency_ttl_s, "1" if idempotency_key_hash else "0"])
+        return outcome, value
+
+    async def get(self, job_id: str, tenant: str) -> Optional[dict[str, str]]:
+        """The record, or None when there is no such job *of this tenant*."""
+        if not JOB_ID.match(job_id):
+            return None
+        record = await self.redis.hgetall(self.keys.job(job_id))
+        return record if record and record.get("tenant") == tenant else None
+
+    async def list(self, tenant: str, state: Optional[str], limit: int, cursor: Optional[str]) -> tuple[list[dict], Optional[str]]:
+        index = self.keys.tenant_state(tenant, state) if state else self.keys.tenant_jobs(tenant)
+        ids = await self.redis.zrevrangebylex(index, f"({cursor}" if cursor else "+", "-", start=0, num=limit + 1)
+        page = ids[:limit]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in page:
+                pipe.hgetall(self.keys.job(job_id))
+            found = [record for record in await pipe.execute() if record]
+        return found, (page[-1] if len(ids) > limit else None)
+
+    async def cancel(self, job_id: str) -> tuple[str, str]:
+        event = records.finished_event(job_id, "cancelled", error="cancelled before it was dispatched")
+        outcome, state = await self._cancel(keys=[self.keys.job(job_id)],
+                                            args=[self.keys.prefix, f"{time.time():.3f}", self.events_maxlen, event])
+        return outcome, state
+
+    async def events(self, job_id: str, after: str, block_ms: Optional[int] = None,
+                     count: int = 200) -> list[tuple[str, str, str]]:
+        """(stream id, type, JSON) of the job's events after `after`; with `block_ms`, waits that long for one."""
+        answer = await self.redis.xread({self.keys.events(job_id): after}, count=count, block=block_ms)
+        return [(entry_id, fields["type"], fields["data"]) for _, entries in answer for entry_id, fields in entries]
+
+    async def counts(self) -> dict[str, int]:
+        return {state: int(n) for state, n in (await self.redis.hgetall(self.keys.counts)).items()}

@@ -1,0 +1,64 @@
+"""The FastAPI app: `create_app(settings)`; `uvicorn --factory service.api.main:create_app` reads the environment."""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+from typing import Optional
+
+import redis
+import redis.asyncio as aioredis
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+import scdd
+from service.api.jobstore import AsyncJobStore
+from service.api.middleware import BodyLimit, Metrics, RequestMetrics
+from service.api.routes import artifacts, events, health, jobs
+from service.auth import ApiKeys
+from service.settings import Settings
+
+DESCRIPTION = """Distill image datasets into a few synthetic images per class (SC-DD, SRe2L).
+
+Submit a job spec, follow its progress (poll or Server-Sent Events), cancel it, and download the
+images (a torchvision ImageFolder), the manifest and the report. Every call but the health checks
+needs `Authorization: Bearer <API key>`."""
+
+
+def _field_path(loc: tuple) -> str:
+    parts = [str(part) for part in loc if part != "body"]
+    return ".".join(parts) or "body"
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = [{"loc": list(error["loc"]), "msg": error["msg"], "type": error["type"]} for error in exc.errors()]
+    message = "; ".join(f"{_field_path(tuple(error['loc']))}: {error['msg']}" for error in errors)
+    return JSONResponse({"detail": errors, "message": message}, status_code=422)
+
+
+async def _store_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse({"detail": f"the job store (Redis) is unavailable: {type(exc).__name__}; try again shortly"},
+                        status_code=503, headers={"Retry-After": "5"})
+
+
+def create_app(settings: Optional[Settings] = None) -> FastAPI:
+    settings = settings or Settings()
+    keys = ApiKeys.load(settings.api_keys, settings.api_keys_file, settings.max_active_jobs)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        client = aioredis.from_url(settings.redis_url, decode_responses=True, socket_timeout=30)
+        app.state.store = AsyncJobStore(client, settings.redis_prefix, settings.events_maxlen, settings.idempotency_ttl_s)
+        yield
+        await client.aclose()
+
+    app = FastAPI(title="scdd job service", version=scdd.__version__, description=DESCRIPTION, lifespan=lifespan)
+    app.state.settings, app.state.keys, app.state.metrics = settings, keys, Metrics()
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    for error in (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+        app.add_exception_handler(error, _store_unavailable)
+    for module in (jobs, events, artifacts, health):
+        app.include_router(module.router)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(RequestMetrics, metrics=app.state.metrics)
+    return app

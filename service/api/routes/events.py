@@ -1,0 +1,56 @@
+"""A job's progress as Server-Sent Events."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated, Optional
+
+from fastapi import APIRouter, Header, HTTPException, Request
+from fastapi.responses import StreamingResponse
+
+from api_schema import FINAL_STATES, ErrorOut
+from service.api.deps import JobDep, StoreDep
+from service.api.jobstore import STREAM_ID, AsyncJobStore
+
+router = APIRouter(prefix="/v1/jobs", tags=["events"])
+
+KEEPALIVE_MS = 10000  # below the Redis client's socket timeout
+
+
+def _frame(entry_id: str, kind: str, data: str) -> str:
+    return f"id: {entry_id}\nevent: {kind}\ndata: {data}\n\n"
+
+
+async def _follow(store: AsyncJobStore, request: Request, job_id: str, after: str, block_ms: int) -> AsyncIterator[str]:
+    yield "retry: 2000\n\n"
+    while True:
+        entries = await store.events(job_id, after)
+        if not entries:
+            if await store.redis.hget(store.keys.job(job_id), "state") in FINAL_STATES:
+                return  # ended, and every event was sent
+            entries = await store.events(job_id, after, block_ms)
+        for entry_id, kind, data in entries:
+            after = entry_id
+            yield _frame(entry_id, kind, data)
+            if kind == "job_finished":
+                return
+        if not entries:
+            yield ": keep-alive\n\n"
+            if await request.is_disconnected():
+                return
+
+
+@router.get("/{job_id}/events", responses={200: {"content": {"text/event-stream": {}}}, 401: {"model": ErrorOut},
+                                           404: {"model": ErrorOut}, 400: {"model": ErrorOut}})
+async def job_events(job: JobDep, store: StoreDep, request: Request,
+                     last_event_id: Annotated[Optional[str], Header(max_length=45)] = None) -> StreamingResponse:
+    """Server-Sent Events: `job_started`, `stage_started`, `progress`, `stage_finished`, `error`, `job_finished`
+    (each `data:` is the event as JSON, each `id:` its position). Send `Last-Event-ID` to resume after an event;
+    the stream ends after `job_finished`."""
+    after = last_event_id or "0-0"
+    if not STREAM_ID.match(after):
+        raise HTTPException(400, f"Last-Event-ID {after!r} is not an event id (like 1732190000000-0): "
+                                 "send the id of the last event you received")
+    block_ms = getattr(request.app.state, "sse_keepalive_ms", KEEPALIVE_MS)
+    return StreamingResponse(_follow(store, request, job["id"], after, block_ms), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -1,0 +1,57 @@
+"""Liveness, readiness and Prometheus metrics (no API key needed)."""
+
+from __future__ import annotations
+
+import httpx
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from api_schema import JOB_STATES
+from service.api.deps import SettingsDep, StoreDep
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+async def healthz() -> dict:
+    """The process is up."""
+    return {"status": "ok"}
+
+
+async def _ray_reachable(url: str | None) -> str:
+    if not url:
+        return "not configured: set RAY_ADDRESS to the Ray Jobs API (http://head:8265)"
+    try:
+        async with httpx.AsyncClient(timeout=2.0) as client:
+            answer = await client.get(f"{url.rstrip('/')}/api/version")
+    except httpx.HTTPError as exc:
+        return f"unreachable at {url}: {type(exc).__name__}"
+    if answer.status_code >= 500:
+        return f"Ray Jobs API at {url} answers {answer.status_code}"
+    return "ok"
+
+
+@router.get("/readyz", responses={503: {"description": "Redis or Ray is not reachable."}})
+async def readyz(store: StoreDep, settings: SettingsDep) -> JSONResponse:
+    """Redis answers PING and the Ray Jobs API answers."""
+    try:
+        await store.redis.ping()
+        redis_state = "ok"
+    except Exception as exc:  # any failure of the connection means not ready
+        redis_state = f"unreachable: {type(exc).__name__}: {exc}"
+    ray_state = await _ray_reachable(settings.ray_jobs_url)
+    ready = redis_state == "ok" and ray_state == "ok"
+    return JSONResponse({"status": "ready" if ready else "not ready", "redis": redis_state, "ray": ray_state},
+                        status_code=200 if ready else 503)
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics(request: Request, store: StoreDep) -> Response:
+    """Prometheus text format: requests, latency, queue depth, jobs by state."""
+    registry = request.app.state.metrics
+    counts = await store.counts()
+    for state in JOB_STATES:
+        registry.jobs.labels(state).set(counts.get(state, 0))
+    registry.queue_depth.set(counts.get("queued", 0))
+    return Response(generate_latest(registry.registry), media_type=CONTENT_TYPE_LATEST)

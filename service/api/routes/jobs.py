@@ -1,0 +1,77 @@
+"""Submit, read, list and cancel jobs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Annotated, Optional
+
+from fastapi import APIRouter, Header, HTTPException, Query, Response
+from fastapi.exceptions import RequestValidationError
+
+from api_schema import ErrorOut, JobList, JobOut, JobSpec, JobState
+from service import records
+from service.admission import AdmissionError, admit
+from service.api.deps import JobDep, SettingsDep, StoreDep, TenantDep
+from service.api.jobstore import JOB_ID
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+ERRORS = {401: {"model": ErrorOut}, 404: {"model": ErrorOut}}
+
+
+@router.post("", status_code=202, response_model=JobOut,
+             responses={**ERRORS, 409: {"model": ErrorOut}, 413: {"model": ErrorOut}, 422: {"model": ErrorOut},
+                        429: {"model": ErrorOut}})
+async def submit_job(spec: JobSpec, response: Response, tenant: TenantDep, store: StoreDep, settings: SettingsDep,
+                     idempotency_key: Annotated[Optional[str], Header(min_length=1, max_length=255)] = None) -> JobOut:
+    """Queue a distillation job. Retrying with the same `Idempotency-Key` returns the same job."""
+    job_id = records.new_job_id()
+    try:
+        effective = admit(spec, tenant.name, job_id, settings)
+    except AdmissionError as exc:
+        raise RequestValidationError([{"loc": loc, "msg": msg, "type": "value_error"} for loc, msg in exc.errors]) from None
+    key_hash = hashlib.sha256(idempotency_key.encode()).hexdigest() if idempotency_key else None
+    body_hash = hashlib.sha256(json.dumps(spec.to_dict(), sort_keys=True).encode()).hexdigest()
+    outcome, value = await store.create(job_id, tenant.name, effective, tenant.max_active_jobs, key_hash, body_hash)
+    if outcome == "quota":
+        raise HTTPException(429, f"tenant {tenant.name!r} has {value} jobs queued or running, its limit is "
+                                 f"{tenant.max_active_jobs}: wait for one to finish or cancel one")
+    if outcome == "conflict":
+        raise HTTPException(409, f"this Idempotency-Key was used for job {value} with a different spec: "
+                                 "use a new key for a new job")
+    record = await store.get(value, tenant.name)
+    if record is None:  # the job behind a remembered key is gone
+        raise HTTPException(409, "this Idempotency-Key belongs to a job that no longer exists: use a new key")
+    response.headers["Location"] = f"/v1/jobs/{value}"
+    if outcome == "existing":
+        response.headers["Idempotent-Replayed"] = "true"
+    return records.job_out(record)
+
+
+@router.get("", response_model=JobList, responses={401: {"model": ErrorOut}, 422: {"model": ErrorOut}})
+async def list_jobs(tenant: TenantDep, store: StoreDep,
+                    state: Annotated[Optional[JobState], Query(description="Only jobs in this state.")] = None,
+                    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+                    cursor: Annotated[Optional[str], Query(pattern=JOB_ID.pattern,
+                                                           description="`next_cursor` of the previous page.")] = None,
+                    ) -> JobList:
+    """The caller's jobs, newest first."""
+    found, next_cursor = await store.list(tenant.name, state, limit, cursor)
+    return JobList(jobs=[records.job_out(record) for record in found], next_cursor=next_cursor)
+
+
+@router.get("/{job_id}", response_model=JobOut, responses=ERRORS)
+async def get_job(job: JobDep) -> JobOut:
+    """State, stage, progress, timestamps, error, and the report summary once done."""
+    return records.job_out(job)
+
+
+@router.post("/{job_id}/cancel", status_code=202, response_model=JobOut, responses={**ERRORS, 409: {"model": ErrorOut}})
+async def cancel_job(job: JobDep, store: StoreDep, tenant: TenantDep) -> JobOut:
+    """Stop a job: a queued one at once; a running one at its next check, or by force after the grace period.
+    Idempotent; a finished job answers 409."""
+    outcome, state = await store.cancel(job["id"])
+    if outcome == "final":
+        raise HTTPException(409, f"job {job['id']} already {state}: nothing to cancel")
+    return records.job_out(await store.get(job["id"], tenant.name) or job)

@@ -1,0 +1,118 @@
+"""API keys: bearer tokens mapped to tenants, kept only as SHA-256 hashes, compared in constant time.
+
+Keys come from `SCDD_API_KEYS` (`tenant=key,tenant=key`, hashed as they are read) and/or the file
+at `SCDD_API_KEYS_FILE` (YAML or JSON, hashes only):
+
+    tenants:
+      vision-team:
+        keys_sha256: [<64 hex digits>, ...]
+        max_active_jobs: 4        # optional; default SCDD_MAX_ACTIVE_JOBS
+
+`python -m service.auth new TENANT` prints a fresh key and the line to put in that file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+TENANT = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class KeyConfigError(ValueError):
+    pass
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def new_key() -> str:
+    return "scdd_" + secrets.token_urlsafe(32)
+
+
+@dataclass(frozen=True)
+class Tenant:
+    name: str
+    max_active_jobs: int
+
+
+class ApiKeys:
+    def __init__(self, entries: list[tuple[bytes, Tenant]]):
+        self._entries = entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def tenant_for(self, key: str) -> Optional[Tenant]:
+        """Compares the key's hash with every stored hash (no early exit), so timing says nothing."""
+        digest = hashlib.sha256(key.encode()).digest()
+        found = None
+        for stored, tenant in self._entries:
+            if hmac.compare_digest(stored, digest):
+                found = tenant
+        return found
+
+    @classmethod
+    def load(cls, pairs: Optional[str], path: Optional[str], default_quota: int) -> "ApiKeys":
+        entries: list[tuple[bytes, Tenant]] = []
+        for pair in filter(None, (part.strip() for part in (pairs or "").split(","))):
+            name, sep, key = pair.partition("=")
+            if not sep or not key:
+                raise KeyConfigError(f"SCDD_API_KEYS: expected tenant=key pairs separated by commas, got {pair.split('=')[0]!r}...")
+            entries.append((hashlib.sha256(key.encode()).digest(), Tenant(_tenant_name(name), default_quota)))
+        if path:
+            entries += _load_file(Path(path), default_quota)
+        return cls(entries)
+
+
+def _tenant_name(name: str) -> str:
+    if not TENANT.match(name):
+        raise KeyConfigError(f"tenant name {name!r}: use lower-case letters, digits, '-' and '_' (at most 63)")
+    return name
+
+
+def _load_file(path: Path, default_quota: int) -> list[tuple[bytes, Tenant]]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise KeyConfigError(f"API key file {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise KeyConfigError(f"API key file {path} is not valid YAML/JSON: {exc}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("tenants"), dict):
+        raise KeyConfigError(f"API key file {path}: expected a mapping 'tenants: {{name: {{keys_sha256: [...]}}}}'")
+    entries = []
+    for name, entry in data["tenants"].items():
+        hashes = (entry or {}).get("keys_sha256") if isinstance(entry, dict) else None
+        if not isinstance(hashes, list) or not all(isinstance(h, str) and HEX64.match(h) for h in hashes):
+            raise KeyConfigError(f"API key file {path}: tenants.{name}.keys_sha256 must be a list of SHA-256 hex digests")
+        quota = entry.get("max_active_jobs", default_quota)
+        if not isinstance(quota, int) or quota < 1:
+            raise KeyConfigError(f"API key file {path}: tenants.{name}.max_active_jobs must be a positive integer")
+        tenant = Tenant(_tenant_name(str(name)), quota)
+        entries += [(bytes.fromhex(h), tenant) for h in hashes]
+    return entries
+
+
+def write_key_file(path: Path, tenant: str) -> str:
+    """A new key for `tenant` in a new key file at `path`; returns the key (shown once)."""
+    key = new_key()
+    path.write_text(yaml.safe_dump({"tenants": {_tenant_name(tenant): {"keys_sha256": [hash_key(key)]}}}))
+    return key
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1] != "new":
+        sys.exit("usage: python -m service.auth new TENANT")
+    fresh = new_key()
+    print(f"key (give it to the tenant; it is not stored): {fresh}")
+    print(f"tenants:\n  {_tenant_name(sys.argv[2])}:\n    keys_sha256: [{hash_key(fresh)}]")

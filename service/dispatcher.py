@@ -1,0 +1,261 @@
+"""The dispatcher: takes jobs off the Redis queue and runs each as a Ray job, at most
+SCDD_MAX_RUNNING at a time across all dispatchers; follows them until they end.
+
+Delivery is at-least-once (a Redis Stream with the consumer group `dispatchers`); a run is
+exactly-once because the Ray job's submission id is the job id (Ray refuses a second submit of the
+same id, and the entrypoint claims the job record only once). A message is acknowledged when its
+job has ended, so a dispatcher's pending messages are the jobs it follows: it touches them every
+tick (XCLAIM, idle 0), and another dispatcher takes over those of a dispatcher silent for
+SCDD_RECLAIM_AFTER_S (XAUTOCLAIM). A message delivered, or failing to submit, SCDD_MAX_DELIVERIES
+times goes to the dead-letter stream and its job fails with the reason.
+
+Run it: `python -m service.dispatcher` (`scdd serve` starts one).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from typing import Any, Optional
+
+import redis
+
+from api_schema import FINAL_STATES
+from service.jobstore import JobStore
+from service.records import GROUP
+from service.settings import Settings
+
+log = logging.getLogger("scdd.dispatcher")
+
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+class RayJobs:
+    """The Ray Jobs API, submitting idempotently by submission id."""
+
+    def __init__(self, address: str, python: str = "python"):
+        self.address, self.python = address, python
+        self._client: Any = None
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            from ray.job_submission import JobSubmissionClient
+
+            self._client = JobSubmissionClient(self.address)
+        return self._client
+
+    def submit(self, job_id: str, spec: dict, env: dict[str, str]) -> bool:
+        """True when this call started the Ray job, False when Ray already had it."""
+        resources = spec.get("resources", {})
+        single = resources.get("workers", 1) == 1
+        try:
+            self.client.submit_job(
+                entrypoint=f"{self.python} -m service.entrypoint {job_id}",
+                submission_id=job_id,
+                runtime_env={"env_vars": env},
+                entrypoint_num_cpus=(resources.get("threads") or 1) if single else 0,
+                entrypoint_num_gpus=1 if single and str(resources.get("device", "")).startswith("cuda") else 0,
+                metadata={"scdd_job": job_id},
+            )
+            return True
+        except Exception:
+            if self.status(job_id)[0] is not None:
+                return False
+            raise
+
+    def status(self, job_id: str) -> tuple[Optional[str], str]:
+        """(PENDING | RUNNING | SUCCEEDED | FAILED | STOPPED, message), or (None, '') when Ray has no such job."""
+        try:
+            info = self.client.get_job_info(job_id)
+        except RuntimeError as exc:
+            if "does not exist" in str(exc) or "404" in str(exc):
+                return None, ""
+            raise
+        return str(getattr(info.status, "value", info.status)), info.message or ""
+
+    def stop(self, job_id: str) -> None:
+        self.client.stop_job(job_id)
+
+
+class Dispatcher:
+    def __init__(self, settings: Settings, store: JobStore, ray_jobs: RayJobs, name: Optional[str] = None):
+        self.settings, self.store, self.ray = settings, store, ray_jobs
+        self.name = name or f"{socket.gethostname()}-{os.getpid()}"
+        self.keys = store.keys
+        self.following: dict[str, str] = {}  # job id -> message id
+        self.waiting: dict[str, str] = {}    # job ids read but not yet submitted (no free slot, Ray down)
+        self.stopped = threading.Event()
+
+    @property
+    def r(self) -> redis.Redis:
+        return self.store.redis
+
+    def ensure_group(self) -> None:
+        try:
+            self.r.xgroup_create(self.keys.queue, GROUP, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def run(self) -> None:
+        self.ensure_group()
+        log.info("dispatcher %s: queue %s, Ray Jobs API %s, at most %d jobs at once", self.name, self.keys.queue,
+                 self.ray.address, self.settings.max_running)
+        while not self.stopped.is_set():
+            try:
+                self.tick()
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                log.warning("Redis unreachable (%s); retrying", exc)
+                self.stopped.wait(self.settings.poll_s)
+
+    def tick(self) -> None:
+        self.touch()
+        self.reclaim()
+        self.follow()
+        for job_id, message_id in list(self.waiting.items()):
+            self.handle(message_id, job_id, self.deliveries(message_id))
+        self.read_new()
+
+    # -- the queue -------------------------------------------------------------------------------
+    def touch(self) -> None:
+        """Reset the idle time of the messages this dispatcher holds, so no other takes them."""
+        held = list(self.following.values()) + list(self.waiting.values())
+        if held:
+            self.r.xclaim(self.keys.queue, GROUP, self.name, 0, held, justid=True)
+
+    def reclaim(self) -> None:
+        idle_ms = int(self.settings.reclaim_after_s * 1000)
+        start = "0-0"
+        while True:
+            start, messages, _deleted = self.r.xautoclaim(self.keys.queue, GROUP, self.name, idle_ms, start, count=50)
+            for message_id, fields in messages:
+                log.info("took over job %s (message %s) from a silent dispatcher", fields.get("job"), message_id)
+                self.handle(message_id, fields.get("job", ""), self.deliveries(message_id))
+            if start == "0-0" or not messages:
+                return
+
+    def read_new(self) -> None:
+        free = self.settings.max_running - self.r.scard(self.keys.active) - len(self.waiting)
+        if free <= 0:
+            self.stopped.wait(self.settings.poll_s)
+            return
+        block_ms = int(self.settings.poll_s * 1000)
+        answer = self.r.xreadgroup(GROUP, self.name, {self.keys.queue: ">"}, count=free, block=block_ms)
+        for _stream, messages in answer or []:
+            for message_id, fields in messages:
+                self.handle(message_id, fields.get("job", ""), 1)
+
+    def deliveries(self, message_id: str) -> int:
+        pending = self.r.xpending_range(self.keys.queue, GROUP, min=message_id, max=message_id, count=1)
+        return int(pending[0]["times_delivered"]) if pending else 1
+
+    def ack(self, message_id: str, job_id: str) -> None:
+        self.r.xack(self.keys.queue, GROUP, message_id)
+        self.following.pop(job_id, None)
+        self.waiting.pop(job_id, None)
+
+    def dead_letter(self, message_id: str, job_id: str, reason: str) -> None:
+        log.error("job %s dead-lettered: %s", job_id, reason)
+        self.r.xadd(self.keys.dead, {"job": job_id, "message": message_id, "reason": reason,
+                                     "dispatcher": self.name}, maxlen=100000, approximate=True)
+        if job_id:
+            self.store.finish(job_id, "failed", ("queued", "dispatched", "running"), error=f"not dispatched: {reason}")
+        self.ack(message_id, job_id)
+
+    # -- one job ---------------------------------------------------------------------------------
+    def handle(self, message_id: str, job_id: str, deliveries: int) -> None:
+        record = self.store.get(job_id) if job_id else None
+        if record is None:
+            return self.dead_letter(message_id, job_id, "the message names no job record")
+        if record["state"] in FINAL_STATES:
+            return self.ack(message_id, job_id)
+        attempts = int(record.get("attempts") or 0)
+        limit = self.settings.max_deliveries
+        if record["state"] == "queued" and (deliveries > limit or attempts >= limit):
+            return self.dead_letter(message_id, job_id, f"delivered {deliveries} times, {attempts} failed submits "
+                                                        f"(limit {limit}); last error: {record.get('last_error', 'none')}")
+        if not self.store.reserve(job_id, self.settings.max_running):
+            self.waiting[job_id] = message_id
+            return
+        if record["state"] == "queued":
+            try:
+                started = self.ray.submit(job_id, json.loads(record["spec"]), self.job_env())
+            except Exception as exc:  # Ray unreachable or refusing: count it, retry on a later tick
+                self.r.hincrby(self.keys.job(job_id), "attempts", 1)
+                self.r.hset(self.keys.job(job_id), "last_error", f"{type(exc).__name__}: {str(exc)[:500]}")
+                log.warning("job %s: submitting to Ray failed (%s); will retry", job_id, exc)
+                self.waiting[job_id] = message_id
+                return
+            self.store.transition(job_id, "dispatched", ("queued",), dispatched_at=f"{time.time():.3f}")
+            log.info("job %s %s Ray job %s", job_id, "submitted as" if started else "already was", job_id)
+        self.waiting.pop(job_id, None)
+        self.following[job_id] = message_id
+
+    def job_env(self) -> dict[str, str]:
+        s = self.settings
+        return {"REDIS_URL": s.redis_url, "SCDD_REDIS_PREFIX": s.redis_prefix, "SCDD_EVENTS_MAXLEN": str(s.events_maxlen)}
+
+    def follow(self) -> None:
+        for job_id, message_id in list(self.following.items()):
+            try:
+                self.follow_one(job_id, message_id)
+            except Exception as exc:  # Ray briefly unreachable: ask again next tick
+                log.warning("job %s: reading its Ray status failed (%s)", job_id, exc)
+
+    def follow_one(self, job_id: str, message_id: str) -> None:
+        record = self.store.get(job_id)
+        if record is None:
+            return self.ack(message_id, job_id)
+        status, message = self.ray.status(job_id)
+        active = ("queued", "dispatched", "running")
+        if status is None:
+            if record["state"] in ("queued", "dispatched"):  # Ray lost it before it ran (cluster restart)
+                self.store.transition(job_id, "queued", ("dispatched",))
+                self.following.pop(job_id, None)
+                self.waiting[job_id] = message_id
+            else:
+                self.store.finish(job_id, "failed", active, error="the Ray cluster lost the job (restarted?)")
+                self.ack(message_id, job_id)
+            return
+        if status in TERMINAL:
+            if record["state"] not in FINAL_STATES:
+                if status == "STOPPED" and record.get("cancel_requested") == "1":
+                    self.store.finish(job_id, "cancelled", active, error="stopped on request")
+                elif status == "SUCCEEDED":
+                    self.store.finish(job_id, "failed", active, error="the job's driver exited without a result")
+                else:
+                    self.store.finish(job_id, "failed", active, error=f"the job's driver {status.lower()}: {message}")
+            return self.ack(message_id, job_id)
+        requested = float(record.get("cancel_requested_at") or 0)
+        if requested and record["state"] not in FINAL_STATES and time.time() - requested > self.settings.cancel_grace_s:
+            log.warning("job %s did not stop within %.0f s of the cancel; stopping its Ray job", job_id,
+                        self.settings.cancel_grace_s)
+            self.ray.stop(job_id)
+            self.store.finish(job_id, "cancelled", active,
+                              error=f"stopped by force {self.settings.cancel_grace_s:.0f} s after the cancel request")
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    settings = Settings()
+    if not settings.ray_jobs_url:
+        print("scdd dispatcher: set RAY_ADDRESS to the Ray Jobs API, e.g. http://127.0.0.1:8265", file=sys.stderr)
+        return 2
+    store = JobStore.connect(settings.redis_url, settings.redis_prefix, settings.events_maxlen)
+    dispatcher = Dispatcher(settings, store, RayJobs(settings.ray_jobs_url, os.environ.get("SCDD_JOB_PYTHON", "python")))
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: dispatcher.stopped.set())
+    dispatcher.run()
+    log.info("dispatcher %s stopped; its jobs go on in Ray and another dispatcher takes them over", dispatcher.name)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

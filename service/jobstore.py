@@ -1,0 +1,57 @@
+"""Job records in Redis as the dispatcher and the Ray job entrypoint use them (blocking client)."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Optional
+
+import redis
+
+from service import records
+from service.records import Keys
+
+
+class JobStore:
+    def __init__(self, client: redis.Redis, prefix: str = "scdd", events_maxlen: int = 10000):
+        self.redis, self.keys, self.events_maxlen = client, Keys(prefix), events_maxlen
+        self._transition = client.register_script(records.TRANSITION)
+        self._reserve = client.register_script(records.RESERVE)
+
+    @classmethod
+    def connect(cls, url: str, prefix: str = "scdd", events_maxlen: int = 10000) -> "JobStore":
+        return cls(redis.Redis.from_url(url, decode_responses=True), prefix, events_maxlen)
+
+    def get(self, job_id: str) -> Optional[dict[str, str]]:
+        return self.redis.hgetall(self.keys.job(job_id)) or None
+
+    def transition(self, job_id: str, to: str, allowed: tuple[str, ...], event: Optional[dict[str, Any]] = None,
+                   **fields: Any) -> tuple[bool, str]:
+        """Move the job to `to` if it is in one of `allowed`, set `fields` and append `event`, in one step.
+        Returns (moved, the state it was in)."""
+        flat = [str(part) for pair in fields.items() for part in pair]
+        data = json.dumps({**event, "time": round(time.time(), 3)}) if event else ""
+        moved, state = self._transition(keys=[self.keys.job(job_id)], args=[
+            self.keys.prefix, to, ",".join(allowed), f"{time.time():.3f}", self.events_maxlen,
+            (event or {}).get("type", ""), data, *flat])
+        return moved == 1, state
+
+    def finish(self, job_id: str, status: str, allowed: tuple[str, ...], error: Optional[str] = None,
+               **fields: Any) -> tuple[bool, str]:
+        """End the job as `status`, with the `job_finished` event, unless it has ended already."""
+        event = {"type": "job_finished", "job_id": job_id, "status": status, "error": error}
+        return self.transition(job_id, status, allowed, event, **({"error": error} if error else {}), **fields)
+
+    def reserve(self, job_id: str, limit: int) -> bool:
+        return self._reserve(keys=[self.keys.active], args=[job_id, limit]) == 1
+
+    def append_event(self, job_id: str, event: dict[str, Any], **fields: Any) -> None:
+        """One event into the job's stream, and `fields` (stage, progress) into its record."""
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(self.keys.events(job_id), {"type": event["type"], "data": json.dumps(event)},
+                      maxlen=self.events_maxlen, approximate=True)
+            pipe.hset(self.keys.job(job_id), mapping={"updated_at": f"{time.time():.3f}", **fields})
+            pipe.execute()
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return self.redis.hget(self.keys.job(job_id), "cancel_requested") == "1"

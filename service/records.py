@@ -1,0 +1,196 @@
+"""The Redis data model of the job service: key names, the Lua scripts that change job state
+atomically, and how a job record reads back. No I/O here; `service.store` runs it.
+
+Keys (prefix `scdd` by default; one Redis instance, not Redis Cluster: scripts derive keys):
+- `<p>:job:<id>`                 hash: the job record (state, stage, progress, times, spec JSON, ...)
+- `<p>:job:<id>:events`          stream: the job's events, trimmed to about SCDD_EVENTS_MAXLEN
+- `<p>:tenant:<t>:jobs`          sorted set (score 0): the tenant's job ids; ids sort by creation time
+- `<p>:tenant:<t>:state:<s>`     sorted set: the tenant's jobs in state s (listing by state, quotas)
+- `<p>:idem:<t>:<sha256(key)>`   hash {job, body}: Idempotency-Key -> job, expires
+- `<p>:queue`                    stream (consumer group `dispatchers`): one message {job} per submission
+- `<p>:queue:dead`               stream: dead-lettered messages {job, reason}
+- `<p>:active`                   set: dispatched + running job ids (cluster-wide concurrency)
+- `<p>:counts`                   hash: state -> number of jobs (metrics)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from api_schema import JobOut
+
+GROUP = "dispatchers"
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str = "scdd"
+
+    def job(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}"
+
+    def events(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}:events"
+
+    def tenant_jobs(self, tenant: str) -> str:
+        return f"{self.prefix}:tenant:{tenant}:jobs"
+
+    def tenant_state(self, tenant: str, state: str) -> str:
+        return f"{self.prefix}:tenant:{tenant}:state:{state}"
+
+    def idempotency(self, tenant: str, key_hash: str) -> str:
+        return f"{self.prefix}:idem:{tenant}:{key_hash}"
+
+    @property
+    def queue(self) -> str:
+        return f"{self.prefix}:queue"
+
+    @property
+    def dead(self) -> str:
+        return f"{self.prefix}:queue:dead"
+
+    @property
+    def active(self) -> str:
+        return f"{self.prefix}:active"
+
+    @property
+    def counts(self) -> str:
+        return f"{self.prefix}:counts"
+
+
+def new_job_id() -> str:
+    """`j-` + 12 hex digits of milliseconds + 8 random: unique, and ids sort by creation time."""
+    return f"j-{int(time.time() * 1000):012x}{os.urandom(4).hex()}"
+
+
+# Moves a job to state `to` (keeping the per-tenant state sets, counts and the active set right)
+# and, when given, appends an event to the job's stream in the same step.
+_MOVE = """
+local function move(prefix, job_key, cur, to, now)
+  local id = redis.call('HGET', job_key, 'id')
+  local tenant = redis.call('HGET', job_key, 'tenant')
+  redis.call('HSET', job_key, 'state', to, 'updated_at', now)
+  if cur ~= to then
+    redis.call('ZREM', prefix .. ':tenant:' .. tenant .. ':state:' .. cur, id)
+    redis.call('ZADD', prefix .. ':tenant:' .. tenant .. ':state:' .. to, 0, id)
+    redis.call('HINCRBY', prefix .. ':counts', cur, -1)
+    redis.call('HINCRBY', prefix .. ':counts', to, 1)
+    if to == 'succeeded' or to == 'failed' or to == 'cancelled' then
+      redis.call('SREM', prefix .. ':active', id)
+      redis.call('HSET', job_key, 'finished_at', now)
+    end
+  end
+end
+local function event(job_key, maxlen, kind, data)
+  if data ~= '' then
+    redis.call('XADD', job_key .. ':events', 'MAXLEN', '~', maxlen, '*', 'type', kind, 'data', data)
+  end
+end
+"""
+
+# KEYS: job, idempotency (or any name when unused), queue, tenant jobs, tenant queued, tenant
+# dispatched, tenant running, counts. ARGV: id, tenant, now, spec JSON, body hash, quota, idempotency
+# TTL, '1' when an idempotency key is given.
+# Returns {'created'|'existing'|'conflict'|'quota', job id or active count}.
+CREATE = """
+if ARGV[8] == '1' then
+  local prior = redis.call('HMGET', KEYS[2], 'job', 'body')
+  if prior[1] then
+    if prior[2] ~= ARGV[5] then return {'conflict', prior[1]} end
+    return {'existing', prior[1]}
+  end
+end
+local active = redis.call('ZCARD', KEYS[5]) + redis.call('ZCARD', KEYS[6]) + redis.call('ZCARD', KEYS[7])
+if active >= tonumber(ARGV[6]) then return {'quota', tostring(active)} end
+redis.call('HSET', KEYS[1], 'id', ARGV[1], 'tenant', ARGV[2], 'state', 'queued', 'progress', '0',
+  'created_at', ARGV[3], 'updated_at', ARGV[3], 'spec', ARGV[4], 'cancel_requested', '0', 'attempts', '0')
+redis.call('ZADD', KEYS[4], 0, ARGV[1])
+redis.call('ZADD', KEYS[5], 0, ARGV[1])
+redis.call('HINCRBY', KEYS[8], 'queued', 1)
+if ARGV[8] == '1' then
+  redis.call('HSET', KEYS[2], 'job', ARGV[1], 'body', ARGV[5])
+  redis.call('EXPIRE', KEYS[2], ARGV[7])
+end
+redis.call('XADD', KEYS[3], '*', 'job', ARGV[1])
+return {'created', ARGV[1]}
+"""
+
+# KEYS: job. ARGV: prefix, to, allowed states (comma-separated), now, events maxlen, event type,
+# event JSON ('' for none), then field/value pairs to set. Returns {1, previous state} when moved,
+# {0, current state} when the job is in a state not allowed, {-1, ''} when there is no such job.
+TRANSITION = _MOVE + """
+local cur = redis.call('HGET', KEYS[1], 'state')
+if not cur then return {-1, ''} end
+local allowed = false
+for state in string.gmatch(ARGV[3], '[^,]+') do
+  if state == cur then allowed = true end
+end
+if not allowed then return {0, cur} end
+move(ARGV[1], KEYS[1], cur, ARGV[2], ARGV[4])
+for i = 8, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+event(KEYS[1], ARGV[5], ARGV[6], ARGV[7])
+return {1, cur}
+"""
+
+# KEYS: job. ARGV: prefix, now, events maxlen, job_finished event JSON (for a queued job).
+# A queued job is cancelled at once; a dispatched or running one gets the cancel flag (its driver
+# stops at its next check; the dispatcher stops the Ray job after the grace period).
+# Returns {'cancelled'|'requested'|'final'|'missing', state}.
+CANCEL = _MOVE + """
+local cur = redis.call('HGET', KEYS[1], 'state')
+if not cur then return {'missing', ''} end
+if cur == 'succeeded' or cur == 'failed' or cur == 'cancelled' then return {'final', cur} end
+if redis.call('HGET', KEYS[1], 'cancel_requested') ~= '1' then
+  redis.call('HSET', KEYS[1], 'cancel_requested', '1', 'cancel_requested_at', ARGV[2], 'updated_at', ARGV[2])
+end
+if cur == 'queued' then
+  move(ARGV[1], KEYS[1], cur, 'cancelled', ARGV[2])
+  redis.call('HSET', KEYS[1], 'error', 'cancelled before it was dispatched')
+  event(KEYS[1], ARGV[3], 'job_finished', ARGV[4])
+  return {'cancelled', 'cancelled'}
+end
+return {'requested', cur}
+"""
+
+# KEYS: active set. ARGV: job id, limit. 1 when the job holds (or now took) a slot.
+RESERVE = """
+if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then return 1 end
+if redis.call('SCARD', KEYS[1]) < tonumber(ARGV[2]) then
+  redis.call('SADD', KEYS[1], ARGV[1])
+  return 1
+end
+return 0
+"""
+
+
+def _number(value: str | None) -> float | None:
+    return None if value in (None, "") else float(value)
+
+
+def job_out(record: Mapping[str, str]) -> JobOut:
+    summary = record.get("summary")
+    return JobOut(
+        id=record["id"],
+        state=record["state"],
+        stage=record.get("stage") or None,
+        progress=float(record.get("progress") or 0.0),
+        created_at=float(record["created_at"]),
+        updated_at=float(record["updated_at"]),
+        dispatched_at=_number(record.get("dispatched_at")),
+        started_at=_number(record.get("started_at")),
+        finished_at=_number(record.get("finished_at")),
+        cancel_requested=record.get("cancel_requested") == "1",
+        error=record.get("error") or None,
+        summary=json.loads(summary) if summary else None,
+        spec=json.loads(record["spec"]),
+    )
+
+
+def finished_event(job_id: str, status: str, **fields: Any) -> str:
+    """The `job_finished` event the service itself writes when it ends a job (cancel while queued,
+    dead letter, a driver that died): the same shape the job driver publishes."""
+    return json.dumps({"type": "job_finished", "job_id": job_id, "status": status, "time": round(time.time(), 3), **fields})

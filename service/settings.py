@@ -1,0 +1,62 @@
+"""Service settings, read from the environment once (`Settings()`), passed on as a typed object.
+
+`REDIS_URL` and `RAY_ADDRESS` keep the names Redis and Ray users know; everything else is `SCDD_*`.
+`RAY_ADDRESS` here is the Ray dashboard / Jobs API address (http://head:8265, as for `ray job submit`).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SCDD_", frozen=True, extra="ignore", populate_by_name=True)
+
+    redis_url: str = Field("redis://127.0.0.1:6379/0", validation_alias=AliasChoices("REDIS_URL", "SCDD_REDIS_URL"),
+                           description="Redis holding job records, the queue and events (use AOF persistence).")
+    ray_address: Optional[str] = Field(None, validation_alias=AliasChoices("RAY_ADDRESS", "SCDD_RAY_ADDRESS"),
+                                       description="Ray Jobs API address, e.g. http://127.0.0.1:8265.")
+    redis_prefix: str = Field("scdd", pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="Prefix of every Redis key.")
+    artifacts: str = Field("scdd-service/artifacts",
+                           description="Artifact root (folder or s3://bucket/prefix); a job writes under <root>/<tenant>/<job id>.")
+    teacher_cache: Optional[str] = Field(None, description="Teacher cache root (per tenant below it). None: <artifacts>/.teachers.")
+    data_roots: str = Field("/usr/share/datasets",
+                            description="Folders (os.pathsep-separated) a spec may read data and checkpoints from.")
+    api_keys: Optional[str] = Field(None, description="tenant=key pairs, comma-separated (hashed on load).")
+    api_keys_file: Optional[str] = Field(None, description="YAML/JSON file: tenants: {name: {keys_sha256: [...], max_active_jobs: N}}.")
+    max_body_bytes: int = Field(65536, ge=1024, description="Larger request bodies are refused with 413.")
+    max_active_jobs: int = Field(8, ge=1, description="Per-tenant limit of queued + dispatched + running jobs.")
+    max_running: int = Field(2, ge=1, description="Cluster-wide limit of dispatched + running jobs.")
+    events_maxlen: int = Field(10000, ge=100, description="Events kept per job (older ones are trimmed).")
+    idempotency_ttl_s: int = Field(86400, ge=60, description="How long an Idempotency-Key is remembered.")
+    cancel_grace_s: float = Field(30.0, ge=0, description="Cooperative cancel time before the Ray job is stopped.")
+    reclaim_after_s: float = Field(60.0, gt=0, description="A dispatcher silent this long loses its messages to another.")
+    max_deliveries: int = Field(5, ge=1, description="Deliveries or submit failures before a message is dead-lettered.")
+    poll_s: float = Field(1.0, gt=0, description="How often the dispatcher polls Ray and the queue.")
+
+    @field_validator("artifacts", "teacher_cache")
+    @classmethod
+    def _absolute_local_paths(cls, value: Optional[str]) -> Optional[str]:
+        """Jobs run in other processes and folders: local roots are made absolute once, here."""
+        if value is None or "://" in value:
+            return value
+        return os.path.abspath(os.path.expanduser(value))
+
+    @property
+    def ray_jobs_url(self) -> Optional[str]:
+        if not self.ray_address:
+            return None
+        address = self.ray_address
+        return address if "://" in address else f"http://{address}"
+
+    @property
+    def data_root_list(self) -> list[str]:
+        return [os.path.realpath(root) for root in self.data_roots.split(os.pathsep) if root]
+
+    @property
+    def teacher_cache_root(self) -> str:
+        return self.teacher_cache or f"{self.artifacts.rstrip('/')}/.teachers"

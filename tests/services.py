@@ -1,0 +1,162 @@
+"""Real services for the tests: redis-server, a Ray head with the Jobs API, the API under uvicorn
+on loopback, and dispatcher processes. Each starts on free loopback ports and stops cleanly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import redis
+import uvicorn
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(check, seconds: float, what: str, interval: float = 0.05):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"waited {seconds} s for {what}")
+
+
+class RedisServer:
+    """redis-server on loopback with AOF (fsync always) in `folder`; restartable on the same data."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.port = folder, free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> "RedisServer":
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder),
+             "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--protected-mode", "yes"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        client = redis.Redis.from_url(self.url)
+
+        def up() -> bool:
+            try:
+                return bool(client.ping())
+            except redis.ConnectionError:
+                return False
+
+        wait_until(up, 10, "redis-server")
+        return self
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)  # SHUTDOWN: the AOF is flushed
+            self.process.wait(10)
+        self.process = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+class RayHead:
+    """`ray start --head --block` with the dashboard (Jobs API) on loopback; SIGTERM stops it all."""
+
+    def __init__(self, cpus: int = 2):
+        self.port, self.dashboard_port = free_port(), free_port()
+        self.gcs = f"127.0.0.1:{self.port}"
+        self.jobs_url = f"http://127.0.0.1:{self.dashboard_port}"
+        self.cpus = cpus
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> "RayHead":
+        os.environ.setdefault("RAY_AUTH_MODE", "token")  # Ray >= 2.5x enables token auth for `ray start`
+        self.process = subprocess.Popen(
+            ["ray", "start", "--head", "--block", "--num-cpus", str(self.cpus), "--num-gpus", "0",
+             "--node-ip-address", "127.0.0.1", "--port", str(self.port), "--dashboard-host", "127.0.0.1",
+             "--dashboard-port", str(self.dashboard_port), "--include-dashboard", "true", "--disable-usage-stats"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+        from ray.job_submission import JobSubmissionClient
+
+        def up() -> bool:
+            if self.process.poll() is not None:
+                raise RuntimeError("ray start --head exited")
+            try:
+                JobSubmissionClient(self.jobs_url).list_jobs()
+                return True
+            except Exception:
+                return False
+
+        wait_until(up, 90, "the Ray head's Jobs API", interval=0.5)
+        return self
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+
+
+class ApiServer:
+    """The FastAPI app under uvicorn on loopback, in a thread of the test process."""
+
+    def __init__(self, app):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def start(self) -> "ApiServer":
+        self.thread.start()
+        wait_until(lambda: self.server.started, 20, "uvicorn")
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(20)
+
+    def client(self, key: str | None = None) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=30,
+                            headers={"Authorization": f"Bearer {key}"} if key else {})
+
+
+class DispatcherProcess:
+    """`python -m service.dispatcher` with the given environment; kill -9 is `kill()`."""
+
+    def __init__(self, env: dict[str, str], log: Path):
+        self.env, self.log = env, log
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> "DispatcherProcess":
+        handle = open(self.log, "a")
+        self.process = subprocess.Popen([sys.executable, "-m", "service.dispatcher"], cwd=ROOT,
+                                        env={**os.environ, **self.env}, stdout=handle, stderr=subprocess.STDOUT)
+        return self
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()

@@ -1,0 +1,242 @@
+"""The job API over HTTP (uvicorn on loopback) against a real redis-server; no Ray needed here:
+jobs stay queued (the dispatcher tests are in test_service_e2e.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import httpx
+import pytest
+import redis
+
+from service.api.main import create_app
+from service.export import FOLDER, documents
+from service.settings import Settings
+from tests.services import ApiServer, RedisServer
+
+KEYS = "acme=key-acme,globex=key-globex"
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()
+
+
+def make_settings(redis_url: str, tmp_path, **overrides) -> Settings:
+    base = dict(redis_url=redis_url, ray_address=None, api_keys=KEYS, api_keys_file=None,
+                artifacts=str(tmp_path / "artifacts"), data_roots=f"/usr/share/datasets{os.pathsep}{tmp_path}",
+                max_active_jobs=4, max_body_bytes=4096)
+    return Settings(**{**base, **overrides})
+
+
+@pytest.fixture
+def api(redis_server, tmp_path):
+    server = ApiServer(create_app(make_settings(redis_server.url, tmp_path))).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def acme(api):
+    with api.client("key-acme") as client:
+        yield client
+
+
+SPEC = {"method": "sre2l", "dataset": {"classes": [0, 1]}, "recover": {"ipc": 1, "iterations": 2}}
+
+
+def submit(client: httpx.Client, spec: dict | None = None, **headers) -> httpx.Response:
+    return client.post("/v1/jobs", json=spec or SPEC, headers=headers)
+
+
+def test_submit_answers_202_with_location_and_the_job_reads_back(acme):
+    answer = submit(acme)
+    assert answer.status_code == 202, answer.text
+    job = answer.json()
+    assert answer.headers["location"] == f"/v1/jobs/{job['id']}"
+    assert job["state"] == "queued" and job["progress"] == 0 and not job["cancel_requested"]
+    assert job["spec"]["recover"]["ipc"] == 1
+    assert job["spec"]["output"]["url"].endswith(f"/artifacts/acme/{job['id']}")  # the service chose it
+    assert acme.get(answer.headers["location"]).json() == job
+
+
+def test_missing_or_unknown_key_is_401(api):
+    with api.client() as anonymous, api.client("not-a-key") as wrong:
+        for client in (anonymous, wrong):
+            for method, path in (("POST", "/v1/jobs"), ("GET", "/v1/jobs"), ("GET", "/v1/jobs/j-0"),
+                                 ("POST", "/v1/jobs/j-0/cancel"), ("GET", "/v1/jobs/j-0/events")):
+                answer = client.request(method, path, json=SPEC if method == "POST" else None)
+                assert answer.status_code == 401, (method, path)
+                assert answer.headers["www-authenticate"] == "Bearer"
+                assert "API key" in answer.json()["detail"]
+
+
+def test_another_tenants_job_is_not_found(api, acme):
+    job = submit(acme).json()
+    with api.client("key-globex") as globex:
+        for method, path in (("GET", ""), ("POST", "/cancel"), ("GET", "/events"), ("GET", "/artifacts"),
+                             ("GET", "/artifacts/manifest.json")):
+            answer = globex.request(method, f"/v1/jobs/{job['id']}{path}")
+            assert answer.status_code == 404, path
+            assert answer.json() == {"detail": f"no job {job['id']!r}: list yours with GET /v1/jobs"}
+        assert globex.get("/v1/jobs").json()["jobs"] == []
+    assert acme.get(f"/v1/jobs/{job['id']}").json()["state"] == "queued"  # untouched
+
+
+def test_idempotency_key_returns_the_same_job_and_queues_it_once(acme, redis_server):
+    first = submit(acme, **{"Idempotency-Key": "retry-1"})
+    again = submit(acme, **{"Idempotency-Key": "retry-1"})
+    assert first.status_code == again.status_code == 202
+    assert again.json()["id"] == first.json()["id"] and again.headers["idempotent-replayed"] == "true"
+    other = submit(acme, {**SPEC, "seed": 7}, **{"Idempotency-Key": "retry-1"})
+    assert other.status_code == 409 and first.json()["id"] in other.json()["detail"]
+    fresh = submit(acme, **{"Idempotency-Key": "retry-2"})
+    assert fresh.json()["id"] != first.json()["id"]
+    assert redis.Redis.from_url(redis_server.url).xlen("scdd:queue") == 2
+
+
+def test_invalid_spec_is_422_with_field_paths(acme):
+    answer = submit(acme, {"recover": {"ipc": 0, "lr": -1}, "bogus": 1})
+    assert answer.status_code == 422
+    body = answer.json()
+    locs = {tuple(error["loc"]) for error in body["detail"]}
+    assert {("body", "recover", "ipc"), ("body", "recover", "lr"), ("body", "bogus")} <= locs
+    assert "recover.ipc: Input should be greater than or equal to 1" in body["message"]
+    assert submit(acme, "not json at all").status_code == 422
+
+
+def test_service_owned_and_outside_paths_are_422(acme, tmp_path):
+    answer = submit(acme, {**SPEC, "output": {"url": "/tmp/elsewhere", "s3": {"region": "x"}},
+                           "dataset": {"root": "/etc"}, "teacher": {"checkpoint": "/root/model.pt"}})
+    assert answer.status_code == 422
+    message = answer.json()["message"]
+    for path in ("output.url: chosen by the service", "output.s3:", "dataset.root: '/etc' is outside",
+                 "teacher.checkpoint: '/root/model.pt' is outside"):
+        assert path in message
+    inside = submit(acme, {**SPEC, "teacher": {"checkpoint": str(tmp_path / "teacher.pt")}})
+    assert inside.status_code == 202  # under a data root
+
+
+def test_body_over_the_limit_is_413(acme):
+    big = {**SPEC, "dataset": {"classes": ["c" * 100] * 100}}
+    assert submit(acme, big).status_code == 413
+    chunked = acme.post("/v1/jobs", content=iter([b"{" + b" " * 5000 + b"}"]), headers={"content-type": "application/json"})
+    assert chunked.status_code == 413 and "SCDD_MAX_BODY_BYTES" in chunked.json()["detail"]
+
+
+def test_quota_of_active_jobs_is_429(acme):
+    ids = [submit(acme).json()["id"] for _ in range(4)]
+    refused = submit(acme)
+    assert refused.status_code == 429 and "limit is 4" in refused.json()["detail"]
+    assert acme.post(f"/v1/jobs/{ids[0]}/cancel").status_code == 202  # a cancelled job frees its place
+    assert submit(acme).status_code == 202
+
+
+def test_list_is_newest_first_with_cursor_pages_and_a_state_filter(acme):
+    ids = [submit(acme).json()["id"] for _ in range(4)]
+    acme.post(f"/v1/jobs/{ids[1]}/cancel")
+    seen, cursor = [], None
+    while True:
+        page = acme.get("/v1/jobs", params={"limit": 3, **({"cursor": cursor} if cursor else {})}).json()
+        seen += [job["id"] for job in page["jobs"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == ids[::-1]
+    assert [job["id"] for job in acme.get("/v1/jobs", params={"state": "cancelled"}).json()["jobs"]] == [ids[1]]
+    assert acme.get("/v1/jobs", params={"state": "exploded"}).status_code == 422
+    assert acme.get("/v1/jobs", params={"cursor": "../x"}).status_code == 422
+
+
+def sse_events(client: httpx.Client, job_id: str, last_event_id: str | None = None) -> list[tuple[str, str, dict]]:
+    events = []
+    headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
+    with client.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers, timeout=120) as answer:
+        assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/event-stream")
+        frame: dict[str, str] = {}
+        for line in answer.iter_lines():
+            if line.startswith(("id:", "event:", "data:")):
+                name, _, value = line.partition(": ")
+                frame[name] = value
+            elif not line and "data" in frame:
+                events.append((frame["id"], frame["event"], json.loads(frame["data"])))
+                frame = {}
+    return events
+
+
+def test_cancel_a_queued_job_then_409_and_its_events_end(acme):
+    job = submit(acme).json()
+    answer = acme.post(f"/v1/jobs/{job['id']}/cancel")
+    assert answer.status_code == 202 and answer.json()["state"] == "cancelled" and answer.json()["cancel_requested"]
+    again = acme.post(f"/v1/jobs/{job['id']}/cancel")
+    assert again.status_code == 409 and "already cancelled" in again.json()["detail"]
+    events = sse_events(acme, job["id"])
+    assert [kind for _, kind, _ in events] == ["job_finished"] and events[0][2]["status"] == "cancelled"
+    assert sse_events(acme, job["id"], last_event_id=events[-1][0]) == []  # resumed after the last: nothing new
+    assert acme.get(f"/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": "yesterday"}).status_code == 400
+
+
+@pytest.mark.parametrize("path", ["..%2F..%2F..%2Fetc%2Fpasswd", "%2e%2e/%2e%2e/secret", "images/../../globex/x",
+                                  "%2Fetc%2Fpasswd", "images%5C..%5C..%5Cx", "%252e%252e/%252e%252e/x",
+                                  "images//0.png", "images/%2E/0.png", "a%00b"])
+def test_artifact_paths_outside_the_job_are_refused(acme, tmp_path, path):
+    job = submit(acme).json()
+    prefix = tmp_path / "artifacts" / "acme" / job["id"]
+    (prefix / "images").mkdir(parents=True)
+    (prefix / "images" / "0.png").write_bytes(b"png")
+    (tmp_path / "artifacts" / "globex").mkdir()
+    (tmp_path / "artifacts" / "globex" / "x").write_text("OTHER-TENANT-DATA")
+    (tmp_path / "secret").write_text("SECRET-DATA")
+    answer = acme.get(f"/v1/jobs/{job['id']}/artifacts/{path}")
+    assert answer.status_code in (400, 404), (path, answer.status_code, answer.text)
+    assert "-DATA" not in answer.text and "root:" not in answer.text
+
+
+def test_artifacts_list_and_download_and_symlinks_out_are_not_followed(acme, tmp_path):
+    job = submit(acme).json()
+    prefix = tmp_path / "artifacts" / "acme" / job["id"]
+    (prefix / "images" / "0").mkdir(parents=True)
+    (prefix / "images" / "0" / "000.png").write_bytes(b"\x89PNG-bytes")
+    (tmp_path / "secret").write_text("SECRET-DATA")
+    (prefix / "leak").symlink_to(tmp_path / "secret")
+    listing = acme.get(f"/v1/jobs/{job['id']}/artifacts").json()["files"]
+    assert {"path": "images/0/000.png", "size": 10} in listing
+    download = acme.get(f"/v1/jobs/{job['id']}/artifacts/images/0/000.png")
+    assert download.status_code == 200 and download.content == b"\x89PNG-bytes"
+    assert download.headers["content-type"] == "image/png"
+    assert acme.get(f"/v1/jobs/{job['id']}/artifacts/leak").status_code == 404
+    assert acme.get(f"/v1/jobs/{job['id']}/artifacts/missing.json").status_code == 404
+
+
+def test_health_readiness_and_metrics(api, acme, redis_server):
+    with api.client() as anonymous:
+        assert anonymous.get("/healthz").json() == {"status": "ok"}
+        ready = anonymous.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["redis"] == "ok" and "RAY_ADDRESS" in ready.json()["ray"]
+        submit(acme)
+        submit(acme)
+        text = anonymous.get("/metrics").text
+    assert 'scdd_jobs{state="queued"} 2.0' in text and "scdd_queue_depth 2.0" in text
+    assert 'scdd_http_requests_total{method="POST",route="/v1/jobs",status="202"} 2.0' in text
+    assert 'scdd_http_request_seconds_count{method="GET",route="/readyz"} 1.0' in text
+    redis_server.stop()
+    with api.client() as anonymous:
+        down = anonymous.get("/readyz")
+    assert down.status_code == 503 and down.json()["redis"].startswith("unreachable")
+
+
+def test_exported_openapi_and_job_schema_are_current():
+    for name, text in documents().items():
+        assert (FOLDER / name).read_text() == text, f"api_schema/{name} is stale: run python -m service.export"
+
+
+def test_the_api_process_never_imports_torch_or_ray():
+    code = ("import sys; from service.api.main import create_app; create_app(); "
+            "print(sorted(m for m in ('torch', 'ray', 'workers', 'scdd.pipeline') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
