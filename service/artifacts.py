@@ -13,6 +13,7 @@ import os
 import posixpath
 import re
 from collections.abc import Iterator
+
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 

@@ -7,6 +7,8 @@ import time
 from typing import Any, Optional
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from service import records
 from service.records import Keys
@@ -20,7 +22,10 @@ class JobStore:
 
     @classmethod
     def connect(cls, url: str, prefix: str = "scdd", events_maxlen: int = 10000) -> "JobStore":
-        return cls(redis.Redis.from_url(url, decode_responses=True), prefix, events_maxlen)
+        client = redis.Redis.from_url(url, decode_responses=True, socket_timeout=30,
+                                      retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 4),
+                                      retry_on_error=[redis.ConnectionError, redis.TimeoutError])
+        return cls(client, prefix, events_maxlen)
 
     def get(self, job_id: str) -> Optional[dict[str, str]]:
         return self.redis.hgetall(self.keys.job(job_id)) or None

@@ -7,6 +7,8 @@ from typing import Optional
 
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -47,7 +49,9 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        client = aioredis.from_url(settings.redis_url, decode_responses=True, socket_timeout=30)
+        client = aioredis.from_url(settings.redis_url, decode_responses=True, socket_timeout=30,
+                                   retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 4),
+                                   retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError])
         app.state.store = AsyncJobStore(client, settings.redis_prefix, settings.events_maxlen, settings.idempotency_ttl_s)
         yield
         await client.aclose()

@@ -1,0 +1,176 @@
+"""The whole service on real components: redis-server (AOF), a Ray head with the Jobs API, the API
+under uvicorn on loopback, and dispatcher processes submitting Ray jobs that run the job driver."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import redis
+from torchvision.datasets import ImageFolder
+
+from service.api.main import create_app
+from service.settings import Settings
+from tests.conftest import cpus_free_soon, quick_resources
+from tests.services import ApiServer, DispatcherProcess, RedisServer, wait_until
+from tests.test_service_api import sse_events
+
+pytestmark = pytest.mark.slow
+KEY = "key-acme"
+
+
+@pytest.fixture
+def stack(tmp_path, ray_local, ray_head, fmnist_root, fmnist_teacher_ckpt):
+    """Redis + API + a dispatcher factory; everything a job reads lies under the data roots."""
+    redis_server = RedisServer(tmp_path / "redis").start()
+    settings = Settings(redis_url=redis_server.url, ray_address=ray_head.jobs_url, api_keys=f"acme={KEY}",
+                        api_keys_file=None, artifacts=str(tmp_path / "artifacts"),
+                        data_roots=os.pathsep.join([str(fmnist_root), str(fmnist_teacher_ckpt.parent)]))
+    api = ApiServer(create_app(settings)).start()
+    env = {"REDIS_URL": redis_server.url, "RAY_ADDRESS": ray_head.jobs_url, "SCDD_MAX_RUNNING": "1",
+           "SCDD_POLL_S": "0.2", "SCDD_RECLAIM_AFTER_S": "2", "SCDD_CANCEL_GRACE_S": "20"}
+    dispatchers: list[DispatcherProcess] = []
+
+    class Stack:
+        pass
+
+    stack = Stack()
+    stack.redis, stack.api, stack.settings, stack.tmp = redis_server, api, settings, tmp_path
+    stack.client = api.client(KEY)
+
+    def dispatcher(**overrides: str) -> DispatcherProcess:
+        process = DispatcherProcess({**env, **overrides}, tmp_path / f"dispatcher{len(dispatchers)}.log").start()
+        dispatchers.append(process)
+        return process
+
+    stack.dispatcher = dispatcher
+    yield stack
+    for process in dispatchers:
+        process.stop()
+    stack.client.close()
+    api.stop()
+    redis_server.stop()
+    assert cpus_free_soon(ray_local, 30) == 2  # no job left anything running
+
+
+def spec(fmnist_root: Path, teacher: Path, iterations: int = 6, **resources) -> dict:
+    return {
+        "method": "sre2l",
+        "dataset": {"root": str(fmnist_root), "classes": [0, 1, 2], "train_limit": 50},
+        "teacher": {"checkpoint": str(teacher)},
+        "recover": {"ipc": 3, "iterations": iterations, "batch_size": 2},
+        "validate": {"enabled": False},
+        "resources": {**quick_resources(), **resources},
+    }
+
+
+def wait_state(client, job_id: str, states: set[str], seconds: float = 240) -> dict:
+    return wait_until(lambda: (job := client.get(f"/v1/jobs/{job_id}").json())["state"] in states and job,
+                      seconds, f"job {job_id} to reach {states}", interval=0.2)
+
+
+def ray_jobs_named(ray_head, job_id: str) -> list:
+    from ray.job_submission import JobSubmissionClient
+
+    return [job for job in JobSubmissionClient(ray_head.jobs_url).list_jobs() if job.submission_id == job_id]
+
+
+def test_submit_stream_events_succeed_and_download_an_imagefolder(stack, fmnist_root, fmnist_teacher_ckpt, ray_head):
+    stack.dispatcher()
+    job = stack.client.post("/v1/jobs", json=spec(fmnist_root, fmnist_teacher_ckpt)).json()
+    events = sse_events(stack.client, job["id"])
+    kinds = [kind for _, kind, _ in events]
+    assert kinds[0] == "job_started" and kinds[-1] == "job_finished", kinds
+    assert events[-1][2]["status"] == "succeeded", events[-1][2]
+    assert {"load", "squeeze", "recover", "write"} <= {data["stage"] for _, kind, data in events if kind == "stage_started"}
+    fractions = [data["job_fraction"] for _, kind, data in events if kind == "progress"]
+    assert fractions == sorted(fractions) and fractions
+    # resume from the middle: exactly the rest comes again
+    middle = len(events) // 2
+    assert sse_events(stack.client, job["id"], last_event_id=events[middle][0]) == events[middle + 1:]
+
+    done = stack.client.get(f"/v1/jobs/{job['id']}").json()
+    assert done["state"] == "succeeded" and done["progress"] == 1.0 and done["summary"]["images"] == 9
+    assert done["dispatched_at"] <= done["started_at"] <= done["finished_at"]
+    assert len(ray_jobs_named(ray_head, job["id"])) == 1
+
+    files = {f["path"]: f["size"] for f in stack.client.get(f"/v1/jobs/{job['id']}/artifacts").json()["files"]}
+    assert {"manifest.json", "report.json", "grid.png"} <= set(files)
+    out = stack.tmp / "download"
+    for path in files:
+        answer = stack.client.get(f"/v1/jobs/{job['id']}/artifacts/{path}")
+        assert answer.status_code == 200 and len(answer.content) == files[path]
+        (out / path).parent.mkdir(parents=True, exist_ok=True)
+        (out / path).write_bytes(answer.content)
+    manifest = json.loads((out / "manifest.json").read_text())
+    for entry in manifest["images"]:
+        assert hashlib.sha256((out / entry["path"]).read_bytes()).hexdigest() == entry["sha256"]
+    dataset = ImageFolder(str(out / "images"))
+    assert len(dataset) == 9 and len(dataset.classes) == 3
+
+
+def test_cancel_a_running_job_releases_its_workers(stack, fmnist_root, fmnist_teacher_ckpt, ray_local):
+    stack.dispatcher()
+    job = stack.client.post("/v1/jobs", json=spec(fmnist_root, fmnist_teacher_ckpt, iterations=3000,
+                                                   workers=2, threads=1)).json()
+    wait_until(lambda: stack.client.get(f"/v1/jobs/{job['id']}").json()["stage"] == "recover", 180, "recover")
+    time.sleep(2)  # the two recover actors are busy
+    assert ray_local.available_resources().get("CPU", 0) == 0
+    answer = stack.client.post(f"/v1/jobs/{job['id']}/cancel")
+    assert answer.status_code == 202 and answer.json()["cancel_requested"]
+    asked = time.time()
+    done = wait_state(stack.client, job["id"], {"succeeded", "failed", "cancelled"}, 60)
+    assert done["state"] == "cancelled" and time.time() - asked < 20, done  # cooperatively, within the grace
+    assert cpus_free_soon(ray_local, 30) == 2
+    assert stack.client.post(f"/v1/jobs/{job['id']}/cancel").status_code == 409
+    assert stack.client.post(f"/v1/jobs/{job['id']}/cancel").json()["detail"].endswith("nothing to cancel")
+
+
+def test_a_dispatcher_killed_mid_job_is_taken_over_and_the_job_runs_once(stack, fmnist_root, fmnist_teacher_ckpt, ray_head):
+    first = stack.dispatcher()
+    job = stack.client.post("/v1/jobs", json=spec(fmnist_root, fmnist_teacher_ckpt, iterations=300)).json()
+    wait_state(stack.client, job["id"], {"running"}, 120)
+    first.kill()
+    stack.dispatcher()
+    done = wait_state(stack.client, job["id"], {"succeeded", "failed", "cancelled"})
+    assert done["state"] == "succeeded", done
+    events = sse_events(stack.client, job["id"])
+    assert [kind for _, kind, _ in events].count("job_started") == 1
+    assert len(ray_jobs_named(ray_head, job["id"])) == 1
+    r = redis.Redis.from_url(stack.redis.url, decode_responses=True)
+    # the new dispatcher acknowledges it once Ray reports the driver process ended
+    wait_until(lambda: r.xpending("scdd:queue", "dispatchers")["pending"] == 0, 30, "the message to be acknowledged")
+    assert r.scard("scdd:active") == 0
+
+
+def test_a_job_submitted_before_a_redis_restart_still_runs(stack, fmnist_root, fmnist_teacher_ckpt):
+    job = stack.client.post("/v1/jobs", json=spec(fmnist_root, fmnist_teacher_ckpt)).json()
+    stack.redis.restart()  # no dispatcher yet: the job exists only in Redis's append-only file
+    assert stack.client.get(f"/v1/jobs/{job['id']}").json()["state"] == "queued"
+    stack.dispatcher()
+    done = wait_state(stack.client, job["id"], {"succeeded", "failed", "cancelled"})
+    assert done["state"] == "succeeded", done
+
+
+def test_a_job_that_cannot_be_submitted_is_dead_lettered(stack, fmnist_root, fmnist_teacher_ckpt):
+    stack.dispatcher(RAY_ADDRESS="http://127.0.0.1:9", SCDD_MAX_DELIVERIES="2")  # nothing listens there
+    job = stack.client.post("/v1/jobs", json=spec(fmnist_root, fmnist_teacher_ckpt)).json()
+    done = wait_state(stack.client, job["id"], {"failed"}, 60)
+    assert done["error"].startswith("not dispatched: ") and "2 failed submits" in done["error"]
+    dead = redis.Redis.from_url(stack.redis.url, decode_responses=True).xrange("scdd:queue:dead")
+    assert [entry["job"] for _, entry in dead] == [job["id"]]
+    assert [kind for _, kind, _ in sse_events(stack.client, job["id"])] == ["job_finished"]
+
+
+def test_a_job_ignoring_its_cancel_is_stopped_after_the_grace_period(stack, fmnist_root, fmnist_teacher_ckpt, ray_head):
+    stack.dispatcher(SCDD_CANCEL_GRACE_S="0")
+    job = stack.client.post("/v1/jobs", json=spec(fmnist_root, fmnist_teacher_ckpt, iterations=3000)).json()
+    wait_state(stack.client, job["id"], {"running"}, 120)
+    stack.client.post(f"/v1/jobs/{job['id']}/cancel")
+    done = wait_state(stack.client, job["id"], {"cancelled", "failed", "succeeded"}, 60)
+    assert done["state"] == "cancelled" and "stopped by force" in done["error"]
+    wait_until(lambda: ray_jobs_named(ray_head, job["id"])[0].status in ("STOPPED", "FAILED"), 60, "Ray to stop it")
