@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -16,13 +15,9 @@ import httpx
 import redis
 import uvicorn
 
+from service.serve import free_port, head_flags
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_until(check, seconds: float, what: str, interval: float = 0.05):
@@ -85,8 +80,7 @@ class RayHead:
         os.environ.setdefault("RAY_AUTH_MODE", "token")  # Ray >= 2.5x enables token auth for `ray start`
         self.process = subprocess.Popen(
             ["ray", "start", "--head", "--block", "--num-cpus", str(self.cpus), "--num-gpus", "0",
-             "--node-ip-address", "127.0.0.1", "--port", str(self.port), "--dashboard-host", "127.0.0.1",
-             "--dashboard-port", str(self.dashboard_port), "--include-dashboard", "true", "--disable-usage-stats"],
+             *head_flags(self.port, self.dashboard_port)],
             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
         from ray.job_submission import JobSubmissionClient
@@ -100,7 +94,11 @@ class RayHead:
             except Exception:
                 return False
 
-        wait_until(up, 90, "the Ray head's Jobs API", interval=0.5)
+        try:
+            wait_until(up, 90, "the Ray head's Jobs API", interval=0.5)
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def stop(self) -> None:

@@ -1,0 +1,199 @@
+"""`scdd serve`: the API and a dispatcher, plus what they need when it is not given.
+
+- no REDIS_URL: starts a private redis-server on loopback, data under <data-dir>/redis, append-only
+  file with fsync on every write (a restart loses no job);
+- no RAY_ADDRESS: starts a local Ray head (`ray start --head --block`) with the Jobs API on loopback;
+- no SCDD_API_KEYS / SCDD_API_KEYS_FILE: uses <data-dir>/api-keys.yaml, creating it with one key for
+  tenant `default` the first time (the key itself is written to <data-dir>/api-key, mode 0600);
+- no SCDD_ARTIFACTS: artifacts go to <data-dir>/artifacts.
+Everything it started is stopped again when it exits (Ctrl-C or SIGTERM).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+log = logging.getLogger("scdd.serve")
+
+
+class ServeError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    data_dir: Path = Path("scdd-service")
+    max_running: int | None = None
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def head_flags(port: int, dashboard_port: int) -> list[str]:
+    """`ray start --head` flags binding everything to loopback on free ports, so that two heads on
+    one machine never collide on Ray's fixed default ports (dashboard agent, metrics, ...)."""
+    fixed = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+             "metrics-export-port", "ray-client-server-port", "node-manager-port", "object-manager-port")
+    return ["--node-ip-address", "127.0.0.1", "--port", str(port), "--dashboard-host", "127.0.0.1",
+            "--dashboard-port", str(dashboard_port), "--include-dashboard", "true", "--disable-usage-stats",
+            *(f"--{name}={free_port()}" for name in fixed)]
+
+
+def _wait(check: Callable[[], bool], seconds: float, what: str, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise ServeError(f"{what} exited with code {process.returncode} while starting; see its log")
+        if check():
+            return
+        time.sleep(0.2)
+    raise ServeError(f"{what} did not come up within {seconds:.0f} s")
+
+
+def _stopper(process: subprocess.Popen, name: str, grace: float = 30) -> Callable[[], None]:
+    def stop() -> None:
+        if process.poll() is None:
+            log.info("stopping %s", name)
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(grace)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+    return stop
+
+
+def start_redis(folder: Path, stack: ExitStack) -> str:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise ServeError("redis-server not found: install it (apt-get install redis-server) or set REDIS_URL")
+    folder.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    logfile = open(folder / "redis.log", "a")
+    process = subprocess.Popen(
+        [binary, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(folder), "--appendonly", "yes",
+         "--appendfsync", "always", "--save", "", "--protected-mode", "yes"],
+        stdout=logfile, stderr=subprocess.STDOUT)
+    stack.callback(_stopper(process, "redis-server"))
+
+    def up() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    _wait(up, 20, "redis-server", process)
+    url = f"redis://127.0.0.1:{port}/0"
+    log.info("started redis-server at %s (data in %s, append-only file, fsync always)", url, folder)
+    return url
+
+
+def start_ray_head(folder: Path, stack: ExitStack) -> str:
+    port, dashboard = free_port(), free_port()
+    logfile = open(folder / "ray-head.log", "a")
+    process = subprocess.Popen(
+        ["ray", "start", "--head", "--block", *head_flags(port, dashboard)],
+        stdout=logfile, stderr=subprocess.STDOUT, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+    stack.callback(_stopper(process, "the Ray head", grace=60))
+    url = f"http://127.0.0.1:{dashboard}"
+
+    def up() -> bool:
+        from ray.job_submission import JobSubmissionClient
+
+        try:
+            JobSubmissionClient(url).list_jobs()
+            return True
+        except Exception:
+            return False
+
+    _wait(up, 120, "the Ray head", process)
+    log.info("started a Ray head: cluster 127.0.0.1:%d, Jobs API and dashboard %s (log %s)", port, url, logfile.name)
+    return url
+
+
+def ensure_api_keys(data_dir: Path) -> str:
+    from service.auth import write_key_file
+
+    keys_file, key_file = data_dir / "api-keys.yaml", data_dir / "api-key"
+    if not keys_file.exists():
+        key = write_key_file(keys_file, "default")
+        key_file.touch(mode=0o600)
+        key_file.write_text(key + "\n")
+        log.info("created an API key for tenant 'default': export SCDD_API_KEY=$(cat %s)", key_file)
+    else:
+        log.info("API keys from %s%s", keys_file, f"; tenant 'default' key in {key_file}" if key_file.exists() else "")
+    return str(keys_file)
+
+
+def start_dispatcher(data_dir: Path, stack: ExitStack) -> None:
+    logfile = open(data_dir / "dispatcher.log", "a")
+    process = subprocess.Popen([sys.executable, "-m", "service.dispatcher"], stdout=logfile, stderr=subprocess.STDOUT)
+    stack.callback(_stopper(process, "the dispatcher"))
+    time.sleep(0.5)
+    if process.poll() is not None:
+        raise ServeError(f"the dispatcher exited with code {process.returncode}: see {logfile.name}")
+    log.info("started the dispatcher (log %s)", logfile.name)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise _Stop()
+
+
+def serve(options: ServeOptions) -> int:
+    import uvicorn
+
+    from service.api.main import create_app
+    from service.auth import KeyConfigError
+    from service.settings import Settings
+
+    data_dir = options.data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    # A signal (also while starting) ends this as an exception, so the exit stack stops what it started;
+    # uvicorn shuts down on SIGINT/SIGTERM and then raises the signal again, which lands here too.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _exit_on_signal)
+    try:
+        with ExitStack() as stack:
+            env = os.environ
+            if not env.get("REDIS_URL"):
+                env["REDIS_URL"] = start_redis(data_dir / "redis", stack)
+            if not env.get("RAY_ADDRESS"):
+                env.setdefault("RAY_AUTH_MODE", "token")  # Ray >= 2.5x turns token auth on for `ray start`
+                env["RAY_ADDRESS"] = start_ray_head(data_dir, stack)
+            if not env.get("SCDD_API_KEYS") and not env.get("SCDD_API_KEYS_FILE"):
+                env["SCDD_API_KEYS_FILE"] = ensure_api_keys(data_dir)
+            env.setdefault("SCDD_ARTIFACTS", str(data_dir / "artifacts"))
+            if options.max_running:
+                env["SCDD_MAX_RUNNING"] = str(options.max_running)
+            try:
+                app = create_app(Settings())
+            except (KeyConfigError, ValueError) as exc:
+                raise ServeError(str(exc)) from None
+            start_dispatcher(data_dir, stack)
+            log.info("API on http://%s:%d (docs at /docs); artifacts in %s", options.host, options.port, env["SCDD_ARTIFACTS"])
+            uvicorn.run(app, host=options.host, port=options.port, log_level="info")
+    except _Stop:
+        log.info("stopped; everything this command started is stopped too")
+    return 0
