@@ -11,6 +11,10 @@ from api_schema import ResourcesSpec
 from scdd.models.convnet import ConvNet
 from scdd.runtime import Runtime
 
+# The tests' Ray head uses token authentication (Ray >= 2.5x turns it on for `ray start`); Ray reads
+# this when it is first imported, so it is set before any test module imports ray.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+
 FASHION_MNIST = Path(os.environ.get("SCDD_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
 
 

@@ -77,7 +77,6 @@ class RayHead:
         self.process: subprocess.Popen | None = None
 
     def start(self) -> "RayHead":
-        os.environ.setdefault("RAY_AUTH_MODE", "token")  # Ray >= 2.5x enables token auth for `ray start`
         self.process = subprocess.Popen(
             ["ray", "start", "--head", "--block", "--num-cpus", str(self.cpus), "--num-gpus", "0",
              *head_flags(self.port, self.dashboard_port)],
