@@ -26,6 +26,8 @@ def job_prefix(settings: Settings, tenant: str, job_id: str) -> str:
 
 
 def _readable(path: str, roots: list[str], tenant_root: str) -> bool:
+    if "\x00" in path:
+        return False
     if "://" in path:
         return path.startswith(tenant_root + "/")
     real = os.path.realpath(path)

@@ -234,7 +234,12 @@ class Dispatcher:
                     self.store.finish(job_id, "failed", active, error=f"the job's driver {status.lower()}: {message}")
             return self.ack(message_id, job_id)
         requested = float(record.get("cancel_requested_at") or 0)
-        if requested and record["state"] not in FINAL_STATES and time.time() - requested > self.settings.cancel_grace_s:
+        if not requested or record["state"] in FINAL_STATES:
+            return
+        if status == "PENDING":  # its driver has not started, so it cannot see the flag: stop it now
+            self.ray.stop(job_id)
+            self.store.finish(job_id, "cancelled", active, error="cancelled before its driver started")
+        elif time.time() - requested > self.settings.cancel_grace_s:
             log.warning("job %s did not stop within %.0f s of the cancel; stopping its Ray job", job_id,
                         self.settings.cancel_grace_s)
             self.ray.stop(job_id)

@@ -18,11 +18,12 @@ from service.api.jobstore import JOB_ID
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 ERRORS = {401: {"model": ErrorOut}, 404: {"model": ErrorOut}}
+UNREADABLE = {"model": ErrorOut, "description": "The body is not text (not UTF-8), so not JSON either."}
 
 
 @router.post("", status_code=202, response_model=JobOut,
-             responses={**ERRORS, 409: {"model": ErrorOut}, 413: {"model": ErrorOut}, 422: {"model": ErrorOut},
-                        429: {"model": ErrorOut}})
+             responses={**ERRORS, 400: UNREADABLE, 409: {"model": ErrorOut}, 413: {"model": ErrorOut},
+                        422: {"model": ErrorOut}, 429: {"model": ErrorOut}})
 async def submit_job(spec: JobSpec, response: Response, tenant: TenantDep, store: StoreDep, settings: SettingsDep,
                      idempotency_key: Annotated[Optional[str], Header(min_length=1, max_length=255)] = None) -> JobOut:
     """Queue a distillation job. Retrying with the same `Idempotency-Key` returns the same job."""
