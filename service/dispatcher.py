@@ -224,6 +224,10 @@ class Dispatcher:
                 self.store.finish(job_id, "failed", active, error="the Ray cluster lost the job (restarted?)")
                 self.ack(message_id, job_id)
             return
+        if status == "PENDING" and record["state"] in FINAL_STATES:
+            # cancelled before its driver started; Ray may keep it pending after the stop (while it waits
+            # for resources), and should it start later, the entrypoint refuses a finished job
+            return self.ack(message_id, job_id)
         if status in TERMINAL:
             if record["state"] not in FINAL_STATES:
                 if status == "STOPPED" and record.get("cancel_requested") == "1":

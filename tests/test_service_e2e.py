@@ -174,3 +174,16 @@ def test_a_job_ignoring_its_cancel_is_stopped_after_the_grace_period(stack, fmni
     done = wait_state(stack.client, job["id"], {"cancelled", "failed", "succeeded"}, 60)
     assert done["state"] == "cancelled" and "stopped by force" in done["error"]
     wait_until(lambda: ray_jobs_named(ray_head, job["id"])[0].status in ("STOPPED", "FAILED"), 60, "Ray to stop it")
+
+
+def test_cancelling_a_job_ray_has_not_started_stops_it_at_once(stack, fmnist_root, fmnist_teacher_ckpt, ray_head):
+    stack.dispatcher()  # grace 20 s: this must not wait for it
+    job = stack.client.post("/v1/jobs", json=spec(fmnist_root, fmnist_teacher_ckpt, threads=3)).json()
+    wait_state(stack.client, job["id"], {"dispatched"}, 60)  # its driver wants 3 CPUs of 2: Ray holds it pending
+    assert ray_jobs_named(ray_head, job["id"])[0].status == "PENDING"
+    stack.client.post(f"/v1/jobs/{job['id']}/cancel")
+    done = wait_state(stack.client, job["id"], {"cancelled", "failed", "succeeded"}, 10)
+    assert done["state"] == "cancelled" and done["error"] == "cancelled before its driver started"
+    r = redis.Redis.from_url(stack.redis.url, decode_responses=True)
+    wait_until(lambda: r.xpending("scdd:queue", "dispatchers")["pending"] == 0, 10, "the message to be acknowledged")
+    assert ray_jobs_named(ray_head, job["id"])[0].status in ("PENDING", "STOPPED")  # never ran
