@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
+from importlib.metadata import PackageNotFoundError, version
 from typing import Optional
 
 import redis
@@ -13,7 +14,6 @@ from fastapi.responses import JSONResponse
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
-import scdd
 from service.api.jobstore import AsyncJobStore
 from service.api.middleware import BodyLimit, Metrics, RequestMetrics
 from service.api.routes import artifacts, events, health, jobs
@@ -25,6 +25,13 @@ DESCRIPTION = """Distill image datasets into a few synthetic images per class (S
 Submit a job spec, follow its progress (poll or Server-Sent Events), cancel it, and download the
 images (a torchvision ImageFolder), the manifest and the report. Every call but the health checks
 needs `Authorization: Bearer <API key>`."""
+
+
+def _version() -> str:
+    try:
+        return version("scdd")
+    except PackageNotFoundError:  # running from a source tree that is not installed
+        return "unknown"
 
 
 def _field_path(loc: tuple) -> str:
@@ -56,7 +63,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         yield
         await client.aclose()
 
-    app = FastAPI(title="scdd job service", version=scdd.__version__, description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(title="scdd job service", version=_version(), description=DESCRIPTION, lifespan=lifespan)
     app.state.settings, app.state.keys, app.state.metrics = settings, keys, Metrics()
     app.add_exception_handler(RequestValidationError, _validation_error)
     for error in (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
