@@ -112,6 +112,16 @@ def ray_local(ray_head):
     ray.shutdown()
 
 
+@pytest.fixture
+def redis_server(tmp_path):
+    """A real redis-server on loopback (append-only file in the test's folder)."""
+    from tests.services import RedisServer
+
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()
+
+
 def cpus_free_soon(ray, seconds: float = 10.0) -> float:
     """Free CPUs once Ray has caught up with released placement groups (it frees them asynchronously)."""
     deadline = time.monotonic() + seconds

@@ -133,6 +133,17 @@ class ApiServer:
                             headers={"Authorization": f"Bearer {key}"} if key else {})
 
 
+def api_settings(redis_url: str, tmp_path: Path, **overrides):
+    """Service settings for API tests: tenants acme and globex (keys key-acme, key-globex), artifacts
+    under `tmp_path`, which is also a data root; no Ray."""
+    from service.settings import Settings
+
+    base = dict(redis_url=redis_url, ray_address=None, api_keys="acme=key-acme,globex=key-globex",
+                api_keys_file=None, artifacts=str(tmp_path / "artifacts"),
+                data_roots=f"/usr/share/datasets{os.pathsep}{tmp_path}", max_active_jobs=4, max_body_bytes=4096)
+    return Settings(**{**base, **overrides})
+
+
 class DispatcherProcess:
     """`python -m service.dispatcher` with the given environment; kill -9 is `kill()`."""
 

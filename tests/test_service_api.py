@@ -4,7 +4,6 @@ jobs stay queued (the dispatcher tests are in test_service_e2e.py)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -14,29 +13,12 @@ import redis
 
 from service.api.main import create_app
 from service.export import FOLDER, documents
-from service.settings import Settings
-from tests.services import ApiServer, RedisServer
-
-KEYS = "acme=key-acme,globex=key-globex"
-
-
-@pytest.fixture
-def redis_server(tmp_path):
-    server = RedisServer(tmp_path / "redis").start()
-    yield server
-    server.stop()
-
-
-def make_settings(redis_url: str, tmp_path, **overrides) -> Settings:
-    base = dict(redis_url=redis_url, ray_address=None, api_keys=KEYS, api_keys_file=None,
-                artifacts=str(tmp_path / "artifacts"), data_roots=f"/usr/share/datasets{os.pathsep}{tmp_path}",
-                max_active_jobs=4, max_body_bytes=4096)
-    return Settings(**{**base, **overrides})
+from tests.services import ApiServer, api_settings
 
 
 @pytest.fixture
 def api(redis_server, tmp_path):
-    server = ApiServer(create_app(make_settings(redis_server.url, tmp_path))).start()
+    server = ApiServer(create_app(api_settings(redis_server.url, tmp_path))).start()
     yield server
     server.stop()
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import threading
 import time
 from pathlib import Path
@@ -21,29 +20,14 @@ from service.api.jobstore import JOB_ID
 from service.api.main import create_app
 from service.client import ChecksumMismatch, ClientError, JobClient, safe_destination
 from service.jobstore import JobStore
-from service.settings import Settings
-from tests.services import ApiServer, RedisServer, free_port, wait_until
+from tests.services import ApiServer, api_settings, free_port, wait_until
 
 SPEC = {"method": "sre2l", "dataset": {"classes": [0, 1]}, "recover": {"ipc": 1, "iterations": 2}}
 
 
-def make_settings(redis_url: str, tmp_path, **overrides) -> Settings:
-    base = dict(redis_url=redis_url, ray_address=None, api_keys="acme=key-acme", api_keys_file=None,
-                artifacts=str(tmp_path / "artifacts"), data_roots=f"/usr/share/datasets{os.pathsep}{tmp_path}",
-                max_active_jobs=20, max_body_bytes=4096)
-    return Settings(**{**base, **overrides})
-
-
-@pytest.fixture
-def redis_server(tmp_path):
-    server = RedisServer(tmp_path / "redis").start()
-    yield server
-    server.stop()
-
-
 @pytest.fixture
 def api(redis_server, tmp_path):
-    server = ApiServer(create_app(make_settings(redis_server.url, tmp_path))).start()
+    server = ApiServer(create_app(api_settings(redis_server.url, tmp_path, max_active_jobs=20))).start()
     yield server
     server.stop()
 

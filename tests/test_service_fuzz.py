@@ -20,8 +20,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from service.api.main import create_app
-from tests.services import ApiServer, RedisServer
-from tests.test_service_api import make_settings
+from tests.services import ApiServer, RedisServer, api_settings
 
 KEY = "key-acme"
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
@@ -42,7 +41,7 @@ QUICK = {"deadline": None, "derandomize": True, "suppress_health_check": SLOW_IS
 def live_api(tmp_path_factory, ray_head):
     tmp = tmp_path_factory.mktemp("fuzz")
     redis_server = RedisServer(tmp / "redis").start()
-    settings = make_settings(redis_server.url, tmp, ray_address=ray_head.jobs_url, max_active_jobs=1000)
+    settings = api_settings(redis_server.url, tmp, ray_address=ray_head.jobs_url, max_active_jobs=1000)
     server = ApiServer(create_app(settings)).start()
     yield server
     server.stop()
