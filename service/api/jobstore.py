@@ -42,6 +42,12 @@ class AsyncJobStore:
         record = await self.redis.hgetall(self.keys.job(job_id))
         return record if record and record.get("tenant") == tenant else None
 
+    async def ping(self) -> bool:
+        return bool(await self.redis.ping())
+
+    async def state(self, job_id: str) -> Optional[str]:
+        return await self.redis.hget(self.keys.job(job_id), "state")
+
     async def list(self, tenant: str, state: Optional[str], limit: int, cursor: Optional[str]) -> tuple[list[dict], Optional[str]]:
         index = self.keys.tenant_state(tenant, state) if state else self.keys.tenant_jobs(tenant)
         ids = await self.redis.zrevrangebylex(index, f"({cursor}" if cursor else "+", "-", start=0, num=limit + 1)

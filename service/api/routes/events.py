@@ -26,7 +26,7 @@ async def _follow(store: AsyncJobStore, request: Request, job_id: str, after: st
     while True:
         entries = await store.events(job_id, after)
         if not entries:
-            if await store.redis.hget(store.keys.job(job_id), "state") in FINAL_STATES:
+            if await store.state(job_id) in FINAL_STATES:
                 return  # ended, and every event was sent
             entries = await store.events(job_id, after, block_ms)
         for entry_id, kind, data in entries:

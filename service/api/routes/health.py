@@ -36,7 +36,7 @@ async def _ray_reachable(url: str | None) -> str:
 async def readyz(store: StoreDep, settings: SettingsDep) -> JSONResponse:
     """Redis answers PING and the Ray Jobs API answers."""
     try:
-        await store.redis.ping()
+        await store.ping()
         redis_state = "ok"
     except Exception as exc:  # any failure of the connection means not ready
         redis_state = f"unreachable: {type(exc).__name__}: {exc}"
