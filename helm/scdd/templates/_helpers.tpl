@@ -1,0 +1,279 @@
+{{/* Names */}}
+{{- define "scdd.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "scdd.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* "<fullname>-<suffix>", at most 63 characters. Call with (list $ "suffix"). */}}
+{{- define "scdd.componentName" -}}
+{{- $root := index . 0 }}
+{{- $suffix := index . 1 }}
+{{- printf "%s-%s" (include "scdd.fullname" $root | trunc (int (sub 62 (len $suffix))) | trimSuffix "-") $suffix }}
+{{- end }}
+
+{{- define "scdd.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Standard labels. Call with (list $ "component").
+*/}}
+{{- define "scdd.labels" -}}
+{{- $root := index . 0 }}
+{{- $component := index . 1 -}}
+helm.sh/chart: {{ include "scdd.chart" $root }}
+{{ include "scdd.selectorLabels" (list $root $component) }}
+app.kubernetes.io/version: {{ $root.Chart.AppVersion | quote }}
+app.kubernetes.io/part-of: scdd
+app.kubernetes.io/managed-by: {{ $root.Release.Service }}
+{{- with $root.Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Selector labels. Call with (list $ "component"). */}}
+{{- define "scdd.selectorLabels" -}}
+{{- $root := index . 0 -}}
+app.kubernetes.io/name: {{ include "scdd.name" $root }}
+app.kubernetes.io/instance: {{ $root.Release.Name }}
+app.kubernetes.io/component: {{ index . 1 }}
+{{- end }}
+
+{{- define "scdd.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "scdd.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+The Ray head's account while the autoscaler is on: the chart's "<fullname>-ray-head" (same
+annotations as serviceAccount, token mounted), the named account when serviceAccount.create is
+false, or empty (KubeRay then creates one named after the RayCluster).
+*/}}
+{{- define "scdd.rayHeadServiceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- include "scdd.componentName" (list . "ray-head") }}
+{{- else }}
+{{- .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "scdd.image" -}}
+{{- $tag := default .Chart.AppVersion .Values.image.tag }}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository $tag }}
+{{- end }}
+{{- end }}
+
+{{/* Ray */}}
+{{- define "scdd.rayClusterName" -}}
+{{- if .Values.ray.clusterName }}
+{{- .Values.ray.clusterName }}
+{{- else }}
+{{- printf "%s-ray" (include "scdd.fullname" . | trunc 40 | trimSuffix "-") }}
+{{- end }}
+{{- end }}
+
+{{/* The Ray Jobs API (dashboard) URL: KubeRay names the head Service "<cluster>-head-svc". */}}
+{{- define "scdd.rayAddress" -}}
+{{- printf "http://%s-head-svc:8265" (include "scdd.rayClusterName" .) }}
+{{- end }}
+
+{{- define "scdd.rayAuthSecretName" -}}
+{{- default (include "scdd.componentName" (list . "ray-auth")) .Values.ray.auth.existingSecret }}
+{{- end }}
+
+{{/* Redis */}}
+{{- define "scdd.redisExternal" -}}
+{{- if or .Values.redis.external.url .Values.redis.external.existingSecret }}true{{ end }}
+{{- end }}
+
+{{- define "scdd.redisName" -}}
+{{- include "scdd.componentName" (list . "redis") }}
+{{- end }}
+
+{{- define "scdd.redisSecretName" -}}
+{{- default (include "scdd.redisName" .) .Values.redis.auth.existingSecret }}
+{{- end }}
+
+{{/* API keys */}}
+{{- define "scdd.apiKeysSecretName" -}}
+{{- default (include "scdd.componentName" (list . "api-keys")) .Values.apiKeys.existingSecret }}
+{{- end }}
+
+{{- define "scdd.apiKeysSecretKey" -}}
+{{- if .Values.apiKeys.existingSecret }}{{ .Values.apiKeys.existingSecretKey }}{{ else }}api-keys.yaml{{ end }}
+{{- end }}
+
+{{/*
+A value kept in an existing Secret of this release, or a new random one: generated values stay the
+same across upgrades (`lookup` reads the live Secret; offline renders, e.g. `helm template`, get a
+fresh value). Call with (dict "root" $ "name" <secret> "key" <key> "length" <n> "prefix" <p>).
+*/}}
+{{- define "scdd.keptSecretValue" -}}
+{{- $existing := lookup "v1" "Secret" .root.Release.Namespace .name }}
+{{- if and $existing $existing.data (hasKey $existing.data .key) }}
+{{- index $existing.data .key | b64dec }}
+{{- else }}
+{{- printf "%s%s" (default "" .prefix) (randAlphaNum (int .length)) }}
+{{- end }}
+{{- end }}
+
+{{/* Environment */}}
+
+{{/* REDIS_URL (and REDIS_PASSWORD it refers to) for every scdd container. */}}
+{{- define "scdd.env.redis" -}}
+{{- if .Values.redis.external.existingSecret }}
+- name: REDIS_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.redis.external.existingSecret }}
+      key: {{ .Values.redis.external.existingSecretKey }}
+{{- else if .Values.redis.external.url }}
+- name: REDIS_URL
+  value: {{ .Values.redis.external.url | quote }}
+{{- else if .Values.redis.auth.enabled }}
+# (not REDIS_PASSWORD: KubeRay gives that name a meaning on Ray heads, for GCS fault tolerance)
+- name: SCDD_REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "scdd.redisSecretName" . }}
+      key: {{ .Values.redis.auth.existingSecretKey }}
+- name: REDIS_URL
+  value: {{ printf "redis://:$(SCDD_REDIS_PASSWORD)@%s:6379/0" (include "scdd.redisName" .) | quote }}
+{{- else }}
+- name: REDIS_URL
+  value: {{ printf "redis://%s:6379/0" (include "scdd.redisName" .) | quote }}
+{{- end }}
+{{- end }}
+
+{{/* The service settings (SCDD_*), HOME on the writable /tmp, and extraEnv. */}}
+{{- define "scdd.env.settings" -}}
+{{- $c := .Values.config }}
+- name: SCDD_REDIS_PREFIX
+  value: {{ $c.redisPrefix | quote }}
+- name: SCDD_ARTIFACTS
+  value: {{ $c.artifacts | quote }}
+{{- with $c.teacherCache }}
+- name: SCDD_TEACHER_CACHE
+  value: {{ . | quote }}
+{{- end }}
+- name: SCDD_DATA_ROOTS
+  value: {{ $c.dataRoots | quote }}
+- name: SCDD_MAX_ACTIVE_JOBS
+  value: {{ $c.maxActiveJobs | int64 | quote }}
+- name: SCDD_MAX_RUNNING
+  value: {{ $c.maxRunning | int64 | quote }}
+- name: SCDD_MAX_BODY_BYTES
+  value: {{ $c.maxBodyBytes | int64 | quote }}
+- name: SCDD_EVENTS_MAXLEN
+  value: {{ $c.eventsMaxlen | int64 | quote }}
+- name: SCDD_IDEMPOTENCY_TTL_S
+  value: {{ $c.idempotencyTtlS | int64 | quote }}
+- name: SCDD_CANCEL_GRACE_S
+  value: {{ $c.cancelGraceS | toString | quote }}
+- name: SCDD_RECLAIM_AFTER_S
+  value: {{ $c.reclaimAfterS | toString | quote }}
+- name: SCDD_MAX_DELIVERIES
+  value: {{ $c.maxDeliveries | int64 | quote }}
+- name: SCDD_POLL_S
+  value: {{ $c.pollS | toString | quote }}
+- name: HOME
+  value: /tmp
+- name: PYTHONUNBUFFERED
+  value: "1"
+- name: PYTHONDONTWRITEBYTECODE
+  value: "1"
+{{- with .Values.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- define "scdd.env.rayAddress" -}}
+- name: RAY_ADDRESS
+  value: {{ include "scdd.rayAddress" . | quote }}
+{{- end }}
+
+{{- define "scdd.env.rayAuth" -}}
+{{- if .Values.ray.auth.enabled }}
+- name: RAY_AUTH_MODE
+  value: token
+- name: RAY_AUTH_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "scdd.rayAuthSecretName" . }}
+      key: {{ .Values.ray.auth.existingSecretKey }}
+{{- end }}
+{{- end }}
+
+{{- define "scdd.env.s3" -}}
+{{- with .Values.s3.endpointUrl }}
+- name: AWS_ENDPOINT_URL_S3
+  value: {{ . | quote }}
+{{- end }}
+{{- with .Values.s3.region }}
+- name: AWS_DEFAULT_REGION
+  value: {{ . | quote }}
+{{- end }}
+{{- if .Values.s3.existingSecret }}
+- name: AWS_ACCESS_KEY_ID
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.s3.existingSecret }}
+      key: {{ .Values.s3.accessKeyIdKey }}
+- name: AWS_SECRET_ACCESS_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.s3.existingSecret }}
+      key: {{ .Values.s3.secretAccessKeyKey }}
+{{- end }}
+{{- end }}
+
+{{/* Volumes */}}
+
+{{/* The writable /tmp every container gets (the root file system is read-only). */}}
+{{- define "scdd.volume.tmp" -}}
+- name: tmp
+  emptyDir: {}
+{{- end }}
+
+{{- define "scdd.sharedVolumes" -}}
+{{- range .Values.sharedVolumes }}
+- name: {{ .name }}
+  {{- toYaml .volume | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{- define "scdd.sharedVolumeMounts" -}}
+{{- range .Values.sharedVolumes }}
+- name: {{ .name }}
+  mountPath: {{ .mountPath }}
+  readOnly: {{ hasKey . "readOnly" | ternary .readOnly true }}
+  {{- with .subPath }}
+  subPath: {{ . }}
+  {{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "scdd.imagePullSecrets" -}}
+{{- with .Values.image.pullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}

@@ -1,0 +1,727 @@
+"""The Helm chart helm/scdd, checked without a cluster.
+
+Renders go through the real Helm engine (helm-python-sdk embeds Helm's Go SDK: no helm binary);
+every built-in Kubernetes object is validated with kubernetes-validate (strict: unknown fields
+fail) against the oldest Kubernetes the chart supports and the newest the package ships; the
+RayCluster's pod templates are validated the same way as v1 PodTemplates, and its own fields are
+checked against KubeRay's ray.io/v1 types here.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import hashlib
+import os
+from functools import cache
+from pathlib import Path
+
+import helm_python as helm
+import kubernetes_validate
+import pytest
+import yaml
+from kubernetes_validate.utils import all_versions
+
+from service.auth import ApiKeys
+from service.settings import Settings
+
+CHART = Path(__file__).resolve().parents[1] / "helm" / "scdd"
+RELEASE, NAMESPACE = "demo", "ml"
+FULLNAME = "demo-scdd"
+CLUSTER = "demo-scdd-ray"
+
+# Chart.yaml's kubeVersion floor (or the oldest schema shipped) and the newest schema shipped.
+_SHIPPED = sorted({v.rsplit(".", 1)[0] for v in all_versions()}, key=lambda v: tuple(map(int, v.split("."))))
+K8S_VERSIONS = ("1.25" if "1.25" in _SHIPPED else _SHIPPED[0], _SHIPPED[-1])
+
+STANDARD_LABELS = ("app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/version",
+                   "app.kubernetes.io/component", "app.kubernetes.io/part-of", "app.kubernetes.io/managed-by",
+                   "helm.sh/chart")
+
+# KubeRay's ray.io/v1 RayCluster fields (ray-operator/apis/ray/v1/raycluster_types.go, KubeRay 1.1 to 1.6).
+RAYCLUSTER_SPEC_FIELDS = {"suspend", "managedBy", "autoscalerOptions", "headServiceAnnotations",
+                          "enableInTreeAutoscaling", "gcsFaultToleranceOptions", "headGroupSpec", "rayVersion",
+                          "workerGroupSpecs", "authOptions"}
+HEAD_GROUP_FIELDS = {"template", "headService", "enableIngress", "rayStartParams", "serviceType"}
+WORKER_GROUP_FIELDS = {"suspend", "groupName", "replicas", "minReplicas", "maxReplicas", "idleTimeoutSeconds",
+                       "rayStartParams", "template", "scaleStrategy", "numOfHosts"}
+AUTOSCALER_FIELDS = {"resources", "image", "imagePullPolicy", "securityContext", "idleTimeoutSeconds",
+                     "upscalingMode", "env", "envFrom", "volumeMounts", "version"}
+
+CPU_GROUP = {"groupName": "cpu", "minReplicas": 0, "maxReplicas": 3, "shmSize": "4Gi",
+             "resources": {"requests": {"cpu": "4", "memory": "16Gi"}, "limits": {"memory": "16Gi"}}}
+VALUE_SETS: dict[str, dict] = {
+    "default": {},
+    "external-redis": {"redis": {"external": {"url": "redis://redis.db.svc:6379/0"}}},
+    "external-redis-secret": {"redis": {"external": {"existingSecret": "redis-conn"}}},
+    "gpu-max-0": {"ray": {"workers": {"maxReplicas": 0}}},
+    "gpu-max-8": {"ray": {"workers": {"minReplicas": 1, "maxReplicas": 8, "gpus": 2,
+                                      "nodeSelector": {"nvidia.com/gpu.present": "true"}}}},
+    "ingress": {"ingress": {"enabled": True, "className": "nginx",
+                            "annotations": {"nginx.ingress.kubernetes.io/proxy-buffering": "off"},
+                            "hosts": [{"host": "scdd.example.com", "paths": [{"path": "/", "pathType": "Prefix"}]}],
+                            "tls": [{"secretName": "scdd-tls", "hosts": ["scdd.example.com"]}]}},
+    "hpa-on": {"api": {"autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 6,
+                                       "targetMemoryUtilizationPercentage": 80}}},
+    "hpa-off": {"api": {"autoscaling": {"enabled": False}, "replicas": 3}},
+    # every other switch the chart has, flipped
+    "existing-secrets-static-ray": {
+        "apiKeys": {"existingSecret": "scdd-keys", "existingSecretKey": "keys.yaml"},
+        "ray": {"auth": {"existingSecret": "ray-token"}, "autoscaler": {"enabled": False},
+                "workers": {"replicas": 9, "minReplicas": 1, "maxReplicas": 2, "tmpSizeLimit": "50Gi"},
+                "additionalWorkerGroups": [CPU_GROUP], "head": {"numCpus": None, "tmpSizeLimit": "10Gi"}},
+        "s3": {"endpointUrl": "https://minio.example:9000", "region": "us-east-1", "existingSecret": "s3-keys"},
+        "sharedVolumes": [{"name": "datasets", "mountPath": "/usr/share/datasets",
+                           "volume": {"persistentVolumeClaim": {"claimName": "datasets", "readOnly": True}}}],
+        "redis": {"auth": {"enabled": False}, "persistence": {"enabled": False}},
+        "serviceAccount": {"annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/scdd"}},
+        "api": {"pdb": {"maxUnavailable": "50%"}},
+        "networkPolicy": {"apiFrom": [{"namespaceSelector": {"matchLabels": {"name": "ingress-nginx"}}}]},
+        "image": {"repository": "registry.example/ml/scdd", "tag": "0.1.0", "pullSecrets": [{"name": "regcred"}]},
+        "extraEnv": [{"name": "NCCL_SOCKET_IFNAME", "value": "eth0"}],
+    },
+    "no-gpu-group-no-policies": {"ray": {"workers": {"enabled": False}, "additionalWorkerGroups": [CPU_GROUP],
+                                         "auth": {"enabled": False}},
+                                 "networkPolicy": {"enabled": False}, "tests": {"enabled": False}},
+}
+
+
+@pytest.fixture(scope="module")
+def chart():
+    with helm.Chart.load(CHART) as loaded:
+        yield loaded
+
+
+@cache
+def _render(name: str) -> tuple[dict[str, list[dict]], str]:
+    """(objects by kind, NOTES.txt) of one value set; each set is rendered once per test session."""
+    with helm.Chart.load(CHART) as loaded:
+        files = loaded.render(copy.deepcopy(VALUE_SETS[name]), name=RELEASE, namespace=NAMESPACE)
+    notes = next(text for path, text in files.items() if path.endswith("NOTES.txt"))
+    kinds: dict[str, list[dict]] = {}
+    for path, text in files.items():
+        if path.endswith("NOTES.txt"):
+            continue
+        for doc in yaml.safe_load_all(text):
+            if doc:
+                kinds.setdefault(doc["kind"], []).append(doc)
+    return kinds, notes
+
+
+def objects(name: str) -> list[dict]:
+    return [doc for docs in _render(name)[0].values() for doc in docs]
+
+
+def of_kind(name: str, kind: str) -> list[dict]:
+    return _render(name)[0].get(kind, [])
+
+
+def one(name: str, kind: str, obj_name: str) -> dict:
+    found = [doc for doc in of_kind(name, kind) if doc["metadata"]["name"] == obj_name]
+    assert len(found) == 1, f"{kind}/{obj_name} in {name}: {len(found)} found"
+    return found[0]
+
+
+def pod_templates(name: str) -> list[tuple[str, dict]]:
+    """(where, pod template or Pod) of every workload: Deployments, StatefulSets, hook Pods, Ray groups."""
+    found = []
+    for kind in ("Deployment", "StatefulSet"):
+        found += [(f"{kind}/{d['metadata']['name']}", d["spec"]["template"]) for d in of_kind(name, kind)]
+    found += [(f"Pod/{p['metadata']['name']}", p) for p in of_kind(name, "Pod")]
+    for cluster in of_kind(name, "RayCluster"):
+        found.append((f"RayCluster/{cluster['metadata']['name']}/head", cluster["spec"]["headGroupSpec"]["template"]))
+        for group in cluster["spec"].get("workerGroupSpecs") or []:
+            found.append((f"RayCluster/{cluster['metadata']['name']}/{group['groupName']}", group["template"]))
+    return found
+
+
+def containers(template: dict) -> list[dict]:
+    spec = template["spec"]
+    return spec["containers"] + spec.get("initContainers", [])
+
+
+def env_of(container: dict) -> dict[str, dict]:
+    return {item["name"]: item for item in container.get("env", [])}
+
+
+def container(name: str, kind: str, obj_name: str) -> dict:
+    return one(name, kind, obj_name)["spec"]["template"]["spec"]["containers"][0]
+
+
+def raycluster(name: str) -> dict:
+    (cluster,) = of_kind(name, "RayCluster")
+    return cluster
+
+
+def worker_groups(name: str) -> dict[str, dict]:
+    return {group["groupName"]: group for group in raycluster(name)["spec"].get("workerGroupSpecs") or []}
+
+
+def ray_pod_templates(name: str) -> list[tuple[str, dict]]:
+    cluster = raycluster(name)
+    return [("head", cluster["spec"]["headGroupSpec"]["template"])] + \
+        [(group["groupName"], group["template"]) for group in cluster["spec"].get("workerGroupSpecs") or []]
+
+
+# --- Helm itself ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_helm_lint_strict(name):
+    report = helm.lint(CHART, copy.deepcopy(VALUE_SETS[name]) or None, strict=True, namespace=NAMESPACE)
+    problems = [m for m in report["messages"] if m["severity"] >= 2]  # 2 warning, 3 error (1 is info)
+    assert not problems and not report["errors"], report
+
+
+def test_chart_metadata(chart):
+    meta = chart.metadata
+    assert meta["apiVersion"] == "v2" and meta["type"] == "application" and meta["name"] == "scdd"
+    for field in ("version", "appVersion", "kubeVersion", "description", "keywords"):
+        assert meta.get(field), field
+    assert chart.schema["additionalProperties"] is False
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"api": {"replicas": "two"}}, "at '/api/replicas': got string, want integer"),
+    ({"replicaCount": 3}, "at '': additional properties 'replicaCount' not allowed"),
+    ({"ray": {"workers": {"gpus": "1"}}}, "at '/ray/workers/gpus': got string, want integer"),
+    ({"ray": {"workers": {"maxReplicas": -1}}}, "at '/ray/workers/maxReplicas': minimum: got -1, want 0"),
+    ({"ray": {"workerz": {}}}, "at '/ray': additional properties 'workerz' not allowed"),
+    ({"ray": {"additionalWorkerGroups": [{"groupName": "cpu"}]}},
+     "at '/ray/additionalWorkerGroups/0': missing properties 'minReplicas', 'maxReplicas'"),
+    ({"redis": {"external": {"url": "localhost:6379"}}}, "at '/redis/external/url'"),
+    ({"apiKeys": {"extraTenants": {"team": {"keys_sha256": ["not-a-hash"]}}}},
+     "at '/apiKeys/extraTenants/team/keys_sha256/0'"),
+    ({"ray": {"clusterName": "c" * 45}}, "at '/ray/clusterName': maxLength"),  # "<name>-head-svc" must fit
+    ({"ray": {"clusterName": "1ray"}}, "at '/ray/clusterName'"),  # KubeRay wants a DNS-1035 label
+])
+def test_schema_rejects_bad_values(chart, values, message):
+    with pytest.raises(helm.HelmValuesError) as caught:
+        chart.render(values, name=RELEASE, namespace=NAMESPACE)
+    assert "values don't meet the specifications of the schema(s)" in str(caught.value)
+    assert message in str(caught.value)
+    report = helm.lint(CHART, values, strict=True)  # `helm lint` says the same
+    assert any(message in error for error in report["errors"]), report
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"ray": {"workers": {"minReplicas": 3, "maxReplicas": 1}}},
+     'ray worker group "gpu": minReplicas (3) must not exceed maxReplicas (1)'),
+    ({"ray": {"additionalWorkerGroups": [{"groupName": "gpu", "minReplicas": 0, "maxReplicas": 1}]}},
+     'ray worker groups: groupName "gpu" is used twice'),
+    ({"api": {"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}}},
+     "api.autoscaling.minReplicas (5) must not exceed api.autoscaling.maxReplicas (2)"),
+    ({"fullnameOverride": "9lives"}, 'the RayCluster name "9lives-ray" is not a DNS-1035 label'),
+])
+def test_inconsistent_values_fail_with_a_message(chart, values, message):
+    with pytest.raises(helm.HelmRenderError, match="execution error") as caught:
+        chart.render(values, name=RELEASE, namespace=NAMESPACE)
+    assert message in str(caught.value)
+
+
+# --- Kubernetes schemas -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_builtin_objects_are_valid_kubernetes(name, version):
+    checked = 0
+    for doc in objects(name):
+        if doc["apiVersion"].startswith("ray.io/"):
+            continue
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as error:
+            where = ".".join(str(part) for part in error.path)
+            pytest.fail(f"{doc['kind']}/{doc['metadata']['name']} ({version}): {where}: {error.message}")
+        checked += 1
+    assert checked >= 10
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_raycluster_pod_templates_are_valid_kubernetes(name, version):
+    cluster = raycluster(name)
+    for group, template in ray_pod_templates(name):
+        as_pod_template = {"apiVersion": "v1", "kind": "PodTemplate",
+                           "metadata": {"name": f"{CLUSTER}-{group}"}, "template": template}
+        try:
+            kubernetes_validate.validate(as_pod_template, version, strict=True)
+        except kubernetes_validate.ValidationError as error:
+            pytest.fail(f"{group} template ({version}): {'.'.join(map(str, error.path))}: {error.message}")
+    options = cluster["spec"].get("autoscalerOptions")
+    if options:  # what KubeRay merges into its autoscaler sidecar container
+        sidecar = {"name": "autoscaler", "image": "x", **{k: options[k] for k in
+                                                          ("env", "resources", "securityContext", "volumeMounts")}}
+        head = copy.deepcopy(cluster["spec"]["headGroupSpec"]["template"])
+        head["spec"]["containers"].append(sidecar)
+        kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "x"},
+                                      "template": head}, version, strict=True)
+
+
+# --- the RayCluster -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_raycluster_fields(name):
+    values = VALUE_SETS[name].get("ray", {})
+    cluster = raycluster(name)
+    assert cluster["apiVersion"] == "ray.io/v1" and cluster["metadata"]["name"] == CLUSTER
+    spec = cluster["spec"]
+    assert set(spec) <= RAYCLUSTER_SPEC_FIELDS
+    assert set(spec["headGroupSpec"]) <= HEAD_GROUP_FIELDS
+    autoscaling = values.get("autoscaler", {}).get("enabled", True)
+    assert spec["enableInTreeAutoscaling"] is autoscaling
+    if autoscaling:
+        assert set(spec["autoscalerOptions"]) <= AUTOSCALER_FIELDS
+        assert spec["autoscalerOptions"]["idleTimeoutSeconds"] == 300
+    head = spec["headGroupSpec"]
+    assert head["rayStartParams"]["dashboard-host"] == "0.0.0.0"
+    if values.get("head", {}).get("numCpus", "0") is None:
+        assert "num-cpus" not in head["rayStartParams"]
+    else:
+        assert head["rayStartParams"]["num-cpus"] == "0"  # no job lands on the head
+    assert head["template"]["spec"]["containers"][0]["name"] == "ray-head"  # KubeRay's Ray container is index 0
+    for group in spec.get("workerGroupSpecs", []):
+        assert set(group) <= WORKER_GROUP_FIELDS
+        assert group["template"]["spec"]["containers"][0]["name"] == "ray-worker"
+        assert 0 <= group["minReplicas"] <= group["maxReplicas"]
+        if autoscaling:  # the autoscaler owns replicas (a chart value would fight it on every upgrade)
+            assert "replicas" not in group
+        else:
+            assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+    for params in [head["rayStartParams"]] + [g["rayStartParams"] for g in spec.get("workerGroupSpecs", [])]:
+        assert all(isinstance(value, str) for value in params.values())  # map[string]string in KubeRay
+
+
+def test_gpu_worker_group_defaults():
+    group = worker_groups("default")["gpu"]
+    assert (group["minReplicas"], group["maxReplicas"]) == (0, 4)  # scales to zero when idle
+    pod = group["template"]["spec"]
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    shm = next(v for v in pod["volumes"] if v["name"] == "shared-mem")
+    assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "16Gi"}
+    assert {"name": "shared-mem", "mountPath": "/dev/shm"} in pod["containers"][0]["volumeMounts"]
+
+
+def test_gpu_max_replicas_0_keeps_the_group_and_never_starts_a_pod():
+    group = worker_groups("gpu-max-0")["gpu"]
+    assert (group["minReplicas"], group["maxReplicas"]) == (0, 0)
+    assert group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+
+def test_gpu_max_replicas_8():
+    group = worker_groups("gpu-max-8")["gpu"]
+    assert (group["minReplicas"], group["maxReplicas"]) == (1, 8)
+    pod = group["template"]["spec"]
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 2
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+
+
+def test_static_cluster_and_additional_cpu_group():
+    groups = worker_groups("existing-secrets-static-ray")
+    assert list(groups) == ["gpu", "cpu"]
+    assert groups["gpu"]["replicas"] == 2  # 9 clamped to maxReplicas
+    cpu = groups["cpu"]["template"]["spec"]
+    assert "nvidia.com/gpu" not in cpu["containers"][0]["resources"].get("limits", {})
+    assert "tolerations" not in cpu
+    assert next(v for v in cpu["volumes"] if v["name"] == "shared-mem")["emptyDir"]["sizeLimit"] == "4Gi"
+    assert list(worker_groups("no-gpu-group-no-policies")) == ["cpu"]
+
+
+def test_head_runs_under_an_account_the_autoscaler_can_use():
+    head = raycluster("default")["spec"]["headGroupSpec"]["template"]["spec"]
+    assert head["serviceAccountName"] == f"{FULLNAME}-ray-head" and head["automountServiceAccountToken"] is True
+    account = one("default", "ServiceAccount", f"{FULLNAME}-ray-head")
+    assert account["automountServiceAccountToken"] is True
+    static = raycluster("existing-secrets-static-ray")["spec"]["headGroupSpec"]["template"]["spec"]
+    assert static["serviceAccountName"] == FULLNAME and static["automountServiceAccountToken"] is False
+    assert [a["metadata"]["name"] for a in of_kind("existing-secrets-static-ray", "ServiceAccount")] == [FULLNAME]
+
+
+def test_ray_pods_set_their_own_http_probes():
+    """KubeRay injects wget-based exec probes into Ray containers without probes; ours use Ray's
+    health endpoints, which answer without the auth token."""
+    for name in ("default", "existing-secrets-static-ray"):
+        for group, template in ray_pod_templates(name):
+            ray = template["spec"]["containers"][0]
+            for probe in ("livenessProbe", "readinessProbe"):
+                assert ray[probe]["httpGet"]["path"] in ("/api/gcs_healthz", "/api/local_raylet_healthz"), group
+
+
+# --- workloads: security, resources, probes, labels --------------------------------------------
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_every_pod_is_restricted(name):
+    for where, template in pod_templates(name):
+        pod = template["spec"]
+        ctx = pod["securityContext"]
+        assert ctx["runAsNonRoot"] is True and ctx["runAsUser"] == 1000, where
+        assert ctx["seccompProfile"] == {"type": "RuntimeDefault"}, where
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        for c in containers(template):
+            sc = c["securityContext"]
+            assert sc["runAsNonRoot"] is True and sc["runAsUser"] == 1000, (where, c["name"])
+            assert sc["allowPrivilegeEscalation"] is False, (where, c["name"])
+            assert sc["capabilities"] == {"drop": ["ALL"]}, (where, c["name"])
+            assert sc["readOnlyRootFilesystem"] is True, (where, c["name"])
+            assert sc["seccompProfile"] == {"type": "RuntimeDefault"}, (where, c["name"])
+            mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])}
+            assert "emptyDir" in volumes[mounts["/tmp"]], (where, c["name"])  # writable /tmp
+            for mount in c.get("volumeMounts", []):  # every mount names a volume of the pod
+                assert mount["name"] in volumes or mount["name"] in _claim_templates(name, where), (where, mount)
+        if where.startswith("RayCluster/"):
+            mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
+            assert "emptyDir" in volumes[mounts["/tmp/ray"]] and mounts["/tmp/ray"] == "ray-logs", where
+            assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory", where
+    options = raycluster(name)["spec"].get("autoscalerOptions")
+    if options:
+        assert options["securityContext"]["readOnlyRootFilesystem"] is True
+        assert options["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+        assert {"name": "tmp", "mountPath": "/tmp"} in options["volumeMounts"]
+
+
+def _claim_templates(name: str, where: str) -> set[str]:
+    if not where.startswith("StatefulSet/"):
+        return set()
+    sts = one(name, "StatefulSet", where.split("/", 1)[1])
+    return {claim["metadata"]["name"] for claim in sts["spec"].get("volumeClaimTemplates", [])}
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_every_container_has_resources(name):
+    for where, template in pod_templates(name):
+        for c in template["spec"]["containers"]:
+            resources = c["resources"]
+            assert {"cpu", "memory"} <= set(resources["requests"]), (where, c["name"])
+            assert "memory" in resources["limits"], (where, c["name"])
+    options = raycluster(name)["spec"].get("autoscalerOptions")
+    if options:
+        assert {"cpu", "memory"} <= set(options["resources"]["requests"])
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_probes(name):
+    api = container(name, "Deployment", f"{FULLNAME}-api")
+    assert api["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert api["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert api["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert api["ports"] == [{"name": "http", "containerPort": 8000, "protocol": "TCP"}]
+    dispatcher = container(name, "Deployment", f"{FULLNAME}-dispatcher")
+    assert not any(probe in dispatcher for probe in ("livenessProbe", "readinessProbe", "startupProbe"))
+    for sts in of_kind(name, "StatefulSet"):
+        redis = sts["spec"]["template"]["spec"]["containers"][0]
+        assert all("redis-cli" in " ".join(redis[p]["exec"]["command"])
+                   for p in ("startupProbe", "livenessProbe", "readinessProbe"))
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_standard_labels(name):
+    for doc in objects(name):
+        labels = doc["metadata"]["labels"]
+        missing = [key for key in STANDARD_LABELS if key not in labels]
+        assert not missing, f"{doc['kind']}/{doc['metadata']['name']} lacks {missing}"
+        assert labels["app.kubernetes.io/instance"] == RELEASE and labels["app.kubernetes.io/part-of"] == "scdd"
+    for where, template in pod_templates(name):
+        missing = [key for key in STANDARD_LABELS if key not in template["metadata"]["labels"]]
+        assert not missing, f"{where} pods lack {missing}"
+    for kind in ("Deployment", "StatefulSet"):
+        for doc in of_kind(name, kind):
+            selector = doc["spec"]["selector"]["matchLabels"]
+            assert selector.items() <= doc["spec"]["template"]["metadata"]["labels"].items()
+            assert "app.kubernetes.io/version" not in selector and "helm.sh/chart" not in selector  # immutable
+    pods = [template["metadata"]["labels"] for _, template in pod_templates(name)]
+    for service in of_kind(name, "Service"):  # every Service selects some pod of the chart
+        assert any(service["spec"]["selector"].items() <= labels.items() for labels in pods), service
+
+
+# --- wiring: environment, secrets, services -----------------------------------------------------
+
+
+def _settings_from(c: dict, monkeypatch) -> Settings:
+    for key in [k for k in os.environ if k.startswith("SCDD_") or k in ("REDIS_URL", "RAY_ADDRESS")]:
+        monkeypatch.delenv(key)
+    for item in c["env"]:
+        if "value" in item:
+            monkeypatch.setenv(item["name"], item["value"])
+    return Settings()
+
+
+@pytest.mark.parametrize("name", ["default", "existing-secrets-static-ray"])
+def test_service_settings_parse_from_the_rendered_environment(name, monkeypatch):
+    # every SCDD_* variable is a setting, but the Redis password REDIS_URL is composed from
+    fields = {f"SCDD_{field.upper()}" for field in Settings.model_fields} | {"SCDD_REDIS_PASSWORD"}
+    for deployment in ("api", "dispatcher"):
+        c = container(name, "Deployment", f"{FULLNAME}-{deployment}")
+        names = {item["name"] for item in c["env"] if item["name"].startswith("SCDD_")}
+        assert names <= fields, names - fields  # no misspelt setting
+        settings = _settings_from(c, monkeypatch)
+        assert settings.ray_jobs_url == f"http://{CLUSTER}-head-svc:8265"
+        assert settings.artifacts == "s3://scdd-artifacts/service" and settings.max_running == 2
+        assert settings.redis_url.endswith("-redis:6379/0")
+    api = env_of(container(name, "Deployment", f"{FULLNAME}-api"))
+    assert api["SCDD_API_KEYS_FILE"]["value"] == "/etc/scdd/api-keys/api-keys.yaml"
+
+
+def test_generated_api_key_is_accepted_by_the_service(tmp_path, monkeypatch):
+    secret = one("default", "Secret", f"{FULLNAME}-api-keys")
+    key = base64.b64decode(secret["data"]["api-key"]).decode()
+    keys_file = tmp_path / "api-keys.yaml"
+    keys_file.write_bytes(base64.b64decode(secret["data"]["api-keys.yaml"]))
+    assert key.startswith("scdd_") and len(key) == 48
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    assert yaml.safe_load(keys_file.read_text()) == {"tenants": {"default": {"keys_sha256": [digest]}}}
+    keys = ApiKeys.load(None, str(keys_file), default_quota=8)
+    assert keys.tenant_for(key).name == "default" and keys.tenant_for(key + "x") is None
+    api = one("default", "Deployment", f"{FULLNAME}-api")["spec"]["template"]["spec"]
+    volume = next(v for v in api["volumes"] if v["name"] == "api-keys")["secret"]
+    assert volume["secretName"] == f"{FULLNAME}-api-keys"
+    assert volume["items"] == [{"key": "api-keys.yaml", "path": "api-keys.yaml"}]
+    # the API app builds from the container's environment, the mounted key file in place
+    from service.api.main import create_app
+
+    settings = _settings_from(api["containers"][0], monkeypatch)
+    app = create_app(settings.model_copy(update={"api_keys_file": str(keys_file)}))
+    assert app.state.keys.tenant_for(key).name == "default"
+
+
+def test_extra_tenants_join_the_generated_key_file(chart, tmp_path):
+    digest = "ab" * 32
+    files = chart.render({"apiKeys": {"generatedTenant": "ops", "extraTenants": {
+        "vision-team": {"keys_sha256": [digest], "max_active_jobs": 4},
+        "ops": {"keys_sha256": ["cd" * 32], "max_active_jobs": 2}}}}, name=RELEASE, namespace=NAMESPACE)
+    secret = next(d for d in yaml.safe_load_all(files["scdd/templates/secrets.yaml"])
+                  if d["metadata"]["name"].endswith("api-keys"))
+    keys_file = tmp_path / "keys.yaml"
+    keys_file.write_bytes(base64.b64decode(secret["data"]["api-keys.yaml"]))
+    key = base64.b64decode(secret["data"]["api-key"]).decode()
+    tenants = yaml.safe_load(keys_file.read_text())["tenants"]
+    assert tenants["vision-team"] == {"keys_sha256": [digest], "max_active_jobs": 4}
+    assert tenants["ops"]["keys_sha256"] == [hashlib.sha256(key.encode()).hexdigest(), "cd" * 32]
+    keys = ApiKeys.load(None, str(keys_file), default_quota=8)
+    assert keys.tenant_for(key).max_active_jobs == 2 and len(keys) == 3
+
+
+def test_existing_api_key_secret_is_mounted_and_none_generated():
+    name = "existing-secrets-static-ray"
+    assert f"{FULLNAME}-api-keys" not in {s["metadata"]["name"] for s in of_kind(name, "Secret")}
+    api = one(name, "Deployment", f"{FULLNAME}-api")["spec"]["template"]["spec"]
+    volume = next(v for v in api["volumes"] if v["name"] == "api-keys")["secret"]
+    assert volume["secretName"] == "scdd-keys" and volume["items"] == [{"key": "keys.yaml", "path": "api-keys.yaml"}]
+
+
+def _secret_ref(item: dict) -> tuple[str, str]:
+    ref = item["valueFrom"]["secretKeyRef"]
+    return ref["name"], ref["key"]
+
+
+@pytest.mark.parametrize(("name", "secret"), [("default", f"{FULLNAME}-ray-auth"),
+                                              ("existing-secrets-static-ray", "ray-token")])
+def test_ray_token_auth(name, secret):
+    users = [("dispatcher", container(name, "Deployment", f"{FULLNAME}-dispatcher"))]
+    users += [(group, template["spec"]["containers"][0]) for group, template in ray_pod_templates(name)]
+    options = raycluster(name)["spec"].get("autoscalerOptions")
+    if options:
+        users.append(("autoscaler", options))
+    for who, c in users:
+        env = env_of(c)
+        assert env["RAY_AUTH_MODE"]["value"] == "token", who
+        assert _secret_ref(env["RAY_AUTH_TOKEN"]) == (secret, "auth_token"), who
+    assert "RAY_AUTH_TOKEN" not in env_of(container(name, "Deployment", f"{FULLNAME}-api"))  # /readyz needs none
+    generated = [s for s in of_kind(name, "Secret") if s["metadata"]["name"] == f"{FULLNAME}-ray-auth"]
+    assert len(generated) == (secret == f"{FULLNAME}-ray-auth")
+    for s in generated:
+        assert len(base64.b64decode(s["data"]["auth_token"])) == 48
+
+
+def test_ray_auth_off():
+    name = "no-gpu-group-no-policies"
+    for _, template in ray_pod_templates(name):
+        assert "RAY_AUTH_MODE" not in env_of(template["spec"]["containers"][0])
+    assert not [s for s in of_kind(name, "Secret") if s["metadata"]["name"].endswith("-ray-auth")]
+
+
+def test_ray_address_points_at_kuberays_head_service():
+    for deployment in ("api", "dispatcher"):
+        env = env_of(container("default", "Deployment", f"{FULLNAME}-{deployment}"))
+        assert env["RAY_ADDRESS"]["value"] == f"http://{CLUSTER}-head-svc:8265"
+    head = raycluster("default")["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert {"name": "dashboard", "containerPort": 8265} in head["ports"]
+    assert "RAY_ADDRESS" not in env_of(head)  # KubeRay sets it to the GCS inside Ray pods
+
+
+def test_s3_credentials_reach_the_api_and_ray_pods_only():
+    name = "existing-secrets-static-ray"
+    with_s3 = [("api", container(name, "Deployment", f"{FULLNAME}-api"))]
+    with_s3 += [(g, t["spec"]["containers"][0]) for g, t in ray_pod_templates(name)]
+    for who, c in with_s3:
+        env = env_of(c)
+        assert env["AWS_ENDPOINT_URL_S3"]["value"] == "https://minio.example:9000", who
+        assert env["AWS_DEFAULT_REGION"]["value"] == "us-east-1", who
+        assert _secret_ref(env["AWS_ACCESS_KEY_ID"]) == ("s3-keys", "AWS_ACCESS_KEY_ID"), who
+        assert _secret_ref(env["AWS_SECRET_ACCESS_KEY"]) == ("s3-keys", "AWS_SECRET_ACCESS_KEY"), who
+        assert env["NCCL_SOCKET_IFNAME"]["value"] == "eth0"
+    assert not any(k.startswith("AWS_") for k in env_of(container(name, "Deployment", f"{FULLNAME}-dispatcher")))
+    assert not any(k.startswith("AWS_") for k in env_of(container("default", "Deployment", f"{FULLNAME}-api")))
+
+
+def test_shared_volumes_reach_the_api_and_ray_pods():
+    name = "existing-secrets-static-ray"
+    specs = [one(name, "Deployment", f"{FULLNAME}-api")["spec"]["template"]["spec"]]
+    specs += [t["spec"] for _, t in ray_pod_templates(name)]
+    for spec in specs:
+        volume = {"name": "datasets", "persistentVolumeClaim": {"claimName": "datasets", "readOnly": True}}
+        assert volume in spec["volumes"]
+        mount = {"name": "datasets", "mountPath": "/usr/share/datasets", "readOnly": True}
+        assert mount in spec["containers"][0]["volumeMounts"]
+
+
+# --- Redis --------------------------------------------------------------------------------------
+
+
+def test_in_chart_redis():
+    sts = one("default", "StatefulSet", f"{FULLNAME}-redis")
+    redis = sts["spec"]["template"]["spec"]["containers"][0]
+    assert redis["image"] == "docker.io/library/redis:7"
+    args = " ".join(redis["args"])
+    assert "--appendonly yes --appendfsync always" in args and "--requirepass $(REDIS_PASSWORD)" in args
+    (claim,) = sts["spec"]["volumeClaimTemplates"]
+    assert claim["metadata"]["name"] == "data" and claim["spec"]["resources"]["requests"]["storage"] == "8Gi"
+    service = one("default", "Service", f"{FULLNAME}-redis")
+    assert service["spec"]["clusterIP"] == "None" and sts["spec"]["serviceName"] == service["metadata"]["name"]
+    env = env_of(container("default", "Deployment", f"{FULLNAME}-api"))
+    assert _secret_ref(env["SCDD_REDIS_PASSWORD"]) == (f"{FULLNAME}-redis", "redis-password")
+    assert env["REDIS_URL"]["value"] == f"redis://:$(SCDD_REDIS_PASSWORD)@{FULLNAME}-redis:6379/0"
+    names = [item["name"] for item in container("default", "Deployment", f"{FULLNAME}-api")["env"]]
+    assert names.index("SCDD_REDIS_PASSWORD") < names.index("REDIS_URL")  # $(VAR) only sees earlier variables
+    for _, template in ray_pod_templates("default"):  # KubeRay reads REDIS_PASSWORD on heads (GCS FT)
+        assert "REDIS_PASSWORD" not in env_of(template["spec"]["containers"][0])
+    no_auth = one("existing-secrets-static-ray", "StatefulSet", f"{FULLNAME}-redis")
+    assert "volumeClaimTemplates" not in no_auth["spec"]
+    assert {"name": "data", "emptyDir": {}} in no_auth["spec"]["template"]["spec"]["volumes"]
+    assert "--requirepass" not in no_auth["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+@pytest.mark.parametrize("name", ["external-redis", "external-redis-secret"])
+def test_external_redis_renders_no_redis(name):
+    assert not of_kind(name, "StatefulSet")
+    named = {(d["kind"], d["metadata"]["name"]) for d in objects(name)}
+    assert not {("Service", f"{FULLNAME}-redis"), ("Secret", f"{FULLNAME}-redis"),
+                ("NetworkPolicy", f"{FULLNAME}-redis")} & named
+    users = [container(name, "Deployment", f"{FULLNAME}-{d}") for d in ("api", "dispatcher")]
+    users += [t["spec"]["containers"][0] for _, t in ray_pod_templates(name)]
+    for c in users:
+        env = env_of(c)
+        assert "SCDD_REDIS_PASSWORD" not in env
+        if name == "external-redis":
+            assert env["REDIS_URL"] == {"name": "REDIS_URL", "value": "redis://redis.db.svc:6379/0"}
+        else:
+            assert _secret_ref(env["REDIS_URL"]) == ("redis-conn", "redis-url")
+
+
+# --- API: Service, PDB, HPA, Ingress ---------------------------------------------------------------
+
+
+def test_api_service_and_pdb():
+    service = one("default", "Service", f"{FULLNAME}-api")
+    assert service["spec"]["ports"] == [{"name": "http", "port": 8000, "targetPort": "http", "protocol": "TCP"}]
+    pdb = one("default", "PodDisruptionBudget", f"{FULLNAME}-api")
+    assert pdb["apiVersion"] == "policy/v1" and pdb["spec"]["minAvailable"] == 1
+    assert one("existing-secrets-static-ray", "PodDisruptionBudget", f"{FULLNAME}-api")["spec"] == {
+        "maxUnavailable": "50%", "selector": pdb["spec"]["selector"]}
+    api = container("default", "Deployment", f"{FULLNAME}-api")
+    assert api["args"][:3] == ["uvicorn", "--factory", "service.api.main:create_app"] and "command" not in api
+    dispatcher = container("default", "Deployment", f"{FULLNAME}-dispatcher")
+    assert dispatcher["args"] == ["python", "-m", "service.dispatcher"]
+
+
+@pytest.mark.parametrize("name", ["default", "hpa-off", "hpa-on"])
+def test_hpa(name):
+    deployment = one(name, "Deployment", f"{FULLNAME}-api")
+    hpas = of_kind(name, "HorizontalPodAutoscaler")
+    if name == "hpa-on":
+        (hpa,) = hpas
+        assert hpa["apiVersion"] == "autoscaling/v2"
+        target = {"apiVersion": "apps/v1", "kind": "Deployment", "name": f"{FULLNAME}-api"}
+        assert hpa["spec"]["scaleTargetRef"] == target
+        assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 6)
+        assert [m["resource"]["name"] for m in hpa["spec"]["metrics"]] == ["cpu", "memory"]
+        assert "replicas" not in deployment["spec"]  # the HPA owns it
+    else:
+        assert not hpas
+        assert deployment["spec"]["replicas"] == (3 if name == "hpa-off" else 2)
+
+
+def test_ingress():
+    assert not of_kind("default", "Ingress")
+    ingress = one("ingress", "Ingress", f"{FULLNAME}-api")
+    assert ingress["apiVersion"] == "networking.k8s.io/v1"
+    assert ingress["spec"]["ingressClassName"] == "nginx"
+    assert ingress["spec"]["tls"] == [{"secretName": "scdd-tls", "hosts": ["scdd.example.com"]}]
+    (rule,) = ingress["spec"]["rules"]
+    assert rule["host"] == "scdd.example.com"
+    assert rule["http"]["paths"][0]["backend"] == {"service": {"name": f"{FULLNAME}-api", "port": {"name": "http"}}}
+    assert "export SCDD_SERVER=https://scdd.example.com" in _render("ingress")[1]
+
+
+# --- NetworkPolicies, ServiceAccount, NOTES ---------------------------------------------------------
+
+
+def _peers(policy: dict) -> list[tuple[dict, list]]:
+    return [(peer, rule.get("ports", [])) for rule in policy["spec"]["ingress"] for peer in rule.get("from", [{}])]
+
+
+def test_network_policies():
+    name = "default"
+    labels = {where.split("/")[1].removeprefix(f"{FULLNAME}-"): t["metadata"]["labels"]
+              for where, t in pod_templates(name) if where.startswith(("Deployment/", "StatefulSet/"))}
+
+    def selects(peer: dict, pod_labels: dict) -> bool:
+        return "podSelector" in peer and peer["podSelector"]["matchLabels"].items() <= pod_labels.items()
+
+    ray_pod = {"ray.io/cluster": CLUSTER, "ray.io/node-type": "worker"}  # KubeRay's labels on Ray pods
+    redis = one(name, "NetworkPolicy", f"{FULLNAME}-redis")
+    assert redis["spec"]["podSelector"]["matchLabels"].items() <= labels["redis"].items()
+    for client in (labels["api"], labels["dispatcher"], ray_pod):
+        assert any(selects(peer, client) and ports == [{"port": 6379, "protocol": "TCP"}]
+                   for peer, ports in _peers(redis))
+    head = one(name, "NetworkPolicy", f"{FULLNAME}-ray-head")
+    assert head["spec"]["podSelector"]["matchLabels"] == {"ray.io/cluster": CLUSTER, "ray.io/node-type": "head"}
+    for client in (labels["api"], labels["dispatcher"]):
+        assert any(selects(peer, client) and ports == [{"port": 8265, "protocol": "TCP"}]
+                   for peer, ports in _peers(head))
+    assert not any(selects(peer, labels["api"]) for peer, _ in _peers(one(name, "NetworkPolicy", f"{FULLNAME}-ray")))
+    ray = one(name, "NetworkPolicy", f"{FULLNAME}-ray")
+    assert ray["spec"]["podSelector"]["matchLabels"] == {"ray.io/cluster": CLUSTER}
+    assert any(selects(peer, ray_pod) and not ports for peer, ports in _peers(ray))  # all ports
+    api = one(name, "NetworkPolicy", f"{FULLNAME}-api")
+    assert api["spec"]["ingress"] == [{"ports": [{"port": "http", "protocol": "TCP"}]}]  # from anywhere
+    assert one(name, "NetworkPolicy", f"{FULLNAME}-dispatcher")["spec"]["ingress"] == []
+    restricted = one("existing-secrets-static-ray", "NetworkPolicy", f"{FULLNAME}-api")["spec"]["ingress"][0]["from"]
+    assert restricted[0] == {"namespaceSelector": {"matchLabels": {"name": "ingress-nginx"}}}
+    test_pod = one("existing-secrets-static-ray", "Pod", f"{FULLNAME}-test-api")["metadata"]["labels"]
+    assert any(selects(peer, test_pod) for peer in restricted)  # `helm test` still reaches the API
+    assert not of_kind("no-gpu-group-no-policies", "NetworkPolicy")
+    assert not of_kind("external-redis", "NetworkPolicy") or \
+        f"{FULLNAME}-redis" not in {p["metadata"]["name"] for p in of_kind("external-redis", "NetworkPolicy")}
+
+
+def test_service_account_does_not_mount_its_token():
+    account = one("default", "ServiceAccount", FULLNAME)
+    assert account["automountServiceAccountToken"] is False
+    for where, template in pod_templates("default"):
+        if where.endswith("/head"):
+            continue  # the autoscaler sidecar needs the ray-head account's token
+        assert template["spec"]["serviceAccountName"] == FULLNAME, where
+        assert template["spec"]["automountServiceAccountToken"] is False, where
+
+
+def test_notes():
+    notes = _render("default")[1]
+    assert "KubeRay operator" in notes and "helm install kuberay-operator kuberay/kuberay-operator" in notes
+    assert f"kubectl -n {NAMESPACE} port-forward service/{FULLNAME}-api 8000:8000" in notes
+    assert (f"export SCDD_API_KEY=$(kubectl -n {NAMESPACE} get secret {FULLNAME}-api-keys "
+            "-o jsonpath='{.data.api-key}' | base64 -d)") in notes
+    assert "scdd-keys" in _render("existing-secrets-static-ray")[1]
