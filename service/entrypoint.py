@@ -33,10 +33,9 @@ class RedisEventSink:
     def publish(self, event: dict[str, Any]) -> None:
         kind = event["type"]
         if kind == "job_finished":
-            self.store.transition(self.job_id, event["status"], ("running",), event,
-                                  **({"error": event["error"]} if event.get("error") else {}),
-                                  **({"summary": json.dumps(event["summary"])} if event.get("summary") else {}),
-                                  progress=event["job_fraction"])
+            self.store.finish(self.job_id, event["status"], ("running",), event.get("error"), event,
+                              **({"summary": json.dumps(event["summary"])} if event.get("summary") else {}),
+                              progress=event["job_fraction"])
             return
         fields = {}
         if kind == "stage_started":

@@ -35,17 +35,17 @@ class JobStore:
         """Move the job to `to` if it is in one of `allowed`, set `fields` and append `event`, in one step.
         Returns (moved, the state it was in)."""
         flat = [str(part) for pair in fields.items() for part in pair]
-        data = json.dumps({**event, "time": round(time.time(), 3)}) if event else ""
         moved, state = self._transition(keys=[self.keys.job(job_id)], args=[
             self.keys.prefix, to, ",".join(allowed), f"{time.time():.3f}", self.events_maxlen,
-            (event or {}).get("type", ""), data, *flat])
+            (event or {}).get("type", ""), records.event_json(event) if event else "", *flat])
         return moved == 1, state
 
     def finish(self, job_id: str, status: str, allowed: tuple[str, ...], error: Optional[str] = None,
-               **fields: Any) -> tuple[bool, str]:
-        """End the job as `status`, with the `job_finished` event, unless it has ended already."""
-        event = {"type": "job_finished", "job_id": job_id, "status": status, "error": error}
-        return self.transition(job_id, status, allowed, event, **({"error": error} if error else {}), **fields)
+               event: Optional[dict[str, Any]] = None, **fields: Any) -> tuple[bool, str]:
+        """End the job as `status` with its `job_finished` event (the driver's own, or the service's),
+        unless it has ended already."""
+        return self.transition(job_id, status, allowed, event or records.finished_event(job_id, status, error),
+                               **({"error": error} if error else {}), **fields)
 
     def reserve(self, job_id: str, limit: int) -> bool:
         return self._reserve(keys=[self.keys.active], args=[job_id, limit]) == 1

@@ -190,7 +190,12 @@ def job_out(record: Mapping[str, str]) -> JobOut:
     )
 
 
-def finished_event(job_id: str, status: str, **fields: Any) -> str:
+def finished_event(job_id: str, status: str, error: str | None = None) -> dict[str, Any]:
     """The `job_finished` event the service itself writes when it ends a job (cancel while queued,
-    dead letter, a driver that died): the same shape the job driver publishes."""
-    return json.dumps({"type": "job_finished", "job_id": job_id, "status": status, "time": round(time.time(), 3), **fields})
+    dead letter, a driver that died): the fields every `job_finished` has, as the driver's has them."""
+    return {"type": "job_finished", "job_id": job_id, "status": status, "error": error}
+
+
+def event_json(event: dict[str, Any]) -> str:
+    """An event as stored in a job's stream, stamped with the time it is written."""
+    return json.dumps({**event, "time": round(time.time(), 3)})

@@ -79,6 +79,13 @@ def _stopper(process: subprocess.Popen, name: str, grace: float = 30) -> Callabl
     return stop
 
 
+def redis_command(binary: str, port: int, folder: Path) -> list[str]:
+    """redis-server on loopback, data in `folder`: an append-only file synced on every write (a restart
+    loses no job), no RDB snapshots."""
+    return [binary, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(folder), "--appendonly", "yes",
+            "--appendfsync", "always", "--save", "", "--protected-mode", "yes"]
+
+
 def start_redis(folder: Path, stack: ExitStack) -> str:
     binary = shutil.which("redis-server")
     if binary is None:
@@ -86,10 +93,7 @@ def start_redis(folder: Path, stack: ExitStack) -> str:
     folder.mkdir(parents=True, exist_ok=True)
     port = free_port()
     logfile = open(folder / "redis.log", "a")
-    process = subprocess.Popen(
-        [binary, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(folder), "--appendonly", "yes",
-         "--appendfsync", "always", "--save", "", "--protected-mode", "yes"],
-        stdout=logfile, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(redis_command(binary, port, folder), stdout=logfile, stderr=subprocess.STDOUT)
     stack.callback(_stopper(process, "redis-server"))
 
     def up() -> bool:

@@ -15,7 +15,7 @@ import httpx
 import redis
 import uvicorn
 
-from service.serve import free_port, head_flags
+from service.serve import free_port, head_flags, redis_command
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,10 +40,8 @@ class RedisServer:
 
     def start(self) -> "RedisServer":
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder),
-             "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--protected-mode", "yes"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(redis_command("redis-server", self.port, self.folder),
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         client = redis.Redis.from_url(self.url)
 
         def up() -> bool:

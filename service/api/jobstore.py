@@ -59,7 +59,7 @@ class AsyncJobStore:
         return found, (page[-1] if len(ids) > limit else None)
 
     async def cancel(self, job_id: str) -> tuple[str, str]:
-        event = records.finished_event(job_id, "cancelled", error="cancelled before it was dispatched")
+        event = records.event_json(records.finished_event(job_id, "cancelled", "cancelled before it was dispatched"))
         outcome, state = await self._cancel(keys=[self.keys.job(job_id)],
                                             args=[self.keys.prefix, f"{time.time():.3f}", self.events_maxlen, event])
         return outcome, state
