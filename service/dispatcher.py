@@ -188,8 +188,7 @@ class Dispatcher:
             try:
                 started = self.ray.submit(job_id, json.loads(record["spec"]), self.job_env())
             except Exception as exc:  # Ray unreachable or refusing: count it, retry on a later tick
-                self.r.hincrby(self.keys.job(job_id), "attempts", 1)
-                self.r.hset(self.keys.job(job_id), "last_error", f"{type(exc).__name__}: {str(exc)[:500]}")
+                self.store.record_submit_failure(job_id, f"{type(exc).__name__}: {str(exc)[:500]}")
                 log.warning("job %s: submitting to Ray failed (%s); will retry", job_id, exc)
                 self.waiting[job_id] = message_id
                 return

@@ -58,5 +58,12 @@ class JobStore:
             pipe.hset(self.keys.job(job_id), mapping={"updated_at": f"{time.time():.3f}", **fields})
             pipe.execute()
 
+    def record_submit_failure(self, job_id: str, error: str) -> None:
+        """Count a failed submit to Ray and keep its error (the dispatcher dead-letters after too many)."""
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hincrby(self.keys.job(job_id), "attempts", 1)
+            pipe.hset(self.keys.job(job_id), "last_error", error)
+            pipe.execute()
+
     def cancel_requested(self, job_id: str) -> bool:
         return self.redis.hget(self.keys.job(job_id), "cancel_requested") == "1"

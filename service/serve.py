@@ -86,6 +86,27 @@ def redis_command(binary: str, port: int, folder: Path) -> list[str]:
             "--appendfsync", "always", "--save", "", "--protected-mode", "yes"]
 
 
+def redis_up(port: int) -> bool:
+    """redis-server on loopback `port` answers PING."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def jobs_api_up(url: str) -> bool:
+    """The Ray Jobs API at `url` lists jobs (with this process's Ray auth settings)."""
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        JobSubmissionClient(url).list_jobs()
+        return True
+    except Exception:  # not up yet: connection refused, 5xx, not ready
+        return False
+
+
 def start_redis(folder: Path, stack: ExitStack) -> str:
     binary = shutil.which("redis-server")
     if binary is None:
@@ -96,15 +117,7 @@ def start_redis(folder: Path, stack: ExitStack) -> str:
     process = subprocess.Popen(redis_command(binary, port, folder), stdout=logfile, stderr=subprocess.STDOUT)
     stack.callback(_stopper(process, "redis-server"))
 
-    def up() -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
-                sock.sendall(b"PING\r\n")
-                return sock.recv(16).startswith(b"+PONG")
-        except OSError:
-            return False
-
-    _wait(up, 20, "redis-server", process)
+    _wait(lambda: redis_up(port), 20, "redis-server", process)
     url = f"redis://127.0.0.1:{port}/0"
     log.info("started redis-server at %s (data in %s, append-only file, fsync always)", url, folder)
     return url
@@ -119,16 +132,7 @@ def start_ray_head(folder: Path, stack: ExitStack) -> str:
     stack.callback(_stopper(process, "the Ray head", grace=60))
     url = f"http://127.0.0.1:{dashboard}"
 
-    def up() -> bool:
-        from ray.job_submission import JobSubmissionClient
-
-        try:
-            JobSubmissionClient(url).list_jobs()
-            return True
-        except Exception:
-            return False
-
-    _wait(up, 120, "the Ray head", process)
+    _wait(lambda: jobs_api_up(url), 120, "the Ray head", process)
     log.info("started a Ray head: cluster 127.0.0.1:%d, Jobs API and dashboard %s (log %s)", port, url, logfile.name)
     return url
 

@@ -12,10 +12,9 @@ import time
 from pathlib import Path
 
 import httpx
-import redis
 import uvicorn
 
-from service.serve import free_port, head_flags, redis_command
+from service.serve import free_port, head_flags, jobs_api_up, redis_command, redis_up
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,15 +41,7 @@ class RedisServer:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(redis_command("redis-server", self.port, self.folder),
                                         stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        client = redis.Redis.from_url(self.url)
-
-        def up() -> bool:
-            try:
-                return bool(client.ping())
-            except redis.ConnectionError:
-                return False
-
-        wait_until(up, 10, "redis-server")
+        wait_until(lambda: redis_up(self.port), 10, "redis-server")
         return self
 
     def stop(self) -> None:
@@ -80,16 +71,10 @@ class RayHead:
              *head_flags(self.port, self.dashboard_port)],
             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
-        from ray.job_submission import JobSubmissionClient
-
         def up() -> bool:
             if self.process.poll() is not None:
                 raise RuntimeError("ray start --head exited")
-            try:
-                JobSubmissionClient(self.jobs_url).list_jobs()
-                return True
-            except Exception:
-                return False
+            return jobs_api_up(self.jobs_url)
 
         try:
             wait_until(up, 90, "the Ray head's Jobs API", interval=0.5)
