@@ -55,6 +55,25 @@ def head_flags(port: int, dashboard_port: int) -> list[str]:
             *(f"--{name}={free_port()}" for name in fixed)]
 
 
+def program(name: str, install: str) -> str:
+    """The executable `name` next to the running interpreter (a virtual environment need not be
+    activated), else on PATH; else a ServeError naming `install`, the way to get it."""
+    beside = Path(sys.executable).parent / name
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise ServeError(f"{name} not found next to {sys.executable} or on PATH: {install}")
+    return found
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment for a program started here: this interpreter's bin/ first on PATH, so that what
+    it starts in turn (Ray job entrypoints run `python -m service.entrypoint`) uses the same environment."""
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    return {**os.environ, "PATH": path, **extra}
+
+
 def _wait(check: Callable[[], bool], seconds: float, what: str, process: subprocess.Popen) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -108,9 +127,7 @@ def jobs_api_up(url: str) -> bool:
 
 
 def start_redis(folder: Path, stack: ExitStack) -> str:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise ServeError("redis-server not found: install it (apt-get install redis-server) or set REDIS_URL")
+    binary = program("redis-server", "install it (apt-get install redis-server) or set REDIS_URL")
     folder.mkdir(parents=True, exist_ok=True)
     port = free_port()
     logfile = open(folder / "redis.log", "a")
@@ -127,8 +144,9 @@ def start_ray_head(folder: Path, stack: ExitStack) -> str:
     port, dashboard = free_port(), free_port()
     logfile = open(folder / "ray-head.log", "a")
     process = subprocess.Popen(
-        ["ray", "start", "--head", "--block", *head_flags(port, dashboard)],
-        stdout=logfile, stderr=subprocess.STDOUT, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+        [program("ray", "install the project (bash scripts/setup.sh) or set RAY_ADDRESS"), "start", "--head",
+         "--block", *head_flags(port, dashboard)],
+        stdout=logfile, stderr=subprocess.STDOUT, env=child_env(RAY_USAGE_STATS_ENABLED="0"))
     stack.callback(_stopper(process, "the Ray head", grace=60))
     url = f"http://127.0.0.1:{dashboard}"
 
@@ -153,7 +171,8 @@ def ensure_api_keys(data_dir: Path) -> str:
 
 def start_dispatcher(data_dir: Path, stack: ExitStack) -> None:
     logfile = open(data_dir / "dispatcher.log", "a")
-    process = subprocess.Popen([sys.executable, "-m", "service.dispatcher"], stdout=logfile, stderr=subprocess.STDOUT)
+    process = subprocess.Popen([sys.executable, "-m", "service.dispatcher"], stdout=logfile, stderr=subprocess.STDOUT,
+                               env=child_env())
     stack.callback(_stopper(process, "the dispatcher"))
     time.sleep(0.5)
     if process.poll() is not None:

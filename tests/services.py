@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import uvicorn
 
-from service.serve import free_port, head_flags, jobs_api_up, redis_command, redis_up
+from service.serve import child_env, free_port, head_flags, jobs_api_up, program, redis_command, redis_up
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,7 +39,7 @@ class RedisServer:
 
     def start(self) -> "RedisServer":
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(redis_command("redis-server", self.port, self.folder),
+        self.process = subprocess.Popen(redis_command(program("redis-server", "apt-get install redis-server"), self.port, self.folder),
                                         stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         wait_until(lambda: redis_up(self.port), 10, "redis-server")
         return self
@@ -67,10 +67,10 @@ class RayHead:
 
     def start(self) -> "RayHead":
         self.process = subprocess.Popen(
-            ["ray", "start", "--head", "--block", "--num-cpus", str(self.cpus), "--num-gpus", "0",
+            [program("ray", "bash scripts/setup.sh"), "start", "--head", "--block", "--num-cpus", str(self.cpus), "--num-gpus", "0",
              *head_flags(self.port, self.dashboard_port)],
             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+            env=child_env(RAY_USAGE_STATS_ENABLED="0"))
         def up() -> bool:
             if self.process.poll() is not None:
                 raise RuntimeError("ray start --head exited")
@@ -137,7 +137,7 @@ class DispatcherProcess:
     def start(self) -> "DispatcherProcess":
         handle = open(self.log, "a")
         self.process = subprocess.Popen([sys.executable, "-m", "service.dispatcher"], cwd=ROOT,
-                                        env={**os.environ, **self.env}, stdout=handle, stderr=subprocess.STDOUT)
+                                        env=child_env(**self.env), stdout=handle, stderr=subprocess.STDOUT)
         return self
 
     def kill(self) -> None:
