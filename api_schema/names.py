@@ -8,6 +8,7 @@ from typing import Literal, get_args
 
 DatasetName = Literal["fashion-mnist", "imagefolder"]
 MethodName = Literal["scdd", "sre2l"]
+InitName = Literal["herding", "noise", "real", "selected"]
 SSLMethodName = Literal["moco_v2"]
 SSLCheckpointFormat = Literal["auto", "moco_v2", "moco_v3", "dino", "swav", "torchvision"]
 ModelName = Literal[
@@ -22,5 +23,6 @@ ModelName = Literal[
 
 DATASETS: frozenset[str] = frozenset(get_args(DatasetName))
 METHODS: frozenset[str] = frozenset(get_args(MethodName))
+INITS: frozenset[str] = frozenset(get_args(InitName))
 MODELS: frozenset[str] = frozenset(get_args(ModelName))
 SSL_METHODS: frozenset[str] = frozenset(get_args(SSLMethodName))

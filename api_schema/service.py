@@ -23,6 +23,9 @@ class JobSummary(_Out):
     images: Optional[int] = Field(None, description="Synthetic images written.")
     student_top1: Optional[float] = Field(None, description="Student (trained on the synthetic images) top-1.")
     baseline_top1: Optional[float] = Field(None, description="Same protocol on a random real subset of the same size.")
+    ior: Optional[float] = Field(
+        None, description="DD-Ranking's improvement over random: student_top1 - baseline_top1, in points."
+    )
     output: Optional[str] = Field(None, description="The artifact store URL of the job.")
 
 

@@ -13,7 +13,7 @@ from typing import Annotated, Literal, Optional, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from api_schema.names import DatasetName, MethodName, ModelName, SSLCheckpointFormat, SSLMethodName
+from api_schema.names import DatasetName, InitName, MethodName, ModelName, SSLCheckpointFormat, SSLMethodName
 
 ClassRef = Union[Annotated[int, Field(ge=0)], Annotated[str, Field(min_length=1, max_length=200)]]
 
@@ -155,20 +155,62 @@ class AugmentSpec(_Spec):
     )
 
 
+class SelectSpec(_Spec):
+    """How `selected` and `herding` initialisations pick real images."""
+
+    candidates: int = Field(
+        100, ge=1, le=1_000_000, description="Real training images drawn at random per class as candidates (>= ipc)."
+    )
+    crops: int = Field(
+        5, ge=1, le=1000,
+        description="selected: crops scored per candidate; the first is the whole image, the rest random-resized.",
+    )
+    crop_scale: AreaRange = Field((0.5, 1.0), description="selected: area fraction range of the random crops.")
+    rank: Literal["easy", "medium"] = Field(
+        "easy",
+        description="selected: which scored images to keep per class: easy = the lowest teacher loss -log p(y|crop), "
+        "medium = the IPC around the median loss.",
+    )
+
+
+# Per initialisation: (iterations, lr, r_bn) when the spec leaves them out; chosen on held-out training
+# images (bench/init_study.py; docs in README, Results).
+INIT_DEFAULTS: dict[str, tuple[int, float, float]] = {
+    "noise": (300, 0.25, 0.1),
+    "real": (0, 0.05, 0.01),
+    "selected": (0, 0.05, 0.01),
+    "herding": (0, 0.05, 0.01),
+}
+
+
 class RecoverSpec(_Spec):
-    """Recover: synthesise images from noise by matching the teacher's BatchNorm statistics."""
+    """Recover: synthesise images by matching the teacher's BatchNorm statistics, from noise or real pixels."""
 
     ipc: int = Field(10, ge=1, le=10_000, description="Images per class to synthesise.")
-    iterations: int = Field(300, ge=1, le=1_000_000, description="Optimisation steps per batch.")
+    init: InitName = Field(
+        "noise",
+        description="Where recovery starts: noise (SRe2L/SC-DD), real (a random training image of the class), "
+        "selected (the teacher's best-scored real crops, RDED-style) or herding (a coreset tracking the class's "
+        "teacher-feature mean). Real-pixel inits put real training pixels into the distilled set.",
+    )
+    select: SelectSpec = Field(default_factory=SelectSpec, description="Candidate selection of selected / herding.")
+    iterations: Optional[int] = Field(
+        None, ge=0, le=1_000_000,
+        description="Optimisation steps per batch (0: keep the initial images as they are; noise needs >= 1). "
+        "None: the init's default (noise 300, real-pixel inits 0).",
+    )
     batch_size: int = Field(
         100, ge=1, le=100_000, description="Classes per batch (one image of each class per round)."
     )
-    lr: float = Field(0.25, gt=0, le=100, description="Adam learning rate (cosine decay, no warm-up).")
-    r_bn: float = Field(
-        0.1,
+    lr: Optional[float] = Field(
+        None, gt=0, le=100, description="Adam learning rate (cosine decay, no warm-up). None: the init's default."
+    )
+    r_bn: Optional[float] = Field(
+        None,
         ge=0,
         le=1e6,
-        description="Weight of the BatchNorm-statistic loss (0.1: chosen on held-out training images, see README).",
+        description="Weight of the BatchNorm-statistic loss. None: the init's default (noise 0.1, chosen on "
+        "held-out training images).",
     )
     first_bn_multiplier: float = Field(
         10.0, ge=0, le=1e6, description="Extra weight of the first BatchNorm layer's loss."
@@ -183,23 +225,54 @@ class RecoverSpec(_Spec):
         "worker's own statistics. No effect with one worker.",
     )
 
+    @model_validator(mode="after")
+    def _init_defaults(self) -> "RecoverSpec":
+        iterations, lr, r_bn = INIT_DEFAULTS[self.init]
+        for name, value in (("iterations", iterations), ("lr", lr), ("r_bn", r_bn)):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        if self.init == "noise" and self.iterations < 1:
+            raise ValueError("recover.iterations must be >= 1 with init 'noise' (0 would keep pure noise)")
+        if self.init in ("selected", "herding") and self.select.candidates < self.ipc:
+            raise ValueError(
+                f"recover.select.candidates ({self.select.candidates}) must be >= recover.ipc ({self.ipc}): "
+                f"init {self.init!r} keeps IPC of the candidates of each class"
+            )
+        return self
+
 
 class ValidateSpec(_Spec):
     """Validate: train a student on the distilled images, test it on the whole real test split, and
     train the same student the same way on a random real subset of the same size (the baseline).
 
-    Fields left at None take the default of the mode: `kd` (knowledge distillation, SRe2L/SC-DD
-    style) or `hard` (cross-entropy on class labels, the protocol of classic distillation papers).
+    Fields left at None take the default of the mode (`kd`: knowledge distillation, SRe2L/SC-DD
+    style; `hard`: cross-entropy on class labels, the protocol of classic distillation papers) and
+    of the preset (`quick`: a short schedule; `long`: the papers' long student schedule).
     """
 
     enabled: bool = Field(True, description="Run the validation stage.")
     mode: Literal["kd", "hard"] = Field("kd", description="kd: soft labels from the relabel teacher; hard: class labels.")
+    preset: Literal["quick", "long"] = Field(
+        "long",
+        description="Student protocol, applied identically to the random-real baseline. quick: 100 epochs (kd) at "
+        "batch 64, cosine to 0. long (RDED/EDC): 300 epochs, batch by set size (half the set, 10..100), a cosine "
+        "that decays to half, and the EMA of the weights is the student tested.",
+    )
     student_arch: Optional[ModelName] = Field(None, description="Student model. None: convnet (kd), convnet_in (hard).")
-    epochs: Optional[int] = Field(None, ge=1, le=100_000, description="Training epochs. None: 100 (kd), 300 (hard).")
-    batch_size: Optional[int] = Field(None, ge=1, le=65_536, description="Batch size. None: 64 (kd), 256 (hard).")
+    epochs: Optional[int] = Field(None, ge=1, le=100_000, description="Training epochs. None: 100 (kd quick), 300 (otherwise).")
+    batch_size: Optional[int] = Field(
+        None, ge=1, le=65_536, description="Batch size. None: 64 (kd quick), 256 (hard quick), by set size (long)."
+    )
     optimizer: Optional[Literal["sgd", "adamw"]] = Field(None, description="None: adamw (kd), sgd momentum 0.9 (hard).")
     lr: Optional[float] = Field(None, gt=0, le=10, description="Peak learning rate (cosine). None: 1e-3 (kd), 0.01 (hard).")
     weight_decay: Optional[float] = Field(None, ge=0, le=1, description="None: 0.01 (kd), 5e-4 (hard).")
+    ema_decay: Optional[float] = Field(
+        None, ge=0, lt=1, description="Decay of the weights' EMA that is tested (0: the last weights). None: 0 (quick), 0.99 (long)."
+    )
+    schedule_span: Optional[float] = Field(
+        None, ge=1, le=100,
+        description="The cosine runs over span x the steps: 1 decays to 0, 2 only to half. None: 1 (quick), 2 (long).",
+    )
     temperature: float = Field(4.0, gt=0, le=100, description="Knowledge-distillation temperature (kd).")
     mix: Optional[Literal["none", "cutmix", "mixup"]] = Field(
         None, description="Batch mixing. None: cutmix (kd), none (hard)."
@@ -216,6 +289,25 @@ class ValidateSpec(_Spec):
         None, max_length=4096, description="Load the supervised relabel teacher from this checkpoint instead of training it."
     )
     baseline: bool = Field(True, description="Also train on a random real subset of the same size (IPC per class).")
+    dd_ranking: bool = Field(
+        False,
+        description="Also score the set as DD-Ranking does: a hard-label run of the set and of the full training split "
+        "(cached per dataset, student and protocol), giving hlr and lrs beside ior. Needs baseline.",
+    )
+    full_data_epochs: int = Field(
+        5, ge=1, le=10_000,
+        description="dd_ranking: epochs of the full-data hard-label run (batch 256, the hard protocol otherwise).",
+    )
+    full_data_top1: Optional[float] = Field(
+        None, ge=0, le=100,
+        description="dd_ranking: the full-data hard-label top-1 to use instead of training it (e.g. a published number).",
+    )
+
+    @model_validator(mode="after")
+    def _ranking_needs_baseline(self) -> "ValidateSpec":
+        if self.dd_ranking and not self.baseline:
+            raise ValueError("validate.dd_ranking needs validate.baseline: true (IOR is measured against random real images)")
+        return self
 
 
 class ResourcesSpec(_Spec):

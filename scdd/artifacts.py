@@ -6,6 +6,7 @@ import hashlib
 import io
 import platform
 from dataclasses import asdict, dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ class ImageEntry:
     sha256: str
     bytes: int
     worker: int = 0  # rank of the recover worker that synthesised it
+    origin: Optional[dict] = None  # real-pixel inits: the training image (and crop) it started from
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -56,7 +58,8 @@ def decode_png(data: bytes, channels: int) -> torch.Tensor:
     return tensor[None] if channels == 1 else tensor.permute(2, 0, 1)
 
 
-def entry_for(info: DatasetInfo, label: int, round_index: int, data: bytes, worker: int = 0) -> ImageEntry:
+def entry_for(info: DatasetInfo, label: int, round_index: int, data: bytes, worker: int = 0,
+              origin: Optional[dict] = None) -> ImageEntry:
     return ImageEntry(
         path=image_path(info, label, round_index),
         class_name=info.class_names[label],
@@ -67,6 +70,7 @@ def entry_for(info: DatasetInfo, label: int, round_index: int, data: bytes, work
         sha256=hashlib.sha256(data).hexdigest(),
         bytes=len(data),
         worker=worker,
+        origin=origin,
     )
 
 

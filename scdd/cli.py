@@ -26,14 +26,20 @@ DISTILL_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--ssl-checkpoint-format": ("teacher.ssl.checkpoint_format", str, "auto, moco_v2, moco_v3, dino, swav or torchvision"),
     "--probe-epochs": ("teacher.probe.epochs", int, "linear-probe epochs on the frozen backbone (scdd)"),
     "--ipc": ("recover.ipc", int, "images per class to synthesise"),
-    "--iterations": ("recover.iterations", int, "optimisation steps per recover batch"),
+    "--init": ("recover.init", str, "where recovery starts: noise, real, selected (scored real crops) or herding; "
+               "real-pixel inits put real training pixels into the distilled set"),
+    "--select-rank": ("recover.select.rank", str, "selected: keep the easy (lowest teacher loss) or medium crops"),
+    "--select-candidates": ("recover.select.candidates", int, "selected / herding: real candidates drawn per class"),
+    "--iterations": ("recover.iterations", int, "optimisation steps per recover batch (default: by --init)"),
     "--batch-size": ("recover.batch_size", int, "classes per recover batch"),
     "--lr": ("recover.lr", float, "recover learning rate (Adam, cosine decay)"),
-    "--r-bn": ("recover.r_bn", float, "weight of the BatchNorm-statistic loss (default 0.1)"),
+    "--r-bn": ("recover.r_bn", float, "weight of the BatchNorm-statistic loss (default: by --init)"),
     "--first-bn-multiplier": ("recover.first_bn_multiplier", float, "extra weight of the first BatchNorm layer"),
     "--validate-mode": ("validate.mode", str, "kd (soft labels from the relabel teacher) or hard (class labels)"),
+    "--preset": ("validate.preset", str, "student protocol: long (300 epochs, EMA; default) or quick (100 epochs)"),
+    "--dd-ranking": ("validate.dd_ranking", "bool", "true: also DD-Ranking's hard-label runs (HLR, LRS)"),
     "--student-arch": ("validate.student_arch", str, "student architecture (default convnet for kd, convnet_in for hard)"),
-    "--validate-epochs": ("validate.epochs", int, "student training epochs (default 100 for kd, 300 for hard)"),
+    "--validate-epochs": ("validate.epochs", int, "student training epochs (default: by mode and preset)"),
     "--temperature": ("validate.temperature", float, "knowledge-distillation temperature"),
     "--mix": ("validate.mix", str, "batch mixing in validation: none, cutmix or mixup (default cutmix for kd)"),
     "--relabel-teacher": ("validate.relabel_teacher", str, "supervised (default, same for both methods) or recover"),
@@ -63,7 +69,7 @@ def _add_distill(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--config", help="YAML job spec (the same fields as the API's job spec)")
     for flag, (dotted, kind, text) in DISTILL_FLAGS.items():
-        parser.add_argument(flag, dest=dotted, type=str if kind == "list" else kind, default=None, help=text)
+        parser.add_argument(flag, dest=dotted, type=str if kind in ("list", "bool") else kind, default=None, help=text)
     parser.add_argument("--no-validate", action="store_true", help="skip the validation stage")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--print-spec", action="store_true", help="print the resolved job spec as YAML and exit")
@@ -83,7 +89,7 @@ def _distill(args: argparse.Namespace) -> int:
     for flag, (dotted, kind, _text) in DISTILL_FLAGS.items():
         value = getattr(args, dotted)
         if value is not None:
-            overrides[dotted] = _parse_list(value) if kind == "list" else value
+            overrides[dotted] = _parse_list(value) if kind == "list" else value  # pydantic parses "bool" text
     if args.no_validate:
         overrides["validate.enabled"] = False
     spec = build_spec(args.config, overrides)
@@ -136,14 +142,22 @@ def summary(report: dict) -> str:
     if val:
         protocol, student = val["protocol"], val["student"]
         lines.append(
-            f"  validate  {protocol['student_arch']} student, {protocol['mode']} {protocol['epochs']} epochs: "
+            f"  validate  {protocol['student_arch']} student, {protocol['mode']} {protocol['epochs']} epochs "
+            f"({protocol['preset']} preset): "
             f"top-1 {student['top1']:.2f}%, top-5 {student['top5']:.2f}% on the whole real test split"
         )
         if "baseline" in val:
             base = val["baseline"]
             lines.append(
                 f"  baseline  same protocol on {base['images']} random real images: top-1 {base['top1']:.2f}% "
-                f"-> distilled images add {val['gain_top1']:+.2f} points"
+                f"-> IOR {val['ior']:+.2f} points (distilled minus random real)"
+            )
+        if "dd_ranking" in val:
+            rank = val["dd_ranking"]
+            lines.append(
+                f"  ranking   DD-Ranking: IOR {rank['ior']:+.2f}, HLR {rank['hlr']:+.2f} (full data hard "
+                f"{rank['full_data_hard_top1']:.2f}% [{rank['full_data_source']}], set hard {rank['set_hard_top1']:.2f}%), "
+                f"LRS {rank['lrs']:.4f}"
             )
     elif not report["complete"]:
         lines.append("  validate  skipped: the distilled set is incomplete (rerun with the same --out to resume)")

@@ -16,11 +16,15 @@ def build_optimizer(name: str, params: Iterable[torch.nn.Parameter], lr: float, 
     raise ValueError(f"unknown optimizer {name!r}")
 
 
-def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Multiply the base learning rate by 0.5 (1 + cos(pi t / T)), stepped once per batch."""
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
-    )
+def cosine_factor(step: int, total_steps: int, span: float = 1.0) -> float:
+    """0.5 (1 + cos(pi t / (span T))) at step t of T: span 1 decays to 0, span 2 only to 0.5 (RDED's
+    student schedule, a cosine over twice the epochs that it runs)."""
+    return 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / (span * total_steps)))
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, span: float = 1.0) -> torch.optim.lr_scheduler.LambdaLR:
+    """Multiply the base learning rate by `cosine_factor`, stepped once per batch."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cosine_factor(step, total_steps, span))
 
 
 def training_step(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 import typing
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator
 
 import torch
@@ -24,6 +24,7 @@ from scdd.evaluate import evaluate
 from scdd.models import checkpoint_bytes, create_model
 from scdd.progress import Progress, SilentProgress
 from scdd.recover import RecoverResult, RecoverStage, collect_result, freeze, plan_units, recover_dataset
+from scdd.recover.init import plan_initialisation
 from scdd.runtime import Runtime, resolve_runtime
 from scdd.squeeze import (
     Teacher,
@@ -35,11 +36,13 @@ from scdd.squeeze import (
 )
 from scdd.squeeze.methods import LOCAL_TRAINERS, Trainers
 from scdd.store import ArtifactStore, open_store
-from scdd.validate import Protocol, random_real_subset, resolve_protocol, train_student
+from scdd.validate import Protocol, random_real_subset, ranking, resolve_protocol, train_student
+from scdd.validate.baseline import whole_split
 
 SPEC_RECORD = "state/spec.json"
 TEACHER_PATH = "teacher/teacher.pt"  # the recovery teacher, in the output
 RELABEL_PATH = "teacher/relabel.pt"  # the KD relabel teacher, when it is another one
+FULL_DATA_BATCH = 256  # the full-data hard-label run of DD-Ranking
 
 
 StageListener = typing.Callable[[str, str, float], None]  # ("started" | "finished", stage, seconds)
@@ -175,10 +178,11 @@ def local_student_stage(spec: JobSpec, data: RealData, runtime: Runtime, progres
 
 def validate_both(
     spec: JobSpec, data: RealData, images: torch.Tensor, labels: torch.Tensor, relabel: Teacher | None,
-    relabel_path: str | None, protocol: Protocol, fit: StudentStage, clock: StageClock,
+    relabel_path: str | None, protocol: Protocol, fit: StudentStage, clock: StageClock, cache: ArtifactStore,
 ) -> dict:
     """Train the student on the distilled images and, as the baseline, on a random real subset of the
-    same size, under one protocol; test both on the whole real test split."""
+    same size, under one protocol; test both on the whole real test split. With `dd_ranking`, also
+    the hard-label runs that DD-Ranking's HLR and LRS need."""
     info = data.info
     with clock.stage("validate"):
         student = fit("validate", images, labels, protocol, relabel, relabel_path)
@@ -190,8 +194,37 @@ def validate_both(
             real_images, real_labels = random_real_subset(data.train, spec.recover.ipc, info.num_classes, spec.seed)
             result["baseline"] = {"kind": "random real subset", "images": len(real_images),
                                   **fit("baseline", real_images, real_labels, protocol, relabel, relabel_path)}
-        result["gain_top1"] = round(result["student"]["top1"] - result["baseline"]["top1"], 2)
+        result["ior"] = ranking.ior(result["student"]["top1"], result["baseline"]["top1"])
+        result["gain_top1"] = result["ior"]  # the key's old name, kept for one release
+    if spec.validate_.dd_ranking:
+        with clock.stage("dd_ranking"):
+            result["dd_ranking"] = dd_ranking_scores(spec, data, images, labels, protocol, fit, result, cache)
     return result
+
+
+def dd_ranking_scores(spec: JobSpec, data: RealData, images: torch.Tensor, labels: torch.Tensor, protocol: Protocol,
+                      fit: StudentStage, result: dict, cache: ArtifactStore) -> dict:
+    """HLR and LRS: the set with hard labels, and the full training split with hard labels (cached)."""
+    vspec = spec.validate_
+    hard = protocol if protocol.mode == "hard" else resolve_protocol(vspec.model_copy(update={"mode": "hard"}), len(images))
+    set_hard = result["student"] if protocol.mode == "hard" else fit("validate-hard", images, labels, hard, None, None)
+    full_protocol = replace(hard, epochs=vspec.full_data_epochs, batch_size=FULL_DATA_BATCH)
+    if vspec.full_data_top1 is not None:
+        full_top1, source = vspec.full_data_top1, "spec"
+    else:
+        key = spec._hash({"dataset": spec.to_dict()["dataset"], "protocol": full_protocol.to_dict(), "seed": spec.seed})
+        path = f"full-data/{key}.json"
+        if cache.exists(path):
+            full_top1, source = cache.read_json(path)["top1"], "cached"
+        else:
+            all_images, all_labels = whole_split(data.train)
+            full_top1, source = fit("full-data", all_images, all_labels, full_protocol, None, None)["top1"], "trained"
+            cache.write_json(path, {"top1": full_top1, "protocol": full_protocol.to_dict(),
+                                    "dataset": spec.to_dict()["dataset"], "seed": spec.seed})
+    hlr = ranking.hlr(full_top1, set_hard["top1"])
+    return {"set_hard_top1": set_hard["top1"], "hard_protocol": hard.to_dict(), "full_data_hard_top1": full_top1,
+            "full_data_source": source, "full_data_protocol": full_protocol.to_dict(), "ior": result["ior"],
+            "hlr": hlr, "lrs": round(ranking.lrs(result["ior"], hlr), 4), "weight": ranking.DEFAULT_WEIGHT}
 
 
 def run_distillation(
@@ -237,6 +270,7 @@ def run_distillation(
         teacher_info = teacher_report(recovery, spec, data, runtime)
 
     with clock.stage("recover"):
+        plan_initialisation(data, recovery.model, spec.recover, runtime, spec.seed, store)
         try:
             result = recover(recovery.model, info, spec.recover, runtime, store, spec.seed, progress, max_units=max_units)
         except JobCancelled:  # keep what was made, marked partial, and stop
@@ -252,7 +286,7 @@ def run_distillation(
 
     validation = None
     if spec.validate_.enabled and complete:
-        protocol = resolve_protocol(spec.validate_)
+        protocol = resolve_protocol(spec.validate_, len(images))
         relabel = relabel_path = None
         if protocol.mode == "kd":
             with clock.stage("squeeze"):
@@ -263,7 +297,7 @@ def run_distillation(
                     relabel_path = RELABEL_PATH
                     save_teacher(store, relabel_path, relabel, spec, data)
         fit = fit_student or local_student_stage(spec, data, runtime, progress)
-        validation = validate_both(spec, data, images, labels, relabel, relabel_path, protocol, fit, clock)
+        validation = validate_both(spec, data, images, labels, relabel, relabel_path, protocol, fit, clock, cache.store)
         if relabel is not None and relabel is not recovery:
             validation["relabel_teacher"].update(evaluate(relabel.model, data.test, runtime).to_dict())
 

@@ -65,13 +65,15 @@ class TrainHooks:
     on_epoch_end: Callable[[EpochEnd], None] | None = None
     losses: list[float] = field(default_factory=list)  # this rank's epoch losses so far (with on_epoch_end)
 
-    def schedule(self, optimizer: torch.optim.Optimizer, n: int, batch_size: int, epochs: int) -> tuple[int, int, Any]:
-        """This rank's batch size, its steps per epoch over n samples, and the per-step cosine schedule."""
+    def schedule(self, optimizer: torch.optim.Optimizer, n: int, batch_size: int, epochs: int,
+                 span: float = 1.0) -> tuple[int, int, Any]:
+        """This rank's batch size, its steps per epoch over n samples, and the per-step cosine schedule
+        (`span`: see `cosine_factor`)."""
         if self.shard is not None:
             batch_size = math.ceil(batch_size / self.shard.world_size)
             n = len(DistributedSampler(range(n), self.shard.world_size, self.shard.rank))
         steps_per_epoch = math.ceil(n / batch_size)
-        return batch_size, steps_per_epoch, cosine_schedule(optimizer, epochs * steps_per_epoch)
+        return batch_size, steps_per_epoch, cosine_schedule(optimizer, epochs * steps_per_epoch, span)
 
     def begin(self, progress: Progress, stage: str, epochs: int, steps_per_epoch: int, *stateful: Any) -> int:
         """Resume the loop's stateful objects when resuming, start its progress; the first epoch to run."""

@@ -75,6 +75,8 @@ def describe(job: dict) -> str:
     parts = [f"{label} {summary[key]:.2f}%" for key, label in
              (("teacher_top1", "teacher top-1"), ("student_top1", "student top-1"), ("baseline_top1", "baseline top-1"))
              if summary.get(key) is not None]
+    if summary.get("ior") is not None:
+        parts.append(f"IOR {summary['ior']:+.2f} points")
     if summary.get("images") is not None:
         parts.insert(0, f"{summary['images']} images")
     if parts:

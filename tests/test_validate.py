@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -55,13 +57,63 @@ def test_baseline_subset_has_exactly_ipc_per_class_drawn_with_the_seed(fmnist_ro
         assert match.any() and (data.train.labels[match] == label).all()
 
 
-def test_protocol_defaults_follow_the_mode():
-    kd = resolve_protocol(ValidateSpec())
-    hard = resolve_protocol(ValidateSpec(mode="hard"))
-    assert (kd.student_arch, kd.optimizer, kd.mix, kd.epochs) == ("convnet", "adamw", "cutmix", 100)
+def test_protocol_defaults_follow_the_mode_and_preset():
+    kd = resolve_protocol(ValidateSpec(preset="quick"), 100)
+    hard = resolve_protocol(ValidateSpec(mode="hard", preset="quick"), 100)
+    assert (kd.student_arch, kd.optimizer, kd.mix, kd.epochs, kd.batch_size) == ("convnet", "adamw", "cutmix", 100, 64)
+    assert (kd.ema_decay, kd.schedule_span) == (0.0, 1.0)
     assert (hard.student_arch, hard.optimizer, hard.lr, hard.weight_decay, hard.epochs) == ("convnet_in", "sgd", 0.01, 5e-4, 300)
-    assert resolve_protocol(ValidateSpec(mode="hard", epochs=7, mix="mixup")).epochs == 7
+    assert resolve_protocol(ValidateSpec(mode="hard", epochs=7, mix="mixup"), 100).epochs == 7
     assert "temperature" not in hard.to_dict()
+    long = resolve_protocol(ValidateSpec(), 100)
+    assert (long.preset, long.epochs, long.ema_decay, long.schedule_span, long.mix) == ("long", 300, 0.99, 2.0, "cutmix")
+    # RDED's batch sizes for a 10-class set at IPC 1 / 10 / 50, and the bounds for other sizes
+    assert [resolve_protocol(ValidateSpec(), n).batch_size for n in (10, 100, 500, 3, 5000)] == [10, 50, 100, 10, 100]
+    assert resolve_protocol(ValidateSpec(batch_size=32), 500).batch_size == 32
+
+
+def test_long_schedule_decays_to_half_and_quick_to_zero():
+    from scdd.optim import cosine_factor
+
+    assert cosine_factor(0, 600, 2.0) == 1.0
+    assert cosine_factor(600, 600, 2.0) == pytest.approx(0.5)
+    assert cosine_factor(300, 600, 2.0) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+    assert cosine_factor(600, 600) == pytest.approx(0.0)
+
+
+def test_weight_ema_follows_its_formula_and_copies_buffers():
+    from scdd.validate.ema import WeightEMA
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    ema = WeightEMA(model, 0.99)
+    start = [p.detach().clone() for p in model.parameters()]
+    expected = [p.clone() for p in start]
+    for step in range(30):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1)
+            model[1].running_mean.fill_(step)
+        d = min(0.99, (1 + step) / (10 + step))
+        expected = [d * e + (1 - d) * p.detach() for e, p in zip(expected, model.parameters())]
+        ema.update(model)
+    for avg, exp in zip(ema.average.parameters(), expected):
+        torch.testing.assert_close(avg, exp)
+    assert torch.equal(ema.average[1].running_mean, model[1].running_mean)
+    restored = WeightEMA(model, 0.99)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.steps == 30
+    torch.testing.assert_close(restored.copy_to(model)[0].weight.detach(), expected[0])
+
+
+def test_dd_ranking_scores_match_hand_computed_values():
+    from scdd.validate import ranking
+
+    assert ranking.ior(71.3, 68.1) == 3.2
+    assert ranking.hlr(91.0, 62.5) == 28.5
+    # a = 0.5 * 0.032 - 0.5 * 0.285 = -0.1265; (e^a - e^-1) / (e - e^-1)
+    assert ranking.lrs(3.2, 28.5) == pytest.approx((0.881175 - 0.367879) / (2.718282 - 0.367879), abs=1e-5)
+    assert ranking.lrs(100, 0) == pytest.approx((math.exp(0.5) - math.exp(-1)) / (math.e - math.exp(-1)))
+    assert ranking.lrs(0, 0) == pytest.approx((1 - math.exp(-1)) / (math.e - math.exp(-1)))
 
 
 def test_cutmix_lam_is_the_kept_area_and_mixup_blends():
@@ -85,7 +137,7 @@ def test_student_learns_from_a_tiny_real_set(mode, fmnist_root, fmnist_teacher_c
     teacher = create_model("convnet", 3, 1, 28)
     load_weights(teacher, fmnist_teacher_ckpt.read_bytes(), "fixture")
     teacher.eval().requires_grad_(False)
-    protocol = resolve_protocol(ValidateSpec(mode=mode, epochs=30))
+    protocol = resolve_protocol(ValidateSpec(mode=mode, epochs=30), len(images))
     student = create_model(protocol.student_arch, 3, 1, 28)
     train_student(student, images, labels, protocol, teacher if mode == "kd" else None, cpu, 0, SilentProgress())
     assert evaluate(student, data.test, cpu).top1 > 50  # chance is 33%

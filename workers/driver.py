@@ -77,6 +77,7 @@ def summary(report: dict) -> dict:
         "images": report["recover"]["images"],
         "student_top1": (validate.get("student") or {}).get("top1"),
         "baseline_top1": (validate.get("baseline") or {}).get("top1"),
+        "ior": validate.get("ior"),
         "output": report["output"],
     }
 

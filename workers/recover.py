@@ -55,6 +55,7 @@ from scdd.recover import (
     prepare_teacher,
     run_share,
 )
+from scdd.recover.init import INITS, InitReader
 from scdd.runtime import Runtime, resolve_runtime
 from scdd.store import ArtifactStore
 from workers.cluster import Placement, WorkerGroup, connect, rendezvous_address, wants_gpus
@@ -127,6 +128,7 @@ class RecoverWorker:
         synced = job.recover.bn_sync == "global" and self.world_size > 1
         self.bn_loss = BNStatLoss(teacher, job.recover.first_bn_multiplier, GlobalScope() if synced else LocalScope())
         self.bn_loss.__enter__()
+        self.init = InitReader(job.store) if INITS.get(job.recover.init) is not None else None
         return {"rank": self.rank, "backend": backend, "pid": os.getpid(), **self.runtime.describe()}
 
     def run_unit(self, unit: Unit) -> dict:
@@ -137,9 +139,9 @@ class RecoverWorker:
         args = (unit, self.rank, self.runner, job.info, job.recover, self.runtime, job.seed, self.bn_loss, self.progress)
         if job.store.exists(path):
             if isinstance(self.bn_loss.scope, GlobalScope):
-                run_share(*args, store=None)  # the peers need this rank in every collective
+                run_share(*args, store=None, init=self.init)  # the peers need this rank in every collective
             return job.store.read_json(path)
-        record = run_share(*args, store=job.store)
+        record = run_share(*args, store=job.store, init=self.init)
         job.store.write_json(path, record)
         return record
 

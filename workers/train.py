@@ -45,6 +45,7 @@ from scdd.squeeze.ssl import SSL_METHODS
 from scdd.squeeze.supervised import train_supervised
 from scdd.store import ArtifactStore
 from scdd.validate import Protocol, random_real_subset, train_student
+from scdd.validate.baseline import whole_split
 from workers.cluster import connect, wants_gpus
 from workers.control import RemoteProgress
 
@@ -121,7 +122,9 @@ def run_student(task: TrainTask, data: RealData, runtime: Runtime, hooks: TrainH
     spec, protocol, info = task.spec, task.protocol, data.info
     if task.stage == "baseline":
         images, labels = random_real_subset(data.train, spec.recover.ipc, info.num_classes, spec.seed)
-    else:
+    elif task.stage == "full-data":
+        images, labels = whole_split(data.train)
+    else:  # validate, validate-hard: the distilled images
         entries = task.store.read_json("manifest.json")["images"]
         images, labels = load_distilled(task.store, [e["path"] for e in entries], [e["label"] for e in entries], info)
     teacher = None

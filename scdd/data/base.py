@@ -60,11 +60,13 @@ class RealData:
 class TensorImageDataset(Dataset):
     """Images held in memory as uint8 (N, C, H, W); normalised on access."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean: Sequence[float], std: Sequence[float]):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean: Sequence[float], std: Sequence[float],
+                 source_index: torch.Tensor | None = None):
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError("images must be uint8 (N, C, H, W)")
         self.images = images
         self.labels = labels.long()
+        self.source_index = source_index  # (N,) each image's index in the source split file, where known
         self._mean = torch.tensor(mean).view(1, -1, 1, 1)
         self._std = torch.tensor(std).view(1, -1, 1, 1)
 

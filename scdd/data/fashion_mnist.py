@@ -90,7 +90,7 @@ def fashion_mnist(spec: DatasetSpec, seed: int) -> RealData:
         if size != 28:
             images = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True)
             images = images.round().clamp(0, 255).to(torch.uint8)
-        return TensorImageDataset(images, labels, MEAN, STD)
+        return TensorImageDataset(images, labels, MEAN, STD, source_index=keep)
 
     width = len(str(len(CLASS_NAMES) - 1))
     info = DatasetInfo(

@@ -30,6 +30,7 @@ from scdd.data.base import DatasetInfo
 from scdd.errors import SpecError
 from scdd.progress import Progress, SilentProgress
 from scdd.recover.bn_loss import BNStatLoss
+from scdd.recover.init import INITS, InitReader
 from scdd.recover.synthesize import prepare_teacher, synthesize
 from scdd.runtime import Runtime
 from scdd.store import ArtifactStore
@@ -119,16 +120,19 @@ def run_share(
     bn_loss: BNStatLoss,
     progress: Progress,
     store: ArtifactStore | None,
+    init: InitReader | None = None,
 ) -> dict:
     """Synthesise worker `rank`'s share of one unit and write its images to `store` (None: compute
     only, for a worker whose share is already stored but whose peers need it in the collectives).
-    Returns the share's record: manifest entries and the batch's last-step losses."""
+    `init` reads the run's stored initial images (real-pixel inits; None: noise). Returns the
+    share's record: manifest entries (with each image's origin) and the batch's last-step losses."""
     started = time.perf_counter()
     labels = unit.shares[rank]
     if not labels and not bn_loss.scope.collective:  # nothing to make, and no peer waits for this rank
         return {"round": unit.round, "batch": unit.batch, "rank": rank, "entries": [],
                 "ce": 0.0, "bn": 0.0, "total": 0.0, "seconds": 0.0}
     generator = torch.Generator().manual_seed(unit.seed(seed, rank))
+    start = info.normalize(init.pixels(unit.round, labels)) if init is not None and labels else None
     result = synthesize(
         teacher,
         torch.tensor(labels, dtype=torch.long),
@@ -139,12 +143,14 @@ def run_share(
         generator,
         bn_loss,
         on_step=lambda step: progress.advance(1),
+        start=start,
     )
     entries = []
     if store is not None:
         for label, image in zip(labels, info.denormalize(result.images)):
             data = encode_png(image)
-            entry = entry_for(info, label, unit.round, data, rank)
+            origin = init.origin(label, unit.round) if init is not None else None
+            entry = entry_for(info, label, unit.round, data, rank, origin)
             store.write_bytes(entry.path, data)
             entries.append(entry.to_dict())
     return {
@@ -204,9 +210,10 @@ def recover_dataset(
     image_iterations = 0
     if pending:
         runner = prepare_teacher(teacher, runtime, len(pending[0].labels) * spec.iterations)
+        init = InitReader(store) if INITS.get(spec.init) is not None else None
         with BNStatLoss(teacher, spec.first_bn_multiplier) as bn_loss:
             for unit in pending:
-                record = run_share(unit, 0, runner, info, spec, runtime, seed, bn_loss, progress, store)
+                record = run_share(unit, 0, runner, info, spec, runtime, seed, bn_loss, progress, store, init)
                 store.write_json(unit.record_path, record)
                 image_iterations += len(unit.labels) * spec.iterations
                 progress.advance(0, ce=record["ce"], bn=record["bn"])

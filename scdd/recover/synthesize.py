@@ -95,16 +95,19 @@ def synthesize(
     generator: torch.Generator,
     bn_loss: BNStatLoss,
     on_step: Callable[[int], None] | None = None,
+    start: torch.Tensor | None = None,
 ) -> SynthesisResult:
     """`teacher` must be in eval mode with frozen parameters (see `prepare_teacher`), `bn_loss` an
     entered BNStatLoss hooked on it; `targets` (N,) are class positions (N may be 0 for a worker
-    of a distributed batch). Reported losses are those of the scope's whole batch."""
+    of a distributed batch). `start` (N, C, S, S), normalised: the initial images (real-pixel
+    inits); None: Gaussian noise drawn from `generator`. Reported losses are those of the scope's
+    whole batch (none when `spec.iterations` is 0: the images stay as they start)."""
     device = runtime.device
     channels, size, _ = image_shape
     n = len(targets)
     low, high = (b.to(device) for b in pixel_bounds)
-    noise = torch.randn((n, channels, size, size), generator=generator)
-    inputs = noise.to(device).contiguous(memory_format=runtime.memory_format()).requires_grad_(True)
+    initial = torch.randn((n, channels, size, size), generator=generator) if start is None else start.float()
+    inputs = initial.to(device).contiguous(memory_format=runtime.memory_format()).requires_grad_(True)
     targets = targets.to(device)
     optimizer = torch.optim.Adam([inputs], lr=spec.lr, betas=(0.5, 0.9), eps=1e-8)
     aug = spec.augment

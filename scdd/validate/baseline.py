@@ -33,3 +33,13 @@ def random_real_subset(dataset: Dataset, ipc: int, num_classes: int, seed: int) 
         return dataset.batch(index)
     pairs = [dataset[int(i)] for i in index]
     return torch.stack([image for image, _ in pairs]), torch.tensor([label for _, label in pairs])
+
+
+def whole_split(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every image of an in-memory split: ((N, C, S, S) images, labels) (the full-data run of DD-Ranking)."""
+    if not isinstance(dataset, TensorImageDataset):
+        raise DataError(
+            "the full-data hard-label run of validate.dd_ranking holds the whole training split in memory and is "
+            "supported for in-memory datasets (fashion-mnist); for others set validate.full_data_top1"
+        )
+    return dataset.batch(torch.arange(len(dataset)))

@@ -3,6 +3,7 @@
 kd:   the relabel teacher labels the same augmented, mixed batch the student sees; loss = kd_loss.
 hard: cross-entropy on the class labels, mixed as the images are (lam y_i + (1 - lam) y_perm(i)).
 Augmentation per image on every batch: random-resized-crop (protocol.crop_scale) and flip.
+With `protocol.ema_decay` > 0 the student returned holds the EMA of its weights (validate/ema.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from scdd.optim import build_optimizer, training_step
 from scdd.progress import Progress
 from scdd.runtime import Runtime
 from scdd.shard import LOCAL, TrainHooks
+from scdd.validate.ema import WeightEMA
 from scdd.validate.kd import kd_loss
 from scdd.validate.mix import mix_batch
 from scdd.validate.protocol import Protocol
@@ -41,9 +43,11 @@ def train_student(
     student.to(device, memory_format=fmt).train()
     net = hooks.wrap(student)
     optimizer = build_optimizer(protocol.optimizer, student.parameters(), protocol.lr, protocol.weight_decay)
-    batch_size, steps_per_epoch, scheduler = hooks.schedule(optimizer, len(images), protocol.batch_size, protocol.epochs)
+    batch_size, steps_per_epoch, scheduler = hooks.schedule(
+        optimizer, len(images), protocol.batch_size, protocol.epochs, protocol.schedule_span)
     generator = torch.Generator().manual_seed(seed)
-    stateful = (student, optimizer, scheduler, generator)
+    ema = WeightEMA(student, protocol.ema_decay) if protocol.ema_decay > 0 else None
+    stateful = (student, optimizer, scheduler, generator) + ((ema,) if ema is not None else ())
     first_epoch = hooks.begin(progress, stage, protocol.epochs, steps_per_epoch, *stateful)
     images, labels = images.to(device), labels.to(device)
     for epoch in range(first_epoch, protocol.epochs):
@@ -64,8 +68,12 @@ def train_student(
                 y = labels[index]
                 loss = lam * F.cross_entropy(logits.float(), y) + (1 - lam) * F.cross_entropy(logits.float(), y[perm])
             training_step(loss, optimizer, scheduler)
+            if ema is not None:
+                ema.update(student)
             total += loss.detach()
             progress.advance(1, loss=loss.detach())
         hooks.end_epoch(epoch, float(total) / steps_per_epoch, *stateful)
     progress.finish()
+    if ema is not None:
+        ema.copy_to(student)
     return student.eval()
