@@ -8,7 +8,7 @@ from typing import Literal, get_args
 
 DatasetName = Literal["fashion-mnist", "imagefolder"]
 MethodName = Literal["scdd", "sre2l"]
-InitName = Literal["herding", "noise", "real", "selected"]
+InitName = Literal["herding", "kmeans", "noise", "real", "selected"]
 SSLMethodName = Literal["moco_v2"]
 SSLCheckpointFormat = Literal["auto", "moco_v2", "moco_v3", "dino", "swav", "torchvision"]
 ModelName = Literal[

@@ -180,6 +180,7 @@ INIT_DEFAULTS: dict[str, tuple[int, float, float]] = {
     "real": (0, 0.05, 0.01),
     "selected": (0, 0.05, 0.01),
     "herding": (0, 0.05, 0.01),
+    "kmeans": (0, 0.05, 0.01),
 }
 
 
@@ -233,7 +234,7 @@ class RecoverSpec(_Spec):
                 object.__setattr__(self, name, value)
         if self.init == "noise" and self.iterations < 1:
             raise ValueError("recover.iterations must be >= 1 with init 'noise' (0 would keep pure noise)")
-        if self.init in ("selected", "herding") and self.select.candidates < self.ipc:
+        if self.init in ("selected", "herding", "kmeans") and self.select.candidates < self.ipc:
             raise ValueError(
                 f"recover.select.candidates ({self.select.candidates}) must be >= recover.ipc ({self.ipc}): "
                 f"init {self.init!r} keeps IPC of the candidates of each class"
@@ -253,7 +254,7 @@ class ValidateSpec(_Spec):
     enabled: bool = Field(True, description="Run the validation stage.")
     mode: Literal["kd", "hard"] = Field("kd", description="kd: soft labels from the relabel teacher; hard: class labels.")
     preset: Literal["quick", "long"] = Field(
-        "long",
+        "quick",
         description="Student protocol, applied identically to the random-real baseline. quick: 100 epochs (kd) at "
         "batch 64, cosine to 0. long (RDED/EDC): 300 epochs, batch by set size (half the set, 10..100), a cosine "
         "that decays to half, and the EMA of the weights is the student tested.",
@@ -280,10 +281,10 @@ class ValidateSpec(_Spec):
     mix_alpha: float = Field(1.0, gt=0, le=100, description="Beta(alpha, alpha) of the mixing ratio.")
     crop_scale: AreaRange = Field((0.5, 1.0), description="Random-resized-crop area range of the student's batches.")
     relabel_teacher: Literal["supervised", "recover"] = Field(
-        "supervised",
-        description="Teacher giving soft labels (kd): a supervised teacher of the teacher arch (the same for "
-        "sre2l and scdd, so a comparison differs only in the images; for sre2l it is the recovery teacher), "
-        "or the recovery teacher itself.",
+        "recover",
+        description="Teacher giving soft labels (kd): the recovery teacher itself (recover; for sre2l that is the "
+        "supervised teacher), or a supervised teacher of the teacher arch (supervised: the same for sre2l and scdd, "
+        "so a comparison differs only in the images).",
     )
     relabel_checkpoint: Optional[str] = Field(
         None, max_length=4096, description="Load the supervised relabel teacher from this checkpoint instead of training it."

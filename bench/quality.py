@@ -1,22 +1,25 @@
-"""Distillation quality on Fashion-MNIST: random real subset vs sre2l vs scdd, KD and hard labels.
+"""Distillation quality on Fashion-MNIST: every set against random real images under the identical protocol.
 
-For each seed, method and IPC the pipeline recovers the images once; each validation mode then
-trains the same student on them, and (once per seed, IPC and mode) on a random real subset of the
-same size. Top-1 is on the whole 10 000-image test split; the table gives mean +- spread (half the
-range) over seeds and the mean wall time of a row's runs (recover + validation, teachers excluded:
-they are trained once per seed and cached). Nothing is tuned on the test split.
+For each seed and IPC, every row runs the pipeline (squeeze once per seed and method, cached; recover;
+validate) and the random-real baseline is trained once per (seed, IPC, preset, mode) with the same student,
+protocol and relabel teacher (the supervised teacher for every row, so rows differ only in their images).
+Top-1 is on the whole 10 000-image test split; the table gives mean ± half-range over seeds, IOR (the row's
+mean minus random real's mean, DD-Ranking's improvement over random) and the mean seconds of a row's
+recover + validation. Every run is appended to a JSON-lines file. The defaults were chosen on held-out
+training images (bench/init_study.py), never on this test split.
 
-    python bench/quality.py            # IPC 1, 10, 50 (hard labels: 1, 10); seeds 0, 1
-    python bench/quality.py --quick    # IPC 1 and 10, one seed, short schedules: a few minutes
+    python bench/quality.py                          # the README's table (measured time in the README)
+    python bench/quality.py --quick                  # a few minutes: IPC 1 and 10, one seed, short schedules
+    python bench/quality.py --ipc 50 --rows sre2l/herding --seeds 0 1 2
 
-Hard-label runs at IPC 50 are left out by default (`--hard-ipc 1 10 50` adds them): the
-instance-norm ConvNet trains at ~1 s per 256-image step on 2 CPU cores, so one such run and its
-baseline take over 20 minutes.
+A row is `<method>/<init>` (method sre2l or scdd; init noise, real, selected, herding) with an optional
+`@quick` (the quick preset instead of the long one); `random` is the baseline and always runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from collections import defaultdict
@@ -25,24 +28,37 @@ from pathlib import Path
 from api_schema import JobSpec
 from scdd.pipeline import run_distillation
 
-ANCHORS = "published hard-label ConvNet anchors (IPC 1/10/50): DC 70.5/82.3/83.6, DSA 70.6/84.6/88.7, " \
-          "IDC-I 70.7/85.3/89.1, KIP 73.8/86.8/87.8"
+DEFAULT_ROWS = ["sre2l/noise", "scdd/noise", "sre2l/real", "sre2l/selected", "sre2l/herding", "scdd/herding",
+                "scdd/herding@quick"]
 
 
-def job(method: str, ipc: int, seed: int, mode: str, args, out: Path) -> JobSpec:
-    quick = args.quick
-    validate = {"mode": mode, "baseline": method == "sre2l"}
-    if quick:
-        validate["epochs"] = 30 if mode == "kd" else 100
+def job(row: str, ipc: int, seed: int, mode: str, baseline: bool, args, out: Path) -> JobSpec:
+    method, init = row.split("@")[0].split("/")
+    preset = "quick" if row.endswith("@quick") else "long"
+    validate = {"mode": mode, "preset": preset, "baseline": baseline, "relabel_teacher": "supervised"}
+    if args.quick:
+        validate["epochs"] = 30 if mode == "kd" else 60
+    recover = {"ipc": ipc, "init": init, "select": {"candidates": max(100, 2 * ipc)}}
+    if args.quick and init == "noise":
+        recover["iterations"] = 100
     return JobSpec.model_validate({
         "method": method,
         "seed": seed,
-        "dataset": {"train_limit": 1000} if quick else {},
+        "dataset": {"train_limit": 1000} if args.quick else {},
         "teacher": {"epochs": args.teacher_epochs, "ssl": {"epochs": args.ssl_epochs}},
-        "recover": {"ipc": ipc, "iterations": 100 if quick else args.iterations},
+        "recover": recover,
         "validate": validate,
-        "output": {"url": str(out / f"{method}-ipc{ipc}-seed{seed}"), "teacher_cache": str(out / "teachers")},
+        "output": {"url": str(out / f"{row.replace('/', '-').replace('@', '-')}-{mode}-ipc{ipc}-seed{seed}"),
+                   "teacher_cache": str(out / "teachers")},
     })
+
+
+def cell(values: list[float]) -> str:
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {(max(values) - min(values)) / 2:.2f}"
 
 
 def main() -> None:
@@ -50,63 +66,71 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--ipc", type=int, nargs="+")
     parser.add_argument("--seeds", type=int, nargs="+")
-    parser.add_argument("--modes", nargs="+", default=["kd", "hard"])
-    parser.add_argument("--hard-ipc", type=int, nargs="+", default=[1, 10], help="IPCs at which hard mode runs")
-    parser.add_argument("--iterations", type=int, default=300)
+    parser.add_argument("--rows", nargs="+", default=DEFAULT_ROWS)
+    parser.add_argument("--hard-ipc", type=int, nargs="*", default=[1, 10], help="IPCs with hard-label rows too")
+    parser.add_argument("--hard-rows", nargs="*", default=["sre2l/herding"], help="rows run with hard labels")
     parser.add_argument("--teacher-epochs", type=int, default=3)
     parser.add_argument("--ssl-epochs", type=int, default=2)
     parser.add_argument("--out", default="bench/out/quality")
+    parser.add_argument("--log", default="bench/results/quality.jsonl")
     args = parser.parse_args()
     ipcs = args.ipc or ([1, 10] if args.quick else [1, 10, 50])
-    seeds = args.seeds or ([0] if args.quick else [0, 1])
+    seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     out = Path(args.out)
 
     top1: dict[tuple, list[float]] = defaultdict(list)
     seconds: dict[tuple, list[float]] = defaultdict(list)
     teachers: dict[str, list[float]] = defaultdict(list)
+    plan = [(mode, row) for mode in ("kd", "hard") for row in (args.rows if mode == "kd" else args.hard_rows)]
     for seed in seeds:
-        for method in ("sre2l", "scdd"):
-            for ipc in ipcs:
-                for mode in args.modes:
-                    if mode == "hard" and ipc not in args.hard_ipc:
-                        continue
-                    started = time.perf_counter()
-                    report = run_distillation(job(method, ipc, seed, mode, args, out))
-                    elapsed = time.perf_counter() - started
-                    stages = report["stage_seconds"]
-                    run_seconds = stages.get("recover", 0) + stages.get("validate", 0)
-                    val = report["validate"]
-                    top1[(ipc, method, mode)].append(val["student"]["top1"])
-                    seconds[(ipc, method, mode)].append(run_seconds)
-                    if "baseline" in val:
-                        top1[(ipc, "random real", mode)].append(val["baseline"]["top1"])
-                        seconds[(ipc, "random real", mode)].append(stages.get("baseline", 0))
-                    if ipc == ipcs[0] and mode == args.modes[0]:  # one teacher per seed and method
-                        teachers[method].append(report["teacher"]["top1"])
-                    print(f"seed {seed} {method:5s} ipc {ipc:3d} {mode:4s}: student {val['student']['top1']:.2f}%"
-                          + (f", random real {val['baseline']['top1']:.2f}%" if "baseline" in val else "")
-                          + f"  ({elapsed:.0f} s)", flush=True)
-
-    def cell(values: list[float]) -> str:
-        if not values:
-            return "—"
-        if len(values) == 1:
-            return f"{values[0]:.2f}"
-        return f"{statistics.mean(values):.2f} ± {(max(values) - min(values)) / 2:.2f}"
+        for ipc in ipcs:
+            baselines_done: set[tuple] = set()
+            for mode, row in plan:
+                if mode == "hard" and ipc not in args.hard_ipc:
+                    continue
+                preset = "quick" if row.endswith("@quick") else "long"
+                baseline = (preset, mode) not in baselines_done
+                baselines_done.add((preset, mode))
+                started = time.perf_counter()
+                report = run_distillation(job(row, ipc, seed, mode, baseline, args, out))
+                stages, val = report["stage_seconds"], report["validate"]
+                record = {"seed": seed, "ipc": ipc, "row": row, "mode": mode, "preset": preset, "quick": args.quick,
+                          "student_top1": val["student"]["top1"], "teacher_top1": report["teacher"]["top1"],
+                          "seconds": round(stages.get("recover", 0) + stages.get("validate", 0), 1)}
+                top1[(ipc, row, mode)].append(val["student"]["top1"])
+                seconds[(ipc, row, mode)].append(record["seconds"])
+                teachers[row.split("/")[0]].append(report["teacher"]["top1"])
+                if "baseline" in val:
+                    key = (ipc, f"random{'@quick' if preset == 'quick' else ''}", mode)
+                    top1[key].append(val["baseline"]["top1"])
+                    seconds[key].append(stages.get("baseline", 0))
+                    record["random_top1"] = val["baseline"]["top1"]
+                Path(args.log).parent.mkdir(parents=True, exist_ok=True)
+                with open(args.log, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                print(f"seed {seed} ipc {ipc:3d} {mode:4s} {row:20s}: student {val['student']['top1']:.2f}%"
+                      + (f", random real {val['baseline']['top1']:.2f}%" if "baseline" in val else "")
+                      + f"  ({time.perf_counter() - started:.0f} s)", flush=True)
 
     print(f"\nFashion-MNIST, ConvNet students, top-1 % on the full test split, seeds {seeds}"
           + (" (quick mode: 1000 train images per class, short schedules)" if args.quick else ""))
     for method, values in teachers.items():
-        print(f"recovery teacher ({method}): top-1 {cell(values)}%")
-    print(f"| IPC | images | {' | '.join(f'{m} top-1' for m in args.modes)} | {' | '.join(f'{m} s' for m in args.modes)} |")
-    print("|---:|---|" + "---:|" * (2 * len(args.modes)))
+        print(f"recovery teacher ({method}): top-1 {statistics.mean(values):.2f}%")
+    print("| IPC | labels | images | preset | top-1 | IOR | s |")
+    print("|---:|---|---|---|---:|---:|---:|")
     for ipc in ipcs:
-        for source in ("random real", "sre2l", "scdd"):
-            accs = " | ".join(cell(top1[(ipc, source, m)]) for m in args.modes)
-            secs = " | ".join(f"{statistics.mean(seconds[(ipc, source, m)]):.0f}" if seconds[(ipc, source, m)] else "—"
-                              for m in args.modes)
-            print(f"| {ipc} | {source} | {accs} | {secs} |")
-    print(f"\n{ANCHORS}")
+        for mode in ("kd", "hard"):
+            rows = [r for r in (args.rows if mode == "kd" else args.hard_rows)]
+            sources = ["random"] + (["random@quick"] if any(r.endswith("@quick") for r in rows) else []) + rows
+            for source in sources:
+                values = top1.get((ipc, source, mode))
+                if not values:
+                    continue
+                preset = "quick" if source.endswith("@quick") else "long"
+                base = top1.get((ipc, "random" + ("@quick" if preset == "quick" else ""), mode))
+                ior = f"{statistics.mean(values) - statistics.mean(base):+.2f}" if base and source[:6] != "random" else "—"
+                print(f"| {ipc} | {mode} | {source.split('@')[0]} | {preset} | {cell(values)} | {ior} | "
+                      f"{statistics.mean(seconds[(ipc, source, mode)]):.0f} |")
 
 
 if __name__ == "__main__":

@@ -64,6 +64,9 @@ def test_config_file_with_flag_override(tmp_path, fmnist_root):
         (["--data-dir", "/nonexistent/fm"], "Fashion-MNIST folder /nonexistent/fm does not exist"),
         (["--classes", "0,Socks"], "unknown class 'Socks'"),
         (["--device", "cuda"], "CUDA is not available"),
+        (["--init", "bogus"], "recover.init: Input should be 'herding', 'kmeans', 'noise', 'real' or 'selected'"),
+        (["--init", "selected", "--ipc", "200"], "recover.select.candidates (100) must be >= recover.ipc (200)"),
+        (["--preset", "longest"], "validate.preset: Input should be 'quick' or 'long'"),
     ],
 )
 def test_bad_input_gives_a_clear_error_without_traceback(args, message):
@@ -89,7 +92,7 @@ def test_distill_scdd_end_to_end_writes_every_report_key(tmp_path, fmnist_root):
         "distill", "--method", "scdd", "--data-dir", str(fmnist_root), "--classes", "0,1,8", "--train-limit", "80",
         "--ssl-epochs", "1", "--probe-epochs", "5", "--teacher-epochs", "1", "--ipc", "2", "--iterations", "5",
         "--validate-epochs", "3", "--mix", "mixup", "--temperature", "2", "--device", "cpu", "--amp", "off",
-        "--out", str(out), "--quiet",
+        "--relabel-teacher", "supervised", "--out", str(out), "--quiet",
     )
     assert result.returncode == 0, result.stderr
     assert "moco_v2 backbone + linear probe" in result.stdout
@@ -101,12 +104,14 @@ def test_distill_scdd_end_to_end_writes_every_report_key(tmp_path, fmnist_root):
     assert all({"mean", "std", "min", "max", "channels"} <= set(row) for row in teacher["bn_running_var"])
     val = report["validate"]
     assert val["protocol"] == {
-        "mode": "kd", "student_arch": "convnet", "epochs": 3, "batch_size": 64, "optimizer": "adamw", "lr": 0.001,
-        "weight_decay": 0.01, "temperature": 2.0, "mix": "mixup", "mix_alpha": 1.0, "crop_scale": [0.5, 1.0],
+        "mode": "kd", "preset": "quick", "student_arch": "convnet", "epochs": 3, "batch_size": 64, "optimizer": "adamw",
+        "lr": 0.001, "weight_decay": 0.01, "temperature": 2.0, "mix": "mixup", "mix_alpha": 1.0, "crop_scale": [0.5, 1.0],
+        "ema_decay": 0.0, "schedule_span": 1.0,
     }
     for key in ("student", "baseline"):
         assert {"top1", "top5", "total"} <= set(val[key]) and val[key]["total"] == 3000
-    assert val["gain_top1"] == round(val["student"]["top1"] - val["baseline"]["top1"], 2)
+    assert val["ior"] == val["gain_top1"] == round(val["student"]["top1"] - val["baseline"]["top1"], 2)
+    assert f"IOR {val['ior']:+.2f} points" in result.stdout
     assert val["relabel_teacher"]["source"] == "trained" and 0 <= val["relabel_teacher"]["top1"] <= 100
     assert set(report["stage_seconds"]) == {"load", "squeeze", "recover", "write", "validate", "baseline"}
     assert (out / "teacher" / "teacher.pt").exists() and (out / "teacher" / "relabel.pt").exists()

@@ -196,3 +196,20 @@ def test_resuming_with_another_worker_count_is_refused(global_run, fmnist_root, 
     spec["resources"]["workers"] = 1  # other slices and batches: the stored units cannot be continued
     with pytest.raises(OutputConflictError, match="holds a run of a different spec"):
         run_distillation(JobSpec.model_validate(spec))
+
+
+def test_two_workers_start_from_the_planned_real_pixels(ray_local, tmp_path, fmnist_root, four_class_teacher):
+    """A real-pixel init on 2 workers: every image starts from the stored plan (0 iterations: it is the
+    plan's image), with the origin the single-process run records, and the same bytes."""
+    spec = distributed_job(fmnist_root, tmp_path / "ray", four_class_teacher, init="herding", iterations=0,
+                           select={"candidates": 6})
+    run_distillation(spec, recover=RayRecover(spec.resources))
+    single = spec.to_dict()
+    single["resources"]["workers"], single["output"]["url"] = 1, str(tmp_path / "single")
+    run_distillation(JobSpec.model_validate(single))
+    assert image_bytes(tmp_path / "ray") == image_bytes(tmp_path / "single")
+    ray_entries = {e["path"]: e for e in read_manifest(tmp_path / "ray")["images"]}
+    single_entries = {e["path"]: e for e in read_manifest(tmp_path / "single")["images"]}
+    assert {p: e["origin"] for p, e in ray_entries.items()} == {p: e["origin"] for p, e in single_entries.items()}
+    assert {e["worker"] for e in ray_entries.values()} == {0, 1}
+    assert all(e["origin"]["init"] == "herding" for e in ray_entries.values())

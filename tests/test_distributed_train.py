@@ -136,7 +136,7 @@ def test_a_failing_stage_ends_the_job_with_the_stage_unit_and_cause(ray_local, t
 
 def test_run_job_squeezes_on_ray_train_with_two_workers(ray_local, tmp_path, fmnist_root):
     spec = tiny_job(fmnist_root, tmp_path / "run", None, resources={"workers": 2, "threads": 1},
-                    validate={"enabled": True, "epochs": 2, "baseline": False}, method="scdd",
+                    validate={"enabled": True, "epochs": 2, "baseline": False, "relabel_teacher": "supervised"}, method="scdd",
                     output={"url": str(tmp_path / "run"), "teacher_cache": str(tmp_path / "cache")})
     spec["teacher"] = {"epochs": 2, "batch_size": 64, "probe": {"epochs": 5},
                        "ssl": {"epochs": 2, "batch_size": 64, "queue_size": 256}}

@@ -92,6 +92,17 @@ def test_invalid_spec_is_422_with_field_paths(acme):
     assert submit(acme, "not json at all").status_code == 422
 
 
+def test_bad_recover_init_is_422_naming_the_field(acme):
+    answer = submit(acme, {"recover": {"init": "bogus"}})
+    assert answer.status_code == 422 and "recover.init" in answer.json()["message"]
+    answer = submit(acme, {"recover": {"init": "selected", "ipc": 20, "select": {"candidates": 10}}})
+    assert answer.status_code == 422
+    assert "recover.select.candidates (10) must be >= recover.ipc (20)" in answer.json()["message"]
+    accepted = submit(acme, {**SPEC, "recover": {"init": "herding", "ipc": 2},
+                             "validate": {"preset": "long", "dd_ranking": True}})
+    assert accepted.status_code == 202
+
+
 def test_service_owned_and_outside_paths_are_422(acme, tmp_path):
     answer = submit(acme, {**SPEC, "output": {"url": "/tmp/elsewhere", "s3": {"region": "x"}},
                            "dataset": {"root": "/etc"}, "teacher": {"checkpoint": "/root/model.pt"}})

@@ -18,7 +18,7 @@ def test_spec_names_equal_registries():
 def test_defaults_describe_the_fashion_mnist_demo():
     spec = JobSpec()
     assert (spec.dataset.name, spec.method, spec.recover.first_bn_multiplier) == ("fashion-mnist", "scdd", 10.0)
-    assert (spec.validate_.mode, spec.validate_.relabel_teacher, spec.validate_.baseline) == ("kd", "supervised", True)
+    assert (spec.validate_.mode, spec.validate_.relabel_teacher, spec.validate_.baseline) == ("kd", "recover", True)
 
 
 @pytest.mark.parametrize(

@@ -141,3 +141,38 @@ def test_student_learns_from_a_tiny_real_set(mode, fmnist_root, fmnist_teacher_c
     student = create_model(protocol.student_arch, 3, 1, 28)
     train_student(student, images, labels, protocol, teacher if mode == "kd" else None, cpu, 0, SilentProgress())
     assert evaluate(student, data.test, cpu).top1 > 50  # chance is 33%
+
+
+def test_dd_ranking_report_trains_the_hard_runs_once_and_caches_full_data(tmp_path, fmnist_root, fmnist_teacher_ckpt):
+    from api_schema import JobSpec
+    from scdd.pipeline import run_distillation
+    from scdd.validate import ranking
+    from tests.conftest import tiny_job
+
+    validate = {"enabled": True, "epochs": 2, "dd_ranking": True, "full_data_epochs": 1}
+    cache = str(tmp_path / "cache")
+    spec = tiny_job(fmnist_root, tmp_path / "a", fmnist_teacher_ckpt, validate=validate,
+                    recover={"ipc": 2, "iterations": 2}, output={"teacher_cache": cache})
+    report = run_distillation(JobSpec.model_validate(spec))
+    val = report["validate"]
+    rank = val["dd_ranking"]
+    assert rank["full_data_source"] == "trained" and rank["ior"] == val["ior"] == val["gain_top1"]
+    assert rank["hard_protocol"]["mode"] == "hard" and rank["full_data_protocol"]["epochs"] == 1
+    assert rank["full_data_protocol"]["batch_size"] == 256
+    assert rank["hlr"] == round(rank["full_data_hard_top1"] - rank["set_hard_top1"], 2)
+    assert rank["lrs"] == pytest.approx(ranking.lrs(rank["ior"], rank["hlr"]), abs=1e-4)
+    assert "dd_ranking" in report["stage_seconds"]
+    # Another set on the same data, student and protocol reuses the full-data accuracy.
+    again = tiny_job(fmnist_root, tmp_path / "b", fmnist_teacher_ckpt, validate=validate,
+                     recover={"ipc": 2, "iterations": 3}, output={"teacher_cache": cache})
+    second = run_distillation(JobSpec.model_validate(again))["validate"]["dd_ranking"]
+    assert second["full_data_source"] == "cached" and second["full_data_hard_top1"] == rank["full_data_hard_top1"]
+    given = tiny_job(fmnist_root, tmp_path / "c", fmnist_teacher_ckpt, validate={**validate, "full_data_top1": 91.5},
+                     recover={"ipc": 2, "iterations": 3}, output={"teacher_cache": cache})
+    third = run_distillation(JobSpec.model_validate(given))["validate"]["dd_ranking"]
+    assert (third["full_data_source"], third["full_data_hard_top1"]) == ("spec", 91.5)
+
+
+def test_dd_ranking_needs_the_baseline():
+    with pytest.raises(ValueError, match="dd_ranking needs validate.baseline: true"):
+        ValidateSpec(dd_ranking=True, baseline=False)

@@ -121,6 +121,33 @@ def herding_positions(features: torch.Tensor, ipc: int) -> torch.Tensor:
     return torch.tensor(chosen)
 
 
+def kmeans_positions(features: torch.Tensor, k: int, generator: torch.Generator, iterations: int = 30) -> torch.Tensor:
+    """k-means (k-means++ seeding, Lloyd steps) on L2-normalised features (n, D); the position of the image
+    nearest each centroid (distinct images), in centroid order: a coverage coreset of the class's modes."""
+    f = F.normalize(features.double(), dim=1)
+    n = len(f)
+    first = int(torch.randint(n, (1,), generator=generator))
+    centres = [f[first]]
+    for _ in range(1, k):
+        d2 = torch.cdist(f, torch.stack(centres)).min(dim=1).values ** 2
+        probs = d2 / d2.sum() if d2.sum() > 0 else torch.full((n,), 1.0 / n, dtype=f.dtype)
+        centres.append(f[int(torch.multinomial(probs.float(), 1, generator=generator))])
+    c = torch.stack(centres)
+    for _ in range(iterations):
+        assign = torch.cdist(f, c).argmin(dim=1)
+        for j in range(k):
+            members = f[assign == j]
+            if len(members):
+                c[j] = members.mean(0)
+    distance = torch.cdist(c, f)
+    chosen: list[int] = []
+    for j in range(k):
+        row = distance[j].clone()
+        row[chosen] = float("inf")
+        chosen.append(int(row.argmin()))
+    return torch.tensor(chosen)
+
+
 register_init("noise")(None)
 
 
@@ -172,4 +199,20 @@ def herding(data: RealData, teacher: nn.Module, spec: RecoverSpec, runtime: Runt
         keep = herding_positions(features, spec.ipc)
         all_pixels.append(data.info.denormalize(images[keep]))
         origins.append([origin(data, "herding", int(idx[p]), full_box(size), None) for p in keep])
+    return InitPlan(torch.stack(all_pixels), origins)
+
+
+@register_init("kmeans")
+def kmeans(data: RealData, teacher: nn.Module, spec: RecoverSpec, runtime: Runtime, seed: int) -> InitPlan:
+    """The candidate nearest each of IPC k-means centroids of the recovery teacher's features, per class."""
+    size = data.info.image_size
+    generator = init_generator(seed)
+    picks = class_candidates(data, spec.select.candidates, spec.ipc, generator, "init 'kmeans'")
+    all_pixels, origins = [], []
+    for idx in picks:
+        images = load_train(data, idx)
+        _, features = teacher_outputs(teacher, images, runtime)
+        keep = kmeans_positions(features, spec.ipc, generator)
+        all_pixels.append(data.info.denormalize(images[keep]))
+        origins.append([origin(data, "kmeans", int(idx[p]), full_box(size), None) for p in keep])
     return InitPlan(torch.stack(all_pixels), origins)

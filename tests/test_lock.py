@@ -1,0 +1,49 @@
+"""The lock file installs what pyproject.toml asks for: every requirement (with the test extra) is pinned in
+requirements/cpu.lock at a version its specifier allows, and the lock pins constraints.txt's torch pair."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def lock_pins(path: Path) -> dict[str, str]:
+    pins = {}
+    for line in path.read_text().splitlines():
+        match = re.match(r"^([A-Za-z0-9_.\[\],-]+)==([^\s;\\]+)", line)
+        if match:
+            pins[canonicalize_name(match.group(1).split("[")[0])] = match.group(2)
+    return pins
+
+
+def test_every_pyproject_requirement_is_pinned_in_the_lock_within_its_range():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pins = lock_pins(ROOT / "requirements" / "cpu.lock")
+    wanted = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["test"]]
+    problems = []
+    for req in wanted:
+        name = canonicalize_name(req.name)
+        if name not in pins:
+            problems.append(f"{req.name} is not in the lock")
+        elif not req.specifier.contains(pins[name], prereleases=True):
+            problems.append(f"{req.name}{req.specifier} but the lock pins {pins[name]}")
+    assert not problems, "; ".join(problems) + (
+        " — regenerate: uv pip compile pyproject.toml --extra test -c constraints.txt --generate-hashes "
+        "--universal --python-version 3.11 -o requirements/cpu.lock")
+
+
+def test_the_lock_pins_the_tested_torch_pair_and_hashes_every_package():
+    pins = lock_pins(ROOT / "requirements" / "cpu.lock")
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if "==" in line and not line.startswith("#"):
+            name, version = line.split("==")
+            assert pins[canonicalize_name(name)] == version.strip()
+    text = (ROOT / "requirements" / "cpu.lock").read_text()
+    entries = re.split(r"\n(?=[A-Za-z0-9])", text.split("\n", 3)[-1])
+    assert all("--hash=sha256:" in entry for entry in entries if "==" in entry)
