@@ -24,18 +24,17 @@ from pathlib import Path
 
 import torch
 
-from api_schema import DatasetSpec, RecoverSpec, TeacherSpec, ValidateSpec
+from api_schema import DatasetSpec, RecoverSpec, ResourcesSpec, TeacherSpec, ValidateSpec
 from scdd.data import RealData, load_dataset
 from scdd.data.base import TensorImageDataset
 from scdd.evaluate import evaluate
-from scdd.models import create_model, load_weights, checkpoint_bytes
+from scdd.models import checkpoint_bytes, create_model, load_weights
 from scdd.progress import SilentProgress
 from scdd.recover import BNStatLoss, freeze, synthesize
 from scdd.recover.init import INITS
 from scdd.runtime import resolve_runtime
 from scdd.squeeze.supervised import train_supervised
 from scdd.validate import random_real_subset, resolve_protocol, train_student
-from api_schema import ResourcesSpec
 
 HELD_OUT_PER_CLASS = 1000
 

@@ -12,6 +12,9 @@ training images (bench/init_study.py), never on this test split.
     python bench/quality.py --quick                  # a few minutes: IPC 1 and 10, one seed, short schedules
     python bench/quality.py --ipc 50 --rows sre2l/herding --seeds 0 1 2
 
+`--teachers-of-seed 0` makes every seed use the teachers seed 0 trained (cached), so seeds vary the picked
+images, the random subset and the student only; without it every seed trains its own teachers.
+
 A row is `<method>/<init>` (method sre2l or scdd; init noise, real, selected, herding) with an optional
 `@quick` (the quick preset instead of the long one); `random` is the baseline and always runs.
 """
@@ -32,10 +35,25 @@ DEFAULT_ROWS = ["sre2l/noise", "scdd/noise", "sre2l/real", "sre2l/selected", "sr
                 "scdd/herding@quick"]
 
 
-def job(row: str, ipc: int, seed: int, mode: str, baseline: bool, args, out: Path) -> JobSpec:
+def teacher_files(method: str, args, out: Path) -> dict:
+    """--teachers-of-seed S: the recovery and relabel teachers that seed S trained (and cached), as checkpoints."""
+    if args.teachers_of_seed is None:
+        return {}
+    owner = job(f"{method}/noise", 1, args.teachers_of_seed, "kd", False, args, out, shared_teachers=False)
+    cache = out / "teachers"
+    recovery, relabel = cache / f"{owner.teacher_digest()}.pt", cache / f"{owner.supervised_teacher_digest()}.pt"
+    for path in (recovery, relabel):
+        if not path.exists():
+            raise SystemExit(f"{path} is missing: run seed {args.teachers_of_seed} first (it trains the teachers)")
+    return {"teacher": str(recovery), "relabel": str(relabel)}
+
+
+def job(row: str, ipc: int, seed: int, mode: str, baseline: bool, args, out: Path, shared_teachers: bool = True) -> JobSpec:
     method, init = row.split("@")[0].split("/")
+    shared = teacher_files(method, args, out) if shared_teachers and seed != args.teachers_of_seed else {}
     preset = "quick" if row.endswith("@quick") else "long"
-    validate = {"mode": mode, "preset": preset, "baseline": baseline, "relabel_teacher": "supervised"}
+    validate = {"mode": mode, "preset": preset, "baseline": baseline, "relabel_teacher": "supervised",
+                **({"relabel_checkpoint": shared["relabel"]} if shared else {})}
     if args.quick:
         validate["epochs"] = 30 if mode == "kd" else 60
     recover = {"ipc": ipc, "init": init, "select": {"candidates": max(100, 2 * ipc)}}
@@ -45,7 +63,8 @@ def job(row: str, ipc: int, seed: int, mode: str, baseline: bool, args, out: Pat
         "method": method,
         "seed": seed,
         "dataset": {"train_limit": 1000} if args.quick else {},
-        "teacher": {"epochs": args.teacher_epochs, "ssl": {"epochs": args.ssl_epochs}},
+        "teacher": {"epochs": args.teacher_epochs, "ssl": {"epochs": args.ssl_epochs},
+                    **({"checkpoint": shared["teacher"]} if shared else {})},
         "recover": recover,
         "validate": validate,
         "output": {"url": str(out / f"{row.replace('/', '-').replace('@', '-')}-{mode}-ipc{ipc}-seed{seed}"),
@@ -71,6 +90,8 @@ def main() -> None:
     parser.add_argument("--hard-rows", nargs="*", default=["sre2l/herding"], help="rows run with hard labels")
     parser.add_argument("--teacher-epochs", type=int, default=3)
     parser.add_argument("--ssl-epochs", type=int, default=2)
+    parser.add_argument("--teachers-of-seed", type=int,
+                        help="every seed uses the teachers this seed trained (so seeds vary images and students only)")
     parser.add_argument("--out", default="bench/out/quality")
     parser.add_argument("--log", default="bench/results/quality.jsonl")
     args = parser.parse_args()

@@ -14,7 +14,8 @@ DISTILL_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--dataset": ("dataset.name", str, "dataset from the registry: fashion-mnist (default) or imagefolder"),
     "--data-dir": ("dataset.root", str, "data folder: the Fashion-MNIST IDX files, or an ImageFolder root with train/ and val/"),
     "--classes": ("dataset.classes", "list", "comma-separated subset of classes, by index or name (e.g. 0,1,2 or Bag,Coat)"),
-    "--train-limit": ("dataset.train_limit", int, "training images per class used by squeeze (seeded random pick)"),
+    "--train-limit": ("dataset.train_limit", "limit", "training images per class the job uses (seeded random pick; "
+                      "default 2000, the demo's size; 'all' for every image)"),
     "--image-size": ("dataset.image_size", int, "resize images to this side length (default: native size)"),
     "--method": ("method", str, "scdd (self-supervised backbone + linear probe, default) or sre2l (supervised teacher)"),
     "--teacher-arch": ("teacher.arch", str, "teacher architecture from the model registry (default convnet)"),
@@ -69,7 +70,8 @@ def _add_distill(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--config", help="YAML job spec (the same fields as the API's job spec)")
     for flag, (dotted, kind, text) in DISTILL_FLAGS.items():
-        parser.add_argument(flag, dest=dotted, type=str if kind in ("list", "bool") else kind, default=None, help=text)
+        parser.add_argument(flag, dest=dotted, type=str if kind in ("list", "bool", "limit") else kind, default=None,
+                            help=text)
     parser.add_argument("--no-validate", action="store_true", help="skip the validation stage")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--print-spec", action="store_true", help="print the resolved job spec as YAML and exit")
@@ -89,7 +91,11 @@ def _distill(args: argparse.Namespace) -> int:
     for flag, (dotted, kind, _text) in DISTILL_FLAGS.items():
         value = getattr(args, dotted)
         if value is not None:
-            overrides[dotted] = _parse_list(value) if kind == "list" else value  # pydantic parses "bool" text
+            if kind == "list":
+                value = _parse_list(value)
+            elif kind == "limit":
+                value = None if value.lower() == "all" else value  # pydantic parses the number
+            overrides[dotted] = value  # and "bool" text
     if args.no_validate:
         overrides["validate.enabled"] = False
     spec = build_spec(args.config, overrides)
@@ -132,8 +138,10 @@ def summary(report: dict) -> str:
         f"  teacher   {teacher['arch']} ({teacher['source']}): top-1 {teacher['top1']:.2f}% on the real test split"
         + (f"; {teacher['ssl'].get('method', teacher['ssl']['source'])} backbone + linear probe"
            if "ssl" in teacher else ""),
-        f"  recover   {rec['images']}/{rec['expected_images']} images, {rec['iterations']} iterations, "
-        f"{rec['image_iterations_per_second']:.0f} image-it/s, final CE {rec['final_ce']:.3f}, BN {rec['final_bn']:.3f}"
+        f"  recover   {rec['images']}/{rec['expected_images']} images from {rec['init']}"
+        + (" (real training images)" if rec["init"] != "noise" else "")
+        + (f", {rec['iterations']} iterations, {rec['image_iterations_per_second']:.0f} image-it/s, "
+           f"final CE {rec['final_ce']:.3f}, BN {rec['final_bn']:.3f}" if rec["iterations"] else ", kept as they are")
         + (f"; {rec['workers']} workers, bn_sync {rec['bn_sync']}" if rec["workers"] > 1 else ""),
     ]
     schedule = report.get("schedule")

@@ -145,12 +145,20 @@ def squeeze_schedule(spec: JobSpec, recovery: Teacher) -> str | None:
     """One line on how long the teachers trained, so a short (demo) schedule is never mistaken for a full one."""
     if recovery.source == "checkpoint":
         return None
-    t = spec.teacher
-    parts = [f"{t.epochs} supervised epochs"]
-    if spec.method == "scdd" and not t.ssl.checkpoint:
-        parts.insert(0, f"{t.ssl.epochs} {t.ssl.method} epochs, {t.probe.epochs} probe epochs")
-    short = t.epochs < 10 or (spec.method == "scdd" and not t.ssl.checkpoint and t.ssl.epochs < 100)
-    note = " (short schedules sized for a few minutes on a CPU; raise --ssl-epochs / --teacher-epochs for quality)"
+    t, v = spec.teacher, spec.validate_
+    scdd_pretrained = spec.method == "scdd" and not t.ssl.checkpoint
+    supervised = spec.method == "sre2l" or (
+        v.enabled and v.mode == "kd" and v.relabel_teacher == "supervised" and not v.relabel_checkpoint)
+    parts = [f"{t.ssl.epochs} {t.ssl.method} epochs, {t.probe.epochs} probe epochs"] if scdd_pretrained else []
+    if supervised:
+        parts.append(f"{t.epochs} supervised epochs")
+    if spec.dataset.train_limit is not None:
+        parts.append(f"at most {spec.dataset.train_limit} training images per class")
+    if not parts:
+        return None
+    short = (supervised and t.epochs < 10) or (scdd_pretrained and t.ssl.epochs < 100)
+    note = (" (short schedules sized for a few minutes on a CPU; raise --ssl-epochs / --teacher-epochs and "
+            "use --train-limit all for quality)")
     return ", ".join(parts) + (note if short else "")
 
 
@@ -320,6 +328,7 @@ def run_distillation(
         "recover": {
             "images": len(result.entries),
             "expected_images": info.num_classes * spec.recover.ipc,
+            "init": spec.recover.init,
             "iterations": spec.recover.iterations,
             "units_run": result.units_run,
             "units_resumed": result.units_resumed,

@@ -81,7 +81,7 @@ def tiny_job(fmnist_root: Path, out: Path, teacher: Path | None = None, **sectio
         "method": "sre2l",
         "dataset": {"root": str(fmnist_root), "classes": [0, 1, 2], "train_limit": 50},
         "teacher": {"epochs": 1, "batch_size": 64, **({"checkpoint": str(teacher)} if teacher else {})},
-        "recover": {"ipc": 3, "iterations": 6, "batch_size": 2},
+        "recover": {"init": "noise", "ipc": 3, "iterations": 6, "batch_size": 2},
         "validate": {"enabled": False},
         "resources": quick_resources(),
         "output": {"url": str(out)},

@@ -65,11 +65,12 @@ def test_protocol_defaults_follow_the_mode_and_preset():
     assert (hard.student_arch, hard.optimizer, hard.lr, hard.weight_decay, hard.epochs) == ("convnet_in", "sgd", 0.01, 5e-4, 300)
     assert resolve_protocol(ValidateSpec(mode="hard", epochs=7, mix="mixup"), 100).epochs == 7
     assert "temperature" not in hard.to_dict()
-    long = resolve_protocol(ValidateSpec(), 100)
+    assert resolve_protocol(ValidateSpec(), 100) == kd  # the demo's protocol is the default
+    long = resolve_protocol(ValidateSpec(preset="long"), 100)
     assert (long.preset, long.epochs, long.ema_decay, long.schedule_span, long.mix) == ("long", 300, 0.99, 2.0, "cutmix")
     # RDED's batch sizes for a 10-class set at IPC 1 / 10 / 50, and the bounds for other sizes
-    assert [resolve_protocol(ValidateSpec(), n).batch_size for n in (10, 100, 500, 3, 5000)] == [10, 50, 100, 10, 100]
-    assert resolve_protocol(ValidateSpec(batch_size=32), 500).batch_size == 32
+    assert [resolve_protocol(ValidateSpec(preset="long"), n).batch_size for n in (10, 100, 500, 3, 5000)] == [10, 50, 100, 10, 100]
+    assert resolve_protocol(ValidateSpec(preset="long", batch_size=32), 500).batch_size == 32
 
 
 def test_long_schedule_decays_to_half_and_quick_to_zero():

@@ -15,7 +15,7 @@ source index in the training split, source file where there is one, crop box, te
 image from the same pixels.
 """
 
-from scdd.recover.init.plan import INITS, InitPlan, InitReader, Origin, load_origins, plan_initialisation
 from scdd.recover.init import inits as _inits  # noqa: F401  (register the initialisations)
+from scdd.recover.init.plan import INITS, InitPlan, InitReader, Origin, load_origins, plan_initialisation
 
 __all__ = ["INITS", "InitPlan", "InitReader", "Origin", "load_origins", "plan_initialisation"]

@@ -62,7 +62,7 @@ def full_box(size: int) -> tuple[float, float, float, float]:
 
 def crop_views(images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     """(n, C, S, S) images, (n, 4) boxes (x0, y0, w, h) -> each box resized to S x S (bilinear)."""
-    n, size = len(images), images.shape[-1]
+    n = len(images)
     params = augment.AugmentParams(boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3], torch.zeros(n, dtype=torch.bool),
                                    torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long))
     return augment.apply(images, params)
