@@ -62,7 +62,7 @@ def job(row: str, ipc: int, seed: int, mode: str, baseline: bool, args, out: Pat
     return JobSpec.model_validate({
         "method": method,
         "seed": seed,
-        "dataset": {"train_limit": 1000} if args.quick else {},
+        "dataset": {"train_limit": 1000 if args.quick else None},  # all 60 000 training images
         "teacher": {"epochs": args.teacher_epochs, "ssl": {"epochs": args.ssl_epochs},
                     **({"checkpoint": shared["teacher"]} if shared else {})},
         "recover": recover,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -155,6 +156,20 @@ def start_ray_head(folder: Path, stack: ExitStack) -> str:
     return url
 
 
+def ensure_ray_token(data_dir: Path) -> None:
+    """Token auth (Ray >= 2.5x turns it on for `ray start`) needs a token: unless one is given (RAY_AUTH_TOKEN,
+    RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token), make one in <data-dir>/ray-auth-token (mode 0600) and point
+    RAY_AUTH_TOKEN_PATH at it, for the head, the dispatcher and this process alike."""
+    env = os.environ
+    if env.get("RAY_AUTH_TOKEN") or env.get("RAY_AUTH_TOKEN_PATH") or (Path.home() / ".ray" / "auth_token").exists():
+        return
+    path = data_dir / "ray-auth-token"
+    if not path.exists():
+        path.touch(mode=0o600)
+        path.write_text(secrets.token_hex(32))
+    env["RAY_AUTH_TOKEN_PATH"] = str(path)
+
+
 def ensure_api_keys(data_dir: Path) -> str:
     from service.auth import write_key_file
 
@@ -208,6 +223,7 @@ def serve(options: ServeOptions) -> int:
                 env["REDIS_URL"] = start_redis(data_dir / "redis", stack)
             if not env.get("RAY_ADDRESS"):
                 env.setdefault("RAY_AUTH_MODE", "token")  # Ray >= 2.5x turns token auth on for `ray start`
+                ensure_ray_token(data_dir)
                 env["RAY_ADDRESS"] = start_ray_head(data_dir, stack)
             if not env.get("SCDD_API_KEYS") and not env.get("SCDD_API_KEYS_FILE"):
                 env["SCDD_API_KEYS_FILE"] = ensure_api_keys(data_dir)

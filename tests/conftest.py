@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import os
+import secrets
+import tempfile
 import time
 from pathlib import Path
 
@@ -14,6 +16,11 @@ from scdd.runtime import Runtime
 # The tests' Ray head uses token authentication (Ray >= 2.5x turns it on for `ray start`); Ray reads
 # this when it is first imported, so it is set before any test module imports ray.
 os.environ.setdefault("RAY_AUTH_MODE", "token")
+# ... and a token: a fresh machine has no ~/.ray/auth_token, so the session makes one of its own.
+if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
+    _token_file = Path(tempfile.mkdtemp(prefix="scdd-ray-token-")) / "auth_token"
+    _token_file.write_text(secrets.token_hex(32))
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(_token_file)
 
 FASHION_MNIST = Path(os.environ.get("SCDD_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
 

@@ -13,7 +13,7 @@ from scdd.errors import CorruptImageError, DataError
 
 
 def test_fashion_mnist_reads_real_idx_files(fmnist_root):
-    data = load_dataset(DatasetSpec(root=str(fmnist_root)))
+    data = load_dataset(DatasetSpec(root=str(fmnist_root), train_limit=None))
     assert (len(data.train), len(data.test)) == (60000, 10000)
     info = data.info
     assert (info.channels, info.image_size, info.num_classes) == (1, 28, 10)

@@ -198,7 +198,7 @@ def test_resuming_with_another_worker_count_is_refused(global_run, fmnist_root, 
         run_distillation(JobSpec.model_validate(spec))
 
 
-@pytest.mark.parametrize(("init", "iterations"), [("real", 2), ("selected", 0), ("herding", 0), ("kmeans", 0)])
+@pytest.mark.parametrize(("init", "iterations"), [("real", 2), ("herding", 0)])
 def test_two_workers_start_from_the_planned_real_pixels(init, iterations, ray_local, tmp_path, fmnist_root,
                                                          four_class_teacher):
     """A real-pixel init on 2 workers: every image starts from the stored plan, with the origin the

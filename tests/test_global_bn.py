@@ -12,7 +12,7 @@ from scdd.recover import BNStatLoss, GlobalScope, LocalScope, recover_loss
 from scdd.runtime import Runtime
 
 SPLITS = [(2, 2), (3, 1), (4, 0)]  # images held by rank 0 and rank 1
-SPEC = RecoverSpec(r_bn=1.0, first_bn_multiplier=10.0, tv_weight=0.01, l2_weight=0.001)
+SPEC = RecoverSpec(init="noise", r_bn=1.0, first_bn_multiplier=10.0, tv_weight=0.01, l2_weight=0.001)
 CPU = Runtime(device=torch.device("cpu"), amp_dtype=None, channels_last=False)
 
 

@@ -18,7 +18,7 @@ BOUNDS = (torch.tensor([-1.0]).view(1, 1, 1), torch.tensor([1.0]).view(1, 1, 1))
 
 def run_synthesis(cpu, iterations, seed=7, **spec):
     teacher = tiny_teacher()
-    recover = RecoverSpec(iterations=iterations, **spec)
+    recover = RecoverSpec(init="noise", iterations=iterations, **spec)
     with BNStatLoss(teacher, recover.first_bn_multiplier) as bn:
         return synthesize(teacher, torch.tensor([0, 1, 2]), recover, BOUNDS, (1, 12, 12), cpu,
                           torch.Generator().manual_seed(seed), bn)
@@ -39,7 +39,7 @@ def test_recover_lowers_ce_and_bn_loss_on_a_trained_teacher(cpu, fmnist_teacher_
     bounds = ((0 - torch.tensor(0.286)) / 0.353 * torch.ones(1, 1, 1), (1 - torch.tensor(0.286)) / 0.353 * torch.ones(1, 1, 1))
 
     def losses(iterations):
-        spec = RecoverSpec(iterations=iterations)
+        spec = RecoverSpec(init="noise", iterations=iterations)
         with BNStatLoss(teacher, spec.first_bn_multiplier) as bn:
             return synthesize(teacher, torch.tensor([0, 1, 2, 0, 1, 2]), spec, bounds, (1, 28, 28), cpu,
                               torch.Generator().manual_seed(0), bn)
@@ -132,7 +132,7 @@ def test_different_spec_into_same_output_is_refused(tmp_path, fmnist_root, fmnis
 
 def test_compiled_teacher_gives_the_eager_result(cpu):
     teacher = tiny_teacher()
-    spec = RecoverSpec(iterations=3, lr=0.1)
+    spec = RecoverSpec(init="noise", iterations=3, lr=0.1)
     compiled_cpu = cpu.__class__(cpu.device, None, False, compile="on")
     results = []
     for runtime in (cpu, compiled_cpu):
@@ -175,6 +175,6 @@ def test_an_empty_share_without_collectives_makes_nothing(cpu, tmp_path):
     (unit,) = [u for u in plan_units(3, 1, 2, workers=2) if not u.shares[1]]
     teacher = tiny_teacher()
     with BNStatLoss(teacher, 10.0) as bn:
-        record = run_share(unit, 1, teacher, info, RecoverSpec(iterations=2), cpu, 0, bn, SilentProgress(),
+        record = run_share(unit, 1, teacher, info, RecoverSpec(init="noise", iterations=2), cpu, 0, bn, SilentProgress(),
                            ArtifactStore(str(tmp_path)))
     assert record["entries"] == [] and record["rank"] == 1
