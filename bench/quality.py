@@ -11,6 +11,7 @@ training images (bench/init_study.py), never on this test split.
     python bench/quality.py                          # the README's table (measured time in the README)
     python bench/quality.py --quick                  # a few minutes: IPC 1 and 10, one seed, short schedules
     python bench/quality.py --ipc 50 --rows sre2l/herding --seeds 0 1 2
+    python bench/quality.py --table-from bench/results/quality.jsonl   # the table of every logged run
 
 `--teachers-of-seed 0` makes every seed use the teachers seed 0 trained (cached), so seeds vary the picked
 images, the random subset and the student only; without it every seed trains its own teachers.
@@ -94,14 +95,16 @@ def main() -> None:
                         help="every seed uses the teachers this seed trained (so seeds vary images and students only)")
     parser.add_argument("--out", default="bench/out/quality")
     parser.add_argument("--log", default="bench/results/quality.jsonl")
+    parser.add_argument("--table-from", metavar="JSONL", help="print the table of the runs in this log and exit")
     args = parser.parse_args()
     ipcs = args.ipc or ([1, 10] if args.quick else [1, 10, 50])
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     out = Path(args.out)
 
-    top1: dict[tuple, list[float]] = defaultdict(list)
-    seconds: dict[tuple, list[float]] = defaultdict(list)
-    teachers: dict[str, list[float]] = defaultdict(list)
+    if args.table_from:
+        print_table([json.loads(line) for line in open(args.table_from) if line.strip()], args.quick)
+        return
+    records: list[dict] = []
     plan = [(mode, row) for mode in ("kd", "hard") for row in (args.rows if mode == "kd" else args.hard_rows)]
     for seed in seeds:
         for ipc in ipcs:
@@ -118,14 +121,9 @@ def main() -> None:
                 record = {"seed": seed, "ipc": ipc, "row": row, "mode": mode, "preset": preset, "quick": args.quick,
                           "student_top1": val["student"]["top1"], "teacher_top1": report["teacher"]["top1"],
                           "seconds": round(stages.get("recover", 0) + stages.get("validate", 0), 1)}
-                top1[(ipc, row, mode)].append(val["student"]["top1"])
-                seconds[(ipc, row, mode)].append(record["seconds"])
-                teachers[row.split("/")[0]].append(report["teacher"]["top1"])
                 if "baseline" in val:
-                    key = (ipc, f"random{'@quick' if preset == 'quick' else ''}", mode)
-                    top1[key].append(val["baseline"]["top1"])
-                    seconds[key].append(stages.get("baseline", 0))
                     record["random_top1"] = val["baseline"]["top1"]
+                records.append(record)
                 Path(args.log).parent.mkdir(parents=True, exist_ok=True)
                 with open(args.log, "a") as f:
                     f.write(json.dumps(record) + "\n")
@@ -133,25 +131,42 @@ def main() -> None:
                       + (f", random real {val['baseline']['top1']:.2f}%" if "baseline" in val else "")
                       + f"  ({time.perf_counter() - started:.0f} s)", flush=True)
 
+    print_table(records, args.quick)
+
+
+def print_table(records: list[dict], quick: bool) -> None:
+    """The markdown table of `records` (runs as bench/results/quality.jsonl holds them)."""
+    top1: dict[tuple, list[float]] = defaultdict(list)
+    seconds: dict[tuple, list[float]] = defaultdict(list)
+    for r in records:
+        top1[(r["ipc"], r["row"], r["mode"])].append(r["student_top1"])
+        seconds[(r["ipc"], r["row"], r["mode"])].append(r["seconds"])
+        if "random_top1" in r:
+            top1[(r["ipc"], "random" + ("@quick" if r["preset"] == "quick" else ""), r["mode"])].append(r["random_top1"])
+    seeds = sorted({r["seed"] for r in records})
     print(f"\nFashion-MNIST, ConvNet students, top-1 % on the full test split, seeds {seeds}"
-          + (" (quick mode: 1000 train images per class, short schedules)" if args.quick else ""))
-    for method, values in teachers.items():
-        print(f"recovery teacher ({method}): top-1 {statistics.mean(values):.2f}%")
-    print("| IPC | labels | images | preset | top-1 | IOR | s |")
+          + (" (quick mode: 1000 train images per class, short schedules)" if quick else ""))
+    print("| IPC | labels | images | preset | top-1 | IOR (points) | s |")
     print("|---:|---|---|---|---:|---:|---:|")
-    for ipc in ipcs:
+    for ipc in sorted({r["ipc"] for r in records}):
         for mode in ("kd", "hard"):
-            rows = [r for r in (args.rows if mode == "kd" else args.hard_rows)]
-            sources = ["random"] + (["random@quick"] if any(r.endswith("@quick") for r in rows) else []) + rows
-            for source in sources:
+            rows = list(dict.fromkeys(r["row"] for r in records if r["mode"] == mode and r["ipc"] == ipc))
+            for source in ["random", "random@quick", *rows]:
                 values = top1.get((ipc, source, mode))
                 if not values:
                     continue
                 preset = "quick" if source.endswith("@quick") else "long"
                 base = top1.get((ipc, "random" + ("@quick" if preset == "quick" else ""), mode))
-                ior = f"{statistics.mean(values) - statistics.mean(base):+.2f}" if base and source[:6] != "random" else "—"
+                ior = "—"
+                if base and not source.startswith("random"):
+                    gains = [v - b for v, b in zip(values, base)] if len(values) == len(base) else []
+                    ior = f"{statistics.mean(values) - statistics.mean(base):+.2f}"
+                    if len(gains) > 1:
+                        ior += f" (per seed {', '.join(f'{g:+.2f}' for g in gains)})"
+                secs = seconds.get((ipc, source, mode))
                 print(f"| {ipc} | {mode} | {source.split('@')[0]} | {preset} | {cell(values)} | {ior} | "
-                      f"{statistics.mean(seconds[(ipc, source, mode)]):.0f} |")
+                      f"{statistics.mean(secs):.0f} |" if secs else f"| {ipc} | {mode} | {source.split('@')[0]} | "
+                      f"{preset} | {cell(values)} | {ior} | — |")
 
 
 if __name__ == "__main__":
