@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch.utils.data import Dataset
 
@@ -15,24 +17,35 @@ def labels_of(dataset: Dataset) -> torch.Tensor:
     return torch.tensor([label for _path, label in dataset.samples])  # ImageFileDataset
 
 
-def random_real_subset(dataset: Dataset, ipc: int, num_classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exactly `ipc` images of each class, drawn with `seed`: ((K*ipc, C, S, S) images, labels)."""
-    labels = labels_of(dataset)
-    generator = torch.Generator().manual_seed(seed)
-    chosen = []
+def draw_per_class(labels: torch.Tensor, num_classes: int, count: int, needed: int, generator: torch.Generator,
+                   too_few: Callable[[int, int], str]) -> list[torch.Tensor]:
+    """Per class, `count` indices of `labels` drawn at random (all when the class has fewer); a class with
+    fewer than `needed` raises DataError(too_few(label, members))."""
+    picks = []
     for label in range(num_classes):
         members = (labels == label).nonzero().flatten()
-        if len(members) < ipc:
-            raise DataError(
-                f"class {label} has {len(members)} training images, fewer than IPC {ipc}: the random-real baseline "
-                f"needs IPC real images per class; raise dataset.train_limit or set validate.baseline: false"
-            )
-        chosen.append(members[torch.randperm(len(members), generator=generator)[:ipc]])
-    index = torch.cat(chosen)
+        if len(members) < needed:
+            raise DataError(too_few(label, len(members)))
+        picks.append(members[torch.randperm(len(members), generator=generator)[:count]])
+    return picks
+
+
+def images_at(dataset: Dataset, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """((n, C, S, S) normalised images, labels) of the samples at `index`."""
     if isinstance(dataset, TensorImageDataset):
         return dataset.batch(index)
     pairs = [dataset[int(i)] for i in index]
     return torch.stack([image for image, _ in pairs]), torch.tensor([label for _, label in pairs])
+
+
+def random_real_subset(dataset: Dataset, ipc: int, num_classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exactly `ipc` images of each class, drawn with `seed`: ((K*ipc, C, S, S) images, labels)."""
+    chosen = draw_per_class(
+        labels_of(dataset), num_classes, ipc, ipc, torch.Generator().manual_seed(seed),
+        lambda label, have: f"class {label} has {have} training images, fewer than IPC {ipc}: the random-real baseline "
+        f"needs IPC real images per class; raise dataset.train_limit or set validate.baseline: false",
+    )
+    return images_at(dataset, torch.cat(chosen))
 
 
 def whole_split(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,11 +9,10 @@ from torch import nn
 from api_schema import RecoverSpec
 from scdd import augment
 from scdd.data import RealData
-from scdd.errors import DataError
 from scdd.models import head_path
 from scdd.recover.init.plan import InitPlan, Origin, register_init
 from scdd.runtime import Runtime
-from scdd.validate.baseline import labels_of
+from scdd.validate.baseline import draw_per_class, images_at, labels_of
 
 SCORE_BATCH = 512
 CROP_RATIO = (3 / 4, 4 / 3)
@@ -25,25 +24,16 @@ def init_generator(seed: int) -> torch.Generator:
 
 def class_candidates(data: RealData, count: int, needed: int, generator: torch.Generator, what: str) -> list[torch.Tensor]:
     """Per class, `count` training indices drawn at random (all when the class has fewer), at least `needed`."""
-    labels = labels_of(data.train)
-    picks = []
-    for label in range(data.info.num_classes):
-        members = (labels == label).nonzero().flatten()
-        if len(members) < needed:
-            raise DataError(
-                f"class {data.info.class_names[label]!r} has {len(members)} training images, fewer than the {needed} "
-                f"that {what} needs; lower recover.ipc or raise dataset.train_limit"
-            )
-        picks.append(members[torch.randperm(len(members), generator=generator)[:count]])
-    return picks
+    return draw_per_class(
+        labels_of(data.train), data.info.num_classes, count, needed, generator,
+        lambda label, have: f"class {data.info.class_names[label]!r} has {have} training images, fewer than the "
+        f"{needed} that {what} needs; lower recover.ipc or raise dataset.train_limit",
+    )
 
 
 def load_train(data: RealData, indices: torch.Tensor) -> torch.Tensor:
     """(n, C, S, S) normalised training images."""
-    train = data.train
-    if hasattr(train, "batch"):
-        return train.batch(indices)[0]
-    return torch.stack([train[int(i)][0] for i in indices])
+    return images_at(data.train, indices)[0]
 
 
 def origin(data: RealData, init: str, index: int, box: tuple[float, float, float, float], loss: float | None) -> Origin:
