@@ -52,13 +52,11 @@ def round_path(round_index: int) -> str:
 
 
 def plan_initialisation(data: RealData, teacher: nn.Module, spec: RecoverSpec, runtime: Runtime, seed: int,
-                        store: ArtifactStore) -> list[list[dict]] | None:
-    """Plan and store the initialisation of a real-pixel init (once: a resumed run reads the stored
-    one); returns the origins per [class][round] as dicts, or None for `noise`."""
+                        store: ArtifactStore) -> None:
+    """Plan and store the initialisation of a real-pixel init, once: a resumed run keeps the stored one
+    (recover units read it through `InitReader`). Nothing to do for `noise`."""
     build = INITS.get(spec.init)
-    if build is None:
-        return None
-    if not store.exists(ORIGINS_PATH):
+    if build is not None and not store.exists(ORIGINS_PATH):
         teacher.eval()
         plan = build(data, teacher, spec, runtime, seed)
         for r in range(spec.ipc):
@@ -67,7 +65,6 @@ def plan_initialisation(data: RealData, teacher: nn.Module, spec: RecoverSpec, r
             torch.save(pixels.contiguous(), buffer)
             store.write_bytes(round_path(r), buffer.getvalue())
         store.write_json(ORIGINS_PATH, [[o.to_dict() for o in per_class] for per_class in plan.origins])
-    return load_origins(store)
 
 
 def load_origins(store: ArtifactStore) -> list[list[dict]] | None:
