@@ -106,21 +106,37 @@ def test_cancel_mid_recover_stops_quickly_and_releases_everything(ray_local, tmp
     sink = ListSink()
     asked: list[float] = []
 
-    def should_cancel() -> bool:
-        started = [e["time"] for e in sink.events if e["type"] == "stage_started" and e["stage"] == "recover"]
-        if started and time.time() - started[0] > 3:
+    def should_cancel() -> bool:  # once the first unit is stored, i.e. while the workers iterate on the next
+        if any(e["type"] == "progress" and e["stage"] == "recover" for e in sink.events):
             asked.append(time.time())
             return True
         return False
 
-    spec = job(fmnist_root, tmp_path / "run", fmnist_teacher_ckpt, iterations=400)
+    spec = job(fmnist_root, tmp_path / "run", fmnist_teacher_ckpt, iterations=150)
     result = run_job(spec, sink, should_cancel)
     stopped_after = time.time() - asked[0]
-    assert result["status"] == "cancelled" and stopped_after < 10
+    assert result["status"] == "cancelled" and stopped_after < 5
     assert sink.events[-1]["type"] == "job_finished" and sink.events[-1]["status"] == "cancelled"
     assert cpus_free_soon(ray_local) == 2  # actors, placement groups and the control actor are gone
     manifest = json.loads((tmp_path / "run/manifest.json").read_text())
     assert manifest["partial"] and not manifest["complete"]
+    assert 1 <= len(list((tmp_path / "run/state/units").glob("*.json"))) < 5  # of the 5 units of 2 images
+
+
+def test_cancel_while_the_workers_start_does_not_wait_for_them(ray_local, tmp_path, fmnist_root, fmnist_teacher_ckpt):
+    sink = ListSink()
+    asked: list[float] = []
+
+    def should_cancel() -> bool:  # as soon as recover starts: the actors are still importing torch
+        if any(e["type"] == "stage_started" and e["stage"] == "recover" for e in sink.events):
+            asked.append(time.time())
+            return True
+        return False
+
+    result = run_job(job(fmnist_root, tmp_path / "run", fmnist_teacher_ckpt), sink, should_cancel)
+    assert result["status"] == "cancelled" and time.time() - asked[0] < 5
+    assert cpus_free_soon(ray_local) == 2
+    assert not list((tmp_path / "run/state/units").glob("*.json"))
 
 
 def test_a_failing_stage_ends_the_job_with_the_stage_unit_and_cause(ray_local, tmp_path, fmnist_root, fmnist_teacher_ckpt):

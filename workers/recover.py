@@ -29,7 +29,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, Callable
 
 import ray
 import torch
@@ -150,12 +150,19 @@ class WorkerLost(Exception):
     """A worker died or its collective broke: the group must be formed anew."""
 
 
-def gather(refs: list[ray.ObjectRef]) -> list[Any]:
-    """Results of one call on every rank, in rank order; the first failure ends the wait."""
+def gather(refs: list[ray.ObjectRef], check: Callable[[], None] | None = None, poll_s: float = 0.25) -> list[Any]:
+    """Results of one call on every rank, in rank order; the first failure ends the wait. `check` runs
+    every `poll_s` while waiting and may raise (JobCancelled) to stop waiting for slow calls (actor start-up,
+    loading the teacher), not only between recover iterations."""
     results: dict[ray.ObjectRef, Any] = {}
     waiting = list(refs)
     while waiting:
-        (ready,), waiting = ray.wait(waiting, num_returns=1)
+        done, waiting = ray.wait(waiting, num_returns=1, timeout=poll_s)
+        if not done:
+            if check is not None:
+                check()
+            continue
+        (ready,) = done
         rank = refs.index(ready)
         try:
             results[ready] = ray.get(ready)
@@ -215,6 +222,7 @@ class RayRecover:
         log.info("recover: %d workers on %s (%s), bn_sync %s, %d units to run", world_size,
                  "one GPU each" if use_gpu else f"{job.threads()} CPU thread(s) each", "nccl" if use_gpu else "gloo",
                  "global" if synced else "local", len(pending))
+        check = RemoteCheck(self.control) if self.control is not None else None
         failures: Counter[str] = Counter()
         progress.start("recover", len(pending) * spec.iterations, "it")
         started = time.perf_counter()
@@ -222,11 +230,11 @@ class RayRecover:
         while pending:
             group = self._form_group(placement, job)
             try:
-                (address,) = gather([group.actors[0].address.remote()])
-                gather(group.call("setup", address, self.collective_timeout_s))
+                (address,) = gather([group.actors[0].address.remote()], check)
+                gather(group.call("setup", address, self.collective_timeout_s), check)
                 while pending:
                     unit = pending[0]
-                    parts = gather(group.call("run_unit", unit))
+                    parts = gather(group.call("run_unit", unit), check)
                     record = merge_parts(unit, parts, synced)
                     store.write_json(unit.record_path, record)
                     pending.pop(0)
