@@ -8,6 +8,7 @@ set. Each row is appended to a JSON-lines file (every run is kept), and a table 
 
     python bench/init_study.py --ipc 1 10 50 --configs random real selected-easy selected-medium herding
     python bench/init_study.py --ipc 10 --configs selected-easy+it30 real+it100 --seeds 0 1 2
+    python bench/init_study.py --ipc 1 10 --configs random herding --relabel-arch resnet18_small   # other teacher
 
 A config is `<init>[-<rank>][+it<N>][+lr<x>][+bn<x>][+crops<N>][+cand<N>]`; `random` is the random-real baseline
 (the pipeline's own `random_real_subset`).
@@ -59,16 +60,16 @@ def held_out_split(seed: int = 0) -> RealData:
     return RealData(full.info, train=part(pool), test=part(held))
 
 
-def teacher(data: RealData, epochs: int, seed: int, cache: Path, runtime) -> torch.nn.Module:
-    path = cache / f"teacher-convnet-e{epochs}-s{seed}.pt"
-    model = create_model("convnet", 10, 1, 28)
+def teacher(data: RealData, epochs: int, seed: int, cache: Path, runtime, arch: str = "convnet") -> torch.nn.Module:
+    path = cache / f"teacher-{arch}-e{epochs}-s{seed}.pt"
+    model = create_model(arch, 10, 1, 28)
     if path.exists():
         load_weights(model, path.read_bytes(), str(path))
     else:
         torch.manual_seed(seed)
-        train_supervised(model, data, TeacherSpec(epochs=epochs), runtime, seed, SilentProgress())
+        train_supervised(model, data, TeacherSpec(arch=arch, epochs=epochs), runtime, seed, SilentProgress())
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(checkpoint_bytes(model, arch="convnet", num_classes=10, in_channels=1, image_size=28,
+        path.write_bytes(checkpoint_bytes(model, arch=arch, num_classes=10, in_channels=1, image_size=28,
                                           class_names=list(data.info.class_names), digest="study", source="study",
                                           details={}))
     return freeze(model, runtime)
@@ -133,6 +134,7 @@ def main() -> None:
     parser.add_argument("--teacher-epochs", type=int, default=3)
     parser.add_argument("--relabel-epochs", type=int, help="another relabel teacher (default: the scoring teacher)")
     parser.add_argument("--relabel-seed", type=int, default=None)
+    parser.add_argument("--relabel-arch", default="convnet", help="architecture of the relabel teacher (e.g. resnet18_small)")
     parser.add_argument("--out", default="bench/results/init_study.jsonl")
     args = parser.parse_args()
     runtime = resolve_runtime(ResourcesSpec(device="cpu"))
@@ -140,10 +142,12 @@ def main() -> None:
     cache = Path("bench/out/study")
     scorer = teacher(data, args.teacher_epochs, 0, cache, runtime)
     relabel = scorer
-    if args.relabel_epochs or args.relabel_seed is not None:
-        relabel = teacher(data, args.relabel_epochs or args.teacher_epochs, args.relabel_seed or 0, cache, runtime)
+    if args.relabel_epochs or args.relabel_seed is not None or args.relabel_arch != "convnet":
+        relabel = teacher(data, args.relabel_epochs or args.teacher_epochs, args.relabel_seed or 0, cache, runtime,
+                          args.relabel_arch)
+    relabel_top1 = evaluate(relabel, data.test, runtime).top1
     print(f"held-out top-1: scoring teacher {evaluate(scorer, data.test, runtime).top1:.2f}, "
-          f"relabel teacher {evaluate(relabel, data.test, runtime).top1:.2f}", flush=True)
+          f"relabel teacher ({args.relabel_arch}) {relabel_top1:.2f}", flush=True)
     results: dict[tuple, list[float]] = {}
     for ipc in args.ipc:
         for config in args.configs:
@@ -157,7 +161,8 @@ def main() -> None:
                 top1 = evaluate(student, data.test, runtime).top1
                 row = {"ipc": ipc, "config": config, "seed": seed, "preset": args.preset, "held_out_top1": top1,
                        "teacher_epochs": args.teacher_epochs, "relabel_epochs": args.relabel_epochs,
-                       "relabel_seed": args.relabel_seed, "seconds": round(time.perf_counter() - started, 1)}
+                       "relabel_seed": args.relabel_seed, "relabel_arch": args.relabel_arch,
+                       "relabel_top1": relabel_top1, "seconds": round(time.perf_counter() - started, 1)}
                 with open(args.out, "a") as f:
                     f.write(json.dumps(row) + "\n")
                 results.setdefault((ipc, config), []).append(top1)
