@@ -48,8 +48,10 @@ resolved spec, every default filled in. A flag of `scdd distill` overrides the f
 
 
 def _inline(text: str) -> str:
-    """Text safe inside a Markdown table cell: one line, pipes and angle brackets escaped."""
-    return " ".join(text.split()).replace("|", "\\|").replace("<", "&lt;")
+    """Text safe inside a Markdown table cell: one line; pipes (outside `code`) and angle brackets escaped."""
+    parts = " ".join(text.split()).split("`")
+    return "`".join(part if index % 2 else part.replace("|", "\\|").replace("<", "&lt;")
+                    for index, part in enumerate(parts))
 
 
 def _number(value: float | int | None) -> str | None:
