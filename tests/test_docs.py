@@ -64,6 +64,16 @@ def test_spec_reference_lists_every_field_with_its_default():
     assert "| `recover.ipc` | integer in [1, 10000] | `10` | `--ipc` |" in text
 
 
+def test_every_spec_field_has_a_description_for_the_reference():
+    from api_schema import JobSpec
+
+    schema = JobSpec.model_json_schema(by_alias=True)
+    objects = {"JobSpec": schema, **schema["$defs"]}
+    bare = [f"{model}.{name}" for model, node in objects.items() for name, field in node["properties"].items()
+            if not field.get("description", "").strip()]
+    assert not bare, f"spec fields without Field(description=...): {bare}"
+
+
 def test_the_manual_builds_in_strict_mode(tmp_path):
     site = tmp_path / "site"
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
