@@ -158,7 +158,7 @@ class AugmentSpec(_Spec):
 
 
 class SelectSpec(_Spec):
-    """How `selected` and `herding` initialisations pick real images."""
+    """How the `selected`, `herding` and `kmeans` initialisations pick real images."""
 
     candidates: int = Field(
         100, ge=1, le=1_000_000, description="Real training images drawn at random per class as candidates (>= ipc)."
@@ -176,7 +176,7 @@ class SelectSpec(_Spec):
 
 
 # Per initialisation: (iterations, lr, r_bn) when the spec leaves them out; chosen on held-out training
-# images (bench/init_study.py; docs in README, Results).
+# images (bench/init_study.py; docs/benchmarks-and-findings.md, "What we found").
 INIT_DEFAULTS: dict[str, tuple[int, float, float]] = {
     "noise": (300, 0.25, 0.1),
     "real": (0, 0.05, 0.01),
@@ -197,7 +197,7 @@ class RecoverSpec(_Spec):
         "class's teacher-feature mean; the default, the best held-out IOR) or kmeans (the images nearest k-means "
         "centroids of the teacher's features). Every init but noise puts real training pixels into the set.",
     )
-    select: SelectSpec = Field(default_factory=SelectSpec, description="Candidate selection of selected / herding.")
+    select: SelectSpec = Field(default_factory=SelectSpec, description="Candidate selection of selected / herding / kmeans.")
     iterations: Optional[int] = Field(
         None, ge=0, le=1_000_000,
         description="Optimisation steps per batch (0: keep the initial images as they are; noise needs >= 1). "
@@ -341,9 +341,9 @@ class ResourcesSpec(_Spec):
     )
     workers: int = Field(
         1, ge=1, le=4096,
-        description="Recover workers: Ray actors, one per GPU (or `threads` CPUs each, gloo, without GPUs), each "
-        "recovering a slice of the classes. 1: in this process, no Ray. Joins the Ray cluster at RAY_ADDRESS, "
-        "else starts a local one.",
+        description="Workers: above 1, every stage runs on Ray with this many workers: recover on Ray actors, one per "
+        "GPU (or `threads` CPUs each, gloo, without GPUs), each recovering a slice of the classes; the training stages "
+        "on Ray Train (DDP). 1: in this process, no Ray. Joins the Ray cluster at RAY_ADDRESS, else starts a local one.",
     )
 
 

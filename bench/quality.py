@@ -8,7 +8,7 @@ mean minus random real's mean, DD-Ranking's improvement over random) and the mea
 recover + validation. Every run is appended to a JSON-lines file. The defaults were chosen on held-out
 training images (bench/init_study.py), never on this test split.
 
-    python bench/quality.py                          # the README's table (measured time in the README)
+    python bench/quality.py                          # the README's table (times: docs/benchmarks-and-findings.md)
     python bench/quality.py --quick                  # a few minutes: IPC 1 and 10, one seed, short schedules
     python bench/quality.py --ipc 50 --rows sre2l/herding --seeds 0 1 2
     python bench/quality.py --table-from bench/results/quality.jsonl   # the table of every logged run

@@ -27,10 +27,10 @@ DISTILL_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--ssl-checkpoint-format": ("teacher.ssl.checkpoint_format", str, "auto, moco_v2, moco_v3, dino, swav or torchvision"),
     "--probe-epochs": ("teacher.probe.epochs", int, "linear-probe epochs on the frozen backbone (scdd)"),
     "--ipc": ("recover.ipc", int, "images per class to synthesise"),
-    "--init": ("recover.init", str, "where recovery starts: noise, real, selected (scored real crops) or herding; "
+    "--init": ("recover.init", str, "where recovery starts: noise, real, selected (scored real crops), herding or kmeans; "
                "real-pixel inits put real training pixels into the distilled set"),
     "--select-rank": ("recover.select.rank", str, "selected: keep the easy (lowest teacher loss) or medium crops"),
-    "--select-candidates": ("recover.select.candidates", int, "selected / herding: real candidates drawn per class"),
+    "--select-candidates": ("recover.select.candidates", int, "selected / herding / kmeans: real candidates drawn per class"),
     "--iterations": ("recover.iterations", int, "optimisation steps per recover batch (default: by --init)"),
     "--batch-size": ("recover.batch_size", int, "classes per recover batch"),
     "--lr": ("recover.lr", float, "recover learning rate (Adam, cosine decay)"),
@@ -49,8 +49,8 @@ DISTILL_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--amp": ("resources.amp", str, "bf16 autocast: auto, bf16 or off"),
     "--channels-last": ("resources.channels_last", str, "channels-last memory format: auto, on or off"),
     "--threads": ("resources.threads", int, "CPU threads for torch (per worker with --workers; default 1 there)"),
-    "--workers": ("resources.workers", int, "recover on Ray with this many workers, one GPU (or --threads CPUs) each; "
-                  "joins RAY_ADDRESS or starts a local Ray"),
+    "--workers": ("resources.workers", int, "run every stage on Ray with this many workers, one GPU (or --threads CPUs) "
+                  "each; joins RAY_ADDRESS or starts a local Ray"),
     "--bn-sync": ("recover.bn_sync", str, "with --workers: global (BN statistics of all workers' batches, default) or local"),
     "--out": ("output.url", str, "output folder or fsspec URL (default runs/<job id>); the same output resumes"),
 }

@@ -1,4 +1,4 @@
-"""Progress reporting, decoupled from how it is shown (a console bar here, an event sink later)."""
+"""Progress reporting, decoupled from how it is shown (a console bar here; job events in workers/)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Job service layer: FastAPI app, Redis job store and queue, dispatcher to Ray Jobs (imports api_schema).
+"""Job service layer: FastAPI app, Redis job store and queue, dispatcher to Ray Jobs (imports api_schema;
+only the Ray job entrypoint, which runs inside the cluster, imports workers).
 
-Its modules arrive with the job-service issue; the package is installed now so the layering in
-DESIGN.md is fixed from the start.
+docs/architecture.md describes the layers; docs/service.md the API, the queue and the settings.
 """

@@ -1,5 +1,5 @@
 """Global ("DDP-aware") BatchNorm statistics: two gloo processes holding parts of a batch get the
-gradients and the loss of one process holding all of it (issue 4)."""
+gradients and the loss of one process holding all of it."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""The import rules of DESIGN.md: api_schema is the leaf (pydantic only), imports point down."""
+"""The import rules of docs/architecture.md: api_schema is the leaf (pydantic only), imports point down."""
 
 import ast
 import subprocess

@@ -1,4 +1,4 @@
-"""The lock file installs what pyproject.toml asks for: every requirement (with the test extra) is pinned in
+"""The lock file installs what pyproject.toml asks for: every requirement (with the test and docs extras) is pinned in
 requirements/cpu.lock at a version its specifier allows, and the lock pins constraints.txt's torch pair."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
+LOCKED_EXTRAS = ("test", "docs")  # what scripts/setup.sh installs besides the dependencies
 
 
 def lock_pins(path: Path) -> dict[str, str]:
@@ -25,7 +26,8 @@ def lock_pins(path: Path) -> dict[str, str]:
 def test_every_pyproject_requirement_is_pinned_in_the_lock_within_its_range():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     pins = lock_pins(ROOT / "requirements" / "cpu.lock")
-    wanted = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["test"]]
+    extras = project["optional-dependencies"]
+    wanted = [Requirement(r) for r in project["dependencies"] + [r for name in LOCKED_EXTRAS for r in extras[name]]]
     problems = []
     for req in wanted:
         name = canonicalize_name(req.name)
@@ -34,7 +36,7 @@ def test_every_pyproject_requirement_is_pinned_in_the_lock_within_its_range():
         elif not req.specifier.contains(pins[name], prereleases=True):
             problems.append(f"{req.name}{req.specifier} but the lock pins {pins[name]}")
     assert not problems, "; ".join(problems) + (
-        " — regenerate: uv pip compile pyproject.toml --extra test -c constraints.txt --generate-hashes "
+        " — regenerate: uv pip compile pyproject.toml --extra test --extra docs -c constraints.txt --generate-hashes "
         "--universal --python-version 3.11 -o requirements/cpu.lock")
 
 

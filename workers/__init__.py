@@ -1,5 +1,4 @@
-"""Ray layer: distributed recover, Ray Train validation and the job driver (imports scdd, api_schema).
+"""Ray layer: distributed recover, the Ray Train stages, the job driver and its events (imports scdd, api_schema).
 
-Its modules arrive with the distributed-recover and job-driver issues; the package is installed
-now so the layering in DESIGN.md is fixed from the start.
+docs/architecture.md describes the layers; docs/distributed.md what runs where.
 """
