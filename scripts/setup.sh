@@ -17,6 +17,8 @@ $SUDO apt-get install -y -qq $APT_PKGS >/dev/null
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 # uv installs the locked set in parallel; the lock pins every package with hashes (see requirements/README.md).
 .venv/bin/python -m pip install -q --disable-pip-version-check --require-hashes --no-deps -r requirements/uv.lock
-.venv/bin/uv pip install -q --python .venv/bin/python --require-hashes --no-deps -r requirements/cpu.lock
+# --compile-bytecode: every process (each Ray worker, each CLI run) then imports torch and ray from .pyc files
+# instead of compiling them from source again, which matters where PYTHONDONTWRITEBYTECODE is set.
+.venv/bin/uv pip install -q --python .venv/bin/python --require-hashes --no-deps --compile-bytecode -r requirements/cpu.lock
 .venv/bin/uv pip install -q --python .venv/bin/python --no-deps --no-build-isolation -e .
 echo "scdd installed in $(pwd)/.venv (run .venv/bin/scdd, or activate with: source .venv/bin/activate)"
