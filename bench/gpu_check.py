@@ -36,7 +36,7 @@ sys.path.insert(1, str(REPO))  # scdd from this working tree (the lent machine h
 import torch  # noqa: E402
 import torchvision  # noqa: E402
 
-from gpu_check_parts.config import CheckConfig, gpu_config, tiny_config  # noqa: E402
+from gpu_check_parts.config import CheckConfig, ModelPlan, Shape, gpu_config, tiny_config  # noqa: E402
 from gpu_check_parts.global_stats import nccl_version, world1_rows, world2_rows  # noqa: E402
 from gpu_check_parts.ray_actor import ray_rows  # noqa: E402
 from gpu_check_parts.recover_rate import recover_rows  # noqa: E402
@@ -53,7 +53,7 @@ Part = tuple[str, float, Callable[[float], list[Row]]]  # (name, budget in secon
 
 def plan(cfg: CheckConfig, groups: tuple[str, ...]) -> list[Part]:
     """The parts in run order: a quick proof of each path first, then the slower recover shapes."""
-    def recover(shape, model) -> Part:
+    def recover(shape: Shape, model: ModelPlan) -> Part:
         return (f"recover/{model.arch}@{shape.image_size}", model.budget_s,
                 lambda budget: recover_rows(cfg, shape, model, budget))
 

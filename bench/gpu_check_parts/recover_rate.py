@@ -12,6 +12,7 @@ compile cannot take their numbers away.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Callable
 
 import torch
@@ -32,7 +33,7 @@ MIB = 2**20
 Loop = Callable[[int], object]  # runs the loop for n iterations
 
 
-def recover_spec(iterations: int, batch: int):
+def recover_spec(iterations: int, batch: int) -> SimpleNamespace:
     """RecoverSpec's defaults (noise init) with the published lr and BN weight."""
     return section("RecoverSpec", init="noise", iterations=iterations, batch_size=batch, lr=PUBLISHED_LR,
                    r_bn=PUBLISHED_R_BN)
@@ -60,7 +61,7 @@ class RecoverBench:
         self.targets = torch.arange(cfg.limits.batch) % shape.classes
         self.flops = recover_flops_per_image(self.teacher, self.image_shape, cfg.device)
 
-    def spec(self, iterations: int):
+    def spec(self, iterations: int) -> SimpleNamespace:
         return recover_spec(iterations, self.cfg.limits.batch)
 
     def published(self) -> Loop:
