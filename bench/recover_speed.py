@@ -2,8 +2,8 @@
 
 For each teacher (ConvNet, small-image ResNet-18; trained briefly on real Fashion-MNIST so the BN
 statistics are realistic) and a batch of 100 images it runs:
-  yardstick  the published loop: one RandomResizedCrop + flip for the whole batch, one roll,
-             BN variance by permute-and-copy, fp32, eager, a loss.item() per step
+  yardstick  the published loop (bench/published_loop.py): one RandomResizedCrop + flip for the
+             whole batch, one roll, BN variance by permute-and-copy, fp32, eager, a loss.item() per step
   fp32       scdd: per-image crop/flip/roll in one grid_sample, var_mean statistics, fp32, eager
   fast       scdd with the speed options this machine's `auto` resolves to
              (torch.compile + channels-last + bf16 autocast where bf16 is native)
@@ -19,14 +19,10 @@ kernels on disk, so a second run of the script compiles faster).
 from __future__ import annotations
 
 import argparse
-import math
-import random
 import time
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-from torchvision import transforms
 
 from api_schema import DatasetSpec, RecoverSpec, ResourcesSpec, TeacherSpec
 from scdd import augment
@@ -34,26 +30,12 @@ from scdd.data import load_dataset
 from scdd.models import create_model
 from scdd.progress import SilentProgress
 from scdd.recover import BNStatLoss, freeze, prepare_teacher, synthesize
-from scdd.recover.bn_loss import bn_layers
 from scdd.runtime import Runtime, resolve_runtime
 from scdd.squeeze import train_supervised
 
+from published_loop import yardstick  # bench/published_loop.py
+
 BATCH = 100
-
-
-class PublishedBNHook:
-    """The reference hook: mean over (0, 2, 3), variance of a permuted contiguous copy."""
-
-    def __init__(self, module: nn.BatchNorm2d):
-        self.handle = module.register_forward_hook(self.hook)
-        self.r_feature = None
-
-    def hook(self, module, inputs, _output):
-        x = inputs[0]
-        channels = x.shape[1]
-        mean = x.mean([0, 2, 3])
-        var = x.permute(1, 0, 2, 3).contiguous().reshape([channels, -1]).var(1, unbiased=False)
-        self.r_feature = torch.norm(module.running_var.data - var, 2) + torch.norm(module.running_mean.data - mean, 2)
 
 
 @torch.no_grad()
@@ -76,38 +58,6 @@ def final_losses(teacher, images, targets, spec: RecoverSpec, jitter: int, draws
         ce, bn = losses_of(teacher, augment.apply(images.float(), params), targets, spec.first_bn_multiplier)
         ce_aug, bn_aug = ce_aug + ce / draws, bn_aug + bn / draws
     return (ce_aug, bn_aug, *losses_of(teacher, images, targets, spec.first_bn_multiplier))
-
-
-def yardstick(teacher, targets, spec: RecoverSpec, bounds, size, jitter, seed):
-    teacher = teacher.to(memory_format=torch.contiguous_format)
-    hooks = [PublishedBNHook(m) for m in bn_layers(teacher)]
-    random.seed(seed)
-    torch.manual_seed(seed)
-    inputs = torch.randn((len(targets), 1, size, size), generator=torch.Generator().manual_seed(seed)).requires_grad_(True)
-    optimizer = torch.optim.Adam([inputs], lr=spec.lr, betas=[0.5, 0.9], eps=1e-8)
-    rescale = [spec.first_bn_multiplier] + [1.0] * (len(hooks) - 1)
-    low, high = bounds
-    started = time.perf_counter()
-    for iteration in range(spec.iterations):
-        for group in optimizer.param_groups:
-            group["lr"] = 0.5 * (1 + math.cos(math.pi * iteration / spec.iterations)) * spec.lr
-        aug = transforms.Compose([transforms.RandomResizedCrop(size, scale=spec.augment.crop_scale), transforms.RandomHorizontalFlip()])
-        inputs_jit = aug(inputs)
-        off1, off2 = random.randint(0, jitter), random.randint(0, jitter)
-        inputs_jit = torch.roll(inputs_jit, shifts=(off1, off2), dims=(2, 3))
-        optimizer.zero_grad()
-        outputs = teacher(inputs_jit)
-        loss_ce = F.cross_entropy(outputs, targets)
-        loss_bn = sum(h.r_feature * rescale[i] for i, h in enumerate(hooks))
-        loss = loss_ce + spec.r_bn * loss_bn
-        loss.item()  # the published loop reads the loss every step
-        loss.backward()
-        optimizer.step()
-        inputs.data = torch.max(torch.min(inputs.data, high), low)
-    seconds = time.perf_counter() - started
-    for h in hooks:
-        h.handle.remove()
-    return seconds, inputs.detach()
 
 
 def ours(teacher, targets, spec, bounds, size, runtime: Runtime, seed):
@@ -157,7 +107,8 @@ def main() -> None:
         teacher = create_model(name, info.num_classes, info.channels, info.image_size)
         train_supervised(teacher, data, TeacherSpec(epochs=1), plain, args.seed, SilentProgress())
         freeze(teacher, plain)
-        y_sec, y_images = yardstick(teacher, targets, spec, (low, high), info.image_size, jitter, args.seed)
+        image_shape = (info.channels, info.image_size, info.image_size)
+        y_sec, y_images = yardstick(teacher, targets, spec, (low, high), image_shape, jitter, args.seed)
         y_losses = final_losses(teacher, y_images, targets, spec, jitter)
         y_rate = BATCH * args.iterations / y_sec
         rows.append(row(name, "yardstick", y_rate, 1.0, y_losses, "-"))

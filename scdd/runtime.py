@@ -5,12 +5,15 @@ from __future__ import annotations
 import contextlib
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from api_schema import ResourcesSpec
 from scdd.errors import SpecError
+
+if TYPE_CHECKING:  # annotations only: the compute path imports without pydantic (bench/gpu_check.py)
+    from api_schema import ResourcesSpec
 
 # Below this many image-iterations per recover unit, compiling costs more than it saves.
 COMPILE_MIN_IMAGE_ITERATIONS = 2000

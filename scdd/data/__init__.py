@@ -1,10 +1,16 @@
 """Real datasets by registered name."""
 
-from api_schema import DatasetSpec
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from scdd.data import fashion_mnist, imagefolder  # noqa: F401  (register the builders)
 from scdd.data.base import DatasetInfo, RealData
 from scdd.data.loader import iterate_batches
 from scdd.data.registry import DATASETS
+
+if TYPE_CHECKING:  # annotations only: the compute path imports without pydantic (bench/gpu_check.py)
+    from api_schema import DatasetSpec
 
 
 def load_dataset(spec: DatasetSpec, seed: int = 0) -> RealData:

@@ -5,15 +5,18 @@ from __future__ import annotations
 import gzip
 import struct
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from api_schema import DatasetSpec
 from scdd.data.base import DatasetInfo, RealData, TensorImageDataset, limit_per_class, select_classes, slug
 from scdd.data.registry import register_dataset
 from scdd.errors import DataError
+
+if TYPE_CHECKING:  # annotations only: the compute path imports without pydantic (bench/gpu_check.py)
+    from api_schema import DatasetSpec
 
 DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
 CLASS_NAMES = (

@@ -8,16 +8,19 @@ when it is read.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from api_schema import DatasetSpec
 from scdd.data.base import DatasetInfo, RealData, limit_per_class, select_classes
 from scdd.data.registry import register_dataset
 from scdd.errors import CorruptImageError, DataError
+
+if TYPE_CHECKING:  # annotations only: the compute path imports without pydantic (bench/gpu_check.py)
+    from api_schema import DatasetSpec
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

@@ -19,12 +19,11 @@ import hashlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import nn
 
-from api_schema import RecoverSpec
 from scdd.artifacts import ImageEntry, encode_png, entry_for
 from scdd.data.base import DatasetInfo
 from scdd.errors import SpecError
@@ -34,6 +33,9 @@ from scdd.recover.init import INITS, InitReader
 from scdd.recover.synthesize import prepare_teacher, synthesize
 from scdd.runtime import Runtime
 from scdd.store import ArtifactStore
+
+if TYPE_CHECKING:  # annotations only: the compute path imports without pydantic (bench/gpu_check.py)
+    from api_schema import RecoverSpec
 
 UNITS_DIR = "state/units"
 

@@ -14,17 +14,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from api_schema import RecoverSpec
 from scdd import augment
 from scdd.recover.bn_loss import BNStatLoss
 from scdd.recover.priors import l2_norm, total_variation
 from scdd.runtime import Runtime, compiled
+
+if TYPE_CHECKING:  # annotations only: the compute path imports without pydantic (bench/gpu_check.py)
+    from api_schema import RecoverSpec
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,10 @@ the augmentation is random-resized-crop + flip (DSA also uses colour, cutout, sc
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
-from api_schema import ValidateSpec
+if TYPE_CHECKING:  # annotations only: the compute path imports without pydantic (bench/gpu_check.py)
+    from api_schema import ValidateSpec
 
 BY_SET_SIZE = 0  # batch_size placeholder: `batch_for_set` decides
 

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from api_schema import RecoverSpec
 from scdd import augment
 from scdd.data import RealData
 from scdd.models import head_path
 from scdd.recover.init.plan import InitPlan, Origin, register_init
 from scdd.runtime import Runtime
 from scdd.validate.baseline import draw_per_class, images_at, labels_of
+
+if TYPE_CHECKING:  # annotations only: the compute path imports without pydantic (bench/gpu_check.py)
+    from api_schema import RecoverSpec
 
 SCORE_BATCH = 512
 CROP_RATIO = (3 / 4, 4 / 3)

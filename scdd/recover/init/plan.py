@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import io
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 from torch import nn
 
-from api_schema import RecoverSpec
 from scdd.data import RealData
 from scdd.registry import Registry
 from scdd.runtime import Runtime
 from scdd.store import ArtifactStore
+
+if TYPE_CHECKING:  # annotations only: the compute path imports without pydantic (bench/gpu_check.py)
+    from api_schema import RecoverSpec
 
 INIT_DIR = "state/init"
 ORIGINS_PATH = f"{INIT_DIR}/origins.json"
@@ -42,7 +44,7 @@ class InitPlan:
     origins: list[list[Origin]]
 
 
-InitFn = Callable[[RealData, nn.Module, RecoverSpec, Runtime, int], InitPlan]
+InitFn = Callable[[RealData, nn.Module, "RecoverSpec", Runtime, int], InitPlan]
 INITS: Registry[Optional[InitFn]] = Registry("recover init")
 register_init = INITS.register
 
