@@ -718,3 +718,18 @@ def test_interpolation_defaults():
     assert interpolate("${A:-x}:${B-y}:${C}:$$D") == "x:y::$D"
     assert interpolate("${A:-x}", {"A": "set"}) == "set"
     assert interpolate("${A:-${B:-z}}") == "z"
+
+
+def test_the_image_installs_the_cuda_lock_with_hashes_and_copies_only_what_exists(dockerfile):
+    _, stages = dockerfile
+    for stage in stages:
+        for ins in stage.all("COPY"):
+            words = [w for w in ins.args.split() if not w.startswith("--")]
+            if any(w.startswith("--from") for w in ins.args.split()):
+                continue
+            for source in words[:-1]:
+                assert (ROOT / source).exists(), f"COPY {source}: no such file in the repository"
+                assert not dockerignored(source), f"COPY {source}: .dockerignore keeps it out of the build context"
+    install = " ".join(ins.args for ins in stages[-1].all("RUN") if "pip install" in ins.args)
+    assert "--require-hashes --no-deps -r /tmp/lock/cuda.lock" in install
+    assert "/tmp/wheels/scdd-*.whl" in install and "-c /tmp" not in install  # nothing resolved at build time

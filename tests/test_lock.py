@@ -36,8 +36,27 @@ def test_every_pyproject_requirement_is_pinned_in_the_lock_within_its_range():
         elif not req.specifier.contains(pins[name], prereleases=True):
             problems.append(f"{req.name}{req.specifier} but the lock pins {pins[name]}")
     assert not problems, "; ".join(problems) + (
-        " — regenerate: uv pip compile pyproject.toml --extra test --extra docs -c constraints.txt --generate-hashes "
-        "--universal --python-version 3.11 -o requirements/cpu.lock")
+        " — regenerate: bash scripts/lock.sh")
+
+
+TORCH_STACK = re.compile(r"^(torch|torchvision|triton|nvidia-.*)$")
+
+
+def test_the_cuda_lock_pins_every_dependency_but_the_torch_stack_of_the_base_image():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pins = lock_pins(ROOT / "requirements" / "cuda.lock")
+    problems = []
+    for req in map(Requirement, project["dependencies"]):
+        name = canonicalize_name(req.name)
+        if TORCH_STACK.match(name):
+            continue
+        if name not in pins:
+            problems.append(f"{req.name} is not in the lock")
+        elif not req.specifier.contains(pins[name], prereleases=True):
+            problems.append(f"{req.name}{req.specifier} but the lock pins {pins[name]}")
+    assert not problems, "; ".join(problems) + " — regenerate: bash scripts/lock.sh"
+    assert not [name for name in pins if TORCH_STACK.match(name)], "the base image provides the torch stack"
+    assert "--hash=sha256:" in (ROOT / "requirements" / "cuda.lock").read_text()
 
 
 def test_the_lock_pins_the_tested_torch_pair_and_hashes_every_package():
