@@ -290,7 +290,11 @@ class ValidateSpec(_Spec):
         "so a comparison differs only in the images).",
     )
     relabel_checkpoint: Optional[str] = Field(
-        None, max_length=4096, description="Load the supervised relabel teacher from this checkpoint instead of training it."
+        None,
+        max_length=4096,
+        description="With relabel_teacher supervised: load the relabel teacher from this checkpoint instead of "
+        "training it. A checkpoint scdd saved (a run's teacher.pt) names its architecture, which may differ from "
+        "teacher.arch, so a set can be judged with soft labels from a teacher it was not recovered with.",
     )
     baseline: bool = Field(True, description="Also train on a random real subset of the same size (IPC per class).")
     dd_ranking: bool = Field(
@@ -311,6 +315,13 @@ class ValidateSpec(_Spec):
     def _ranking_needs_baseline(self) -> "ValidateSpec":
         if self.dd_ranking and not self.baseline:
             raise ValueError("validate.dd_ranking needs validate.baseline: true (IOR is measured against random real images)")
+        return self
+
+    @model_validator(mode="after")
+    def _checkpoint_needs_supervised(self) -> "ValidateSpec":
+        if self.relabel_checkpoint and self.relabel_teacher != "supervised":
+            raise ValueError("validate.relabel_checkpoint is used only with validate.relabel_teacher: supervised "
+                             "(with recover the recovery teacher gives the soft labels); set both")
         return self
 
 

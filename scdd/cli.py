@@ -44,6 +44,8 @@ DISTILL_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--temperature": ("validate.temperature", float, "knowledge-distillation temperature"),
     "--mix": ("validate.mix", str, "batch mixing in validation: none, cutmix or mixup (default cutmix for kd)"),
     "--relabel-teacher": ("validate.relabel_teacher", str, "recover (the recovery teacher, default) or supervised (the same for both methods)"),
+    "--relabel-checkpoint": ("validate.relabel_checkpoint", str, "soft labels from this teacher checkpoint (any architecture, e.g. "
+                             "another run's teacher.pt) instead of training the supervised one"),
     "--seed": ("seed", int, "seed of every random choice"),
     "--device": ("resources.device", str, "auto, cpu, cuda or cuda:N"),
     "--amp": ("resources.amp", str, "bf16 autocast: auto, bf16 or off"),

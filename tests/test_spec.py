@@ -32,6 +32,7 @@ def test_defaults_describe_the_fashion_mnist_demo():
         ({"recover": {"augment": {"crop_scale": [0.9, 0.1]}}}, "recover.augment.crop_scale"),
         ({"resources": {"device": "tpu"}}, "resources.device"),
         ({"dataset": {"name": "imagefolder"}}, "dataset.root is required"),
+        ({"validate": {"relabel_checkpoint": "t.pt"}}, "validate.relabel_checkpoint is used only with"),
     ],
 )
 def test_bad_spec_names_the_field(data, where):

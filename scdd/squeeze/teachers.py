@@ -15,7 +15,9 @@ from torch import nn
 
 from api_schema import JobSpec
 from scdd.data import RealData
-from scdd.models import checkpoint_bytes, create_model, load_weights
+from scdd.errors import CheckpointError
+from scdd.models import checkpoint_bytes, create_model, load_weights, model_from_checkpoint
+from scdd.models.checkpoint import read_checkpoint
 from scdd.progress import Progress
 from scdd.runtime import Runtime
 from scdd.squeeze.methods import LOCAL_TRAINERS, METHODS, Trainers
@@ -70,6 +72,25 @@ def _from_checkpoint(spec: JobSpec, data: RealData, url: str) -> Teacher:
     return Teacher(model.eval(), "checkpoint", None, {"checkpoint": url})
 
 
+def _relabel_from_checkpoint(spec: JobSpec, data: RealData, url: str) -> Teacher:
+    """A relabel teacher of any architecture: a checkpoint scdd saved (teacher.pt of a run) names its model,
+    so soft labels can come from another architecture than the recovery teacher's; a bare state dict is
+    loaded into `teacher.arch`."""
+    raw = read_url(url)
+    meta = read_checkpoint(raw, url)
+    if "arch" not in meta:
+        return _from_checkpoint(spec, data, url)
+    info = data.info
+    shape = (meta.get("num_classes"), meta.get("in_channels"), meta.get("image_size"))
+    if shape != (info.num_classes, info.channels, info.image_size):
+        raise CheckpointError(
+            f"relabel checkpoint {url} is a {meta['arch']} for {shape[0]} classes, {shape[1]} channels, "
+            f"{shape[2]} px, but the dataset has {info.num_classes} classes, {info.channels} channels, "
+            f"{info.image_size} px: pass a teacher trained on this dataset (the same classes and image size)")
+    model, _ = model_from_checkpoint(raw, url)
+    return Teacher(model.eval(), "checkpoint", None, {"checkpoint": url, "arch": meta["arch"]})
+
+
 def _cached_or_squeezed(
     spec: JobSpec, method: str, digest: str, data: RealData, cache: TeacherCache, runtime: Runtime, progress: Progress,
     trainers: Trainers,
@@ -100,7 +121,7 @@ def relabel_teacher(
     if vspec.relabel_teacher == "recover":
         return recovery
     if vspec.relabel_checkpoint:
-        return _from_checkpoint(spec, data, vspec.relabel_checkpoint)
+        return _relabel_from_checkpoint(spec, data, vspec.relabel_checkpoint)
     if spec.method == "sre2l":
         return recovery  # sre2l's recovery teacher is the supervised teacher
     return _cached_or_squeezed(spec, "sre2l", spec.supervised_teacher_digest(), data, cache, runtime, progress, trainers)
