@@ -16,6 +16,11 @@ training images (bench/init_study.py), never on this test split.
 `--teachers-of-seed 0` makes every seed use the teachers seed 0 trained (cached), so seeds vary the picked
 images, the random subset and the student only; without it every seed trains its own teachers.
 
+`--relabel-arch resnet18_small` judges the sets with soft labels from a supervised teacher of another
+architecture (trained once on all training images with `--teacher-epochs`, cached) than the one the sets
+were recovered and picked with; the random-real baseline gets the same soft labels. Its rows are logged and
+tabled apart (`[relabel resnet18_small]`).
+
 A row is `<method>/<init>` (method sre2l or scdd; init noise, real, selected, herding) with an optional
 `@quick` (the quick preset instead of the long one); `random` is the baseline and always runs.
 """
@@ -30,6 +35,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from api_schema import JobSpec
+from scdd.models import checkpoint_bytes
 from scdd.pipeline import run_distillation
 
 DEFAULT_ROWS = ["sre2l/noise", "scdd/noise", "sre2l/real", "sre2l/selected", "sre2l/herding", "scdd/herding",
@@ -49,12 +55,34 @@ def teacher_files(method: str, args, out: Path) -> dict:
     return {"teacher": str(recovery), "relabel": str(relabel)}
 
 
+def other_relabel_teacher(args, out: Path) -> tuple[str, float]:
+    """--relabel-arch: a supervised teacher of that architecture on all training images (cached), saved as a
+    checkpoint that names its architecture; returns its path and test top-1."""
+    from scdd.data import load_dataset
+    from scdd.evaluate import evaluate
+    from scdd.progress import ConsoleProgress
+    from scdd.runtime import resolve_runtime
+    from scdd.squeeze.teachers import TeacherCache, recovery_teacher
+
+    spec = JobSpec.model_validate({"method": "sre2l", "seed": 0, "dataset": {"train_limit": None},
+                                   "teacher": {"arch": args.relabel_arch, "epochs": args.teacher_epochs}})
+    path = out / "teachers" / f"relabel-{args.relabel_arch}-e{args.teacher_epochs}.pt"
+    data = load_dataset(spec.dataset, spec.seed)
+    runtime = resolve_runtime(spec.resources)
+    teacher = recovery_teacher(spec, data, TeacherCache(str(out / "teachers")), runtime, ConsoleProgress())
+    info = data.info
+    path.write_bytes(checkpoint_bytes(teacher.model, arch=args.relabel_arch, num_classes=info.num_classes,
+                                      in_channels=info.channels, image_size=info.image_size))
+    return str(path), evaluate(teacher.model, data.test, runtime).top1
+
+
 def job(row: str, ipc: int, seed: int, mode: str, baseline: bool, args, out: Path, shared_teachers: bool = True) -> JobSpec:
     method, init = row.split("@")[0].split("/")
     shared = teacher_files(method, args, out) if shared_teachers and seed != args.teachers_of_seed else {}
     preset = "quick" if row.endswith("@quick") else "long"
+    relabel = args.relabel_checkpoint or shared.get("relabel")
     validate = {"mode": mode, "preset": preset, "baseline": baseline, "relabel_teacher": "supervised",
-                **({"relabel_checkpoint": shared["relabel"]} if shared else {})}
+                **({"relabel_checkpoint": relabel} if relabel else {})}
     if args.quick:
         validate["epochs"] = 30 if mode == "kd" else 60
     recover = {"ipc": ipc, "init": init, "select": {"candidates": max(100, 2 * ipc)}}
@@ -93,6 +121,7 @@ def main() -> None:
     parser.add_argument("--ssl-epochs", type=int, default=2)
     parser.add_argument("--teachers-of-seed", type=int,
                         help="every seed uses the teachers this seed trained (so seeds vary images and students only)")
+    parser.add_argument("--relabel-arch", help="soft labels from a supervised teacher of this architecture instead")
     parser.add_argument("--out", default="bench/out/quality")
     parser.add_argument("--log", default="bench/results/quality.jsonl")
     parser.add_argument("--table-from", metavar="JSONL", help="print the table of the runs in this log and exit")
@@ -105,6 +134,9 @@ def main() -> None:
         print_table([json.loads(line) for line in open(args.table_from) if line.strip()], args.quick)
         return
     records: list[dict] = []
+    args.relabel_checkpoint, relabel_top1 = other_relabel_teacher(args, out) if args.relabel_arch else (None, None)
+    if args.relabel_arch:
+        print(f"relabel teacher {args.relabel_arch}: test top-1 {relabel_top1:.2f}", flush=True)
     plan = [(mode, row) for mode in ("kd", "hard") for row in (args.rows if mode == "kd" else args.hard_rows)]
     for seed in seeds:
         for ipc in ipcs:
@@ -123,6 +155,8 @@ def main() -> None:
                           "seconds": round(stages.get("recover", 0) + stages.get("validate", 0), 1)}
                 if "baseline" in val:
                     record["random_top1"] = val["baseline"]["top1"]
+                if args.relabel_arch:
+                    record.update(relabel=args.relabel_arch, relabel_top1=relabel_top1)
                 records.append(record)
                 Path(args.log).parent.mkdir(parents=True, exist_ok=True)
                 with open(args.log, "a") as f:
@@ -139,18 +173,21 @@ def print_table(records: list[dict], quick: bool) -> None:
     top1: dict[tuple, list[float]] = defaultdict(list)
     seconds: dict[tuple, list[float]] = defaultdict(list)
     for r in records:
-        top1[(r["ipc"], r["row"], r["mode"])].append(r["student_top1"])
-        seconds[(r["ipc"], r["row"], r["mode"])].append(r["seconds"])
+        mode = r["mode"] + (f" [relabel {r['relabel']}]" if r.get("relabel") else "")
+        top1[(r["ipc"], r["row"], mode)].append(r["student_top1"])
+        seconds[(r["ipc"], r["row"], mode)].append(r["seconds"])
         if "random_top1" in r:
-            top1[(r["ipc"], "random" + ("@quick" if r["preset"] == "quick" else ""), r["mode"])].append(r["random_top1"])
+            top1[(r["ipc"], "random" + ("@quick" if r["preset"] == "quick" else ""), mode)].append(r["random_top1"])
     seeds = sorted({r["seed"] for r in records})
     print(f"\nFashion-MNIST, ConvNet students, top-1 % on the full test split, seeds {seeds}"
           + (" (quick mode: 1000 train images per class, short schedules)" if quick else ""))
     print("| IPC | labels | images | preset | top-1 | IOR (points) | s |")
     print("|---:|---|---|---|---:|---:|---:|")
     for ipc in sorted({r["ipc"] for r in records}):
-        for mode in ("kd", "hard"):
-            rows = list(dict.fromkeys(r["row"] for r in records if r["mode"] == mode and r["ipc"] == ipc))
+        modes = dict.fromkeys(key[2] for key in top1 if key[0] == ipc)
+        for mode in sorted(modes, key=lambda m: (m.startswith("hard"), m)):
+            rows = list(dict.fromkeys(key[1] for key in top1 if key[2] == mode and key[0] == ipc
+                                      and not key[1].startswith("random")))
             for source in ["random", "random@quick", *rows]:
                 values = top1.get((ipc, source, mode))
                 if not values:
