@@ -11,8 +11,8 @@ from api_schema.service import (
     JobList,
     JobOut,
     JobState,
-    JobSummary,
 )
+from api_schema.report import JobSummary, Report, ValidateReport
 from api_schema.spec import (
     AugmentSpec,
     DatasetSpec,
@@ -37,6 +37,8 @@ __all__ = [
     "JobOut",
     "JobState",
     "JobSummary",
+    "Report",
+    "ValidateReport",
     "DATASETS",
     "METHODS",
     "MODELS",
