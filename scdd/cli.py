@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import scdd
+
+if TYPE_CHECKING:
+    from api_schema import Report
 
 # flag -> (dotted spec path, type, help). Every flag overrides the config file.
 DISTILL_FLAGS: dict[str, tuple[str, Any, str]] = {
@@ -105,7 +108,7 @@ def _distill(args: argparse.Namespace) -> int:
     if spec.resources.workers > 1 or args.events:
         return _distill_on_ray(spec, args)
     report = run_distillation(spec, SilentProgress() if args.quiet else ConsoleProgress())
-    print(summary(report))
+    print(describe_report(report))
     return 0
 
 
@@ -118,59 +121,56 @@ def _distill_on_ray(spec: Any, args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="scdd: %(message)s")
     sinks = [ListSink() if args.quiet else HumanSink()] + ([FileSink(args.events)] if args.events else [])
     outcome = run_job(spec, FanOut(*sinks))
-    if outcome["status"] == "cancelled":
+    if outcome.status == "cancelled":
         print("scdd: cancelled; rerun the same command to resume", file=sys.stderr)
         return 130
-    if outcome["status"] != "succeeded":
-        print(f"scdd: error: {outcome['error']}", file=sys.stderr)
+    if outcome.status != "succeeded":
+        print(f"scdd: error: {outcome.error}", file=sys.stderr)
         return 2
-    print(summary(outcome["report"]))
+    print(describe_report(outcome.report))
     return 0
 
 
-def summary(report: dict) -> str:
-    rec, teacher, val = report["recover"], report["teacher"], report["validate"]
-    data = report["dataset"]
+def describe_report(report: Report) -> str:
+    """What `scdd distill` prints at the end: the report's numbers in a few lines."""
+    rec, teacher, val, data = report.recover, report.teacher, report.validate_, report.dataset
     lines = [
         "",
-        f"scdd distill: {report['job_id']}  (method {report['method']})" + ("  (resumed)" if report["resumed"] else ""),
-        f"  dataset   {data['name']}: {data['classes']} classes, {data['train_images']} train / {data['test_images']} test images",
-        f"  teacher   {teacher['arch']} ({teacher['source']}): top-1 {teacher['top1']:.2f}% on the real test split"
-        + (f"; {teacher['ssl'].get('method', teacher['ssl']['source'])} backbone + linear probe"
-           if "ssl" in teacher else ""),
-        f"  recover   {rec['images']}/{rec['expected_images']} images from {rec['init']}"
-        + (" (real training images)" if rec["init"] != "noise" else "")
-        + (f", {rec['iterations']} iterations, {rec['image_iterations_per_second']:.0f} image-it/s, "
-           f"final CE {rec['final_ce']:.3f}, BN {rec['final_bn']:.3f}" if rec["iterations"] else ", kept as they are")
-        + (f"; {rec['workers']} workers, bn_sync {rec['bn_sync']}" if rec["workers"] > 1 else ""),
+        f"scdd distill: {report.job_id}  (method {report.method})" + ("  (resumed)" if report.resumed else ""),
+        f"  dataset   {data.name}: {data.classes} classes, {data.train_images} train / {data.test_images} test images",
+        f"  teacher   {teacher.arch} ({teacher.source}): top-1 {teacher.top1:.2f}% on the real test split"
+        + (f"; {teacher.ssl.method or teacher.ssl.source} backbone + linear probe" if teacher.ssl else ""),
+        f"  recover   {rec.images}/{rec.expected_images} images from {rec.init}"
+        + (" (real training images)" if rec.init != "noise" else "")
+        + (f", {rec.iterations} iterations, {rec.image_iterations_per_second:.0f} image-it/s, "
+           f"final CE {rec.final_ce:.3f}, BN {rec.final_bn:.3f}" if rec.iterations else ", kept as they are")
+        + (f"; {rec.workers} workers, bn_sync {rec.bn_sync}" if rec.workers > 1 else ""),
     ]
-    schedule = report.get("schedule")
-    if schedule:
-        lines.append(f"  schedule  {schedule}")
+    if report.schedule:
+        lines.append(f"  schedule  {report.schedule}")
     if val:
-        protocol, student = val["protocol"], val["student"]
+        protocol, student = val.protocol, val.student
         lines.append(
-            f"  validate  {protocol['student_arch']} student, {protocol['mode']} {protocol['epochs']} epochs "
-            f"({protocol['preset']} preset): "
-            f"top-1 {student['top1']:.2f}%, top-5 {student['top5']:.2f}% on the whole real test split"
+            f"  validate  {protocol.student_arch} student, {protocol.mode} {protocol.epochs} epochs "
+            f"({protocol.preset} preset): "
+            f"top-1 {student.top1:.2f}%, top-5 {student.top5:.2f}% on the whole real test split"
         )
-        if "baseline" in val:
-            base = val["baseline"]
+        if val.baseline:
             lines.append(
-                f"  baseline  same protocol on {base['images']} random real images: top-1 {base['top1']:.2f}% "
-                f"-> IOR {val['ior']:+.2f} points (distilled minus random real)"
+                f"  baseline  same protocol on {val.baseline.images} random real images: top-1 {val.baseline.top1:.2f}% "
+                f"-> IOR {val.ior:+.2f} points (distilled minus random real)"
             )
-        if "dd_ranking" in val:
-            rank = val["dd_ranking"]
+        if val.dd_ranking:
+            rank = val.dd_ranking
             lines.append(
-                f"  ranking   DD-Ranking: IOR {rank['ior']:+.2f}, HLR {rank['hlr']:+.2f} (full data hard "
-                f"{rank['full_data_hard_top1']:.2f}% [{rank['full_data_source']}], set hard {rank['set_hard_top1']:.2f}%), "
-                f"LRS {rank['lrs']:.4f}"
+                f"  ranking   DD-Ranking: IOR {rank.ior:+.2f}, HLR {rank.hlr:+.2f} (full data hard "
+                f"{rank.full_data_hard_top1:.2f}% [{rank.full_data_source}], set hard {rank.set_hard_top1:.2f}%), "
+                f"LRS {rank.lrs:.4f}"
             )
-    elif not report["complete"]:
+    elif report.partial:
         lines.append("  validate  skipped: the distilled set is incomplete (rerun with the same --out to resume)")
-    stages = ", ".join(f"{name} {sec:.1f}s" for name, sec in report["stage_seconds"].items())
-    lines += [f"  time      {stages}", f"  output    {report['output']}  (images/, manifest.json, report.json, grid.png)"]
+    stages = ", ".join(f"{name} {sec:.1f}s" for name, sec in report.stage_seconds.items())
+    lines += [f"  time      {stages}", f"  output    {report.output}  (images/, manifest.json, report.json, grid.png)"]
     return "\n".join(lines)
 
 

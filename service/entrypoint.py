@@ -58,7 +58,7 @@ def run(job_id: str, settings: Settings) -> int:
     spec = JobSpec.model_validate(json.loads(record["spec"]))
     sink = FanOut(RedisEventSink(store, job_id), HumanSink(sys.stdout))
     outcome = run_job(spec, sink, should_cancel=lambda: store.cancel_requested(job_id))
-    return 0 if outcome["status"] == "succeeded" else 1
+    return 0 if outcome.status == "succeeded" else 1
 
 
 def main(argv: list[str] | None = None) -> int:

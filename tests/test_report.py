@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from api_schema import JobSummary, Report
+from api_schema import JobSpec, JobSummary, Report
+from scdd.pipeline import run_distillation
+from tests.conftest import tiny_job
 
 FIXTURES = Path(__file__).parent / "fixtures"
 OLD_REPORTS = sorted((FIXTURES / "reports").glob("*.json"))
@@ -58,3 +60,33 @@ def test_the_summary_of_an_old_report_is_the_one_its_job_finished_with():
     event = json.loads((FIXTURES / "events" / "job_finished-scdd-ray-2-workers.json").read_text())
     report = Report.model_validate(old_report("scdd-ray-2-workers.json"))
     assert report.summary().model_dump() == event["summary"]
+
+
+def test_the_pipeline_writes_the_keys_of_an_old_partial_report(tmp_path, fmnist_root):
+    """The spec that wrote fixtures/reports/sre2l-partial.json, run again."""
+    out = tmp_path / "sre2l-partial"
+    spec = tiny_job(fmnist_root, out, recover={"ipc": 2, "iterations": 3, "batch_size": 3, "init": "real"},
+                    validate={"enabled": True, "epochs": 1},
+                    output={"url": str(out), "teacher_cache": str(tmp_path / "cache")})
+    report = run_distillation(JobSpec.model_validate(spec), max_units=1)
+    written = json.loads((out / "report.json").read_text())
+    assert written == report.to_json_dict()
+    assert key_paths(written) == key_paths(old_report("sre2l-partial.json"))
+
+
+@pytest.mark.slow
+def test_the_pipeline_writes_the_keys_of_an_old_full_report(tmp_path, fmnist_root):
+    """The spec that wrote fixtures/reports/scdd-kd-ranking.json (SSL teacher, supervised relabel
+    teacher, baseline, DD-Ranking), run again."""
+    out = tmp_path / "scdd-kd-ranking"
+    spec = tiny_job(fmnist_root, out, method="scdd",
+                    recover={"ipc": 2, "iterations": 3, "batch_size": 3, "init": "noise"},
+                    validate={"enabled": True, "epochs": 1, "dd_ranking": True, "full_data_epochs": 1,
+                              "relabel_teacher": "supervised"},
+                    output={"url": str(out), "teacher_cache": str(tmp_path / "cache")})
+    spec["teacher"] = {"epochs": 1, "batch_size": 64, "probe": {"epochs": 2},
+                       "ssl": {"epochs": 1, "batch_size": 64, "queue_size": 256}}
+    report = run_distillation(JobSpec.model_validate(spec))
+    written = json.loads((out / "report.json").read_text())
+    assert written == report.to_json_dict()
+    assert key_paths(written) == key_paths(old_report("scdd-kd-ranking.json"))

@@ -2,7 +2,6 @@
 
 from scdd.recover.bn_loss import BNStatLoss
 from scdd.recover.rounds import (
-    UNITS_DIR,
     RecoverResult,
     RecoverStage,
     Unit,
@@ -17,7 +16,6 @@ from scdd.recover.scope import BatchScope, GlobalScope, LocalScope, local_batch_
 from scdd.recover.synthesize import SynthesisResult, freeze, prepare_teacher, recover_loss, synthesize
 
 __all__ = [
-    "UNITS_DIR",
     "BNStatLoss",
     "BatchScope",
     "GlobalScope",

@@ -4,7 +4,7 @@ Work is split in rounds: round r synthesises image r of every class. A round is 
 of `batch_size` classes; a (round, batch) pair is a unit. Each unit has its own seed derived from
 (seed, round, batch), so a unit's images do not depend on which units ran before it: a resumed
 run produces the same files as an uninterrupted one. A finished unit writes its images first and
-then a record `state/units/r<round>-b<batch>.json` (its manifest entries and losses); a rerun skips
+then a record `state/units/r<round>-b<batch>.json` (scdd/layout.py) (its manifest entries and losses); a rerun skips
 every recorded unit and never rewrites its files.
 
 With W workers (workers/recover.py) the classes are cut into W balanced contiguous slices; batch b
@@ -28,14 +28,13 @@ from api_schema import RecoverSpec
 from scdd.artifacts import ImageEntry, encode_png, entry_for
 from scdd.data.base import DatasetInfo
 from scdd.errors import SpecError
+from scdd.layout import UNITS_DIR, unit_record_path
 from scdd.progress import Progress, SilentProgress
 from scdd.recover.bn_loss import BNStatLoss
 from scdd.recover.init import INITS, InitReader
 from scdd.recover.synthesize import prepare_teacher, synthesize
 from scdd.runtime import Runtime
 from scdd.store import ArtifactStore
-
-UNITS_DIR = "state/units"
 
 
 @dataclass(frozen=True)
@@ -54,7 +53,7 @@ class Unit:
 
     @property
     def record_path(self) -> str:
-        return f"{UNITS_DIR}/{self.name}.json"
+        return unit_record_path(self.name)
 
     def seed(self, base_seed: int, rank: int = 0) -> int:
         """Seed of one worker's share (rank 0's is the single-process unit seed)."""
