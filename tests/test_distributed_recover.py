@@ -177,7 +177,7 @@ def test_cli_workers_flag_joins_the_cluster_at_ray_address(ray_local, tmp_path, 
     address = ray_local.get_runtime_context().gcs_address
     env = {**os.environ, "RAY_ADDRESS": address}
     done = subprocess.run(
-        [sys.executable, "-m", "scdd", "distill", "--data-dir", str(fmnist_root), "--classes", "0,1,2",
+        [sys.executable, "-m", "scdd_cli", "distill", "--data-dir", str(fmnist_root), "--classes", "0,1,2",
          "--train-limit", "50", "--method", "sre2l", "--teacher-checkpoint", str(fmnist_teacher_ckpt), "--ipc", "1",
          "--iterations", "3", "--device", "cpu", "--amp", "off", "--no-validate",
          "--workers", "2", "--threads", "1", "--out", str(out), "--events", str(tmp_path / "events.jsonl")],

@@ -15,7 +15,7 @@ import httpx
 import pytest
 import yaml
 
-from scdd.cli import main
+from scdd_cli import main
 from service.api.jobstore import JOB_ID
 from service.api.main import create_app
 from service.client import ChecksumMismatch, ClientError, JobClient, safe_destination
