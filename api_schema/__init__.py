@@ -1,4 +1,4 @@
-"""The job spec and API models (pydantic only: the leaf layer, imports nothing of ours)."""
+"""The job spec, the report and the API models (pydantic only: the leaf layer, imports nothing of ours)."""
 
 from api_schema.names import DATASETS, METHODS, MODELS, SSL_METHODS
 from api_schema.service import (

@@ -1,5 +1,3 @@
-"""Job service layer: FastAPI app, Redis job store and queue, dispatcher to Ray Jobs (imports api_schema).
-
-Its modules arrive with the job-service issue; the package is installed now so the layering in
-DESIGN.md is fixed from the start.
-"""
+"""Job service layer (imports api_schema; only the Ray job entrypoint, entrypoint.py, imports workers):
+the FastAPI app (api/), Redis job stores and queue, the dispatcher to Ray Jobs, `scdd serve` and the
+client commands."""

@@ -1,5 +1,3 @@
-"""Ray layer: distributed recover, Ray Train validation and the job driver (imports scdd, api_schema).
-
-Its modules arrive with the distributed-recover and job-driver issues; the package is installed
-now so the layering in DESIGN.md is fixed from the start.
-"""
+"""Ray layer (imports scdd and api_schema): the pipeline's Ray backend (backend.py) with distributed
+recover (recover.py) and Ray Train stages (train.py), and the job driver (driver.py) with its events
+(events.py) and per-job control actor (control.py)."""

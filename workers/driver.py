@@ -6,7 +6,7 @@ and baseline -> report through `scdd.pipeline.run_distillation`, on a `RayBacken
 
 A watcher thread polls `should_cancel` (every `poll_s`) and, once it says yes, raises the job's
 cancel flag: loops in this process stop at their next step, remote workers at their next check of
-the job's `JobControl` actor (at most `check_s` later); recover worker groups and Ray Train runs
+the job's `JobControl` actor (at most `RayOptions.check_s` later); recover worker groups and Ray Train runs
 then release their actors and placement groups. The same thread forwards the workers' relayed
 progress into the event stream. The job ends with status `succeeded`, `failed` (with the stage and
 the cause) or `cancelled`; what was written stays in the output, the manifest marks an unfinished

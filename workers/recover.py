@@ -181,9 +181,9 @@ def merge_parts(unit: Unit, parts: list[dict], synced: bool) -> dict:
 
 
 class RayRecover:
-    """The recover stage on a Ray cluster, with `resources.workers` workers (what `scdd distill
-    --workers N` runs). Same call as `scdd.recover.recover_dataset`; the workers load the teacher
-    the pipeline saved at `teacher_path` in the store, not the `teacher` object passed in."""
+    """The recover stage on a Ray cluster, with `resources.workers` workers (`RayBackend.recover`).
+    Same call as `scdd.recover.recover_dataset`; the workers load the teacher the pipeline saved at
+    `teacher_path` in the store, not the `teacher` object passed in."""
 
     def __init__(self, resources: ResourcesSpec, teacher_path: str = TEACHER_PATH, max_retries: int = 3,
                  fault: FaultInjection | None = None, collective_timeout_s: float = 1800.0,

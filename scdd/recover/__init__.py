@@ -3,7 +3,6 @@
 from scdd.recover.bn_loss import BNStatLoss
 from scdd.recover.rounds import (
     RecoverResult,
-    RecoverStage,
     Unit,
     class_slices,
     collect_result,
@@ -21,7 +20,6 @@ __all__ = [
     "GlobalScope",
     "LocalScope",
     "RecoverResult",
-    "RecoverStage",
     "SynthesisResult",
     "Unit",
     "class_slices",

@@ -19,7 +19,6 @@ import hashlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 from torch import nn
@@ -99,13 +98,6 @@ class RecoverResult:
     @property
     def image_iterations_per_second(self) -> float:
         return self.image_iterations / self.seconds if self.seconds > 0 else 0.0
-
-
-class RecoverStage(Protocol):
-    """Runs the recover stage of a job: `recover_dataset` here, or a distributed runner."""
-
-    def __call__(self, teacher: nn.Module, info: DatasetInfo, spec: RecoverSpec, runtime: Runtime, store: ArtifactStore,
-                 seed: int, progress: Progress | None = None, max_units: int | None = None) -> RecoverResult: ...
 
 
 def run_share(
