@@ -1,4 +1,4 @@
-"""The job spec and API models (pydantic only: the leaf layer, imports nothing of ours)."""
+"""The job spec, the report and the API models (pydantic only: the leaf layer, imports nothing of ours)."""
 
 from api_schema.names import DATASETS, METHODS, MODELS, SSL_METHODS
 from api_schema.service import (
@@ -11,8 +11,8 @@ from api_schema.service import (
     JobList,
     JobOut,
     JobState,
-    JobSummary,
 )
+from api_schema.report import JobSummary, Report, ValidateReport
 from api_schema.spec import (
     AugmentSpec,
     DatasetSpec,
@@ -37,6 +37,8 @@ __all__ = [
     "JobOut",
     "JobState",
     "JobSummary",
+    "Report",
+    "ValidateReport",
     "DATASETS",
     "METHODS",
     "MODELS",

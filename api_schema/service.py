@@ -6,6 +6,8 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from api_schema.report import JobSummary
+
 JobState = Literal["queued", "dispatched", "running", "succeeded", "failed", "cancelled"]
 JOB_STATES: tuple[str, ...] = ("queued", "dispatched", "running", "succeeded", "failed", "cancelled")
 ACTIVE_STATES: frozenset[str] = frozenset({"queued", "dispatched", "running"})
@@ -14,19 +16,6 @@ FINAL_STATES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 
 class _Out(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-class JobSummary(_Out):
-    """The headline numbers of a finished job's report (the full report is `report.json`)."""
-
-    teacher_top1: Optional[float] = Field(None, description="Teacher top-1 accuracy on the real test split.")
-    images: Optional[int] = Field(None, description="Synthetic images written.")
-    student_top1: Optional[float] = Field(None, description="Student (trained on the synthetic images) top-1.")
-    baseline_top1: Optional[float] = Field(None, description="Same protocol on a random real subset of the same size.")
-    ior: Optional[float] = Field(
-        None, description="DD-Ranking's improvement over random: student_top1 - baseline_top1, in points."
-    )
-    output: Optional[str] = Field(None, description="The artifact store URL of the job.")
 
 
 class JobOut(_Out):

@@ -149,20 +149,20 @@ def main() -> None:
                 baselines_done.add((preset, mode))
                 started = time.perf_counter()
                 report = run_distillation(job(row, ipc, seed, mode, baseline, args, out))
-                stages, val = report["stage_seconds"], report["validate"]
+                stages, val = report.stage_seconds, report.validate_
                 record = {"seed": seed, "ipc": ipc, "row": row, "mode": mode, "preset": preset, "quick": args.quick,
-                          "student_top1": val["student"]["top1"], "teacher_top1": report["teacher"]["top1"],
+                          "student_top1": val.student.top1, "teacher_top1": report.teacher.top1,
                           "seconds": round(stages.get("recover", 0) + stages.get("validate", 0), 1)}
-                if "baseline" in val:
-                    record["random_top1"] = val["baseline"]["top1"]
+                if val.baseline:
+                    record["random_top1"] = val.baseline.top1
                 if args.relabel_arch:
                     record.update(relabel=args.relabel_arch, relabel_top1=relabel_top1)
                 records.append(record)
                 Path(args.log).parent.mkdir(parents=True, exist_ok=True)
                 with open(args.log, "a") as f:
                     f.write(json.dumps(record) + "\n")
-                print(f"seed {seed} ipc {ipc:3d} {mode:4s} {row:20s}: student {val['student']['top1']:.2f}%"
-                      + (f", random real {val['baseline']['top1']:.2f}%" if "baseline" in val else "")
+                print(f"seed {seed} ipc {ipc:3d} {mode:4s} {row:20s}: student {val.student.top1:.2f}%"
+                      + (f", random real {val.baseline.top1:.2f}%" if val.baseline else "")
                       + f"  ({time.perf_counter() - started:.0f} s)", flush=True)
 
     print_table(records, args.quick)

@@ -29,8 +29,9 @@ from api_schema import RecoverSpec, ResourcesSpec
 from scdd.data.base import DatasetInfo
 from scdd.models import checkpoint_bytes, create_model
 from scdd.recover.scope import sync_bytes_per_step
+from scdd.layout import TEACHER_PATH, unit_record_path
 from scdd.store import ArtifactStore
-from workers.recover import TEACHER_PATH, RayRecover
+from workers.recover import RayRecover
 
 CLASSES, CHANNELS, SIZE = 100, 3, 32
 
@@ -63,7 +64,7 @@ def run(arch: str, workers: int, args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     result = RayRecover(resources)(None, dataset_info(args.classes), spec, None, store, seed=0)  # type: ignore[arg-type]
     wall = time.perf_counter() - started
-    records = [json.loads(store.read_bytes(f"state/units/r{r:05d}-b00000.json")) for r in range(args.units)]
+    records = [json.loads(store.read_bytes(unit_record_path(f"r{r:05d}-b00000"))) for r in range(args.units)]
     steady = records[1:] or records
     per_unit = args.classes * args.iterations
     return {

@@ -13,8 +13,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from scdd.data.base import DatasetInfo
-
-IMAGES_DIR = "images"
+from scdd.layout import IMAGES_DIR
+from scdd.store import ArtifactStore
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,13 @@ def decode_png(data: bytes, channels: int) -> torch.Tensor:
         array = np.asarray(image.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
     tensor = torch.from_numpy(array.copy()).float().div_(255)
     return tensor[None] if channels == 1 else tensor.permute(2, 0, 1)
+
+
+def load_distilled(store: ArtifactStore, paths: list[str], labels: list[int],
+                   info: DatasetInfo) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read the written PNGs back: (N, C, S, S) normalised images and their labels (what a user gets)."""
+    pixels = torch.stack([decode_png(store.read_bytes(path), info.channels) for path in paths])
+    return info.normalize(pixels), torch.tensor(labels)
 
 
 def entry_for(info: DatasetInfo, label: int, round_index: int, data: bytes, worker: int = 0,

@@ -1,13 +1,20 @@
-"""The `scdd` command line. Upper layers are imported lazily, inside the commands."""
+"""The `distill` command of `scdd`: the library's part of the command line (scdd_cli composes them all).
+
+`scdd distill` runs a job in this process; with `--workers N` (N > 1) or `--events FILE` it hands the
+spec to the Ray job driver, which the composing entry point passes in (`run_on_ray`, workers/cli.py).
+"""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
 
-import scdd
+if TYPE_CHECKING:
+    from api_schema import JobSpec, Report
 
 # flag -> (dotted spec path, type, help). Every flag overrides the config file.
 DISTILL_FLAGS: dict[str, tuple[str, Any, str]] = {
@@ -58,11 +65,24 @@ DISTILL_FLAGS: dict[str, tuple[str, Any, str]] = {
 }
 
 
+@dataclass(frozen=True)
+class DistillRun:
+    """A resolved `scdd distill`: the spec, and how to show and log its progress."""
+
+    spec: JobSpec
+    quiet: bool = False  # no progress bars (no progress lines on Ray)
+    events_file: str | None = None  # append the job driver's events here, as JSON lines
+
+
+RayRunner = Callable[[DistillRun], int]  # runs a DistillRun through the Ray job driver; the exit code
+
+
 def _parse_list(text: str) -> list[int | str]:
     return [int(part) if part.strip().isdigit() else part.strip() for part in text.split(",") if part.strip()]
 
 
-def _add_distill(sub: argparse._SubParsersAction) -> None:
+def add_distill(sub: argparse._SubParsersAction, run_on_ray: RayRunner | None = None) -> None:
+    """The `distill` subcommand; `run_on_ray` runs the spec through the Ray job driver (workers/cli.py)."""
     parser = sub.add_parser(
         "distill",
         help="distill a dataset on this machine",
@@ -79,16 +99,11 @@ def _add_distill(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--print-spec", action="store_true", help="print the resolved job spec as YAML and exit")
     parser.add_argument("--events", metavar="FILE", help="run through the Ray job driver and append its events to FILE "
                         "as JSON lines (always the path with --workers > 1)")
-    parser.set_defaults(handler=_distill)
+    parser.set_defaults(handler=functools.partial(distill, run_on_ray=run_on_ray))
 
 
-def _distill(args: argparse.Namespace) -> int:
-    import yaml
-
-    from scdd.config import build_spec
-    from scdd.pipeline import run_distillation
-    from scdd.progress import ConsoleProgress, SilentProgress
-
+def spec_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The spec fields the flags set, by dotted path."""
     overrides: dict[str, Any] = {}
     for flag, (dotted, kind, _text) in DISTILL_FLAGS.items():
         value = getattr(args, dotted)
@@ -100,185 +115,82 @@ def _distill(args: argparse.Namespace) -> int:
             overrides[dotted] = value  # and "bool" text
     if args.no_validate:
         overrides["validate.enabled"] = False
-    spec = build_spec(args.config, overrides)
-    if args.print_spec:
-        print(yaml.safe_dump(spec.to_dict(), sort_keys=False), end="")
-        return 0
-    if spec.resources.workers > 1 or args.events:
-        return _distill_on_ray(spec, args)
-    report = run_distillation(spec, SilentProgress() if args.quiet else ConsoleProgress())
-    print(summary(report))
-    return 0
+    return overrides
 
 
-def _distill_on_ray(spec: Any, args: argparse.Namespace) -> int:
-    """The job driver on a Ray cluster: every stage on `resources.workers` workers, events shown
-    (and written to --events FILE as JSON lines)."""
-    from workers.driver import run_job
-    from workers.events import FanOut, FileSink, HumanSink, ListSink
-
-    logging.basicConfig(level=logging.INFO, format="scdd: %(message)s")
-    sinks = [ListSink() if args.quiet else HumanSink()] + ([FileSink(args.events)] if args.events else [])
-    outcome = run_job(spec, FanOut(*sinks))
-    if outcome["status"] == "cancelled":
-        print("scdd: cancelled; rerun the same command to resume", file=sys.stderr)
-        return 130
-    if outcome["status"] != "succeeded":
-        print(f"scdd: error: {outcome['error']}", file=sys.stderr)
-        return 2
-    print(summary(outcome["report"]))
-    return 0
-
-
-def summary(report: dict) -> str:
-    rec, teacher, val = report["recover"], report["teacher"], report["validate"]
-    data = report["dataset"]
-    lines = [
-        "",
-        f"scdd distill: {report['job_id']}  (method {report['method']})" + ("  (resumed)" if report["resumed"] else ""),
-        f"  dataset   {data['name']}: {data['classes']} classes, {data['train_images']} train / {data['test_images']} test images",
-        f"  teacher   {teacher['arch']} ({teacher['source']}): top-1 {teacher['top1']:.2f}% on the real test split"
-        + (f"; {teacher['ssl'].get('method', teacher['ssl']['source'])} backbone + linear probe"
-           if "ssl" in teacher else ""),
-        f"  recover   {rec['images']}/{rec['expected_images']} images from {rec['init']}"
-        + (" (real training images)" if rec["init"] != "noise" else "")
-        + (f", {rec['iterations']} iterations, {rec['image_iterations_per_second']:.0f} image-it/s, "
-           f"final CE {rec['final_ce']:.3f}, BN {rec['final_bn']:.3f}" if rec["iterations"] else ", kept as they are")
-        + (f"; {rec['workers']} workers, bn_sync {rec['bn_sync']}" if rec["workers"] > 1 else ""),
-    ]
-    schedule = report.get("schedule")
-    if schedule:
-        lines.append(f"  schedule  {schedule}")
-    if val:
-        protocol, student = val["protocol"], val["student"]
-        lines.append(
-            f"  validate  {protocol['student_arch']} student, {protocol['mode']} {protocol['epochs']} epochs "
-            f"({protocol['preset']} preset): "
-            f"top-1 {student['top1']:.2f}%, top-5 {student['top5']:.2f}% on the whole real test split"
-        )
-        if "baseline" in val:
-            base = val["baseline"]
-            lines.append(
-                f"  baseline  same protocol on {base['images']} random real images: top-1 {base['top1']:.2f}% "
-                f"-> IOR {val['ior']:+.2f} points (distilled minus random real)"
-            )
-        if "dd_ranking" in val:
-            rank = val["dd_ranking"]
-            lines.append(
-                f"  ranking   DD-Ranking: IOR {rank['ior']:+.2f}, HLR {rank['hlr']:+.2f} (full data hard "
-                f"{rank['full_data_hard_top1']:.2f}% [{rank['full_data_source']}], set hard {rank['set_hard_top1']:.2f}%), "
-                f"LRS {rank['lrs']:.4f}"
-            )
-    elif not report["complete"]:
-        lines.append("  validate  skipped: the distilled set is incomplete (rerun with the same --out to resume)")
-    stages = ", ".join(f"{name} {sec:.1f}s" for name, sec in report["stage_seconds"].items())
-    lines += [f"  time      {stages}", f"  output    {report['output']}  (images/, manifest.json, report.json, grid.png)"]
-    return "\n".join(lines)
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
-    return value
-
-
-SERVER_TEXT = ("The server is --server, else $SCDD_SERVER, else http://127.0.0.1:8000; the API key --api-key, else "
-               "$SCDD_API_KEY.")
-CLIENT_EPILOG = SERVER_TEXT + " Exit codes: 0 ok, 1 error, 2 usage error or a request the server refused as invalid."
-WAIT_EPILOG = (SERVER_TEXT + " Exit codes: 0 the job succeeded, 1 it failed (or an error), 2 usage error, 130 it was "
-               "cancelled (also when Ctrl-C stops the waiting: the job goes on).")
-
-
-def _add_client(sub: argparse._SubParsersAction) -> None:
-    """The job service's client commands (service/commands.py runs them)."""
-    from api_schema import JOB_STATES
-
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--server", metavar="URL", help="job service URL (default $SCDD_SERVER, else http://127.0.0.1:8000)")
-    common.add_argument("--api-key", metavar="KEY", help="API key of your tenant (default $SCDD_API_KEY)")
-
-    def add(name: str, text: str, epilog: str = CLIENT_EPILOG) -> argparse.ArgumentParser:
-        parser = sub.add_parser(name, parents=[common], help=text, description=text + ".", epilog=epilog)
-        parser.set_defaults(handler=_client_command)
-        return parser
-
-    parser = add("submit", "submit a job spec to the job service; prints the job id and state")
-    parser.add_argument("spec", metavar="SPEC", help="job spec file, YAML or JSON (the fields of `distill --config`)")
-    parser.add_argument("--idempotency-key", metavar="K", help="a retry with the same key returns the same job")
-    parser.add_argument("--wait", action="store_true", help="then follow it as `scdd wait` does (same exit codes)")
-    add("status", "show a job's state, stage, progress, error and summary").add_argument("job_id", metavar="ID")
-    add("wait", "follow a job's progress until it ends", WAIT_EPILOG).add_argument("job_id", metavar="ID")
-    add("cancel", "cancel a job (a queued one at once, a running one at its next check)").add_argument(
-        "job_id", metavar="ID")
-    parser = add("download", "download a job's artifacts and check the images against manifest.json")
-    parser.add_argument("job_id", metavar="ID")
-    parser.add_argument("dir", metavar="DIR", help="destination folder (files there with the same size are kept)")
-    parser = add("jobs", "list your jobs, newest first")
-    parser.add_argument("--state", choices=JOB_STATES, help="only jobs in this state")
-    parser.add_argument("--limit", type=_positive, default=20, metavar="N", help="at most N jobs (default 20)")
-
-
-def _client_command(args: argparse.Namespace) -> int:
-    from service.commands import run
-
-    return run(args)
-
-
-def _add_serve(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser(
-        "serve", help="run the job service: HTTP API + dispatcher (+ Redis and a Ray head when not given)",
-        description="Run the job service: the HTTP API and a dispatcher feeding Ray. With no REDIS_URL it starts a "
-        "private redis-server (append-only file under DATA-DIR/redis); with no RAY_ADDRESS (the Ray Jobs API, "
-        "http://head:8265) a local Ray head; with no SCDD_API_KEYS / SCDD_API_KEYS_FILE it keeps keys in "
-        "DATA-DIR/api-keys.yaml and writes the first key, for tenant 'default', to DATA-DIR/api-key.",
-    )
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
-    parser.add_argument("--data-dir", default="scdd-service", metavar="DIR",
-                        help="Redis data, artifacts, API keys and logs (default ./scdd-service)")
-    parser.add_argument("--max-running", type=_positive, metavar="N", help="jobs running at once (SCDD_MAX_RUNNING)")
-    parser.set_defaults(handler=_serve)
-
-
-def _serve(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from service.serve import ServeError, ServeOptions, serve
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        return serve(ServeOptions(args.host, args.port, Path(args.data_dir), args.max_running))
-    except ServeError as exc:
-        print(f"scdd serve: {exc}", file=sys.stderr)
-        return 1
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="scdd", description="Dataset distillation: SC-DD and SRe2L.")
-    parser.add_argument("--version", action="version", version=f"scdd {scdd.__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    _add_distill(sub)
-    _add_client(sub)
-    _add_serve(sub)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
+def distill(args: argparse.Namespace, run_on_ray: RayRunner | None) -> int:
     from scdd.errors import ScddError
 
     # torch.compile on a CPU-only machine logs that it found no CUDA runtime: true, and no news.
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    args = build_parser().parse_args(argv)
     try:
-        return args.handler(args)
+        return _distill(args, run_on_ray)
     except ScddError as exc:
         print(f"scdd: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("scdd: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def _distill(args: argparse.Namespace, run_on_ray: RayRunner | None) -> int:
+    import yaml
+
+    from scdd.config import build_spec
+    from scdd.errors import SpecError
+    from scdd.pipeline import run_distillation
+    from scdd.progress import ConsoleProgress, SilentProgress
+
+    spec = build_spec(args.config, spec_overrides(args))
+    if args.print_spec:
+        print(yaml.safe_dump(spec.to_dict(), sort_keys=False), end="")
+        return 0
+    run = DistillRun(spec, quiet=args.quiet, events_file=args.events)
+    if spec.resources.workers > 1 or run.events_file:
+        if run_on_ray is None:
+            raise SpecError("--workers N > 1 and --events run through the Ray job driver, which this command "
+                            "line was built without; run the `scdd` console script")
+        return run_on_ray(run)
+    report = run_distillation(spec, SilentProgress() if run.quiet else ConsoleProgress())
+    print(describe_report(report))
+    return 0
+
+
+def describe_report(report: Report) -> str:
+    """What `scdd distill` prints at the end: the report's numbers in a few lines."""
+    rec, teacher, val, data = report.recover, report.teacher, report.validate_, report.dataset
+    lines = [
+        "",
+        f"scdd distill: {report.job_id}  (method {report.method})" + ("  (resumed)" if report.resumed else ""),
+        f"  dataset   {data.name}: {data.classes} classes, {data.train_images} train / {data.test_images} test images",
+        f"  teacher   {teacher.arch} ({teacher.source}): top-1 {teacher.top1:.2f}% on the real test split"
+        + (f"; {teacher.ssl.method or teacher.ssl.source} backbone + linear probe" if teacher.ssl else ""),
+        f"  recover   {rec.images}/{rec.expected_images} images from {rec.init}"
+        + (" (real training images)" if rec.init != "noise" else "")
+        + (f", {rec.iterations} iterations, {rec.image_iterations_per_second:.0f} image-it/s, "
+           f"final CE {rec.final_ce:.3f}, BN {rec.final_bn:.3f}" if rec.iterations else ", kept as they are")
+        + (f"; {rec.workers} workers, bn_sync {rec.bn_sync}" if rec.workers > 1 else ""),
+    ]
+    if report.schedule:
+        lines.append(f"  schedule  {report.schedule}")
+    if val:
+        protocol, student = val.protocol, val.student
+        lines.append(
+            f"  validate  {protocol.student_arch} student, {protocol.mode} {protocol.epochs} epochs "
+            f"({protocol.preset} preset): "
+            f"top-1 {student.top1:.2f}%, top-5 {student.top5:.2f}% on the whole real test split"
+        )
+        if val.baseline:
+            lines.append(
+                f"  baseline  same protocol on {val.baseline.images} random real images: top-1 {val.baseline.top1:.2f}% "
+                f"-> IOR {val.ior:+.2f} points (distilled minus random real)"
+            )
+        if val.dd_ranking:
+            rank = val.dd_ranking
+            lines.append(
+                f"  ranking   DD-Ranking: IOR {rank.ior:+.2f}, HLR {rank.hlr:+.2f} (full data hard "
+                f"{rank.full_data_hard_top1:.2f}% [{rank.full_data_source}], set hard {rank.set_hard_top1:.2f}%), "
+                f"LRS {rank.lrs:.4f}"
+            )
+    elif report.partial:
+        lines.append("  validate  skipped: the distilled set is incomplete (rerun with the same --out to resume)")
+    stages = ", ".join(f"{name} {sec:.1f}s" for name, sec in report.stage_seconds.items())
+    lines += [f"  time      {stages}", f"  output    {report.output}  (images/, manifest.json, report.json, grid.png)"]
+    return "\n".join(lines)

@@ -1,6 +1,6 @@
 """Errors a user can cause. Each message names the thing at fault and how to fix it.
 
-The CLI prints them without a traceback; the API maps them to 4xx responses.
+The CLI prints them without a traceback; a job on the service fails with the message (and the stage).
 """
 
 

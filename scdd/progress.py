@@ -1,10 +1,13 @@
-"""Progress reporting, decoupled from how it is shown (a console bar here; job events in workers/)."""
+"""Progress reporting, decoupled from how it is shown (console bars, or the job driver's events), and the
+stage clock that times a job's stages and tells a listener where they start and end."""
 
 from __future__ import annotations
 
 import sys
 import time
-from typing import Callable, Protocol, Union
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Protocol, Union
 
 import torch
 
@@ -76,3 +79,27 @@ class CheckedProgress:
 
     def finish(self) -> None:
         self.inner.finish()
+
+
+StageListener = Callable[[str, str, float], None]  # ("started" | "finished", stage, seconds)
+
+
+@dataclass
+class StageClock:
+    """Seconds per stage (a stage that comes again adds up), told to `listener` as stages start and end."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    listener: StageListener | None = None
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        if self.listener is not None:
+            self.listener("started", name, 0.0)
+        try:
+            yield
+        finally:
+            elapsed = time.perf_counter() - started
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + elapsed, 3)
+        if self.listener is not None:
+            self.listener("finished", name, elapsed)

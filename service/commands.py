@@ -1,4 +1,4 @@
-"""The job-service commands of `scdd`: submit, status, wait, cancel, download, jobs (parsers in scdd/cli.py).
+"""The job-service commands of `scdd`: submit, status, wait, cancel, download, jobs (parsers in service/cli.py).
 
 Exit codes: 0 done; 1 an error (the server's message on stderr); 2 a usage error (an unreadable spec
 file, or the server refused the request as invalid: 400, 413, 422). `wait` (and `submit --wait`)

@@ -27,8 +27,8 @@ from typing import Any, Optional
 import redis
 
 from api_schema import FINAL_STATES
-from service.jobstore import JobStore
-from service.records import GROUP
+from service.blocking_jobstore import BlockingJobStore
+from service.job_queue import JobQueue
 from service.settings import Settings
 
 log = logging.getLogger("scdd.dispatcher")
@@ -85,28 +85,17 @@ class RayJobs:
 
 
 class Dispatcher:
-    def __init__(self, settings: Settings, store: JobStore, ray_jobs: RayJobs, name: Optional[str] = None):
+    def __init__(self, settings: Settings, store: BlockingJobStore, ray_jobs: RayJobs, name: Optional[str] = None):
         self.settings, self.store, self.ray = settings, store, ray_jobs
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
-        self.keys = store.keys
+        self.queue = JobQueue(store.redis, store.keys, self.name)
         self.following: dict[str, str] = {}  # job id -> message id
         self.waiting: dict[str, str] = {}    # job ids read but not yet submitted (no free slot, Ray down)
         self.stopped = threading.Event()
 
-    @property
-    def r(self) -> redis.Redis:
-        return self.store.redis
-
-    def ensure_group(self) -> None:
-        try:
-            self.r.xgroup_create(self.keys.queue, GROUP, id="0", mkstream=True)
-        except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
-
     def run(self) -> None:
-        self.ensure_group()
-        log.info("dispatcher %s: queue %s, Ray Jobs API %s, at most %d jobs at once", self.name, self.keys.queue,
+        self.queue.ensure_group()
+        log.info("dispatcher %s: queue %s, Ray Jobs API %s, at most %d jobs at once", self.name, self.queue.keys.queue,
                  self.ray.address, self.settings.max_running)
         while not self.stopped.is_set():
             try:
@@ -120,51 +109,35 @@ class Dispatcher:
         self.reclaim()
         self.follow()
         for job_id, message_id in list(self.waiting.items()):
-            self.handle(message_id, job_id, self.deliveries(message_id))
+            self.handle(message_id, job_id, self.queue.deliveries(message_id))
         self.read_new()
 
     # -- the queue -------------------------------------------------------------------------------
     def touch(self) -> None:
         """Reset the idle time of the messages this dispatcher holds, so no other takes them."""
-        held = list(self.following.values()) + list(self.waiting.values())
-        if held:
-            self.r.xclaim(self.keys.queue, GROUP, self.name, 0, held, justid=True)
+        self.queue.hold(list(self.following.values()) + list(self.waiting.values()))
 
     def reclaim(self) -> None:
-        idle_ms = int(self.settings.reclaim_after_s * 1000)
-        start = "0-0"
-        while True:
-            start, messages, _deleted = self.r.xautoclaim(self.keys.queue, GROUP, self.name, idle_ms, start, count=50)
-            for message_id, fields in messages:
-                log.info("took over job %s (message %s) from a silent dispatcher", fields.get("job"), message_id)
-                self.handle(message_id, fields.get("job", ""), self.deliveries(message_id))
-            if start == "0-0" or not messages:
-                return
+        for message_id, job_id in self.queue.take_over(int(self.settings.reclaim_after_s * 1000)):
+            log.info("took over job %s (message %s) from a silent dispatcher", job_id, message_id)
+            self.handle(message_id, job_id, self.queue.deliveries(message_id))
 
     def read_new(self) -> None:
-        free = self.settings.max_running - self.r.scard(self.keys.active) - len(self.waiting)
+        free = self.settings.max_running - self.store.active_count() - len(self.waiting)
         if free <= 0:
             self.stopped.wait(self.settings.poll_s)
             return
-        block_ms = int(self.settings.poll_s * 1000)
-        answer = self.r.xreadgroup(GROUP, self.name, {self.keys.queue: ">"}, count=free, block=block_ms)
-        for _stream, messages in answer or []:
-            for message_id, fields in messages:
-                self.handle(message_id, fields.get("job", ""), 1)
-
-    def deliveries(self, message_id: str) -> int:
-        pending = self.r.xpending_range(self.keys.queue, GROUP, min=message_id, max=message_id, count=1)
-        return int(pending[0]["times_delivered"]) if pending else 1
+        for message_id, job_id in self.queue.read(free, int(self.settings.poll_s * 1000)):
+            self.handle(message_id, job_id, 1)
 
     def ack(self, message_id: str, job_id: str) -> None:
-        self.r.xack(self.keys.queue, GROUP, message_id)
+        self.queue.ack(message_id)
         self.following.pop(job_id, None)
         self.waiting.pop(job_id, None)
 
     def dead_letter(self, message_id: str, job_id: str, reason: str) -> None:
         log.error("job %s dead-lettered: %s", job_id, reason)
-        self.r.xadd(self.keys.dead, {"job": job_id, "message": message_id, "reason": reason,
-                                     "dispatcher": self.name}, maxlen=100000, approximate=True)
+        self.queue.dead_letter(message_id, job_id, reason)
         if job_id:
             self.store.finish(job_id, "failed", ("queued", "dispatched", "running"), error=f"not dispatched: {reason}")
         self.ack(message_id, job_id)
@@ -256,7 +229,7 @@ def main() -> int:
     if not settings.ray_jobs_url:
         print("scdd dispatcher: set RAY_ADDRESS to the Ray Jobs API, e.g. http://127.0.0.1:8265", file=sys.stderr)
         return 2
-    store = JobStore.connect(settings.redis_url, settings.redis_prefix, settings.events_maxlen)
+    store = BlockingJobStore.connect(settings.redis_url, settings.redis_prefix, settings.events_maxlen)
     dispatcher = Dispatcher(settings, store, RayJobs(settings.ray_jobs_url, os.environ.get("SCDD_JOB_PYTHON", "python")))
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: dispatcher.stopped.set())

@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from api_schema import JobSpec
-from service.jobstore import JobStore
+from service.blocking_jobstore import BlockingJobStore
 from service.settings import Settings
 from workers.driver import run_job
 from workers.events import FanOut, HumanSink
@@ -27,7 +27,7 @@ class RedisEventSink:
     """Appends each event to the job's stream and keeps the record's stage and progress current;
     `job_finished` ends the record (state, error, summary) in the same step as its event."""
 
-    def __init__(self, store: JobStore, job_id: str):
+    def __init__(self, store: BlockingJobStore, job_id: str):
         self.store, self.job_id = store, job_id
 
     def publish(self, event: dict[str, Any]) -> None:
@@ -46,7 +46,7 @@ class RedisEventSink:
 
 
 def run(job_id: str, settings: Settings) -> int:
-    store = JobStore.connect(settings.redis_url, settings.redis_prefix, settings.events_maxlen)
+    store = BlockingJobStore.connect(settings.redis_url, settings.redis_prefix, settings.events_maxlen)
     record = store.get(job_id)
     if record is None:
         print(f"scdd: no job {job_id} in Redis at {settings.redis_url} (prefix {settings.redis_prefix})", file=sys.stderr)
@@ -58,7 +58,7 @@ def run(job_id: str, settings: Settings) -> int:
     spec = JobSpec.model_validate(json.loads(record["spec"]))
     sink = FanOut(RedisEventSink(store, job_id), HumanSink(sys.stdout))
     outcome = run_job(spec, sink, should_cancel=lambda: store.cancel_requested(job_id))
-    return 0 if outcome["status"] == "succeeded" else 1
+    return 0 if outcome.status == "succeeded" else 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,6 @@
 """The Redis data model of the job service: key names, the Lua scripts that change job state
-atomically, and how a job record reads back. No I/O here; `service.store` runs it.
+atomically, and how a job record reads back. No I/O here: the job stores run the scripts
+(service/blocking_jobstore.py, service/api/async_jobstore.py), service/job_queue.py reads the queue.
 
 Keys (prefix `scdd` by default; one Redis instance, not Redis Cluster: scripts derive keys):
 - `<p>:job:<id>`                 hash: the job record (state, stage, progress, times, spec JSON, ...)

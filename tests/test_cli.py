@@ -9,7 +9,7 @@ from scdd.cli import DISTILL_FLAGS
 
 
 def scdd_cli(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "scdd", *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "scdd_cli", *args], capture_output=True, text=True, timeout=timeout)
 
 
 def test_version():

@@ -16,7 +16,8 @@ from scdd.errors import OutputConflictError, ResourceError, SpecError, WorkerFai
 from scdd.pipeline import run_distillation
 from scdd.recover import class_slices, plan_units
 from tests.conftest import cpus_free_soon, tiny_job
-from workers.recover import FaultInjection, RayRecover
+from workers.backend import RayBackend, RayOptions
+from workers.recover import FaultInjection
 
 TWO_WORKERS = {"workers": 2, "threads": 1}
 
@@ -60,7 +61,7 @@ def image_bytes(out: Path) -> dict[str, bytes]:
 def global_run(ray_local, tmp_path_factory, fmnist_root, four_class_teacher):
     out = tmp_path_factory.mktemp("global") / "run"
     spec = distributed_job(fmnist_root, out, four_class_teacher)
-    return out, run_distillation(spec, recover=RayRecover(spec.resources))
+    return out, run_distillation(spec, backend=RayBackend(spec))
 
 
 def test_plan_gives_each_worker_its_own_balanced_slice():
@@ -76,9 +77,9 @@ def test_plan_gives_each_worker_its_own_balanced_slice():
 def test_two_workers_recover_every_class_from_the_worker_that_owns_it(global_run):
     out, report = global_run
     manifest = read_manifest(out)
-    assert manifest["complete"] and report["complete"]
-    assert len(manifest["images"]) == 2 * 4 == report["recover"]["images"]
-    assert (report["recover"]["workers"], report["recover"]["bn_sync"]) == (2, "global")
+    assert manifest["complete"] and report.complete
+    assert len(manifest["images"]) == 2 * 4 == report.recover.images
+    assert (report.recover.workers, report.recover.bn_sync) == (2, "global")
     owner = {0: 0, 1: 0, 2: 1, 3: 1}  # slices (0, 1) and (2, 3)
     assert {(e["label"], e["worker"]) for e in manifest["images"]} == set(owner.items())
     assert sorted((e["label"], e["round"]) for e in manifest["images"]) == [(c, r) for c in range(4) for r in range(2)]
@@ -108,13 +109,13 @@ def test_local_bn_sync_gives_other_images_than_global(global_run, tmp_path, fmni
     out, report = global_run
     local_out = tmp_path / "local"
     spec = distributed_job(fmnist_root, local_out, four_class_teacher, bn_sync="local")
-    local_report = run_distillation(spec, recover=RayRecover(spec.resources))
-    assert local_report["recover"]["bn_sync"] == "local"
+    local_report = run_distillation(spec, backend=RayBackend(spec))
+    assert local_report.recover.bn_sync == "local"
     global_images, local_images = image_bytes(out), image_bytes(local_out)
     assert global_images.keys() == local_images.keys()
     # Same seeds, same teacher: only the BN statistics differ, and with them every image.
     assert all(global_images[path] != local_images[path] for path in global_images)
-    assert local_report["recover"]["final_bn"] != pytest.approx(report["recover"]["final_bn"], rel=1e-3)
+    assert local_report.recover.final_bn != pytest.approx(report.recover.final_bn, rel=1e-3)
 
 
 def test_killed_worker_is_replaced_and_the_run_resumes_without_rewriting(ray_local, tmp_path, fmnist_root, fmnist_teacher_ckpt):
@@ -125,11 +126,11 @@ def test_killed_worker_is_replaced_and_the_run_resumes_without_rewriting(ray_loc
 
     out = tmp_path / "faulty"
     spec = job(out)
-    recover = RayRecover(spec.resources, fault=FaultInjection(rank=1, after_units=2))
-    report = run_distillation(spec, recover=recover)
-    assert report["complete"] and report["recover"]["images"] == 9
-    (restart,) = report["recover"]["restarts"]
-    assert restart["unit"] == "r00001-b00000" and "worker 1 died" in restart["cause"]
+    faulty = RayBackend(spec, options=RayOptions(recover_fault=FaultInjection(rank=1, after_units=2)))
+    report = run_distillation(spec, backend=faulty)
+    assert report.complete and report.recover.images == 9
+    (restart,) = report.recover.restarts
+    assert restart.unit == "r00001-b00000" and "worker 1 died" in restart.cause
     manifest = read_manifest(out)
     paths = [e["path"] for e in manifest["images"]]
     assert len(paths) == len(set(paths)) == 9
@@ -139,21 +140,22 @@ def test_killed_worker_is_replaced_and_the_run_resumes_without_rewriting(ray_loc
     assert len(before) == 3
     for path in (out / "images").rglob("*.png"):
         rel = path.relative_to(out).as_posix()
-        assert (path.stat().st_mtime < restart["time"]) == (rel in before)
+        assert (path.stat().st_mtime < restart.time) == (rel in before)
     for part in (out / "state/parts").glob("r00000-*.json"):
-        assert part.stat().st_mtime < restart["time"]
+        assert part.stat().st_mtime < restart.time
 
     # The resumed run made the same images as an uninterrupted one.
-    straight = tmp_path / "straight"
-    run_distillation(job(straight), recover=RayRecover(spec.resources))
-    assert image_bytes(out) == image_bytes(straight)
+    straight = job(tmp_path / "straight")
+    run_distillation(straight, backend=RayBackend(straight))
+    assert image_bytes(out) == image_bytes(tmp_path / "straight")
 
 
 def test_a_unit_that_keeps_failing_ends_the_run_with_its_name(ray_local, tmp_path, fmnist_root, fmnist_teacher_ckpt):
     spec = distributed_job(fmnist_root, tmp_path / "doomed", fmnist_teacher_ckpt, classes=(0, 1, 2), ipc=1, batch_size=2)
-    recover = RayRecover(spec.resources, max_retries=1, fault=FaultInjection(rank=0, after_units=0, groups=10))
+    doomed = RayBackend(spec, options=RayOptions(recover_retries=1,
+                                                 recover_fault=FaultInjection(rank=0, after_units=0, groups=10)))
     with pytest.raises(WorkerFailedError, match=r"unit r00000-b00000 \(round 0, batch 0\) failed 2 times"):
-        run_distillation(spec, recover=recover)
+        run_distillation(spec, backend=doomed)
     assert cpus_free_soon(ray_local) == 2  # every group's actors and bundles were released
 
 
@@ -161,12 +163,12 @@ def test_more_workers_than_the_cluster_holds_is_a_clear_error(ray_local, tmp_pat
     spec = tiny_job(fmnist_root, tmp_path / "big", fmnist_teacher_ckpt, resources={"workers": 3, "threads": 1})
     spec = JobSpec.model_validate(spec)
     with pytest.raises(ResourceError, match="cannot place 3 workers"):
-        run_distillation(spec, recover=RayRecover(spec.resources, placement_timeout_s=2))
+        run_distillation(spec, backend=RayBackend(spec, options=RayOptions(placement_timeout_s=2)))
 
 
 def test_pipeline_refuses_workers_without_a_distributed_stage(tmp_path, fmnist_root, fmnist_teacher_ckpt):
     spec = JobSpec.model_validate(tiny_job(fmnist_root, tmp_path / "x", fmnist_teacher_ckpt, resources=TWO_WORKERS))
-    with pytest.raises(SpecError, match="runs recover on Ray"):
+    with pytest.raises(SpecError, match="runs on Ray: pass backend="):
         run_distillation(spec)
 
 
@@ -175,7 +177,7 @@ def test_cli_workers_flag_joins_the_cluster_at_ray_address(ray_local, tmp_path, 
     address = ray_local.get_runtime_context().gcs_address
     env = {**os.environ, "RAY_ADDRESS": address}
     done = subprocess.run(
-        [sys.executable, "-m", "scdd", "distill", "--data-dir", str(fmnist_root), "--classes", "0,1,2",
+        [sys.executable, "-m", "scdd_cli", "distill", "--data-dir", str(fmnist_root), "--classes", "0,1,2",
          "--train-limit", "50", "--method", "sre2l", "--teacher-checkpoint", str(fmnist_teacher_ckpt), "--ipc", "1",
          "--iterations", "3", "--device", "cpu", "--amp", "off", "--no-validate",
          "--workers", "2", "--threads", "1", "--out", str(out), "--events", str(tmp_path / "events.jsonl")],
@@ -205,7 +207,7 @@ def test_two_workers_start_from_the_planned_real_pixels(init, iterations, ray_lo
     single-process run records; kept as they are (0 iterations), the images are the single-process bytes."""
     spec = distributed_job(fmnist_root, tmp_path / "ray", four_class_teacher, init=init, iterations=iterations,
                            select={"candidates": 6, "crops": 2})
-    run_distillation(spec, recover=RayRecover(spec.resources))
+    run_distillation(spec, backend=RayBackend(spec))
     single = spec.to_dict()
     single["resources"]["workers"], single["output"]["url"] = 1, str(tmp_path / "single")
     run_distillation(JobSpec.model_validate(single))

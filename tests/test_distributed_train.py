@@ -17,7 +17,8 @@ from scdd.shard import Shard
 from tests.conftest import cpus_free_soon, tiny_job
 from workers.driver import run_job
 from workers.events import ListSink
-from workers.recover import FaultInjection, RayRecover
+from workers.backend import RayOptions
+from workers.recover import FaultInjection
 from workers.train import TrainFault
 
 CPU = Runtime(device=torch.device("cpu"), amp_dtype=None, channels_last=False)
@@ -61,9 +62,9 @@ def job(fmnist_root, out, teacher, **recover) -> JobSpec:
 def test_run_job_with_two_workers_reports_events_in_order(ray_local, tmp_path, fmnist_root, fmnist_teacher_ckpt):
     sink = ListSink()
     result = run_job(job(fmnist_root, tmp_path / "run", fmnist_teacher_ckpt), sink)
-    assert result["status"] == "succeeded" and result["error"] is None
-    report = result["report"]
-    assert report["complete"] and report["recover"]["workers"] == 2
+    assert result.status == "succeeded" and result.error is None
+    report = result.report
+    assert report.complete and report.recover.workers == 2
 
     events = sink.events
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
@@ -78,28 +79,24 @@ def test_run_job_with_two_workers_reports_events_in_order(ray_local, tmp_path, f
     assert any(e["type"] == "progress" and e["stage"] == "validate" and "loss" in e for e in events)
 
     # KD validation on 2 DDP workers: per-epoch losses reported, loss falls, accuracy above chance (3 classes).
-    student = report["validate"]["student"]
-    assert student["workers"] == 2 and [h["epoch"] for h in student["epochs"]] == list(range(1, 13))
-    losses = [h["loss"] for h in student["epochs"]]
+    student = report.validate_.student
+    assert student.workers == 2 and [h.epoch for h in student.epochs] == list(range(1, 13))
+    losses = [h.loss for h in student.epochs]
     assert sum(losses[-3:]) < sum(losses[:3])
-    assert student["top1"] > 40 and student["total"] == 3000
-    assert report["validate"]["baseline"]["workers"] == 2
+    assert student.top1 > 40 and student.total == 3000
+    assert report.validate_.baseline.workers == 2
 
 
 def test_killed_training_worker_resumes_from_its_checkpoint(ray_local, tmp_path, fmnist_root, fmnist_teacher_ckpt):
-    from scdd.store import ArtifactStore
-    from workers.train import RayTraining
-
     spec = job(fmnist_root, tmp_path / "run", fmnist_teacher_ckpt)
     spec = JobSpec.model_validate({**spec.to_dict(), "validate": {**spec.to_dict()["validate"], "baseline": False}})
-    training = RayTraining(spec, ArtifactStore(str(tmp_path / "run")), fault=TrainFault(rank=1, epoch=4, step=1),
-                           checkpoint_every_s=0)
-    result = run_job(spec, ListSink(), training=training)
-    assert result["status"] == "succeeded", result["error"]
-    student = result["report"]["validate"]["student"]
+    options = RayOptions(train_fault=TrainFault(rank=1, epoch=4, step=1), checkpoint_every_s=0)
+    result = run_job(spec, ListSink(), options=options)
+    assert result.status == "succeeded", result.error
+    student = result.report.validate_.student
     assert json.loads((tmp_path / "run/state/train/validate/fault-fired.json").read_text())["epoch"] == 4
-    assert student["resumed_at_epoch"] == 4  # the restarted group went on after the 4th epoch's checkpoint
-    assert [h["epoch"] for h in student["epochs"]] == list(range(1, 13))
+    assert student.resumed_at_epoch == 4  # the restarted group went on after the 4th epoch's checkpoint
+    assert [h.epoch for h in student.epochs] == list(range(1, 13))
 
 
 def test_cancel_mid_recover_stops_quickly_and_releases_everything(ray_local, tmp_path, fmnist_root, fmnist_teacher_ckpt):
@@ -115,7 +112,7 @@ def test_cancel_mid_recover_stops_quickly_and_releases_everything(ray_local, tmp
     spec = job(fmnist_root, tmp_path / "run", fmnist_teacher_ckpt, iterations=150)
     result = run_job(spec, sink, should_cancel)
     stopped_after = time.time() - asked[0]
-    assert result["status"] == "cancelled" and stopped_after < 5
+    assert result.status == "cancelled" and stopped_after < 5
     assert sink.events[-1]["type"] == "job_finished" and sink.events[-1]["status"] == "cancelled"
     assert cpus_free_soon(ray_local) == 2  # actors, placement groups and the control actor are gone
     manifest = json.loads((tmp_path / "run/manifest.json").read_text())
@@ -134,18 +131,18 @@ def test_cancel_while_the_workers_start_does_not_wait_for_them(ray_local, tmp_pa
         return False
 
     result = run_job(job(fmnist_root, tmp_path / "run", fmnist_teacher_ckpt), sink, should_cancel)
-    assert result["status"] == "cancelled" and time.time() - asked[0] < 5
+    assert result.status == "cancelled" and time.time() - asked[0] < 5
     assert cpus_free_soon(ray_local) == 2
     assert not list((tmp_path / "run/state/units").glob("*.json"))
 
 
 def test_a_failing_stage_ends_the_job_with_the_stage_unit_and_cause(ray_local, tmp_path, fmnist_root, fmnist_teacher_ckpt):
     spec = job(fmnist_root, tmp_path / "run", fmnist_teacher_ckpt)
-    recover = RayRecover(spec.resources, max_retries=0, fault=FaultInjection(rank=0, after_units=1, groups=5))
+    options = RayOptions(recover_retries=0, recover_fault=FaultInjection(rank=0, after_units=1, groups=5))
     sink = ListSink()
-    result = run_job(spec, sink, recover=recover)
-    assert result["status"] == "failed"
-    assert "recover stage failed: recover unit r00000-b00001" in result["error"] and "worker 0 died" in result["error"]
+    result = run_job(spec, sink, options=options)
+    assert result.status == "failed"
+    assert "recover stage failed: recover unit r00000-b00001" in result.error and "worker 0 died" in result.error
     assert [e["type"] for e in sink.events[-2:]] == ["error", "job_finished"]
     assert (tmp_path / "run/state/units/r00000-b00000.json").exists()  # what was written stays
 
@@ -157,11 +154,11 @@ def test_run_job_squeezes_on_ray_train_with_two_workers(ray_local, tmp_path, fmn
     spec["teacher"] = {"epochs": 2, "batch_size": 64, "probe": {"epochs": 5},
                        "ssl": {"epochs": 2, "batch_size": 64, "queue_size": 256}}
     result = run_job(JobSpec.model_validate(spec), ListSink())
-    assert result["status"] == "succeeded", result["error"]
-    teacher = result["report"]["teacher"]
+    assert result.status == "succeeded", result.error
+    teacher = result.report.teacher
     # MoCo v2 pretraining ran on 2 DDP workers, then the probe here: the teacher separates 3 classes.
-    assert teacher["ssl"]["workers"] == 2 and len(teacher["ssl"]["epoch_losses"]) == 2
-    assert teacher["top1"] > 60
+    assert teacher.ssl.workers == 2 and len(teacher.ssl.epoch_losses) == 2
+    assert teacher.top1 > 60
     for stage in ("squeeze-ssl", "squeeze-supervised", "validate"):  # the relabel teacher trained there too
         outcome = json.loads((tmp_path / f"run/state/train/{stage}/result.json").read_text())
         assert outcome["status"] == "done" and len(outcome["history"]) == 2

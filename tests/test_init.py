@@ -112,7 +112,7 @@ def test_real_pixel_inits_record_provenance_and_resume_byte_for_byte(init, tmp_p
     out = tmp_path / "run"
     spec = JobSpec.model_validate(tiny_job(fmnist_root, out, fmnist_teacher_ckpt, recover=recover))
     first = run_distillation(spec, max_units=1)
-    assert not first["complete"]
+    assert not first.complete
     run_distillation(spec)
     straight = tmp_path / "straight"
     run_distillation(JobSpec.model_validate(tiny_job(fmnist_root, straight, fmnist_teacher_ckpt, recover=recover)))

@@ -77,20 +77,20 @@ def test_interrupted_run_resumes_without_rewriting_files(tmp_path, fmnist_root, 
     out = tmp_path / "run"
     spec = JobSpec.model_validate(tiny_job(fmnist_root, out, fmnist_teacher_ckpt))
     first = run_distillation(spec, max_units=2)
-    assert not first["complete"] and first["recover"]["images"] == 3  # units (0,1) and (2,) of round 0
+    assert not first.complete and first.recover.images == 3  # units (0,1) and (2,) of round 0
     assert json.loads((out / "manifest.json").read_text())["complete"] is False
     before = file_states(out)
     assert len(before) == 3
 
     second = run_distillation(spec)
-    assert second["complete"] and second["resumed"]
-    assert (second["recover"]["units_run"], second["recover"]["units_resumed"]) == (4, 2)
+    assert second.complete and second.resumed
+    assert (second.recover.units_run, second.recover.units_resumed) == (4, 2)
     after = file_states(out)
     assert len(after) == 9
     assert all(after[path] == state for path, state in before.items())  # same inode, same mtime
 
     third = run_distillation(spec)
-    assert third["recover"]["units_run"] == 0 and file_states(out) == after
+    assert third.recover.units_run == 0 and file_states(out) == after
 
     # An uninterrupted run with the same seed writes byte-identical images.
     other = tmp_path / "straight"
@@ -103,7 +103,7 @@ def test_output_loads_as_imagefolder_with_valid_manifest(tmp_path, fmnist_root, 
     out = tmp_path / "run"
     report = run_distillation(JobSpec.model_validate(tiny_job(fmnist_root, out, fmnist_teacher_ckpt)))
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["complete"] and len(manifest["images"]) == 3 * 3 == report["recover"]["images"]
+    assert manifest["complete"] and len(manifest["images"]) == 3 * 3 == report.recover.images
     assert manifest["seed"] == 0 and "torch" in manifest["versions"] and manifest["spec"]["recover"]["ipc"] == 3
     folder = ImageFolder(str(out / "images"))
     assert len(folder) == 9
@@ -119,7 +119,7 @@ def test_output_loads_as_imagefolder_with_valid_manifest(tmp_path, fmnist_root, 
     assert (out / "grid.png").stat().st_size > 0
     for key in ("teacher", "recover", "stage_seconds"):
         assert key in json.loads((out / "report.json").read_text())
-    assert report["teacher"]["top1"] > 60  # the fixture teacher separates the three classes
+    assert report.teacher.top1 > 60  # the fixture teacher separates the three classes
 
 
 def test_different_spec_into_same_output_is_refused(tmp_path, fmnist_root, fmnist_teacher_ckpt):
@@ -156,12 +156,12 @@ def test_resume_uses_the_outputs_teacher_even_if_the_cache_was_cleared(tmp_path,
     out, cache = tmp_path / "run", tmp_path / "cache"
     spec = JobSpec.model_validate(tiny_job(fmnist_root, out, output={"url": str(out), "teacher_cache": str(cache)}))
     first = run_distillation(spec, max_units=2)
-    assert first["teacher"]["source"] == "trained"
+    assert first.teacher.source == "trained"
     shutil.rmtree(cache)  # a retrained teacher could differ from the one the written units came from
     second = run_distillation(spec)
-    assert second["complete"] and second["teacher"]["source"] == "resumed"
-    assert second["teacher"]["top1"] == first["teacher"]["top1"]
-    assert second["teacher"]["bn_running_var"] == first["teacher"]["bn_running_var"]
+    assert second.complete and second.teacher.source == "resumed"
+    assert second.teacher.top1 == first.teacher.top1
+    assert second.teacher.bn_running_var == first.teacher.bn_running_var
     assert not cache.exists() or not any(cache.iterdir())  # nothing retrained
 
 

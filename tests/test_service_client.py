@@ -15,11 +15,11 @@ import httpx
 import pytest
 import yaml
 
-from scdd.cli import main
-from service.api.jobstore import JOB_ID
+from scdd_cli import main
+from service.api.async_jobstore import JOB_ID
 from service.api.main import create_app
 from service.client import ChecksumMismatch, ClientError, JobClient, safe_destination
-from service.jobstore import JobStore
+from service.blocking_jobstore import BlockingJobStore
 from tests.services import ApiServer, api_settings, free_port, wait_until
 
 SPEC = {"method": "sre2l", "dataset": {"classes": [0, 1]}, "recover": {"ipc": 1, "iterations": 2}}
@@ -119,7 +119,7 @@ def test_submit_wait_follows_the_live_stream_until_the_job_is_cancelled(api, cli
 @pytest.mark.parametrize("outcome, exit_code", [("succeeded", 0), ("failed", 1)])
 def test_wait_follows_a_running_job_to_the_end_and_exits_as_it_ended(client, cli, redis_server, outcome, exit_code):
     job_id = client.submit(SPEC)["id"]
-    store = JobStore.connect(redis_server.url)  # plays the dispatcher and the job driver
+    store = BlockingJobStore.connect(redis_server.url)  # plays the dispatcher and the job driver
 
     def run_the_job() -> None:
         time.sleep(0.3)

@@ -24,7 +24,7 @@ def ray_heads() -> set[int]:
 def start_serve(data_dir, port: int, log) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items()
            if k not in ("REDIS_URL", "RAY_ADDRESS", "SCDD_API_KEYS", "SCDD_API_KEYS_FILE", "SCDD_ARTIFACTS")}
-    return subprocess.Popen([sys.executable, "-m", "scdd.cli", "serve", "--port", str(port), "--data-dir", str(data_dir)],
+    return subprocess.Popen([sys.executable, "-m", "scdd_cli", "serve", "--port", str(port), "--data-dir", str(data_dir)],
                             env=env, stdout=log, stderr=subprocess.STDOUT)
 
 

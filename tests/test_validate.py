@@ -155,23 +155,23 @@ def test_dd_ranking_report_trains_the_hard_runs_once_and_caches_full_data(tmp_pa
     spec = tiny_job(fmnist_root, tmp_path / "a", fmnist_teacher_ckpt, validate=validate,
                     recover={"ipc": 2, "iterations": 2}, output={"teacher_cache": cache})
     report = run_distillation(JobSpec.model_validate(spec))
-    val = report["validate"]
-    rank = val["dd_ranking"]
-    assert rank["full_data_source"] == "trained" and rank["ior"] == val["ior"] == val["gain_top1"]
-    assert rank["hard_protocol"]["mode"] == "hard" and rank["full_data_protocol"]["epochs"] == 1
-    assert rank["full_data_protocol"]["batch_size"] == 256
-    assert rank["hlr"] == round(rank["full_data_hard_top1"] - rank["set_hard_top1"], 2)
-    assert rank["lrs"] == pytest.approx(ranking.lrs(rank["ior"], rank["hlr"]), abs=1e-4)
-    assert "dd_ranking" in report["stage_seconds"]
+    val = report.validate_
+    rank = val.dd_ranking
+    assert rank.full_data_source == "trained" and rank.ior == val.ior == val.gain_top1
+    assert rank.hard_protocol.mode == "hard" and rank.full_data_protocol.epochs == 1
+    assert rank.full_data_protocol.batch_size == 256
+    assert rank.hlr == round(rank.full_data_hard_top1 - rank.set_hard_top1, 2)
+    assert rank.lrs == pytest.approx(ranking.lrs(rank.ior, rank.hlr), abs=1e-4)
+    assert "dd_ranking" in report.stage_seconds
     # Another set on the same data, student and protocol reuses the full-data accuracy.
     again = tiny_job(fmnist_root, tmp_path / "b", fmnist_teacher_ckpt, validate=validate,
                      recover={"ipc": 2, "iterations": 3}, output={"teacher_cache": cache})
-    second = run_distillation(JobSpec.model_validate(again))["validate"]["dd_ranking"]
-    assert second["full_data_source"] == "cached" and second["full_data_hard_top1"] == rank["full_data_hard_top1"]
+    second = run_distillation(JobSpec.model_validate(again)).validate_.dd_ranking
+    assert second.full_data_source == "cached" and second.full_data_hard_top1 == rank.full_data_hard_top1
     given = tiny_job(fmnist_root, tmp_path / "c", fmnist_teacher_ckpt, validate={**validate, "full_data_top1": 91.5},
                      recover={"ipc": 2, "iterations": 3}, output={"teacher_cache": cache})
-    third = run_distillation(JobSpec.model_validate(given))["validate"]["dd_ranking"]
-    assert (third["full_data_source"], third["full_data_hard_top1"]) == ("spec", 91.5)
+    third = run_distillation(JobSpec.model_validate(given)).validate_.dd_ranking
+    assert (third.full_data_source, third.full_data_hard_top1) == ("spec", 91.5)
 
 
 def test_dd_ranking_needs_the_baseline():

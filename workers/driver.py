@@ -1,12 +1,12 @@
 """The job driver: one whole job on a Ray cluster, with progress events and cancellation.
 
 `run_job(spec, sink, should_cancel)` runs squeeze -> distributed recover -> distributed validation
-and baseline -> report through `scdd.pipeline.run_distillation`, handing it the Ray stages when
+and baseline -> report through `scdd.pipeline.run_distillation`, on a `RayBackend` when
 `resources.workers` > 1 (with 1 worker every stage runs in this process, as `scdd distill` does).
 
 A watcher thread polls `should_cancel` (every `poll_s`) and, once it says yes, raises the job's
 cancel flag: loops in this process stop at their next step, remote workers at their next check of
-the job's `JobControl` actor (at most `check_s` later); recover worker groups and Ray Train runs
+the job's `JobControl` actor (at most `RayOptions.check_s` later); recover worker groups and Ray Train runs
 then release their actors and placement groups. The same thread forwards the workers' relayed
 progress into the event stream. The job ends with status `succeeded`, `failed` (with the stage and
 the cause) or `cancelled`; what was written stays in the output, the manifest marks an unfinished
@@ -19,20 +19,20 @@ import logging
 import threading
 import time
 import traceback
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, Optional
 
 import ray
 
-from api_schema import JobSpec
+from api_schema import JobSpec, JobSummary, Report
+from scdd.backend import LocalBackend
 from scdd.errors import JobCancelled, ScddError
-from scdd.pipeline import default_output_url, run_distillation
+from scdd.pipeline import run_distillation
 from scdd.progress import CheckedProgress
-from scdd.store import open_store
+from workers.backend import RayBackend, RayOptions
 from workers.cluster import connect
 from workers.control import JobControl
 from workers.events import EventSink, JobEvents, ThrottledSink
-from workers.recover import RayRecover
-from workers.train import RayTraining
 
 log = logging.getLogger("scdd.workers")
 
@@ -70,22 +70,32 @@ class _Watcher(threading.Thread):
             raise JobCancelled("cancelled on request")
 
 
-def summary(report: dict) -> dict:
-    validate = report.get("validate") or {}
-    return {
-        "teacher_top1": report["teacher"]["top1"],
-        "images": report["recover"]["images"],
-        "student_top1": (validate.get("student") or {}).get("top1"),
-        "baseline_top1": (validate.get("baseline") or {}).get("top1"),
-        "ior": validate.get("ior"),
-        "output": report["output"],
-    }
+@dataclass(frozen=True)
+class JobOutcome:
+    """How a job ended: `report` when it succeeded, `error` (the stage and the cause) when it failed."""
+
+    status: Literal["succeeded", "failed", "cancelled"]
+    error: Optional[str]
+    job_fraction: float
+    seconds: float
+    report: Optional[Report]
+
+    @property
+    def summary(self) -> Optional[JobSummary]:
+        return self.report.summary() if self.report is not None else None
+
+    def finished_event(self, job_id: str) -> dict[str, Any]:
+        """The `job_finished` event (JSON-able)."""
+        summary = self.summary
+        return {"type": "job_finished", "job_id": job_id, "status": self.status, "error": self.error,
+                "job_fraction": self.job_fraction, "seconds": self.seconds,
+                "summary": summary.model_dump() if summary is not None else None}
 
 
 def run_job(spec: JobSpec, sink: EventSink, should_cancel: Callable[[], bool] = _never, *, poll_s: float = 0.2,
-            check_s: float = 0.5, recover: RayRecover | None = None, training: RayTraining | None = None) -> dict:
-    """Run `spec` to the end, publishing events to `sink`; returns {status, report, error, seconds}.
-    `recover` / `training` replace the Ray stages built from the spec (tests inject faults so)."""
+            options: RayOptions = RayOptions()) -> JobOutcome:
+    """Run `spec` to the end, publishing events to `sink`. `options` tune the Ray stages (tests inject
+    faults there)."""
     connect()
     started = time.perf_counter()
     events = JobEvents(ThrottledSink(sink))
@@ -96,16 +106,8 @@ def run_job(spec: JobSpec, sink: EventSink, should_cancel: Callable[[], bool] = 
     status, report, error = "failed", None, None
     watcher.start()
     try:
-        fit_student = trainers = None
-        if workers > 1:
-            store = open_store(spec.output, spec.output.url or default_output_url(spec))
-            recover = recover or RayRecover(spec.resources)
-            training = training or RayTraining(spec, store)
-            recover.control = training.control = control
-            training.check_s = check_s
-            fit_student, trainers = training.fit_student, training.trainers()
-        report = run_distillation(spec, CheckedProgress(events, watcher.check), recover=recover,
-                                  fit_student=fit_student, trainers=trainers, on_stage=events.stage)
+        backend = RayBackend(spec, control, options) if workers > 1 else LocalBackend()
+        report = run_distillation(spec, CheckedProgress(events, watcher.check), backend, on_stage=events.stage)
         status = "succeeded"
     except JobCancelled:
         status = "cancelled"
@@ -121,12 +123,7 @@ def run_job(spec: JobSpec, sink: EventSink, should_cancel: Callable[[], bool] = 
         ray.kill(control)
     if error is not None:
         events.sink.publish({"type": "error", "stage": events.stage_name, "message": error})
-    outcome = {
-        "status": status,
-        "error": error,
-        "job_fraction": 1.0 if status == "succeeded" else events.job_fraction,
-        "seconds": round(time.perf_counter() - started, 3),
-        "summary": summary(report) if report else None,
-    }
-    events.sink.publish({"type": "job_finished", "job_id": spec.job_id(), **outcome})
-    return {**outcome, "report": report}
+    outcome = JobOutcome(status=status, error=error, job_fraction=1.0 if status == "succeeded" else events.job_fraction,
+                         seconds=round(time.perf_counter() - started, 3), report=report)
+    events.sink.publish(outcome.finished_event(spec.job_id()))
+    return outcome

@@ -8,9 +8,9 @@ type-specific fields:
 - `progress` (stage, fraction 0..1 of the stage, done, total, unit, eta_s, and the loop's latest
   metrics: losses, round, images_written, epoch ...);
 - `error` (stage, message).
-The CLI prints them (`HumanSink`) and can log them (`FileSink`, `scdd distill --events FILE`); the job
-service's Ray job publishes them to Redis (`service.entrypoint.RedisEventSink`). `ThrottledSink` passes
-at most a few progress events per second per stage; every other event passes.
+The CLI prints them (`HumanSink`) and can log them (`FileSink`, `scdd distill --events FILE`); a service
+job's Ray entrypoint adds its Redis sink (service/entrypoint.py). `ThrottledSink` passes at most a few
+progress events per second per stage; every other event passes.
 """
 
 from __future__ import annotations

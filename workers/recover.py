@@ -41,7 +41,7 @@ from api_schema import RecoverSpec, ResourcesSpec
 from scdd.data.base import DatasetInfo
 from scdd.errors import JobCancelled, ScddError, WorkerFailedError
 from scdd.models import model_from_checkpoint
-from scdd.pipeline import TEACHER_PATH
+from scdd.layout import TEACHER_PATH, part_record_path
 from scdd.progress import CheckedProgress, Progress, SilentProgress
 from scdd.recover import (
     BNStatLoss,
@@ -62,13 +62,6 @@ from workers.cluster import Placement, WorkerGroup, connect, rendezvous_address,
 from workers.control import RemoteCheck
 
 log = logging.getLogger("scdd.workers")
-
-PARTS_DIR = "state/parts"
-
-
-def part_path(unit: Unit, rank: int) -> str:
-    return f"{PARTS_DIR}/{unit.name}-w{rank:03d}.json"
-
 
 @dataclass(frozen=True)
 class FaultInjection:
@@ -135,7 +128,7 @@ class RecoverWorker:
         if self.fault is not None and self.units_started >= self.fault.after_units:
             os.kill(os.getpid(), signal.SIGKILL)
         self.units_started += 1
-        job, path = self.job, part_path(unit, self.rank)
+        job, path = self.job, part_record_path(unit.name, self.rank)
         args = (unit, self.rank, self.runner, job.info, job.recover, self.runtime, job.seed, self.bn_loss, self.progress)
         if job.store.exists(path):
             if isinstance(self.bn_loss.scope, GlobalScope):
@@ -188,9 +181,9 @@ def merge_parts(unit: Unit, parts: list[dict], synced: bool) -> dict:
 
 
 class RayRecover:
-    """The recover stage on a Ray cluster, with `resources.workers` workers (what `scdd distill
-    --workers N` runs). Same call as `scdd.recover.recover_dataset`; the workers load the teacher
-    the pipeline saved at `teacher_path` in the store, not the `teacher` object passed in."""
+    """The recover stage on a Ray cluster, with `resources.workers` workers (`RayBackend.recover`).
+    Same call as `scdd.recover.recover_dataset`; the workers load the teacher the pipeline saved at
+    `teacher_path` in the store, not the `teacher` object passed in."""
 
     def __init__(self, resources: ResourcesSpec, teacher_path: str = TEACHER_PATH, max_retries: int = 3,
                  fault: FaultInjection | None = None, collective_timeout_s: float = 1800.0,

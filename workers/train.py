@@ -31,11 +31,13 @@ from ray.train.torch import TorchTrainer
 from torch import nn
 
 from api_schema import JobSpec
+from api_schema.report import StudentScore
+from scdd.artifacts import load_distilled
 from scdd.data import RealData, load_dataset
 from scdd.errors import JobCancelled, WorkerFailedError
 from scdd.evaluate import evaluate
+from scdd.layout import MANIFEST, TRAIN_DIR, train_path
 from scdd.models import checkpoint_bytes, create_model, load_weights, model_from_checkpoint, strip_head
-from scdd.pipeline import load_distilled
 from scdd.progress import Progress, SilentProgress
 from scdd.recover import freeze
 from scdd.runtime import Runtime, resolve_runtime
@@ -90,7 +92,7 @@ class TrainTask:
         return self.spec.teacher.ssl.epochs if self.kind == "ssl" else self.spec.teacher.epochs
 
     def path(self, name: str) -> str:
-        return f"state/train/{self.stage}/{name}"
+        return train_path(self.stage, name)
 
 
 class FaultProgress:
@@ -125,7 +127,7 @@ def run_student(task: TrainTask, data: RealData, runtime: Runtime, hooks: TrainH
     elif task.stage == "full-data":
         images, labels = whole_split(data.train)
     else:  # validate, validate-hard: the distilled images
-        entries = task.store.read_json("manifest.json")["images"]
+        entries = task.store.read_json(MANIFEST)["images"]
         images, labels = load_distilled(task.store, [e["path"] for e in entries], [e["label"] for e in entries], info)
     teacher = None
     if protocol.mode == "kd":
@@ -229,8 +231,8 @@ def train_worker(config: dict[str, Any]) -> None:
 
 
 class RayTraining:
-    """Runs `TrainTask`s on Ray Train with `spec.resources.workers` workers; provides the pipeline's
-    `fit_student` stage and squeeze `trainers`."""
+    """Runs `TrainTask`s on Ray Train with `spec.resources.workers` workers: the students of the validate
+    stage (`fit_student`) and squeeze's training loops (`trainers`), for `workers.backend.RayBackend`."""
 
     def __init__(self, spec: JobSpec, store: ArtifactStore, max_failures: int = 2, fault: TrainFault | None = None,
                  control: Any = None, check_s: float = 0.5, checkpoint_every_s: float = 30.0):
@@ -264,13 +266,13 @@ class RayTraining:
             raise JobCancelled(f"cancelled during {stage}")
         return outcome
 
-    def fit_student(self, stage: str, images: torch.Tensor, labels: torch.Tensor, protocol: Protocol, relabel: Any,
-                    relabel_path: str | None) -> dict:
-        """A `scdd.pipeline.StudentStage`: the workers read the images themselves (store or disk)."""
+    def fit_student(self, stage: str, protocol: Protocol, relabel_path: str | None) -> StudentScore:
+        """A student of the validate stage (scdd/validate/stage.py): the workers read the images themselves
+        (the distilled ones from the store, real ones from disk) and, in KD, the relabel teacher at `relabel_path`."""
         outcome = self.run("student", stage, protocol=protocol, relabel_path=relabel_path)
-        return {"top1": outcome["top1"], "top5": outcome["top5"], "total": outcome["total"],
-                "workers": self.spec.resources.workers, "epochs": outcome["history"],
-                "resumed_at_epoch": outcome["resumed_at_epoch"]}
+        return StudentScore(top1=outcome["top1"], top5=outcome["top5"], total=outcome["total"],
+                            workers=self.spec.resources.workers, epochs=outcome["history"],
+                            resumed_at_epoch=outcome["resumed_at_epoch"])
 
     def trainers(self) -> Trainers:
         return Trainers(supervised=self._supervised, ssl=self._ssl)
@@ -278,9 +280,9 @@ class RayTraining:
     def _supervised(self, model: nn.Module, data: RealData, spec: Any, runtime: Runtime, seed: int,
                     progress: Progress) -> nn.Module:
         stage = "squeeze-supervised"
-        self.store.write_bytes(f"state/train/{stage}/initial.pt", checkpoint_bytes(model))
+        self.store.write_bytes(train_path(stage, "initial.pt"), checkpoint_bytes(model))
         self.run("supervised", stage)
-        final = f"state/train/{stage}/final.pt"
+        final = train_path(stage, "final.pt")
         load_weights(model, self.store.read_bytes(final), self.store.url_of(final))
         return model.to(runtime.device, memory_format=runtime.memory_format()).eval()
 
@@ -288,9 +290,9 @@ class RayTraining:
         def pretrain(backbone: nn.Module, feature_dim: int, data: RealData, spec: Any, runtime: Runtime, seed: int,
                      progress: Progress) -> dict:
             stage = "squeeze-ssl"
-            self.store.write_bytes(f"state/train/{stage}/initial.pt", checkpoint_bytes(backbone))
+            self.store.write_bytes(train_path(stage, "initial.pt"), checkpoint_bytes(backbone))
             outcome = self.run("ssl", stage, ssl_method=method, feature_dim=feature_dim)
-            final = f"state/train/{stage}/final.pt"
+            final = train_path(stage, "final.pt")
             load_weights(backbone, self.store.read_bytes(final), self.store.url_of(final))
             backbone.to(runtime.device, memory_format=runtime.memory_format())
             return {**outcome["details"], "workers": self.spec.resources.workers}
@@ -301,5 +303,5 @@ class RayTraining:
 
 def checkpoint_root(store: ArtifactStore) -> str:
     """Where Ray Train keeps the checkpoints: `state/train` of the output (a path for local stores)."""
-    path = store.url_of("state/train")
+    path = store.url_of(TRAIN_DIR)
     return os.path.abspath(path) if "://" not in path else path

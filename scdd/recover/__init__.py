@@ -2,9 +2,7 @@
 
 from scdd.recover.bn_loss import BNStatLoss
 from scdd.recover.rounds import (
-    UNITS_DIR,
     RecoverResult,
-    RecoverStage,
     Unit,
     class_slices,
     collect_result,
@@ -17,13 +15,11 @@ from scdd.recover.scope import BatchScope, GlobalScope, LocalScope, local_batch_
 from scdd.recover.synthesize import SynthesisResult, freeze, prepare_teacher, recover_loss, synthesize
 
 __all__ = [
-    "UNITS_DIR",
     "BNStatLoss",
     "BatchScope",
     "GlobalScope",
     "LocalScope",
     "RecoverResult",
-    "RecoverStage",
     "SynthesisResult",
     "Unit",
     "class_slices",

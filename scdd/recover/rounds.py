@@ -4,7 +4,7 @@ Work is split in rounds: round r synthesises image r of every class. A round is 
 of `batch_size` classes; a (round, batch) pair is a unit. Each unit has its own seed derived from
 (seed, round, batch), so a unit's images do not depend on which units ran before it: a resumed
 run produces the same files as an uninterrupted one. A finished unit writes its images first and
-then a record `state/units/r<round>-b<batch>.json` (its manifest entries and losses); a rerun skips
+then a record `state/units/r<round>-b<batch>.json` (scdd/layout.py) (its manifest entries and losses); a rerun skips
 every recorded unit and never rewrites its files.
 
 With W workers (workers/recover.py) the classes are cut into W balanced contiguous slices; batch b
@@ -19,7 +19,7 @@ import hashlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -27,6 +27,7 @@ from torch import nn
 from scdd.artifacts import ImageEntry, encode_png, entry_for
 from scdd.data.base import DatasetInfo
 from scdd.errors import SpecError
+from scdd.layout import UNITS_DIR, unit_record_path
 from scdd.progress import Progress, SilentProgress
 from scdd.recover.bn_loss import BNStatLoss
 from scdd.recover.init import INITS, InitReader
@@ -36,8 +37,6 @@ from scdd.store import ArtifactStore
 
 if TYPE_CHECKING:  # annotations only: the compute path imports without pydantic (bench/gpu_check.py)
     from api_schema import RecoverSpec
-
-UNITS_DIR = "state/units"
 
 
 @dataclass(frozen=True)
@@ -56,7 +55,7 @@ class Unit:
 
     @property
     def record_path(self) -> str:
-        return f"{UNITS_DIR}/{self.name}.json"
+        return unit_record_path(self.name)
 
     def seed(self, base_seed: int, rank: int = 0) -> int:
         """Seed of one worker's share (rank 0's is the single-process unit seed)."""
@@ -102,13 +101,6 @@ class RecoverResult:
     @property
     def image_iterations_per_second(self) -> float:
         return self.image_iterations / self.seconds if self.seconds > 0 else 0.0
-
-
-class RecoverStage(Protocol):
-    """Runs the recover stage of a job: `recover_dataset` here, or a distributed runner."""
-
-    def __call__(self, teacher: nn.Module, info: DatasetInfo, spec: RecoverSpec, runtime: Runtime, store: ArtifactStore,
-                 seed: int, progress: Progress | None = None, max_units: int | None = None) -> RecoverResult: ...
 
 
 def run_share(

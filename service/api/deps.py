@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from service.api.jobstore import AsyncJobStore
+from service.api.async_jobstore import AsyncJobStore
 from service.auth import ApiKeys, Tenant
 from service.settings import Settings
 

@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
-from service.api.jobstore import AsyncJobStore
+from service.api.async_jobstore import AsyncJobStore
 from service.api.middleware import BodyLimit, Metrics, RequestMetrics
 from service.api.routes import artifacts, events, health, jobs
 from service.auth import ApiKeys

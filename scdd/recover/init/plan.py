@@ -12,13 +12,11 @@ from torch import nn
 from scdd.data import RealData
 from scdd.registry import Registry
 from scdd.runtime import Runtime
+from scdd.layout import ORIGINS_PATH, init_round_path
 from scdd.store import ArtifactStore
 
 if TYPE_CHECKING:  # annotations only: the compute path imports without pydantic (bench/gpu_check.py)
     from api_schema import RecoverSpec
-
-INIT_DIR = "state/init"
-ORIGINS_PATH = f"{INIT_DIR}/origins.json"
 
 
 @dataclass(frozen=True)
@@ -49,10 +47,6 @@ INITS: Registry[Optional[InitFn]] = Registry("recover init")
 register_init = INITS.register
 
 
-def round_path(round_index: int) -> str:
-    return f"{INIT_DIR}/r{round_index:05d}.pt"
-
-
 def plan_initialisation(data: RealData, teacher: nn.Module, spec: RecoverSpec, runtime: Runtime, seed: int,
                         store: ArtifactStore) -> None:
     """Plan and store the initialisation of a real-pixel init, once: a resumed run keeps the stored one
@@ -65,7 +59,7 @@ def plan_initialisation(data: RealData, teacher: nn.Module, spec: RecoverSpec, r
             pixels = (plan.pixels[:, r].clamp(0, 1) * 255).round().to(torch.uint8)
             buffer = io.BytesIO()
             torch.save(pixels.contiguous(), buffer)
-            store.write_bytes(round_path(r), buffer.getvalue())
+            store.write_bytes(init_round_path(r), buffer.getvalue())
         store.write_json(ORIGINS_PATH, [[o.to_dict() for o in per_class] for per_class in plan.origins])
 
 
@@ -93,7 +87,7 @@ class InitReader:
     def pixels(self, round_index: int, labels: tuple[int, ...]) -> torch.Tensor:
         """(n, C, S, S) initial pixels in [0, 1] of `labels` (class positions) in round `round_index`."""
         if self._round != round_index:
-            data = self.store.read_bytes(round_path(round_index))
+            data = self.store.read_bytes(init_round_path(round_index))
             self._pixels = torch.load(io.BytesIO(data), weights_only=True)
             self._round = round_index
         return self._pixels[list(labels)].float().div(255)

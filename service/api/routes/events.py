@@ -10,7 +10,7 @@ from fastapi.responses import StreamingResponse
 
 from api_schema import FINAL_STATES, ErrorOut
 from service.api.deps import JobDep, StoreDep
-from service.api.jobstore import STREAM_ID, AsyncJobStore
+from service.api.async_jobstore import STREAM_ID, AsyncJobStore
 
 router = APIRouter(prefix="/v1/jobs", tags=["events"])
 

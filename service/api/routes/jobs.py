@@ -13,7 +13,7 @@ from api_schema import ErrorOut, JobList, JobOut, JobSpec, JobState
 from service import records
 from service.admission import AdmissionError, admit
 from service.api.deps import JobDep, SettingsDep, StoreDep, TenantDep
-from service.api.jobstore import JOB_ID
+from service.api.async_jobstore import JOB_ID
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 

@@ -1,4 +1,5 @@
-"""Job records in Redis as the dispatcher and the Ray job entrypoint use them (blocking client)."""
+"""Job records in Redis as the dispatcher and the Ray job entrypoint use them: the blocking (synchronous)
+client. The API uses the asyncio one, service/api/async_jobstore.py; both run the scripts of service/records.py."""
 
 from __future__ import annotations
 
@@ -14,14 +15,14 @@ from service import records
 from service.records import Keys
 
 
-class JobStore:
+class BlockingJobStore:
     def __init__(self, client: redis.Redis, prefix: str = "scdd", events_maxlen: int = 10000):
         self.redis, self.keys, self.events_maxlen = client, Keys(prefix), events_maxlen
         self._transition = client.register_script(records.TRANSITION)
         self._reserve = client.register_script(records.RESERVE)
 
     @classmethod
-    def connect(cls, url: str, prefix: str = "scdd", events_maxlen: int = 10000) -> "JobStore":
+    def connect(cls, url: str, prefix: str = "scdd", events_maxlen: int = 10000) -> "BlockingJobStore":
         client = redis.Redis.from_url(url, decode_responses=True, socket_timeout=30,
                                       retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 4),
                                       retry_on_error=[redis.ConnectionError, redis.TimeoutError])
@@ -48,7 +49,12 @@ class JobStore:
                                **({"error": error} if error else {}), **fields)
 
     def reserve(self, job_id: str, limit: int) -> bool:
+        """Take one of the `limit` slots of running jobs (cluster-wide) for the job, unless it holds one."""
         return self._reserve(keys=[self.keys.active], args=[job_id, limit]) == 1
+
+    def active_count(self) -> int:
+        """Jobs dispatched or running: the slots taken."""
+        return self.redis.scard(self.keys.active)
 
     def append_event(self, job_id: str, event: dict[str, Any], **fields: Any) -> None:
         """One event into the job's stream, and `fields` (stage, progress) into its record."""

@@ -1,5 +1,5 @@
 import sys
 
-from scdd.cli import main
+from scdd_cli import main
 
 sys.exit(main())

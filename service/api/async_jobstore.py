@@ -1,4 +1,5 @@
-"""Job records, the queue and events in Redis, as the API (asyncio) uses them."""
+"""Job records, the queue and events in Redis, as the API uses them: the asyncio client. The dispatcher and
+the Ray job entrypoint use the blocking one, service/blocking_jobstore.py."""
 
 from __future__ import annotations
 

@@ -1,0 +1,75 @@
+"""The sections of a job's report (`api_schema.Report`) made from what the run produced: the dataset,
+the teachers, the recover run and the squeeze schedule (the validate section: scdd/validate/stage.py)."""
+
+from __future__ import annotations
+
+from api_schema import JobSpec
+from api_schema.report import DatasetFacts, RecoverReport, RelabelTeacherFacts, TeacherReport
+from scdd.data import RealData
+from scdd.evaluate import evaluate
+from scdd.recover import RecoverResult
+from scdd.runtime import Runtime
+from scdd.squeeze import Teacher, bn_variance_summary
+
+
+def dataset_facts(data: RealData) -> DatasetFacts:
+    info = data.info
+    return DatasetFacts(name=info.name, classes=info.num_classes, image_size=info.image_size, channels=info.channels,
+                        train_images=len(data.train), test_images=len(data.test))
+
+
+def teacher_facts(teacher: Teacher, spec: JobSpec, data: RealData, runtime: Runtime) -> TeacherReport:
+    """The recovery teacher: how it was made, its accuracy on the real test split and its BN variances."""
+    return TeacherReport.model_validate({
+        "arch": spec.teacher.arch,
+        "source": teacher.source,
+        "digest": teacher.digest,
+        **evaluate(teacher.model, data.test, runtime).to_dict(),
+        **teacher.details,
+        "bn_running_var": bn_variance_summary(teacher.model),
+    })
+
+
+def relabel_facts(relabel: Teacher, recovery: Teacher, data: RealData, runtime: Runtime) -> RelabelTeacherFacts:
+    """The KD relabel teacher; its accuracy too when it is not the recovery teacher (reported already)."""
+    accuracy = {} if relabel is recovery else evaluate(relabel.model, data.test, runtime).to_dict()
+    return RelabelTeacherFacts(source=relabel.source, digest=relabel.digest, **accuracy)
+
+
+def recover_facts(result: RecoverResult, spec: JobSpec, classes: int) -> RecoverReport:
+    return RecoverReport(
+        images=len(result.entries),
+        expected_images=classes * spec.recover.ipc,
+        init=spec.recover.init,
+        iterations=spec.recover.iterations,
+        units_run=result.units_run,
+        units_resumed=result.units_resumed,
+        seconds=round(result.seconds, 3),
+        image_iterations_per_second=round(result.image_iterations_per_second, 2),
+        final_ce=result.final_ce,
+        final_bn=result.final_bn,
+        workers=spec.resources.workers,
+        bn_sync=spec.recover.bn_sync if spec.resources.workers > 1 else "local",
+        restarts=result.restarts,
+    )
+
+
+def squeeze_schedule(spec: JobSpec, recovery: Teacher) -> str | None:
+    """One line on how long the teachers trained, so a short (demo) schedule is never mistaken for a full one."""
+    if recovery.source == "checkpoint":
+        return None
+    t, v = spec.teacher, spec.validate_
+    scdd_pretrained = spec.method == "scdd" and not t.ssl.checkpoint
+    supervised = spec.method == "sre2l" or (
+        v.enabled and v.mode == "kd" and v.relabel_teacher == "supervised" and not v.relabel_checkpoint)
+    parts = [f"{t.ssl.epochs} {t.ssl.method} epochs, {t.probe.epochs} probe epochs"] if scdd_pretrained else []
+    if supervised:
+        parts.append(f"{t.epochs} supervised epochs")
+    if spec.dataset.train_limit is not None:
+        parts.append(f"at most {spec.dataset.train_limit} training images per class")
+    if not parts:
+        return None
+    short = (supervised and t.epochs < 10) or (scdd_pretrained and t.ssl.epochs < 100)
+    note = (" (short schedules sized for a few minutes on a CPU; raise --ssl-epochs / --teacher-epochs and "
+            "use --train-limit all for quality)")
+    return ", ".join(parts) + (note if short else "")
