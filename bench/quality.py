@@ -56,7 +56,7 @@ def teacher_files(method: str, args, out: Path) -> dict:
 
 
 def other_relabel_teacher(args, out: Path) -> tuple[str, float]:
-    """--relabel-arch: a supervised teacher of that architecture on all training images (cached), saved as a
+    """--relabel-arch: a supervised teacher of that architecture on the rows' training images (cached), saved as a
     checkpoint that names its architecture; returns its path and test top-1."""
     from scdd.data import load_dataset
     from scdd.evaluate import evaluate
@@ -64,7 +64,7 @@ def other_relabel_teacher(args, out: Path) -> tuple[str, float]:
     from scdd.runtime import resolve_runtime
     from scdd.squeeze.teachers import TeacherCache, recovery_teacher
 
-    spec = JobSpec.model_validate({"method": "sre2l", "seed": 0, "dataset": {"train_limit": None},
+    spec = JobSpec.model_validate({"method": "sre2l", "seed": 0, "dataset": {"train_limit": 1000 if args.quick else None},
                                    "teacher": {"arch": args.relabel_arch, "epochs": args.teacher_epochs}})
     path = out / "teachers" / f"relabel-{args.relabel_arch}-e{args.teacher_epochs}.pt"
     data = load_dataset(spec.dataset, spec.seed)
