@@ -117,7 +117,7 @@ def test_cancel_mid_recover_stops_quickly_and_releases_everything(ray_local, tmp
     assert cpus_free_soon(ray_local) == 2  # actors, placement groups and the control actor are gone
     manifest = json.loads((tmp_path / "run/manifest.json").read_text())
     assert manifest["partial"] and not manifest["complete"]
-    assert 1 <= len(list((tmp_path / "run/state/units").glob("*.json"))) < 5  # of the 5 units of 2 images
+    assert 1 <= len(list((tmp_path / "run/state/units").glob("*.json"))) < 6  # of the 6 units (3 rounds x 2 batches)
 
 
 def test_cancel_while_the_workers_start_does_not_wait_for_them(ray_local, tmp_path, fmnist_root, fmnist_teacher_ckpt):
