@@ -55,7 +55,7 @@ from scdd.recover import (
     prepare_teacher,
     run_share,
 )
-from scdd.recover.init import INITS, InitReader
+from scdd.recover.init import init_reader
 from scdd.runtime import Runtime, resolve_runtime
 from scdd.store import ArtifactStore
 from workers.cluster import Placement, WorkerGroup, connect, rendezvous_address, wants_gpus
@@ -121,7 +121,7 @@ class RecoverWorker:
         synced = job.recover.bn_sync == "global" and self.world_size > 1
         self.bn_loss = BNStatLoss(teacher, job.recover.first_bn_multiplier, GlobalScope() if synced else LocalScope())
         self.bn_loss.__enter__()
-        self.init = InitReader(job.store) if INITS.get(job.recover.init) is not None else None
+        self.init = init_reader(job.store, job.recover.init)
         return {"rank": self.rank, "backend": backend, "pid": os.getpid(), **self.runtime.describe()}
 
     def run_unit(self, unit: Unit) -> dict:

@@ -30,7 +30,7 @@ from scdd.errors import SpecError
 from scdd.layout import UNITS_DIR, unit_record_path
 from scdd.progress import Progress, SilentProgress
 from scdd.recover.bn_loss import BNStatLoss
-from scdd.recover.init import INITS, InitReader
+from scdd.recover.init import InitReader, init_reader
 from scdd.recover.synthesize import prepare_teacher, synthesize
 from scdd.runtime import Runtime
 from scdd.store import ArtifactStore
@@ -204,7 +204,7 @@ def recover_dataset(
     image_iterations = 0
     if pending:
         runner = prepare_teacher(teacher, runtime, len(pending[0].labels) * spec.iterations)
-        init = InitReader(store) if INITS.get(spec.init) is not None else None
+        init = init_reader(store, spec.init)
         with BNStatLoss(teacher, spec.first_bn_multiplier) as bn_loss:
             for unit in pending:
                 record = run_share(unit, 0, runner, info, spec, runtime, seed, bn_loss, progress, store, init)

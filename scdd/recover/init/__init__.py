@@ -16,6 +16,6 @@ image from the same pixels.
 """
 
 from scdd.recover.init import inits as _inits  # noqa: F401  (register the initialisations)
-from scdd.recover.init.plan import INITS, InitPlan, InitReader, Origin, load_origins, plan_initialisation
+from scdd.recover.init.plan import INITS, InitPlan, InitReader, Origin, init_reader, load_origins, plan_initialisation
 
-__all__ = ["INITS", "InitPlan", "InitReader", "Origin", "load_origins", "plan_initialisation"]
+__all__ = ["INITS", "InitPlan", "InitReader", "Origin", "init_reader", "load_origins", "plan_initialisation"]

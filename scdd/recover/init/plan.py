@@ -67,6 +67,11 @@ def load_origins(store: ArtifactStore) -> list[list[dict]] | None:
     return store.read_json(ORIGINS_PATH) if store.exists(ORIGINS_PATH) else None
 
 
+def init_reader(store: ArtifactStore, init: str) -> "InitReader | None":
+    """The reader of a real-pixel init's stored pixels; None for `noise` (each unit draws its own)."""
+    return InitReader(store) if INITS.get(init) is not None else None
+
+
 class InitReader:
     """Reads the stored initial pixels of a run, keeping the last round read (units run round by round)."""
 
