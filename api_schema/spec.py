@@ -448,22 +448,24 @@ class JobSpec(_Spec):
     def digest(self, *sections: str) -> str:
         """A short stable hash of the named top-level sections (all when none are named)."""
         data = self.to_dict()
-        return self._hash({key: data[key] for key in (sections or tuple(sorted(data)))})
+        return self.hash_of({key: data[key] for key in (sections or tuple(sorted(data)))})
 
-    def _hash(self, data: dict) -> str:
+    @staticmethod
+    def hash_of(data: dict) -> str:
+        """The short stable hash every digest of a spec uses (also for derived keys, e.g. the full-data cache)."""
         blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
     def supervised_teacher_digest(self) -> str:
         """Hash of what determines a supervised teacher (sre2l's recovery teacher, the relabel teacher)."""
-        return self._hash({"kind": "supervised", "dataset": self.to_dict()["dataset"],
+        return self.hash_of({"kind": "supervised", "dataset": self.to_dict()["dataset"],
                            "teacher": self.teacher.supervised_part(), "seed": self.seed})
 
     def teacher_digest(self) -> str:
         """Hash of what determines the recovery teacher: a second job with the same value reuses it."""
         if self.method == "sre2l":
             return self.supervised_teacher_digest()
-        return self._hash({"kind": self.method, "dataset": self.to_dict()["dataset"],
+        return self.hash_of({"kind": self.method, "dataset": self.to_dict()["dataset"],
                            "teacher": self.to_dict()["teacher"], "seed": self.seed})
 
     def recover_digest(self) -> str:
@@ -474,7 +476,7 @@ class JobSpec(_Spec):
             data["workers"] = self.resources.workers
         else:
             data["recover"].pop("bn_sync")
-        return self._hash(data)
+        return self.hash_of(data)
 
     def job_id(self) -> str:
         return f"{self.dataset.name}-{self.method}-ipc{self.recover.ipc}-{self.recover_digest()}"

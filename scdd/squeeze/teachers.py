@@ -66,9 +66,9 @@ class TeacherCache:
         self.store.write_bytes(f"{digest}.pt", checkpoint_bytes(model, digest=digest, details=details))
 
 
-def _from_checkpoint(spec: JobSpec, data: RealData, url: str) -> Teacher:
+def _from_checkpoint(spec: JobSpec, data: RealData, url: str, raw: bytes | None = None) -> Teacher:
     model = _blank(spec, data)
-    load_weights(model, read_url(url), url)
+    load_weights(model, read_url(url) if raw is None else raw, url)
     return Teacher(model.eval(), "checkpoint", None, {"checkpoint": url})
 
 
@@ -79,7 +79,7 @@ def _relabel_from_checkpoint(spec: JobSpec, data: RealData, url: str) -> Teacher
     raw = read_url(url)
     meta = read_checkpoint(raw, url)
     if "arch" not in meta:
-        return _from_checkpoint(spec, data, url)
+        return _from_checkpoint(spec, data, url, raw)
     info = data.info
     shape = (meta.get("num_classes"), meta.get("in_channels"), meta.get("image_size"))
     if shape != (info.num_classes, info.channels, info.image_size):

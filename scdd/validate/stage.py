@@ -80,7 +80,7 @@ def dd_ranking_scores(spec: JobSpec, data: RealData, images: torch.Tensor, label
     if vspec.full_data_top1 is not None:
         full_top1, source = vspec.full_data_top1, "spec"
     else:
-        key = spec._hash({"dataset": spec.to_dict()["dataset"], "protocol": full_protocol.to_dict(), "seed": spec.seed})
+        key = spec.hash_of({"dataset": spec.to_dict()["dataset"], "protocol": full_protocol.to_dict(), "seed": spec.seed})
         path = full_data_record_path(key)
         if cache.exists(path):
             full_top1, source = cache.read_json(path)["top1"], "cached"
