@@ -42,7 +42,7 @@ HELD_OUT_PER_CLASS = 1000
 
 def held_out_split(seed: int = 0) -> RealData:
     """Pool = train minus 1000 random images per class; 'test' = those held-out training images."""
-    full = load_dataset(DatasetSpec(), seed)
+    full = load_dataset(DatasetSpec(train_limit=None), seed)  # every training image: pool 5000, held out 1000
     labels = full.train.labels
     generator = torch.Generator().manual_seed(12345 + seed)
     held, pool = [], []
