@@ -45,6 +45,8 @@ class DatasetFacts(_Part):
     channels: int
     train_images: int
     test_images: int
+    test_limit: Optional[int] = Field(
+        None, description="Set when accuracies are on at most this many test images per class (dataset.test_limit).")
 
 
 class RuntimeFacts(_Part):
@@ -55,7 +57,7 @@ class RuntimeFacts(_Part):
 
 
 class Accuracy(_Part):
-    """Top-1 / top-5 (percent) on the whole real test split of `total` images."""
+    """Top-1 / top-5 (percent) on the real test split (or the part dataset.test_limit keeps) of `total` images."""
 
     top1: float
     top5: float

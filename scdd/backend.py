@@ -31,7 +31,7 @@ from scdd.validate import Protocol, train_student
 
 @dataclass(frozen=True)
 class StudentRun:
-    """One student to train under `protocol` and test on the whole real test split.
+    """One student to train under `protocol` and test on the real test split (dataset.test_limit may cut it).
 
     `stage` names the run (validate, baseline, validate-hard, full-data); `images` (N, C, S, S) are
     normalised, `labels` (N,) class positions. In KD, `relabel` gives the soft labels, and

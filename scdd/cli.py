@@ -23,6 +23,8 @@ DISTILL_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--classes": ("dataset.classes", "list", "comma-separated subset of classes, by index or name (e.g. 0,1,2 or Bag,Coat)"),
     "--train-limit": ("dataset.train_limit", "limit", "training images per class the job uses (seeded random pick; "
                       "default 2000, the demo's size; 'all' for every image)"),
+    "--test-limit": ("dataset.test_limit", "limit", "test images per class accuracies are measured on (seeded random "
+                     "pick; default 'all', the whole test split; a limit is cheaper and noisier)"),
     "--image-size": ("dataset.image_size", int, "resize images to this side length (default: native size)"),
     "--method": ("method", str, "scdd (self-supervised backbone + linear probe, default) or sre2l (supervised teacher)"),
     "--teacher-arch": ("teacher.arch", str, "teacher architecture from the model registry (default convnet)"),
@@ -156,11 +158,13 @@ def _distill(args: argparse.Namespace, run_on_ray: RayRunner | None) -> int:
 def describe_report(report: Report) -> str:
     """What `scdd distill` prints at the end: the report's numbers in a few lines."""
     rec, teacher, val, data = report.recover, report.teacher, report.validate_, report.dataset
+    tested_on = ("the whole real test split" if data.test_limit is None
+                 else f"{data.test_images} real test images (dataset.test_limit {data.test_limit} per class)")
     lines = [
         "",
         f"scdd distill: {report.job_id}  (method {report.method})" + ("  (resumed)" if report.resumed else ""),
         f"  dataset   {data.name}: {data.classes} classes, {data.train_images} train / {data.test_images} test images",
-        f"  teacher   {teacher.arch} ({teacher.source}): top-1 {teacher.top1:.2f}% on the real test split"
+        f"  teacher   {teacher.arch} ({teacher.source}): top-1 {teacher.top1:.2f}% on {tested_on}"
         + (f"; {teacher.ssl.method or teacher.ssl.source} backbone + linear probe" if teacher.ssl else ""),
         f"  recover   {rec.images}/{rec.expected_images} images from {rec.init}"
         + (" (real training images)" if rec.init != "noise" else "")
@@ -175,7 +179,7 @@ def describe_report(report: Report) -> str:
         lines.append(
             f"  validate  {protocol.student_arch} student, {protocol.mode} {protocol.epochs} epochs "
             f"({protocol.preset} preset): "
-            f"top-1 {student.top1:.2f}%, top-5 {student.top5:.2f}% on the whole real test split"
+            f"top-1 {student.top1:.2f}%, top-5 {student.top5:.2f}% on {tested_on}"
         )
         if val.baseline:
             lines.append(

@@ -174,7 +174,7 @@ def run_distillation(
         complete=complete,
         resumed=resuming,
         method=spec.method,
-        dataset=dataset_facts(data),
+        dataset=dataset_facts(data, spec.dataset.test_limit),
         runtime=runtime.describe(),
         teacher=teacher,
         recover=recover_facts(result, spec, info.num_classes),

@@ -12,10 +12,11 @@ from scdd.runtime import Runtime
 from scdd.squeeze import Teacher, bn_variance_summary
 
 
-def dataset_facts(data: RealData) -> DatasetFacts:
+def dataset_facts(data: RealData, test_limit: int | None) -> DatasetFacts:
     info = data.info
+    limited = {} if test_limit is None else {"test_limit": test_limit}  # the key only where the test split is cut
     return DatasetFacts(name=info.name, classes=info.num_classes, image_size=info.image_size, channels=info.channels,
-                        train_images=len(data.train), test_images=len(data.test))
+                        train_images=len(data.train), test_images=len(data.test), **limited)
 
 
 def teacher_facts(teacher: Teacher, spec: JobSpec, data: RealData, runtime: Runtime) -> TeacherReport:

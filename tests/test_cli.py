@@ -28,7 +28,7 @@ def test_distill_end_to_end_on_fashion_mnist(tmp_path, fmnist_root):
     out = tmp_path / "run"
     args = (
         "distill", "--method", "sre2l", "--data-dir", str(fmnist_root), "--classes", "0,Trouser,2", "--train-limit", "60",
-        "--teacher-epochs", "1", "--ipc", "2", "--iterations", "5", "--validate-epochs", "2",
+        "--teacher-epochs", "1", "--ipc", "2", "--iterations", "5", "--validate-epochs", "2", "--test-limit", "200",
         "--device", "cpu", "--amp", "off", "--out", str(out), "--quiet",
     )
     result = scdd_cli(*args)
@@ -37,8 +37,9 @@ def test_distill_end_to_end_on_fashion_mnist(tmp_path, fmnist_root):
     assert "baseline  same protocol on 6 random real images" in result.stdout
     report = json.loads((out / "report.json").read_text())
     assert report["complete"] and report["recover"]["images"] == 6
-    assert report["dataset"]["train_images"] == 180 and report["dataset"]["test_images"] == 3000
-    assert report["validate"]["student"]["total"] == 3000 and 0 <= report["validate"]["student"]["top1"] <= 100
+    assert report["dataset"]["train_images"] == 180 and report["dataset"]["test_images"] == 600
+    assert report["dataset"]["test_limit"] == 200 and "on 600 real test images (dataset.test_limit 200 per class)" in result.stdout
+    assert report["validate"]["student"]["total"] == 600 and 0 <= report["validate"]["student"]["top1"] <= 100
     assert set(report["stage_seconds"]) == {"load", "squeeze", "recover", "write", "validate", "baseline"}
     assert len(list((out / "images").rglob("*.png"))) == 6
 
@@ -92,7 +93,7 @@ def test_distill_scdd_end_to_end_writes_every_report_key(tmp_path, fmnist_root):
         "distill", "--method", "scdd", "--data-dir", str(fmnist_root), "--classes", "0,1,8", "--train-limit", "80",
         "--ssl-epochs", "1", "--probe-epochs", "5", "--teacher-epochs", "1", "--ipc", "2", "--iterations", "5",
         "--validate-epochs", "3", "--mix", "mixup", "--temperature", "2", "--device", "cpu", "--amp", "off",
-        "--relabel-teacher", "supervised", "--out", str(out), "--quiet",
+        "--relabel-teacher", "supervised", "--test-limit", "200", "--out", str(out), "--quiet",
     )
     assert result.returncode == 0, result.stderr
     assert "moco_v2 backbone + linear probe" in result.stdout
@@ -109,18 +110,18 @@ def test_distill_scdd_end_to_end_writes_every_report_key(tmp_path, fmnist_root):
         "ema_decay": 0.0, "schedule_span": 1.0,
     }
     for key in ("student", "baseline"):
-        assert {"top1", "top5", "total"} <= set(val[key]) and val[key]["total"] == 3000
+        assert {"top1", "top5", "total"} <= set(val[key]) and val[key]["total"] == 600
     assert val["ior"] == val["gain_top1"] == round(val["student"]["top1"] - val["baseline"]["top1"], 2)
     assert f"IOR {val['ior']:+.2f} points" in result.stdout
     assert val["relabel_teacher"]["source"] == "trained" and 0 <= val["relabel_teacher"]["top1"] <= 100
     assert set(report["stage_seconds"]) == {"load", "squeeze", "recover", "write", "validate", "baseline"}
     assert (out / "teacher" / "teacher.pt").exists() and (out / "teacher" / "relabel.pt").exists()
 
-    # A second job with the same squeeze settings reuses both cached teachers.
+    # A second job with the same squeeze settings (and another cut of the test split) reuses the cached teacher.
     again = scdd_cli(
         "distill", "--method", "scdd", "--data-dir", str(fmnist_root), "--classes", "0,1,8", "--train-limit", "80",
         "--ssl-epochs", "1", "--probe-epochs", "5", "--teacher-epochs", "1", "--ipc", "1", "--iterations", "5",
-        "--validate-mode", "hard", "--validate-epochs", "2", "--device", "cpu", "--amp", "off",
+        "--validate-mode", "hard", "--validate-epochs", "2", "--test-limit", "100", "--device", "cpu", "--amp", "off",
         "--out", str(tmp_path / "second"), "--quiet",
     )
     assert again.returncode == 0, again.stderr

@@ -36,6 +36,24 @@ def test_class_subset_and_train_limit(fmnist_root):
     assert torch.equal(data.train.images, again.train.images)  # seeded pick
 
 
+def test_test_limit_keeps_a_seeded_pick_per_class_and_leaves_training_and_digests_alone(fmnist_root):
+    from api_schema import JobSpec
+
+    spec = DatasetSpec(root=str(fmnist_root), classes=[3, 8], train_limit=7, test_limit=5)
+    data = load_dataset(spec, seed=1)
+    assert len(data.test) == 10 and sorted(data.test.labels.tolist()) == [0] * 5 + [1] * 5
+    whole = load_dataset(DatasetSpec(root=str(fmnist_root), classes=[3, 8], train_limit=7), seed=1)
+    assert torch.equal(data.train.images, whole.train.images)  # the training pick does not depend on it
+    kept = [any(torch.equal(image, other) for other in whole.test.images) for image in data.test.images]
+    assert all(kept)  # the kept test images are the split's own
+    assert torch.equal(load_dataset(spec, seed=1).test.images, data.test.images)  # seeded
+    job = {"dataset": {"root": str(fmnist_root), "classes": [3, 8], "train_limit": 7}}
+    cut = JobSpec.model_validate({**job, "dataset": {**job["dataset"], "test_limit": 5}})
+    full = JobSpec.model_validate(job)
+    assert cut.teacher_digest() == full.teacher_digest() and cut.recover_digest() == full.recover_digest()
+    assert cut.supervised_teacher_digest() == full.supervised_teacher_digest() and cut.job_id() == full.job_id()
+
+
 def test_batches_cover_the_split_once(fmnist_root):
     data = load_dataset(DatasetSpec(root=str(fmnist_root), classes=[0]))
     seen = sum(len(labels) for _, labels in iterate_batches(data.test, 300))
@@ -90,6 +108,8 @@ def test_imagefolder_loads_classes_and_sizes(tmp_path):
     image, label = data.train[4]
     assert image.shape == (3, 16, 16) and label == 1
     assert len(data.test) == 6
+    cut = load_dataset(DatasetSpec(name="imagefolder", root=str(root), test_limit=2))
+    assert sorted(label for _, label in cut.test.samples) == [0, 0, 1, 1]
 
 
 def test_corrupt_image_error_names_the_file(tmp_path):

@@ -14,7 +14,7 @@ from scdd.evaluate import evaluate
 from scdd.models import create_model
 from scdd.runtime import Runtime
 from scdd.shard import Shard
-from tests.conftest import cpus_free_soon, tiny_job
+from tests.conftest import TEST_LIMIT, cpus_free_soon, tiny_job
 from workers.driver import run_job
 from workers.events import ListSink
 from workers.backend import RayOptions
@@ -83,7 +83,7 @@ def test_run_job_with_two_workers_reports_events_in_order(ray_local, tmp_path, f
     assert student.workers == 2 and [h.epoch for h in student.epochs] == list(range(1, 13))
     losses = [h.loss for h in student.epochs]
     assert sum(losses[-3:]) < sum(losses[:3])
-    assert student.top1 > 40 and student.total == 3000
+    assert student.top1 > 40 and student.total == 3 * TEST_LIMIT
     assert report.validate_.baseline.workers == 2
 
 

@@ -8,7 +8,8 @@ import pytest
 
 from api_schema import JobSpec, JobSummary, Report
 from scdd.pipeline import run_distillation
-from tests.conftest import tiny_job
+from scdd.cli import describe_report
+from tests.conftest import TEST_LIMIT, tiny_job
 
 FIXTURES = Path(__file__).parent / "fixtures"
 OLD_REPORTS = sorted((FIXTURES / "reports").glob("*.json"))
@@ -16,6 +17,12 @@ OLD_REPORTS = sorted((FIXTURES / "reports").glob("*.json"))
 
 def old_report(name: str) -> dict:
     return json.loads((FIXTURES / "reports" / name).read_text())
+
+
+def tiny_job_key_paths(report: dict) -> set[str]:
+    """The key paths of a report of a tiny job, less the test split cut it adds (conftest.TEST_LIMIT)."""
+    assert report["dataset"]["test_limit"] == TEST_LIMIT
+    return key_paths(report) - {"dataset.test_limit"}
 
 
 def key_paths(value, prefix: str = "") -> set[str]:
@@ -56,6 +63,14 @@ def test_an_old_report_reads_as_typed_numbers():
     assert [e.epoch for e in ray.validate_.student.epochs] == [1, 2] and ray.validate_.baseline.resumed_at_epoch is None
 
 
+def test_the_printed_summary_says_which_test_images_the_accuracies_are_on():
+    old = Report.model_validate(old_report("scdd-kd-ranking.json"))
+    assert old.dataset.test_limit is None
+    assert describe_report(old).count("on the whole real test split") == 2  # teacher and student
+    cut = old.model_copy(update={"dataset": old.dataset.model_copy(update={"test_limit": 200, "test_images": 600})})
+    assert describe_report(cut).count("on 600 real test images (dataset.test_limit 200 per class)") == 2
+
+
 def test_the_summary_of_an_old_report_is_the_one_its_job_finished_with():
     event = json.loads((FIXTURES / "events" / "job_finished-scdd-ray-2-workers.json").read_text())
     report = Report.model_validate(old_report("scdd-ray-2-workers.json"))
@@ -71,7 +86,7 @@ def test_the_pipeline_writes_the_keys_of_an_old_partial_report(tmp_path, fmnist_
     report = run_distillation(JobSpec.model_validate(spec), max_units=1)
     written = json.loads((out / "report.json").read_text())
     assert written == report.to_json_dict()
-    assert key_paths(written) == key_paths(old_report("sre2l-partial.json"))
+    assert tiny_job_key_paths(written) == key_paths(old_report("sre2l-partial.json"))
 
 
 @pytest.mark.slow
@@ -89,4 +104,4 @@ def test_the_pipeline_writes_the_keys_of_an_old_full_report(tmp_path, fmnist_roo
     report = run_distillation(JobSpec.model_validate(spec))
     written = json.loads((out / "report.json").read_text())
     assert written == report.to_json_dict()
-    assert key_paths(written) == key_paths(old_report("scdd-kd-ranking.json"))
+    assert tiny_job_key_paths(written) == key_paths(old_report("scdd-kd-ranking.json"))

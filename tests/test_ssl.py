@@ -13,6 +13,7 @@ from scdd.progress import SilentProgress
 from scdd.squeeze import train_probe
 from scdd.squeeze.ssl import detect_format, import_backbone
 from scdd.squeeze.ssl.moco import MoCo, make_view, pretrain_moco_v2
+from tests.conftest import TEST_LIMIT
 
 
 def to_bytes(obj) -> bytes:
@@ -89,7 +90,8 @@ def test_wrong_named_format_is_refused():
 
 @pytest.fixture(scope="module")
 def tiny_fmnist(fmnist_root):
-    return load_dataset(DatasetSpec(root=str(fmnist_root), classes=[0, 1, 8], train_limit=100), seed=0)
+    return load_dataset(DatasetSpec(root=str(fmnist_root), classes=[0, 1, 8], train_limit=100, test_limit=TEST_LIMIT),
+                        seed=0)
 
 
 def test_probe_keeps_bn_buffers_bit_identical_and_beats_chance(tiny_fmnist, cpu):
@@ -103,7 +105,7 @@ def test_probe_keeps_bn_buffers_bit_identical_and_beats_chance(tiny_fmnist, cpu)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # every buffer and weight, bit for bit
     assert not model.training
-    assert result.accuracy.total == 3000 and result.accuracy.top1 > 60  # chance is 33%
+    assert result.accuracy.total == 3 * TEST_LIMIT and result.accuracy.top1 > 60  # chance is 33%
 
 
 def test_folded_probe_equals_probe_on_standardised_features(tiny_fmnist, cpu):

@@ -106,4 +106,4 @@ def fashion_mnist(spec: DatasetSpec, seed: int) -> RealData:
         mean=MEAN,
         std=STD,
     )
-    return RealData(info=info, train=load("train", spec.train_limit), test=load("test", None))
+    return RealData(info=info, train=load("train", spec.train_limit), test=load("test", spec.test_limit))

@@ -99,7 +99,7 @@ def imagefolder(spec: DatasetSpec, seed: int) -> RealData:
     keep = limit_per_class(train_labels, spec.train_limit, seed).tolist()
     train_samples = [(train_paths[i], int(train_labels[i])) for i in keep]
     val_paths, val_labels = samples("val")
-    val_samples = list(zip(val_paths, val_labels.tolist()))
+    val_samples = [(val_paths[i], int(val_labels[i])) for i in limit_per_class(val_labels, spec.test_limit, seed).tolist()]
 
     size = spec.image_size or min(load_rgb(train_samples[0][0]).size)
     info = DatasetInfo(

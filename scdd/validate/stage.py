@@ -1,6 +1,7 @@
 """The validate stage of a job: the student on the distilled images and, as the baseline, on a random
-real subset of the same size, under one protocol, both tested on the whole real test split; with
-`validate.dd_ranking`, also the hard-label runs that DD-Ranking's HLR and LRS need.
+real subset of the same size, under one protocol, both tested on the real test split (all of it unless
+dataset.test_limit cuts it); with `validate.dd_ranking`, also the hard-label runs that DD-Ranking's HLR
+and LRS need.
 
 Students train through `fit` (the backend's `fit_student`: in this process or on Ray Train).
 """
@@ -80,7 +81,10 @@ def dd_ranking_scores(spec: JobSpec, data: RealData, images: torch.Tensor, label
     if vspec.full_data_top1 is not None:
         full_top1, source = vspec.full_data_top1, "spec"
     else:
-        key = spec.hash_of({"dataset": spec.to_dict()["dataset"], "protocol": full_protocol.to_dict(), "seed": spec.seed})
+        dataset = spec.training_data()  # and the test images its accuracy is on, where they are cut
+        if spec.dataset.test_limit is not None:
+            dataset["test_limit"] = spec.dataset.test_limit
+        key = spec.hash_of({"dataset": dataset, "protocol": full_protocol.to_dict(), "seed": spec.seed})
         path = full_data_record_path(key)
         if cache.exists(path):
             full_top1, source = cache.read_json(path)["top1"], "cached"
@@ -88,7 +92,7 @@ def dd_ranking_scores(spec: JobSpec, data: RealData, images: torch.Tensor, label
             all_images, all_labels = whole_split(data.train)
             full_top1, source = fit(StudentRun("full-data", all_images, all_labels, full_protocol)).top1, "trained"
             cache.write_json(path, {"top1": full_top1, "protocol": full_protocol.to_dict(),
-                                    "dataset": spec.to_dict()["dataset"], "seed": spec.seed})
+                                    "dataset": dataset, "seed": spec.seed})
     hlr = ranking.hlr(full_top1, set_hard.top1)
     return DDRanking(set_hard_top1=set_hard.top1, hard_protocol=protocol_facts(hard), full_data_hard_top1=full_top1,
                      full_data_source=source, full_data_protocol=protocol_facts(full_protocol), ior=ior,
