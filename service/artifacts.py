@@ -39,7 +39,14 @@ class JobArtifacts:
         self.root = self.root.rstrip("/")
         self.local = isinstance(self.fs, LocalFileSystem)
 
+    def _fresh(self, path: str) -> None:
+        """Forget the object store's cached listings of `path` and its parents: fsspec hands every request the same
+        cached filesystem, and a listing cached before the job wrote report.json would hide it until restart."""
+        if not self.local:
+            self.fs.invalidate_cache(path)
+
     def list(self) -> list[tuple[str, int]]:
+        self._fresh(self.root)
         if not self.fs.exists(self.root):
             return []
         found = self.fs.find(self.root, detail=True)
@@ -58,6 +65,7 @@ class JobArtifacts:
             if not real.startswith(root + os.sep) or not os.path.isfile(real):
                 return None
             return real
+        self._fresh(full)
         return full if self.fs.isfile(full) else None
 
     def stream(self, full: str, chunk: int = 1 << 16) -> Iterator[bytes]:

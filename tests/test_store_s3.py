@@ -248,3 +248,24 @@ def test_distillation_run_into_s3_resumes_and_matches_its_manifest(aws_env, fmni
     assert again.resumed and again.recover.units_run == 0
     assert {k: v for k, v in stored_objects(endpoint, prefix).items() if k.startswith("images/")} == {
         k: objects[k] for k in images}
+
+
+def test_the_api_sees_files_a_job_writes_after_an_earlier_listing(aws_env, monkeypatch):
+    """The API reads artifacts through fsspec's cached filesystem instance: a listing must not hide files
+    written later (report.json, manifest.json) until the process restarts."""
+    from service.artifacts import JobArtifacts
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", aws_env)
+    prefix, client = fresh_prefix(), s3_client(aws_env)
+    client.put_object(Bucket=BUCKET, Key=f"{prefix}/images/a.png", Body=b"a")
+    url = f"s3://{BUCKET}/{prefix}"
+    first = JobArtifacts(url)
+    assert first.list() == [("images/a.png", 1)] and first.locate("report.json") is None
+    client.put_object(Bucket=BUCKET, Key=f"{prefix}/report.json", Body=b"{}")  # the job goes on writing
+    later = JobArtifacts(url)  # one per request, on the same cached filesystem
+    assert later.fs is first.fs
+    assert later.list() == [("images/a.png", 1), ("report.json", 2)]
+    full = later.locate("report.json")
+    assert full is not None and b"".join(later.stream(full)) == b"{}"
+    client.put_object(Bucket=BUCKET, Key=f"{prefix}/images/b.png", Body=b"bb")  # in a folder listed before
+    assert later.locate("images/b.png") is not None and ("images/b.png", 2) in JobArtifacts(url).list()
