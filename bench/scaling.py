@@ -31,6 +31,7 @@ from scdd.models import checkpoint_bytes, create_model
 from scdd.recover.scope import sync_bytes_per_step
 from scdd.layout import TEACHER_PATH, unit_record_path
 from scdd.store import ArtifactStore
+from workers.cluster import connect
 from workers.recover import RayRecover
 
 CLASSES, CHANNELS, SIZE = 100, 3, 32
@@ -89,7 +90,7 @@ def main() -> None:
     parser.add_argument("--channels-last", default="auto")
     args = parser.parse_args()
 
-    ray.init(include_dashboard=False, log_to_driver=False)  # joins RAY_ADDRESS when set
+    connect()  # joins RAY_ADDRESS when set, else a new local cluster
     cluster = ray.cluster_resources()
     print(f"Ray: {int(cluster.get('CPU', 0))} CPUs, {int(cluster.get('GPU', 0))} GPUs; torch {torch.__version__}; "
           f"global batch {args.classes} images of 3x32x32, {args.iterations} iterations/unit, {args.units} units; "

@@ -3,8 +3,12 @@
 import hashlib
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -222,3 +226,41 @@ def test_two_workers_start_from_the_planned_real_pixels(init, iterations, ray_lo
     assert {p: e["origin"] for p, e in ray_entries.items()} == {p: e["origin"] for p, e in single_entries.items()}
     assert {e["worker"] for e in ray_entries.values()} == {0, 1}
     assert all(e["origin"]["init"] == init for e in ray_entries.values())
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:  # bound, then closed: nothing listens there
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_a_ray_address_that_does_not_answer_fails_at_once_naming_the_fix(tmp_path, fmnist_root):
+    address = f"127.0.0.1:{closed_port()}"
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "scdd_cli", "distill", "--data-dir", str(fmnist_root), "--classes", "0,1",
+         "--train-limit", "20", "--method", "sre2l", "--ipc", "1", "--no-validate", "--workers", "2",
+         "--out", str(tmp_path / "out"), "--quiet"],
+        env={**os.environ, "RAY_ADDRESS": address}, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"the Ray cluster at RAY_ADDRESS={address} does not answer" in done.stderr and "unset it" in done.stderr
+    assert time.monotonic() - started < 60  # the time to import and train the tiny teacher, not Ray's retries
+
+
+def test_without_ray_address_a_new_local_cluster_starts_whatever_the_bootstrap_record_says():
+    """A stopped `ray start` head (e.g. `scdd serve`'s) leaves Ray's record of the "current cluster" behind;
+    a local run must not try to join it."""
+    temp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths live below it
+    try:
+        (temp / "ray").mkdir()
+        (temp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{closed_port()}")
+        env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+        done = subprocess.run(
+            [sys.executable, "-c", "from workers.cluster import connect; import ray; print(connect()); ray.shutdown()"],
+            env={**env, "RAY_TMPDIR": str(temp)}, capture_output=True, text=True, timeout=120,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "started a local Ray cluster" in done.stdout
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)

@@ -1,7 +1,8 @@
 """Connecting to Ray, and gang-placing a group of workers on it.
 
-`connect()` joins the cluster at RAY_ADDRESS when it is set, and otherwise starts a local one on
-this machine (no dashboard: it starts faster and serves nothing here). A `WorkerGroup` reserves one
+`connect()` joins the cluster at RAY_ADDRESS when it is set (failing at once when it does not answer), and
+otherwise starts a new local one on this machine (no dashboard: it starts faster and serves nothing here),
+whatever cluster Ray's bootstrap record last named. A `WorkerGroup` reserves one
 placement-group bundle per worker, so either all W workers start or none does, and releases the
 bundles again (`shutdown`), also after a failure.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 from dataclasses import dataclass
 from typing import Any
@@ -23,16 +25,37 @@ from scdd.errors import ResourceError
 log = logging.getLogger("scdd.workers")
 
 
+ANSWER_TIMEOUT_S = 5.0
+
+
+def check_answers(address: str, timeout_s: float = ANSWER_TIMEOUT_S) -> None:
+    """Fail at once, naming the fix, when the Ray address (host:port or ray://host:port) takes no connection:
+    ray.init would otherwise retry against a dead head for as long as it is let."""
+    match = re.fullmatch(r"(?:ray://)?\[?([^\]/]+?)\]?:(\d+)/?", address)
+    if not match:  # "auto" and other forms Ray resolves itself
+        return
+    host, port = match.group(1), int(match.group(2))
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as error:
+        raise ResourceError(
+            f"the Ray cluster at RAY_ADDRESS={address} does not answer ({error.strerror or error}); start it, fix "
+            f"RAY_ADDRESS, or unset it to run on a local Ray cluster") from None
+
+
 def connect(address: str | None = None) -> str:
     """Join or start Ray once per process; returns what it did, for the logs."""
     address = address or os.environ.get("RAY_ADDRESS") or None
     if ray.is_initialized():
         return "using the Ray connection of this process"
     if address:
+        check_answers(address)
         ray.init(address=address, log_to_driver=False)
         message = f"joined the Ray cluster at {address}"
     else:
-        ray.init(include_dashboard=False, log_to_driver=False)
+        # "local": always a new cluster. Without it ray.init joins the cluster Ray's bootstrap record names (the
+        # last `ray start` on this machine, e.g. a stopped `scdd serve`'s head) and retries against it if it is gone.
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
         message = f"started a local Ray cluster ({int(ray.cluster_resources().get('CPU', 0))} CPUs); set RAY_ADDRESS to join one"
     log.info(message)
     return message
