@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import httpx
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
@@ -11,6 +13,7 @@ from api_schema import JOB_STATES
 from service.api.deps import SettingsDep, StoreDep
 
 router = APIRouter(tags=["health"])
+log = logging.getLogger("scdd.api")
 
 
 @router.get("/healthz")
@@ -19,28 +22,33 @@ async def healthz() -> dict:
     return {"status": "ok"}
 
 
-async def _ray_reachable(url: str | None) -> str:
+async def _ray_state(url: str | None) -> str:
     if not url:
-        return "not configured: set RAY_ADDRESS to the Ray Jobs API (http://head:8265)"
+        log.warning("readyz: RAY_ADDRESS is not set; set it to the Ray Jobs API (http://head:8265)")
+        return "not configured"
     try:
         async with httpx.AsyncClient(timeout=2.0) as client:
             answer = await client.get(f"{url.rstrip('/')}/api/version")
     except httpx.HTTPError as exc:
-        return f"unreachable at {url}: {type(exc).__name__}"
+        log.warning("readyz: the Ray Jobs API at %s is unreachable: %s: %s", url, type(exc).__name__, exc)
+        return "unreachable"
     if answer.status_code >= 500:
-        return f"Ray Jobs API at {url} answers {answer.status_code}"
+        log.warning("readyz: the Ray Jobs API at %s answers %s", url, answer.status_code)
+        return "unreachable"
     return "ok"
 
 
 @router.get("/readyz", responses={503: {"description": "Redis or Ray is not reachable."}})
 async def readyz(store: StoreDep, settings: SettingsDep) -> JSONResponse:
-    """Redis answers PING and the Ray Jobs API answers."""
+    """Redis answers PING and the Ray Jobs API answers. Anyone may ask, so the answer says only ok, unreachable or
+    not configured; the cause (exception text, addresses) goes to the API's log for its operator."""
     try:
         await store.ping()
         redis_state = "ok"
     except Exception as exc:  # any failure of the connection means not ready
-        redis_state = f"unreachable: {type(exc).__name__}: {exc}"
-    ray_state = await _ray_reachable(settings.ray_jobs_url)
+        log.warning("readyz: Redis is unreachable: %s: %s", type(exc).__name__, exc)
+        redis_state = "unreachable"
+    ray_state = await _ray_state(settings.ray_jobs_url)
     ready = redis_state == "ok" and ray_state == "ok"
     return JSONResponse({"status": "ready" if ready else "not ready", "redis": redis_state, "ray": ray_state},
                         status_code=200 if ready else 503)
