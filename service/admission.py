@@ -12,6 +12,7 @@ import os
 from typing import Optional
 
 from api_schema import JobSpec
+from service.artifacts import UnsafePath, check_relative
 from service.settings import Settings
 
 
@@ -28,8 +29,12 @@ def job_prefix(settings: Settings, tenant: str, job_id: str) -> str:
 def _readable(path: str, roots: list[str], tenant_root: str) -> bool:
     if "\x00" in path:
         return False
-    if "://" in path:
-        return path.startswith(tenant_root + "/")
+    if "://" in path:  # an object-store URL: inside the tenant's prefix, with no segment that climbs out of it
+        rest = path.removeprefix(tenant_root + "/")
+        try:
+            return rest != path and check_relative(rest) == rest
+        except UnsafePath:
+            return False
     real = os.path.realpath(path)
     return any(real == root or real.startswith(root.rstrip("/") + "/") for root in roots + [tenant_root])
 

@@ -115,6 +115,21 @@ def test_service_owned_and_outside_paths_are_422(acme, tmp_path):
     assert inside.status_code == 202  # under a data root
 
 
+def test_object_store_paths_must_stay_inside_the_tenants_own_prefix():
+    from api_schema import JobSpec
+    from service.admission import AdmissionError, admit
+    from service.settings import Settings
+
+    settings = Settings(artifacts="s3://bucket/artifacts", data_roots="/usr/share/datasets")
+    own = "s3://bucket/artifacts/acme/job-1/teacher/teacher.pt"
+    assert admit(JobSpec.model_validate({"teacher": {"checkpoint": own}}), "acme", "job-2", settings)
+    for path in ("s3://bucket/artifacts/acme/../other/job/teacher.pt", "s3://bucket/artifacts/acme/./x/../../b/t.pt",
+                 "s3://bucket/artifacts/acme//t.pt", "s3://bucket/artifacts/acme/%2e%2e/b/t.pt",
+                 "s3://bucket/artifacts/acmeX/t.pt", "s3://bucket/artifacts/other/t.pt"):
+        with pytest.raises(AdmissionError, match="is outside the folders this service reads from"):
+            admit(JobSpec.model_validate({"teacher": {"checkpoint": path}}), "acme", "job-2", settings)
+
+
 def test_body_over_the_limit_is_413(acme):
     big = {**SPEC, "dataset": {"classes": ["c" * 100] * 100}}
     assert submit(acme, big).status_code == 413
