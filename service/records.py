@@ -96,7 +96,8 @@ end
 # KEYS: job, idempotency (or any name when unused), queue, tenant jobs, tenant queued, tenant
 # dispatched, tenant running, counts. ARGV: id, tenant, now, spec JSON, body hash, quota, idempotency
 # TTL, '1' when an idempotency key is given.
-# Returns {'created'|'existing'|'conflict'|'quota', job id or active count}.
+# Returns {'created'|'existing'|'conflict'|'taken'|'quota', job id or active count}; 'taken': a record with this
+# id exists already (it is never overwritten).
 CREATE = """
 if ARGV[8] == '1' then
   local prior = redis.call('HMGET', KEYS[2], 'job', 'body')
@@ -105,6 +106,7 @@ if ARGV[8] == '1' then
     return {'existing', prior[1]}
   end
 end
+if redis.call('EXISTS', KEYS[1]) == 1 then return {'taken', ARGV[1]} end
 local active = redis.call('ZCARD', KEYS[5]) + redis.call('ZCARD', KEYS[6]) + redis.call('ZCARD', KEYS[7])
 if active >= tonumber(ARGV[6]) then return {'quota', tostring(active)} end
 redis.call('HSET', KEYS[1], 'id', ARGV[1], 'tenant', ARGV[2], 'state', 'queued', 'progress', '0',

@@ -115,6 +115,21 @@ def test_service_owned_and_outside_paths_are_422(acme, tmp_path):
     assert inside.status_code == 202  # under a data root
 
 
+def test_a_new_job_never_overwrites_a_record_with_the_same_id(acme, monkeypatch):
+    from service import records
+
+    first = submit(acme).json()
+    ids = iter([first["id"], first["id"], "j-000000000001feedf00d"])  # the id clashes twice, then is free
+    monkeypatch.setattr(records, "new_job_id", lambda: next(ids))
+    second = submit(acme, {**SPEC, "recover": {"ipc": 2, "iterations": 2}})
+    assert second.status_code == 202 and second.json()["id"] == "j-000000000001feedf00d"
+    assert acme.get(f"/v1/jobs/{first['id']}").json() == first  # untouched
+    monkeypatch.setattr(records, "new_job_id", lambda: first["id"])
+    clash = submit(acme)
+    assert clash.status_code == 503 and "no free job id after 3 tries" in clash.json()["detail"]
+    assert acme.get(f"/v1/jobs/{first['id']}").json() == first
+
+
 def test_object_store_paths_must_stay_inside_the_tenants_own_prefix():
     from api_schema import JobSpec
     from service.admission import AdmissionError, admit

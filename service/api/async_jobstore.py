@@ -26,7 +26,8 @@ class AsyncJobStore:
 
     async def create(self, job_id: str, tenant: str, spec: dict[str, Any], quota: int,
                      idempotency_key_hash: Optional[str], body_hash: str) -> tuple[str, str]:
-        """('created' | 'existing' | 'conflict', job id) or ('quota', active job count)."""
+        """('created' | 'existing' | 'conflict' | 'taken', job id) or ('quota', active job count); 'taken' leaves the
+        record of that id as it was."""
         k = self.keys
         idem = k.idempotency(tenant, idempotency_key_hash) if idempotency_key_hash else k.idempotency(tenant, "-")
         outcome, value = await self._create(

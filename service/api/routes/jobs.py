@@ -17,24 +17,31 @@ from service.api.async_jobstore import JOB_ID
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
+ID_ATTEMPTS = 3
 ERRORS = {401: {"model": ErrorOut}, 404: {"model": ErrorOut}}
 UNREADABLE = {"model": ErrorOut, "description": "The body is not text (not UTF-8), so not JSON either."}
 
 
 @router.post("", status_code=202, response_model=JobOut,
              responses={**ERRORS, 400: UNREADABLE, 409: {"model": ErrorOut}, 413: {"model": ErrorOut},
-                        422: {"model": ErrorOut}, 429: {"model": ErrorOut}})
+                        422: {"model": ErrorOut}, 429: {"model": ErrorOut}, 503: {"model": ErrorOut}})
 async def submit_job(spec: JobSpec, response: Response, tenant: TenantDep, store: StoreDep, settings: SettingsDep,
                      idempotency_key: Annotated[Optional[str], Header(min_length=1, max_length=255)] = None) -> JobOut:
     """Queue a distillation job. Retrying with the same `Idempotency-Key` returns the same job."""
-    job_id = records.new_job_id()
-    try:
-        effective = admit(spec, tenant.name, job_id, settings)
-    except AdmissionError as exc:
-        raise RequestValidationError([{"loc": loc, "msg": msg, "type": "value_error"} for loc, msg in exc.errors]) from None
     key_hash = hashlib.sha256(idempotency_key.encode()).hexdigest() if idempotency_key else None
     body_hash = hashlib.sha256(json.dumps(spec.to_dict(), sort_keys=True).encode()).hexdigest()
-    outcome, value = await store.create(job_id, tenant.name, effective, tenant.max_active_jobs, key_hash, body_hash)
+    for _ in range(ID_ATTEMPTS):  # a new id is unique but for a clash of its 32 random bits in one millisecond
+        job_id = records.new_job_id()
+        try:
+            effective = admit(spec, tenant.name, job_id, settings)
+        except AdmissionError as exc:
+            raise RequestValidationError([{"loc": loc, "msg": msg, "type": "value_error"}
+                                          for loc, msg in exc.errors]) from None
+        outcome, value = await store.create(job_id, tenant.name, effective, tenant.max_active_jobs, key_hash, body_hash)
+        if outcome != "taken":
+            break
+    else:
+        raise HTTPException(503, f"no free job id after {ID_ATTEMPTS} tries: submit again")
     if outcome == "quota":
         raise HTTPException(429, f"tenant {tenant.name!r} has {value} jobs queued or running, its limit is "
                                  f"{tenant.max_active_jobs}: wait for one to finish or cancel one")
