@@ -184,7 +184,7 @@ def train_worker(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            resume = torch.load(os.path.join(folder, STATE_FILE), weights_only=False)
+            resume = torch.load(os.path.join(folder, STATE_FILE), weights_only=True)  # tensors and containers only
 
     last_report = [time.monotonic()]
     unreported: list[dict[str, float]] = []
