@@ -19,8 +19,8 @@ def _positive(text: str) -> int:
     return value
 
 
-SERVER_TEXT = ("The server is --server, else $SCDD_SERVER, else http://127.0.0.1:8000; the API key --api-key, else "
-               "$SCDD_API_KEY.")
+SERVER_TEXT = ("The server is --server, else $SCDD_SERVER, else http://127.0.0.1:8000; the API key --api-key-file, "
+               "else --api-key (which other users of this machine can read in ps), else $SCDD_API_KEY.")
 CLIENT_EPILOG = SERVER_TEXT + " Exit codes: 0 ok, 1 error, 2 usage error or a request the server refused as invalid."
 WAIT_EPILOG = (SERVER_TEXT + " Exit codes: 0 the job succeeded, 1 it failed (or an error), 2 usage error, 130 it was "
                "cancelled (also when Ctrl-C stops the waiting: the job goes on).")
@@ -30,7 +30,9 @@ def add_client(sub: argparse._SubParsersAction) -> None:
     """The job service's client commands (service/commands.py runs them)."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--server", metavar="URL", help="job service URL (default $SCDD_SERVER, else http://127.0.0.1:8000)")
-    common.add_argument("--api-key", metavar="KEY", help="API key of your tenant (default $SCDD_API_KEY)")
+    common.add_argument("--api-key-file", metavar="FILE", help="read your tenant's API key from this file")
+    common.add_argument("--api-key", metavar="KEY", help="API key of your tenant (default $SCDD_API_KEY); visible to "
+                        "other users in ps: prefer --api-key-file or $SCDD_API_KEY")
 
     def add(name: str, text: str, epilog: str = CLIENT_EPILOG) -> argparse.ArgumentParser:
         parser = sub.add_parser(name, parents=[common], help=text, description=text + ".", epilog=epilog)

@@ -9,11 +9,14 @@ waiting; the job goes on).
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import sys
 import time
 from pathlib import Path
+from typing import Optional
+from urllib.parse import urlsplit
 
 from service.client import ClientError, JobClient
 
@@ -26,13 +29,49 @@ class UsageError(ClientError):
     """A local mistake of the caller (exit code 2)."""
 
 
+def api_key(args: argparse.Namespace) -> Optional[str]:
+    """--api-key-file, else --api-key (with a warning: the command line is public), else $SCDD_API_KEY."""
+    if args.api_key_file:
+        try:
+            key = Path(args.api_key_file).read_text().strip()
+        except OSError as exc:
+            raise UsageError(None, f"cannot read the API key file {args.api_key_file}: {exc.strerror}") from None
+        if not key:
+            raise UsageError(None, f"the API key file {args.api_key_file} is empty")
+        return key
+    if args.api_key:
+        print("scdd: warning: --api-key shows the key to other users of this machine (ps, shell history); use "
+              "--api-key-file or SCDD_API_KEY", file=sys.stderr)
+        return args.api_key
+    return os.environ.get("SCDD_API_KEY")
+
+
+def warn_if_sent_in_clear(server: str, key: Optional[str]) -> None:
+    """A key sent over plain http beyond this machine can be read by anyone on the path."""
+    url = urlsplit(server)
+    if key and url.scheme == "http" and not is_loopback(url.hostname or ""):
+        print(f"scdd: warning: the API key goes to {url.hostname} over plain http, readable by anyone on the way; "
+              f"use https://", file=sys.stderr)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def run(args: argparse.Namespace) -> int:
     server = args.server or os.environ.get("SCDD_SERVER") or DEFAULT_SERVER
     try:
-        with JobClient(server, args.api_key or os.environ.get("SCDD_API_KEY")) as client:
+        key = api_key(args)
+        warn_if_sent_in_clear(server, key)
+        with JobClient(server, key) as client:
             return COMMANDS[args.command](client, args)
     except ClientError as exc:
-        hint = ": pass --api-key or set SCDD_API_KEY" if exc.status == 401 else ""
+        hint = ": pass --api-key-file or set SCDD_API_KEY" if exc.status == 401 else ""
         print(f"scdd: error: {exc}{hint}", file=sys.stderr)
         return 2 if isinstance(exc, UsageError) or exc.status in USAGE_STATUSES else 1
     except OSError as exc:  # the download folder

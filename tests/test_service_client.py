@@ -148,7 +148,8 @@ def test_wait_follows_a_running_job_to_the_end_and_exits_as_it_ended(client, cli
 
 def test_errors_carry_the_servers_message_and_the_usage_ones_exit_2(api, cli, tmp_path):
     code, _, err = cli("jobs", "--api-key", "wrong")
-    assert code == 1 and "missing or unknown API key" in err and "(HTTP 401): pass --api-key or set SCDD_API_KEY" in err
+    assert code == 1 and "missing or unknown API key" in err and "(HTTP 401): pass --api-key-file or set SCDD_API_KEY" in err
+    assert "warning: --api-key shows the key to other users of this machine" in err
     code, _, err = cli("status", "j-00000000000000000000")
     assert code == 1 and "no job 'j-00000000000000000000': list yours with GET /v1/jobs (HTTP 404)" in err
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"recover": {"ipc": 0}, "bogus": 1}))
@@ -263,3 +264,23 @@ def test_events_give_up_when_the_resumed_stream_drops_too():
         with pytest.raises(ClientError, match="did not answer: ReadError"):
             list(job_client.events("j-1"))
     assert asked == [None, None]
+
+
+def test_the_api_key_comes_from_a_file_and_is_not_sent_in_clear_without_a_warning(cli, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("SCDD_API_KEY")
+    (tmp_path / "key").write_text("key-acme\n")
+    code, out, err = cli("jobs", "--api-key-file", tmp_path / "key")
+    assert code == 0 and err == ""  # loopback: no warning
+    (tmp_path / "empty").write_text("")
+    assert cli("jobs", "--api-key-file", tmp_path / "empty")[0] == 2
+    code, _, err = cli("jobs", "--api-key-file", tmp_path / "none")
+    assert code == 2 and f"cannot read the API key file {tmp_path / 'none'}" in err
+
+    from service.commands import warn_if_sent_in_clear
+
+    for server, warned in (("http://jobs.example.com:8000", True), ("https://jobs.example.com", False),
+                           ("http://127.0.0.1:8000", False), ("http://[::1]:8000", False), ("http://localhost", False)):
+        warn_if_sent_in_clear(server, "key")
+        assert ("warning: the API key goes to jobs.example.com over plain http" in capsys.readouterr().err) == warned
+    warn_if_sent_in_clear("http://jobs.example.com", None)  # no key, nothing to read
+    assert capsys.readouterr().err == ""
