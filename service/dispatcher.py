@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 from typing import Any, Optional
+from urllib.parse import urlsplit
 
 import redis
 
@@ -97,6 +98,9 @@ class Dispatcher:
         self.queue.ensure_group()
         log.info("dispatcher %s: queue %s, Ray Jobs API %s, at most %d jobs at once", self.name, self.queue.keys.queue,
                  self.ray.address, self.settings.max_running)
+        if self.settings.jobs_redis_url == "pass" and urlsplit(self.settings.redis_url).password:
+            log.warning("REDIS_URL holds a password and goes into every Ray job's runtime_env, readable through the "
+                        "Ray Jobs API and dashboard: give the Ray nodes REDIS_URL and set SCDD_JOBS_REDIS_URL=cluster")
         while not self.stopped.is_set():
             try:
                 self.tick()
@@ -171,8 +175,11 @@ class Dispatcher:
         self.following[job_id] = message_id
 
     def job_env(self) -> dict[str, str]:
+        """The Ray job's environment: REDIS_URL only with SCDD_JOBS_REDIS_URL=pass (a runtime_env is readable by
+        anyone with the Ray Jobs API or dashboard, so a password in it is exposed there)."""
         s = self.settings
-        return {"REDIS_URL": s.redis_url, "SCDD_REDIS_PREFIX": s.redis_prefix, "SCDD_EVENTS_MAXLEN": str(s.events_maxlen)}
+        env = {"SCDD_REDIS_PREFIX": s.redis_prefix, "SCDD_EVENTS_MAXLEN": str(s.events_maxlen)}
+        return {"REDIS_URL": s.redis_url, **env} if s.jobs_redis_url == "pass" else env
 
     def follow(self) -> None:
         for job_id, message_id in list(self.following.items()):

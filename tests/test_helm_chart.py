@@ -598,6 +598,10 @@ def test_in_chart_redis():
     assert names.index("SCDD_REDIS_PASSWORD") < names.index("REDIS_URL")  # $(VAR) only sees earlier variables
     for _, template in ray_pod_templates("default"):  # KubeRay reads REDIS_PASSWORD on heads (GCS FT)
         assert "REDIS_PASSWORD" not in env_of(template["spec"]["containers"][0])
+        # the Ray pods have REDIS_URL from the Secret, so the dispatcher keeps it out of the jobs' runtime_env
+        assert env_of(template["spec"]["containers"][0])["REDIS_URL"] == env["REDIS_URL"]
+    dispatcher = env_of(container("default", "Deployment", f"{FULLNAME}-dispatcher"))
+    assert dispatcher["SCDD_JOBS_REDIS_URL"]["value"] == "cluster"
     no_auth = one("existing-secrets-static-ray", "StatefulSet", f"{FULLNAME}-redis")
     assert "volumeClaimTemplates" not in no_auth["spec"]
     assert {"name": "data", "emptyDir": {}} in no_auth["spec"]["template"]["spec"]["volumes"]

@@ -187,3 +187,18 @@ def test_cancelling_a_job_ray_has_not_started_stops_it_at_once(stack, fmnist_roo
     r = redis.Redis.from_url(stack.redis.url, decode_responses=True)
     wait_until(lambda: r.xpending("scdd:queue", "dispatchers")["pending"] == 0, 10, "the message to be acknowledged")
     assert ray_jobs_named(ray_head, job["id"])[0].status in ("PENDING", "STOPPED")  # never ran
+
+
+def test_a_jobs_runtime_env_holds_the_redis_url_only_when_the_cluster_lacks_it(redis_server):
+    """Anyone with the Ray Jobs API or dashboard reads a job's runtime_env: with SCDD_JOBS_REDIS_URL=cluster (the
+    chart, whose Ray pods get REDIS_URL from the Secret) the URL and its password stay out of it."""
+    from service.blocking_jobstore import BlockingJobStore
+    from service.dispatcher import Dispatcher
+
+    store = BlockingJobStore.connect(redis_server.url, "env-test")
+    url = redis_server.url.replace("redis://", "redis://:secret@")
+    passed = Dispatcher(Settings(redis_url=url, redis_prefix="env-test"), store, ray_jobs=None).job_env()
+    assert passed == {"REDIS_URL": url, "SCDD_REDIS_PREFIX": "env-test", "SCDD_EVENTS_MAXLEN": "10000"}
+    kept = Dispatcher(Settings(redis_url=url, redis_prefix="env-test", jobs_redis_url="cluster"), store,
+                      ray_jobs=None).job_env()
+    assert kept == {"SCDD_REDIS_PREFIX": "env-test", "SCDD_EVENTS_MAXLEN": "10000"}
