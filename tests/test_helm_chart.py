@@ -80,6 +80,7 @@ VALUE_SETS: dict[str, dict] = {
         "image": {"repository": "registry.example/ml/scdd", "tag": "0.1.0", "pullSecrets": [{"name": "regcred"}]},
         "extraEnv": [{"name": "NCCL_SOCKET_IFNAME", "value": "eth0"}],
     },
+    "egress-open": {"networkPolicy": {"egress": False}},
     "no-gpu-group-no-policies": {"ray": {"workers": {"enabled": False}, "additionalWorkerGroups": [CPU_GROUP],
                                          "auth": {"enabled": False}},
                                  "networkPolicy": {"enabled": False}, "tests": {"enabled": False}},
@@ -710,6 +711,36 @@ def test_network_policies():
     assert not of_kind("no-gpu-group-no-policies", "NetworkPolicy")
     assert not of_kind("external-redis", "NetworkPolicy") or \
         f"{FULLNAME}-redis" not in {p["metadata"]["name"] for p in of_kind("external-redis", "NetworkPolicy")}
+
+
+def _egress(policy: dict) -> list[tuple[dict, list]]:
+    return [(peer, rule.get("ports", [])) for rule in policy["spec"]["egress"] for peer in rule.get("to", [{}])]
+
+
+def test_egress_is_closed_but_for_what_each_pod_talks_to():
+    name = "default"
+    labels = {where.split("/")[1].removeprefix(f"{FULLNAME}-"): t["metadata"]["labels"]
+              for where, t in pod_templates(name) if where.startswith(("Deployment/", "StatefulSet/"))}
+    policies = {p["metadata"]["name"].removeprefix(f"{FULLNAME}-"): p for p in of_kind(name, "NetworkPolicy")}
+    dns = ({}, [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}])
+    redis = ({"podSelector": {"matchLabels": {k: labels["redis"][k] for k in
+                                              policies["redis"]["spec"]["podSelector"]["matchLabels"]}}},
+             [{"port": 6379, "protocol": "TCP"}])
+    jobs_api = ({"podSelector": {"matchLabels": {"ray.io/cluster": CLUSTER, "ray.io/node-type": "head"}}},
+                [{"port": 8265, "protocol": "TCP"}])
+    https = ({}, [{"port": 443, "protocol": "TCP"}])
+    ray_pods = ({"podSelector": {"matchLabels": {"ray.io/cluster": CLUSTER}}}, [])
+    expected = {"api": [dns, redis, jobs_api, https], "dispatcher": [dns, redis, jobs_api],
+                "ray": [dns, redis, ray_pods, https], "redis": []}
+    for component, rules in expected.items():
+        policy = policies[component]
+        assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"], component
+        assert _egress(policy) == rules, component
+    assert policies["ray-head"]["spec"]["policyTypes"] == ["Ingress"]  # its egress is the ray policy's
+    external = {p["metadata"]["name"]: p for p in of_kind("external-redis", "NetworkPolicy")}
+    assert _egress(external[f"{FULLNAME}-dispatcher"])[1] == ({}, [{"port": 6379, "protocol": "TCP"}])
+    opened = of_kind("egress-open", "NetworkPolicy")
+    assert opened and all(p["spec"]["policyTypes"] == ["Ingress"] and "egress" not in p["spec"] for p in opened)
 
 
 def test_service_account_does_not_mount_its_token():

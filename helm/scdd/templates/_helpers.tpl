@@ -280,3 +280,35 @@ imagePullSecrets:
   {{- toYaml . | nindent 2 }}
 {{- end }}
 {{- end }}
+
+{{/* Egress every scdd pod needs: DNS, and Redis (the chart's, or networkPolicy.externalRedisEgress). */}}
+{{- define "scdd.egress.base" -}}
+- ports:
+    - port: 53
+      protocol: UDP
+    - port: 53
+      protocol: TCP
+{{- if include "scdd.redisExternal" . }}
+{{ toYaml .Values.networkPolicy.externalRedisEgress }}
+{{- else }}
+- to:
+    - podSelector:
+        matchLabels:
+          {{- include "scdd.selectorLabels" (list . "redis") | trim | nindent 10 }}
+  ports:
+    - port: 6379
+      protocol: TCP
+{{- end }}
+{{- end }}
+
+{{/* Egress to the Ray head's Jobs API (the dispatcher submits and follows jobs; the API's /readyz asks). */}}
+{{- define "scdd.egress.rayJobsApi" -}}
+- to:
+    - podSelector:
+        matchLabels:
+          ray.io/cluster: {{ include "scdd.rayClusterName" . }}
+          ray.io/node-type: head
+  ports:
+    - port: 8265
+      protocol: TCP
+{{- end }}
