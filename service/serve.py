@@ -11,6 +11,7 @@ Everything it started is stopped again when it exits (Ctrl-C or SIGTERM).
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import secrets
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 log = logging.getLogger("scdd.serve")
+PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
 class ServeError(RuntimeError):
@@ -127,12 +129,29 @@ def jobs_api_up(url: str) -> bool:
         return False
 
 
+def _ends_with_serve() -> Callable[[], None] | None:
+    """A preexec_fn that has Linux send the child SIGTERM when `scdd serve` dies, even by SIGKILL, so no
+    redis-server, Ray head or dispatcher is left running orphaned (elsewhere: None, the stop path only)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    parent = os.getpid()
+
+    def arm() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # serve died before the line above
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return arm
+
+
 def start_redis(folder: Path, stack: ExitStack) -> str:
     binary = program("redis-server", "install it (apt-get install redis-server) or set REDIS_URL")
     folder.mkdir(parents=True, exist_ok=True)
     port = free_port()
     logfile = open(folder / "redis.log", "a")
-    process = subprocess.Popen(redis_command(binary, port, folder), stdout=logfile, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(redis_command(binary, port, folder), stdout=logfile, stderr=subprocess.STDOUT,
+                               preexec_fn=_ends_with_serve())
     stack.callback(_stopper(process, "redis-server"))
 
     _wait(lambda: redis_up(port), 20, "redis-server", process)
@@ -147,7 +166,8 @@ def start_ray_head(folder: Path, stack: ExitStack) -> str:
     process = subprocess.Popen(
         [program("ray", "install the project (bash scripts/setup.sh) or set RAY_ADDRESS"), "start", "--head",
          "--block", *head_flags(port, dashboard)],
-        stdout=logfile, stderr=subprocess.STDOUT, env=child_env(RAY_USAGE_STATS_ENABLED="0"))
+        stdout=logfile, stderr=subprocess.STDOUT, env=child_env(RAY_USAGE_STATS_ENABLED="0"),
+        preexec_fn=_ends_with_serve())
     stack.callback(_stopper(process, "the Ray head", grace=60))
     url = f"http://127.0.0.1:{dashboard}"
 
@@ -187,7 +207,7 @@ def ensure_api_keys(data_dir: Path) -> str:
 def start_dispatcher(data_dir: Path, stack: ExitStack) -> None:
     logfile = open(data_dir / "dispatcher.log", "a")
     process = subprocess.Popen([sys.executable, "-m", "service.dispatcher"], stdout=logfile, stderr=subprocess.STDOUT,
-                               env=child_env())
+                               env=child_env(), preexec_fn=_ends_with_serve())
     stack.callback(_stopper(process, "the dispatcher"))
     time.sleep(0.5)
     if process.poll() is not None:

@@ -1,5 +1,6 @@
 """`scdd serve` from nothing: it starts its own redis-server and Ray head, serves a job, stops
-everything it started, and a second start on the same data folder still knows the job."""
+everything it started, and a second start on the same data folder still knows the job; killed with
+SIGKILL, it leaves nothing running."""
 
 from __future__ import annotations
 
@@ -19,6 +20,20 @@ pytestmark = pytest.mark.slow
 def ray_heads() -> set[int]:
     found = subprocess.run(["pgrep", "-f", "ray start --head"], capture_output=True, text=True).stdout.split()
     return {int(pid) for pid in found}
+
+
+def children(pid: int) -> list[int]:
+    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [int(child) for child in found]
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie (an ended orphan waits for init to reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def start_serve(data_dir, port: int, log) -> subprocess.Popen:
@@ -74,5 +89,11 @@ def test_serve_starts_redis_and_ray_runs_a_job_and_cleans_up(tmp_path, fmnist_ro
         wait_until(lambda: ready(url), 180, "scdd serve to be ready again", interval=0.5)
         listed = httpx.get(f"{url}/v1/jobs", headers=headers).json()["jobs"]
         assert [(j["id"], j["state"]) for j in listed] == [(job["id"], "succeeded")]
+        started = children(again.pid)  # redis-server, the `ray start` head, the dispatcher
+        assert len(started) == 3, started
     finally:
-        stop(again)
+        again.kill()  # SIGKILL: serve cannot stop anything itself
+        again.wait(30)
+    # Linux ends its children with it (they asked for SIGTERM on their parent's death): nothing is orphaned.
+    wait_until(lambda: not any(running(pid) for pid in started), 90, "serve's children to end", interval=0.5)
+    assert ray_heads() == heads_before
