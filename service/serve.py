@@ -160,8 +160,29 @@ def start_redis(folder: Path, stack: ExitStack) -> str:
     return url
 
 
+def ray_bootstrap_record() -> Path:
+    """Where `ray start` records the "current cluster" that a bare ray.init() joins (Ray's own rule:
+    $RAY_TMPDIR, else $TMPDIR on Linux, else /tmp; then ray/ray_current_cluster)."""
+    root = os.environ.get("RAY_TMPDIR") or (os.environ.get("TMPDIR") if sys.platform.startswith("linux") else None)
+    return Path(root or "/tmp") / "ray" / "ray_current_cluster"
+
+
+def _forget_head(port: int) -> Callable[[], None]:
+    """Once the head is stopped: remove Ray's bootstrap record if it still names this head, so nothing later
+    tries to join a cluster that is gone."""
+    def forget() -> None:
+        record = ray_bootstrap_record()
+        try:
+            if record.read_text().strip().rsplit(":", 1)[-1] == str(port):
+                record.unlink()
+        except (OSError, IndexError):
+            pass
+    return forget
+
+
 def start_ray_head(folder: Path, stack: ExitStack) -> str:
     port, dashboard = free_port(), free_port()
+    stack.callback(_forget_head(port))  # runs after the stopper below (last in, first out)
     logfile = open(folder / "ray-head.log", "a")
     process = subprocess.Popen(
         [program("ray", "install the project (bash scripts/setup.sh) or set RAY_ADDRESS"), "start", "--head",

@@ -5,6 +5,7 @@ SIGKILL, it leaves nothing running."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import sys
 import httpx
 import pytest
 
+from service.serve import ray_bootstrap_record
 from tests.services import free_port, wait_until
 
 pytestmark = pytest.mark.slow
@@ -55,7 +57,7 @@ def stop(process: subprocess.Popen) -> None:
     process.wait(120)
 
 
-def test_serve_starts_redis_and_ray_runs_a_job_and_cleans_up(tmp_path, fmnist_root, ray_head):
+def test_serve_starts_redis_and_ray_runs_a_job_and_cleans_up(tmp_path, fmnist_root, fmnist_teacher_ckpt, ray_head):
     heads_before = ray_heads()
     data_dir, port = tmp_path / "service", free_port()
     url = f"http://127.0.0.1:{port}"
@@ -83,6 +85,20 @@ def test_serve_starts_redis_and_ray_runs_a_job_and_cleans_up(tmp_path, fmnist_ro
     text = (tmp_path / "serve.log").read_text()
     for line in ("started redis-server", "started a Ray head", "created an API key", "started the dispatcher"):
         assert line in text
+    # Ray's record of the "current cluster" does not name the stopped head, and a local multi-worker run after
+    # it starts its own Ray rather than waiting on the dead one.
+    head_port = re.search(r"started a Ray head: cluster 127\.0\.0\.1:(\d+)", text).group(1)
+    record = ray_bootstrap_record()
+    assert not record.exists() or record.read_text().strip().rsplit(":", 1)[-1] != head_port
+    local = subprocess.run(
+        [sys.executable, "-m", "scdd_cli", "distill", "--data-dir", str(fmnist_root), "--classes", "0,1,2",
+         "--train-limit", "20", "--method", "sre2l", "--teacher-checkpoint", str(fmnist_teacher_ckpt), "--ipc", "1",
+         "--iterations", "2",
+         "--no-validate", "--device", "cpu", "--amp", "off", "--workers", "2", "--threads", "1",
+         "--out", str(tmp_path / "local")],
+        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, capture_output=True, text=True, timeout=400)
+    assert local.returncode == 0, local.stderr[-2000:]
+    assert "started a local Ray cluster" in local.stderr
 
     again = start_serve(data_dir, port, log)
     try:
