@@ -20,6 +20,7 @@ class BlockingJobStore:
         self.redis, self.keys, self.events_maxlen = client, Keys(prefix), events_maxlen
         self._transition = client.register_script(records.TRANSITION)
         self._reserve = client.register_script(records.RESERVE)
+        self._expire = client.register_script(records.EXPIRE_FINISHED)
 
     @classmethod
     def connect(cls, url: str, prefix: str = "scdd", events_maxlen: int = 10000) -> "BlockingJobStore":
@@ -70,6 +71,20 @@ class BlockingJobStore:
             pipe.hincrby(self.keys.job(job_id), "attempts", 1)
             pipe.hset(self.keys.job(job_id), "last_error", error)
             pipe.execute()
+
+    def expire_finished(self, retention_s: float, batch: int = 200) -> int:
+        """Delete up to `batch` jobs that finished more than `retention_s` ago (record, events, index entries);
+        their artifacts wait in `expired` for the GC (service/gc.py). Returns how many went."""
+        now = time.time()
+        return int(self._expire(keys=[self.keys.finished, self.keys.expired, self.keys.counts],
+                                args=[self.keys.prefix, f"{now - retention_s:.3f}", f"{now:.3f}", batch]))
+
+    def expired_jobs(self, limit: int = 1000) -> list[tuple[str, str]]:
+        """(tenant, job id) of expired jobs whose artifacts are still to be removed, oldest first."""
+        return [tuple(entry.split("/", 1)) for entry in self.redis.zrange(self.keys.expired, 0, limit - 1)]
+
+    def artifacts_removed(self, tenant: str, job_id: str) -> None:
+        self.redis.zrem(self.keys.expired, f"{tenant}/{job_id}")
 
     def cancel_requested(self, job_id: str) -> bool:
         return self.redis.hget(self.keys.job(job_id), "cancel_requested") == "1"

@@ -115,6 +115,14 @@ class Dispatcher:
         for job_id, message_id in list(self.waiting.items()):
             self.handle(message_id, job_id, self.queue.deliveries(message_id))
         self.read_new()
+        self.expire()
+
+    def expire(self) -> None:
+        """Retention: delete the records and events of jobs finished more than SCDD_RETENTION_DAYS ago."""
+        if self.settings.retention_days > 0:
+            gone = self.store.expire_finished(self.settings.retention_days * 86400)
+            if gone:
+                log.info("expired %d finished jobs (older than %g days)", gone, self.settings.retention_days)
 
     # -- the queue -------------------------------------------------------------------------------
     def touch(self) -> None:

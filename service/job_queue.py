@@ -59,7 +59,11 @@ class JobQueue:
         return int(pending[0]["times_delivered"]) if pending else 1
 
     def ack(self, message_id: str) -> None:
-        self.redis.xack(self.keys.queue, GROUP, message_id)
+        """Acknowledge the message and delete it: XACK alone keeps it in the stream forever."""
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xack(self.keys.queue, GROUP, message_id)
+            pipe.xdel(self.keys.queue, message_id)
+            pipe.execute()
 
     def dead_letter(self, message_id: str, job_id: str, reason: str) -> None:
         """Record the message in the dead-letter stream (the caller acknowledges it)."""

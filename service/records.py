@@ -12,12 +12,16 @@ Keys (prefix `scdd` by default; one Redis instance, not Redis Cluster: scripts d
 - `<p>:queue:dead`               stream: dead-lettered messages {job, reason}
 - `<p>:active`                   set: dispatched + running job ids (cluster-wide concurrency)
 - `<p>:counts`                   hash: state -> number of jobs (metrics)
+- `<p>:finished`                 sorted set: finished job ids by finish time (retention, `EXPIRE_FINISHED`)
+- `<p>:expired`                  sorted set: `<tenant>/<id>` of expired jobs whose artifacts the GC has not
+                                 removed yet (service/gc.py), by expiry time
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -25,6 +29,7 @@ from typing import Any, Mapping
 from api_schema import JobOut
 
 GROUP = "dispatchers"
+JOB_ID = re.compile(r"^j-[0-9a-f]{20}$")  # what new_job_id makes
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,14 @@ class Keys:
     def counts(self) -> str:
         return f"{self.prefix}:counts"
 
+    @property
+    def finished(self) -> str:
+        return f"{self.prefix}:finished"
+
+    @property
+    def expired(self) -> str:
+        return f"{self.prefix}:expired"
+
 
 def new_job_id() -> str:
     """`j-` + 12 hex digits of milliseconds + 8 random: unique, and ids sort by creation time."""
@@ -83,6 +96,7 @@ local function move(prefix, job_key, cur, to, now)
     if to == 'succeeded' or to == 'failed' or to == 'cancelled' then
       redis.call('SREM', prefix .. ':active', id)
       redis.call('HSET', job_key, 'finished_at', now)
+      redis.call('ZADD', prefix .. ':finished', now, id)
     end
   end
 end
@@ -157,6 +171,27 @@ if cur == 'queued' then
   return {'cancelled', 'cancelled'}
 end
 return {'requested', cur}
+"""
+
+# Retention. KEYS: finished, expired, counts. ARGV: prefix, cutoff (finish time), now, at most this many jobs.
+# Deletes each job finished before the cutoff: its record, its events and its index entries; its
+# `<tenant>/<id>` goes to `expired` for the artifact GC. Returns the number of jobs expired.
+EXPIRE_FINISHED = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[2], 'LIMIT', 0, tonumber(ARGV[4]))
+for _, id in ipairs(ids) do
+  local job_key = ARGV[1] .. ':job:' .. id
+  local fields = redis.call('HMGET', job_key, 'tenant', 'state')
+  local tenant, state = fields[1], fields[2]
+  if tenant then
+    redis.call('ZREM', ARGV[1] .. ':tenant:' .. tenant .. ':jobs', id)
+    redis.call('ZREM', ARGV[1] .. ':tenant:' .. tenant .. ':state:' .. state, id)
+    redis.call('HINCRBY', KEYS[3], state, -1)
+    redis.call('DEL', job_key, job_key .. ':events')
+    redis.call('ZADD', KEYS[2], ARGV[3], tenant .. '/' .. id)
+  end
+  redis.call('ZREM', KEYS[1], id)
+end
+return #ids
 """
 
 # KEYS: active set. ARGV: job id, limit. 1 when the job holds (or now took) a slot.

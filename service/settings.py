@@ -37,6 +37,8 @@ class Settings(BaseSettings):
     reclaim_after_s: float = Field(60.0, gt=0, description="A dispatcher silent this long loses its messages to another.")
     max_deliveries: int = Field(5, ge=1, description="Deliveries or submit failures before a message is dead-lettered.")
     poll_s: float = Field(1.0, gt=0, description="How often the dispatcher polls Ray and the queue.")
+    retention_days: float = Field(30.0, ge=0, description="Finished jobs' records and events are deleted this long "
+                                  "after they end (their artifacts when the GC runs: python -m service.gc); 0 keeps them.")
     jobs_redis_url: Literal["pass", "cluster"] = Field(
         "pass", description="How a Ray job learns REDIS_URL: pass (the dispatcher puts it into the job's runtime_env, "
         "which anyone with the Ray Jobs API or dashboard can read) or cluster (the Ray nodes have REDIS_URL in their "

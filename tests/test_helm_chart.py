@@ -83,7 +83,8 @@ VALUE_SETS: dict[str, dict] = {
     "egress-open": {"networkPolicy": {"egress": False}},
     "no-gpu-group-no-policies": {"ray": {"workers": {"enabled": False}, "additionalWorkerGroups": [CPU_GROUP],
                                          "auth": {"enabled": False}},
-                                 "networkPolicy": {"enabled": False}, "tests": {"enabled": False}},
+                                 "networkPolicy": {"enabled": False}, "tests": {"enabled": False},
+                                 "gc": {"enabled": False}},
 }
 
 
@@ -731,7 +732,7 @@ def test_egress_is_closed_but_for_what_each_pod_talks_to():
     https = ({}, [{"port": 443, "protocol": "TCP"}])
     ray_pods = ({"podSelector": {"matchLabels": {"ray.io/cluster": CLUSTER}}}, [])
     expected = {"api": [dns, redis, jobs_api, https], "dispatcher": [dns, redis, jobs_api],
-                "ray": [dns, redis, ray_pods, https], "redis": []}
+                "ray": [dns, redis, ray_pods, https], "redis": [], "gc": [dns, redis, https]}
     for component, rules in expected.items():
         policy = policies[component]
         assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"], component
@@ -741,6 +742,21 @@ def test_egress_is_closed_but_for_what_each_pod_talks_to():
     assert _egress(external[f"{FULLNAME}-dispatcher"])[1] == ({}, [{"port": 6379, "protocol": "TCP"}])
     opened = of_kind("egress-open", "NetworkPolicy")
     assert opened and all(p["spec"]["policyTypes"] == ["Ingress"] and "egress" not in p["spec"] for p in opened)
+
+
+def test_the_artifact_gc_runs_on_a_schedule_with_the_services_settings():
+    (cron,) = of_kind("default", "CronJob")
+    assert cron["spec"]["schedule"] == "17 3 * * *" and cron["spec"]["concurrencyPolicy"] == "Forbid"
+    pod = cron["spec"]["jobTemplate"]["spec"]["template"]
+    (gc,) = pod["spec"]["containers"]
+    assert gc["args"] == ["python", "-m", "service.gc"]
+    env = env_of(gc)
+    assert env["SCDD_RETENTION_DAYS"]["value"] == "30" and "REDIS_URL" in env and "SCDD_ARTIFACTS" in env
+    assert pod["spec"]["automountServiceAccountToken"] is False
+    assert gc["securityContext"]["readOnlyRootFilesystem"] is True
+    policy = one("default", "NetworkPolicy", f"{FULLNAME}-gc")
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert not of_kind("no-gpu-group-no-policies", "CronJob")  # gc.enabled: false
 
 
 def test_service_account_does_not_mount_its_token():

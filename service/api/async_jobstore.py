@@ -11,9 +11,8 @@ from typing import Any, Optional
 import redis.asyncio as aioredis
 
 from service import records
-from service.records import Keys
+from service.records import JOB_ID, Keys
 
-JOB_ID = re.compile(r"^j-[0-9a-f]{20}$")
 STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 
 
