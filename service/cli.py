@@ -74,6 +74,9 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--data-dir", default="scdd-service", metavar="DIR",
                         help="Redis data, artifacts, API keys and logs (default ./scdd-service)")
     parser.add_argument("--max-running", type=_positive, metavar="N", help="jobs running at once (SCDD_MAX_RUNNING)")
+    parser.add_argument("--redis-maxmemory", default="1gb", metavar="SIZE",
+                        help="memory limit of the private redis-server (default 1gb); at it writes fail with 503 "
+                             "and nothing stored is evicted")
     parser.set_defaults(handler=_serve)
 
 
@@ -82,7 +85,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
-        return serve(ServeOptions(args.host, args.port, Path(args.data_dir), args.max_running))
+        return serve(ServeOptions(args.host, args.port, Path(args.data_dir), args.max_running, args.redis_maxmemory))
     except ServeError as exc:
         print(f"scdd serve: {exc}", file=sys.stderr)
         return 1

@@ -34,12 +34,16 @@ class ServeError(RuntimeError):
     pass
 
 
+REDIS_MAXMEMORY = "1gb"  # the private redis-server's limit (it then refuses writes; nothing is evicted)
+
+
 @dataclass(frozen=True)
 class ServeOptions:
     host: str = "127.0.0.1"
     port: int = 8000
     data_dir: Path = Path("scdd-service")
     max_running: int | None = None
+    redis_maxmemory: str = REDIS_MAXMEMORY
 
 
 def free_port() -> int:
@@ -101,11 +105,13 @@ def _stopper(process: subprocess.Popen, name: str, grace: float = 30) -> Callabl
     return stop
 
 
-def redis_command(binary: str, port: int, folder: Path) -> list[str]:
+def redis_command(binary: str, port: int, folder: Path, maxmemory: str = REDIS_MAXMEMORY) -> list[str]:
     """redis-server on loopback, data in `folder`: an append-only file synced on every write (a restart
-    loses no job), no RDB snapshots."""
+    loses no job), no RDB snapshots; at `maxmemory` it refuses writes (noeviction) instead of growing until
+    the OS kills it or silently dropping keys."""
     return [binary, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(folder), "--appendonly", "yes",
-            "--appendfsync", "always", "--save", "", "--protected-mode", "yes"]
+            "--appendfsync", "always", "--save", "", "--protected-mode", "yes",
+            "--maxmemory", maxmemory, "--maxmemory-policy", "noeviction"]
 
 
 def redis_up(port: int) -> bool:
@@ -145,18 +151,19 @@ def _ends_with_serve() -> Callable[[], None] | None:
     return arm
 
 
-def start_redis(folder: Path, stack: ExitStack) -> str:
+def start_redis(folder: Path, stack: ExitStack, maxmemory: str = REDIS_MAXMEMORY) -> str:
     binary = program("redis-server", "install it (apt-get install redis-server) or set REDIS_URL")
     folder.mkdir(parents=True, exist_ok=True)
     port = free_port()
     logfile = open(folder / "redis.log", "a")
-    process = subprocess.Popen(redis_command(binary, port, folder), stdout=logfile, stderr=subprocess.STDOUT,
-                               preexec_fn=_ends_with_serve())
+    process = subprocess.Popen(redis_command(binary, port, folder, maxmemory), stdout=logfile,
+                               stderr=subprocess.STDOUT, preexec_fn=_ends_with_serve())
     stack.callback(_stopper(process, "redis-server"))
 
     _wait(lambda: redis_up(port), 20, "redis-server", process)
     url = f"redis://127.0.0.1:{port}/0"
-    log.info("started redis-server at %s (data in %s, append-only file, fsync always)", url, folder)
+    log.info("started redis-server at %s (data in %s, append-only file, fsync always, maxmemory %s, noeviction)",
+             url, folder, maxmemory)
     return url
 
 
@@ -261,7 +268,7 @@ def serve(options: ServeOptions) -> int:
         with ExitStack() as stack:
             env = os.environ
             if not env.get("REDIS_URL"):
-                env["REDIS_URL"] = start_redis(data_dir / "redis", stack)
+                env["REDIS_URL"] = start_redis(data_dir / "redis", stack, options.redis_maxmemory)
             if not env.get("RAY_ADDRESS"):
                 env.setdefault("RAY_AUTH_MODE", "token")  # Ray >= 2.5x turns token auth on for `ray start`
                 ensure_ray_token(data_dir)

@@ -32,14 +32,15 @@ def wait_until(check, seconds: float, what: str, interval: float = 0.05):
 class RedisServer:
     """redis-server on loopback with AOF (fsync always) in `folder`; restartable on the same data."""
 
-    def __init__(self, folder: Path):
-        self.folder, self.port = folder, free_port()
+    def __init__(self, folder: Path, maxmemory: str = "1gb"):
+        self.folder, self.port, self.maxmemory = folder, free_port(), maxmemory
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.process: subprocess.Popen | None = None
 
     def start(self) -> "RedisServer":
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(redis_command(program("redis-server", "apt-get install redis-server"), self.port, self.folder),
+        binary = program("redis-server", "apt-get install redis-server")
+        self.process = subprocess.Popen(redis_command(binary, self.port, self.folder, self.maxmemory),
                                         stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         wait_until(lambda: redis_up(self.port), 10, "redis-server")
         return self

@@ -551,6 +551,9 @@ def test_the_expected_services(compose):
     assert set(compose["services"]) == {"redis", "ray-head", "api", "dispatcher"}
     for name, service in compose["services"].items():
         assert service.get("restart") == "unless-stopped", f"{name}: restart: unless-stopped"
+    redis = " ".join(compose["services"]["redis"]["command"])
+    assert "--appendonly yes --appendfsync always" in redis  # a restart loses no job
+    assert "--maxmemory-policy noeviction" in redis and "--maxmemory 1gb" in redis  # full: refuse, never evict
 
 
 def test_our_services_run_the_image_of_deploy_dockerfile(compose):

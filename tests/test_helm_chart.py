@@ -589,6 +589,7 @@ def test_in_chart_redis():
     assert redis["image"] == "docker.io/library/redis:7"
     args = " ".join(redis["args"])
     assert "--appendonly yes --appendfsync always" in args and "--requirepass $(REDIS_PASSWORD)" in args
+    assert "--maxmemory 768mb --maxmemory-policy noeviction" in args
     (claim,) = sts["spec"]["volumeClaimTemplates"]
     assert claim["metadata"]["name"] == "data" and claim["spec"]["resources"]["requests"]["storage"] == "8Gi"
     service = one("default", "Service", f"{FULLNAME}-redis")

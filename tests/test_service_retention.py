@@ -93,3 +93,34 @@ def test_an_acknowledged_queue_message_is_deleted_from_the_stream(service):
     queue.ack(message_id)
     assert store.redis.xlen(store.keys.queue) == 0
     assert store.redis.xpending(store.keys.queue, "dispatchers")["pending"] == 0
+
+
+def test_a_full_redis_refuses_new_jobs_with_503_and_keeps_every_earlier_one(tmp_path):
+    """maxmemory with noeviction (as serve, compose and the chart run Redis): writes fail, reads go on."""
+    import redis
+
+    from tests.services import RedisServer
+
+    server = RedisServer(tmp_path / "redis", maxmemory="4mb").start()
+    api = ApiServer(create_app(api_settings(server.url, tmp_path))).start()
+    try:
+        with api.client("key-acme") as client:
+            first = submit(client)
+            filler = redis.Redis.from_url(server.url)
+            for size in (65536, 4096, 256):  # fill Redis up to its limit, in ever smaller pieces
+                with pytest.raises(redis.exceptions.OutOfMemoryError):
+                    for i in range(100_000):
+                        filler.set(f"filler:{size}:{i}", b"x" * size)
+            refused = client.post("/v1/jobs", json=SPEC)
+            assert refused.status_code == 503 and refused.headers["retry-after"] == "60"
+            assert "the job store (Redis) is full: it reached its maxmemory" in refused.json()["detail"]
+            assert client.get(f"/v1/jobs/{first}").json()["state"] == "queued"  # nothing evicted
+            assert [job["id"] for job in client.get("/v1/jobs").json()["jobs"]] == [first]
+            metrics = client.get("/metrics").text
+            assert "scdd_redis_maxmemory_bytes 4.194304e+06" in metrics
+            used = float(next(line.split()[1] for line in metrics.splitlines()
+                              if line.startswith("scdd_redis_used_memory_bytes ")))
+            assert used > 3.5e6
+    finally:
+        api.stop()
+        server.stop()

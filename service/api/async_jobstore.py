@@ -71,5 +71,10 @@ class AsyncJobStore:
         answer = await self.redis.xread({self.keys.events(job_id): after}, count=count, block=block_ms)
         return [(entry_id, fields["type"], fields["data"]) for _, entries in answer for entry_id, fields in entries]
 
+    async def memory(self) -> tuple[int, int]:
+        """(used_memory, maxmemory) of Redis in bytes; maxmemory 0 means no limit."""
+        info = await self.redis.info("memory")
+        return int(info["used_memory"]), int(info.get("maxmemory", 0))
+
     async def counts(self) -> dict[str, int]:
         return {state: int(n) for state, n in (await self.redis.hgetall(self.keys.counts)).items()}

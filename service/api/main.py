@@ -50,6 +50,13 @@ async def _store_unavailable(request: Request, exc: Exception) -> JSONResponse:
                         status_code=503, headers={"Retry-After": "5"})
 
 
+async def _store_full(request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse({"detail": "the job store (Redis) is full: it reached its maxmemory and refuses writes "
+                                   "(nothing stored is evicted). Try again after finished jobs expire "
+                                   "(SCDD_RETENTION_DAYS); operators: raise Redis maxmemory or lower the retention"},
+                        status_code=503, headers={"Retry-After": "60"})
+
+
 def create_app(settings: Optional[Settings] = None) -> FastAPI:
     settings = settings or Settings()
     keys = ApiKeys.load(settings.api_keys, settings.api_keys_file, settings.max_active_jobs)
@@ -68,6 +75,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _validation_error)
     for error in (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
         app.add_exception_handler(error, _store_unavailable)
+    app.add_exception_handler(redis.exceptions.OutOfMemoryError, _store_full)
     for module in (jobs, events, artifacts, health):
         app.include_router(module.router)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)

@@ -67,6 +67,10 @@ class Metrics:
                                  buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
         self.queue_depth = Gauge("scdd_queue_depth", "Jobs queued, not yet dispatched", registry=self.registry)
         self.jobs = Gauge("scdd_jobs", "Jobs by state", ["state"], registry=self.registry)
+        self.redis_memory = Gauge("scdd_redis_used_memory_bytes", "Memory Redis uses (INFO memory used_memory)",
+                                  registry=self.registry)
+        self.redis_maxmemory = Gauge("scdd_redis_maxmemory_bytes", "Redis maxmemory (0: no limit)",
+                                     registry=self.registry)
 
 
 class RequestMetrics:

@@ -56,10 +56,13 @@ async def readyz(store: StoreDep, settings: SettingsDep) -> JSONResponse:
 
 @router.get("/metrics", response_class=Response)
 async def metrics(request: Request, store: StoreDep) -> Response:
-    """Prometheus text format: requests, latency, queue depth, jobs by state."""
+    """Prometheus text format: requests, latency, queue depth, jobs by state, Redis memory used and its limit."""
     registry = request.app.state.metrics
     counts = await store.counts()
     for state in JOB_STATES:
         registry.jobs.labels(state).set(counts.get(state, 0))
     registry.queue_depth.set(counts.get("queued", 0))
+    used, limit = await store.memory()
+    registry.redis_memory.set(used)
+    registry.redis_maxmemory.set(limit)
     return Response(generate_latest(registry.registry), media_type=CONTENT_TYPE_LATEST)
