@@ -8,6 +8,7 @@ Keys (prefix `scdd` by default; one Redis instance, not Redis Cluster: scripts d
 - `<p>:tenant:<t>:jobs`          sorted set (score 0): the tenant's job ids; ids sort by creation time
 - `<p>:tenant:<t>:state:<s>`     sorted set: the tenant's jobs in state s (listing by state, quotas)
 - `<p>:idem:<t>:<sha256(key)>`   hash {job, body}: Idempotency-Key -> job, expires
+- `<p>:rate:<t>`                 hash {tokens, at}: the tenant's submission token bucket, expires
 - `<p>:queue`                    stream (consumer group `dispatchers`): one message {job} per submission
 - `<p>:queue:dead`               stream: dead-lettered messages {job, reason}
 - `<p>:active`                   set: dispatched + running job ids (cluster-wide concurrency)
@@ -47,6 +48,9 @@ class Keys:
 
     def tenant_state(self, tenant: str, state: str) -> str:
         return f"{self.prefix}:tenant:{tenant}:state:{state}"
+
+    def rate(self, tenant: str) -> str:
+        return f"{self.prefix}:rate:{tenant}"
 
     def idempotency(self, tenant: str, key_hash: str) -> str:
         return f"{self.prefix}:idem:{tenant}:{key_hash}"
@@ -192,6 +196,24 @@ for _, id in ipairs(ids) do
   redis.call('ZREM', KEYS[1], id)
 end
 return #ids
+"""
+
+# Per-tenant submission rate: a token bucket. KEYS: the tenant's bucket. ARGV: now (s), tokens per second,
+# burst (bucket size). Returns {1, 0} when a token was taken, else {0, seconds until the next token (ceil)}.
+TAKE_TOKEN = """
+local now, rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+local tokens, at = tonumber(state[1]) or burst, tonumber(state[2]) or now
+tokens = math.min(burst, tokens + math.max(0, now - at) * rate)
+local taken = 0
+if tokens >= 1 then
+  tokens = tokens - 1
+  taken = 1
+end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', tostring(now))
+redis.call('EXPIRE', KEYS[1], math.ceil(burst / rate) + 1)
+if taken == 1 then return {1, 0} end
+return {0, math.ceil((1 - tokens) / rate)}
 """
 
 # KEYS: active set. ARGV: job id, limit. 1 when the job holds (or now took) a slot.

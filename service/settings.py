@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     reclaim_after_s: float = Field(60.0, gt=0, description="A dispatcher silent this long loses its messages to another.")
     max_deliveries: int = Field(5, ge=1, description="Deliveries or submit failures before a message is dead-lettered.")
     poll_s: float = Field(1.0, gt=0, description="How often the dispatcher polls Ray and the queue.")
+    submit_rate: float = Field(60.0, ge=0, description="Jobs a tenant may submit per minute, on average (token "
+                               "bucket; 0: no limit); faster submissions get 429 with Retry-After.")
+    submit_burst: int = Field(20, ge=1, description="Submissions a tenant may make at once before submit_rate applies.")
     retention_days: float = Field(30.0, ge=0, description="Finished jobs' records and events are deleted this long "
                                   "after they end (their artifacts when the GC runs: python -m service.gc); 0 keeps them.")
     jobs_redis_url: Literal["pass", "cluster"] = Field(

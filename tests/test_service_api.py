@@ -130,6 +130,22 @@ def test_a_new_job_never_overwrites_a_record_with_the_same_id(acme, monkeypatch)
     assert acme.get(f"/v1/jobs/{first['id']}").json() == first
 
 
+def test_a_tenant_submitting_too_fast_gets_429_with_retry_after_and_others_do_not(redis_server, tmp_path):
+    server = ApiServer(create_app(api_settings(redis_server.url, tmp_path, submit_rate=6, submit_burst=2,
+                                               max_active_jobs=10))).start()
+    try:
+        with server.client("key-acme") as acme, server.client("key-globex") as globex:
+            assert [submit(acme).status_code for _ in range(2)] == [202, 202]  # the burst
+            refused = submit(acme)
+            assert refused.status_code == 429 and 1 <= int(refused.headers["retry-after"]) <= 10
+            assert "submits faster than its limit of 6 jobs per minute (bursts of 2" in refused.json()["detail"]
+            assert submit(globex).status_code == 202  # a bucket per tenant
+            assert acme.get("/v1/jobs").status_code == 200  # reading is not limited
+            assert len(acme.get("/v1/jobs").json()["jobs"]) == 2  # the refused one was not stored
+    finally:
+        server.stop()
+
+
 def test_object_store_paths_must_stay_inside_the_tenants_own_prefix():
     from api_schema import JobSpec
     from service.admission import AdmissionError, admit

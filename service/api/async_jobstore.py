@@ -22,6 +22,7 @@ class AsyncJobStore:
         self.events_maxlen, self.idempotency_ttl_s = events_maxlen, idempotency_ttl_s
         self._create = client.register_script(records.CREATE)
         self._cancel = client.register_script(records.CANCEL)
+        self._take_token = client.register_script(records.TAKE_TOKEN)
 
     async def create(self, job_id: str, tenant: str, spec: dict[str, Any], quota: int,
                      idempotency_key_hash: Optional[str], body_hash: str) -> tuple[str, str]:
@@ -70,6 +71,12 @@ class AsyncJobStore:
         """(stream id, type, JSON) of the job's events after `after`; with `block_ms`, waits that long for one."""
         answer = await self.redis.xread({self.keys.events(job_id): after}, count=count, block=block_ms)
         return [(entry_id, fields["type"], fields["data"]) for _, entries in answer for entry_id, fields in entries]
+
+    async def take_submit_token(self, tenant: str, per_minute: float, burst: int) -> tuple[bool, int]:
+        """(True, 0) when the tenant may submit now, else (False, seconds to wait)."""
+        taken, wait = await self._take_token(keys=[self.keys.rate(tenant)],
+                                             args=[f"{time.time():.3f}", per_minute / 60, burst])
+        return taken == 1, int(wait)
 
     async def memory(self) -> tuple[int, int]:
         """(used_memory, maxmemory) of Redis in bytes; maxmemory 0 means no limit."""

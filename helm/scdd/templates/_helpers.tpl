@@ -194,6 +194,10 @@ fresh value). Call with (dict "root" $ "name" <secret> "key" <key> "length" <n> 
   value: {{ $c.maxDeliveries | int64 | quote }}
 - name: SCDD_POLL_S
   value: {{ $c.pollS | toString | quote }}
+- name: SCDD_SUBMIT_RATE
+  value: {{ $c.submitRate | toString | quote }}
+- name: SCDD_SUBMIT_BURST
+  value: {{ $c.submitBurst | int64 | quote }}
 - name: SCDD_RETENTION_DAYS
   value: {{ $c.retentionDays | toString | quote }}
 # The Ray pods get REDIS_URL from the same Secret: it stays out of each Ray job's runtime_env.

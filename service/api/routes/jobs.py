@@ -28,6 +28,12 @@ UNREADABLE = {"model": ErrorOut, "description": "The body is not text (not UTF-8
 async def submit_job(spec: JobSpec, response: Response, tenant: TenantDep, store: StoreDep, settings: SettingsDep,
                      idempotency_key: Annotated[Optional[str], Header(min_length=1, max_length=255)] = None) -> JobOut:
     """Queue a distillation job. Retrying with the same `Idempotency-Key` returns the same job."""
+    if settings.submit_rate > 0:
+        allowed, wait = await store.take_submit_token(tenant.name, settings.submit_rate, settings.submit_burst)
+        if not allowed:
+            raise HTTPException(429, f"tenant {tenant.name!r} submits faster than its limit of {settings.submit_rate:g} "
+                                     f"jobs per minute (bursts of {settings.submit_burst}; SCDD_SUBMIT_RATE, "
+                                     f"SCDD_SUBMIT_BURST): retry in {wait} s", headers={"Retry-After": str(wait)})
     key_hash = hashlib.sha256(idempotency_key.encode()).hexdigest() if idempotency_key else None
     body_hash = hashlib.sha256(json.dumps(spec.to_dict(), sort_keys=True).encode()).hexdigest()
     for _ in range(ID_ATTEMPTS):  # a new id is unique but for a clash of its 32 random bits in one millisecond
