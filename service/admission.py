@@ -13,6 +13,8 @@ from typing import Optional
 
 from api_schema import JobSpec
 from service.artifacts import UnsafePath, check_relative
+from service.auth import Tenant
+from service.budget import over_budget
 from service.settings import Settings
 
 
@@ -39,9 +41,10 @@ def _readable(path: str, roots: list[str], tenant_root: str) -> bool:
     return any(real == root or real.startswith(root.rstrip("/") + "/") for root in roots + [tenant_root])
 
 
-def admit(spec: JobSpec, tenant: str, job_id: str, settings: Settings) -> dict:
-    """The spec the job will run (as a dict), or AdmissionError naming each refused field."""
-    errors: list[tuple[tuple[str, ...], str]] = []
+def admit(spec: JobSpec, tenant: Tenant, job_id: str, settings: Settings) -> dict:
+    """The spec the job will run (as a dict), or AdmissionError naming each refused field and each exceeded limit
+    of the tenant (service/budget.py)."""
+    errors = over_budget(spec, tenant)
     output = spec.output
     for field, value in (("url", output.url), ("teacher_cache", output.teacher_cache)):
         if value is not None:
@@ -49,7 +52,7 @@ def admit(spec: JobSpec, tenant: str, job_id: str, settings: Settings) -> dict:
                                                        "prefix): leave it out"))
     if output.s3.model_dump(exclude_none=True):
         errors.append((("body", "output", "s3"), "the service's artifact store is configured by the operator: leave it out"))
-    tenant_root = f"{settings.artifacts.rstrip('/')}/{tenant}"
+    tenant_root = f"{settings.artifacts.rstrip('/')}/{tenant.name}"
     roots = settings.data_root_list
     reads: list[tuple[tuple[str, ...], Optional[str]]] = [
         (("dataset", "root"), spec.dataset.root),
@@ -64,6 +67,6 @@ def admit(spec: JobSpec, tenant: str, job_id: str, settings: Settings) -> dict:
     if errors:
         raise AdmissionError(errors)
     data = spec.to_dict()
-    data["output"] = {**data["output"], "url": job_prefix(settings, tenant, job_id),
-                      "teacher_cache": f"{settings.teacher_cache_root.rstrip('/')}/{tenant}"}
+    data["output"] = {**data["output"], "url": job_prefix(settings, tenant.name, job_id),
+                      "teacher_cache": f"{settings.teacher_cache_root.rstrip('/')}/{tenant.name}"}
     return data

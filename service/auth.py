@@ -7,6 +7,11 @@ at `SCDD_API_KEYS_FILE` (YAML or JSON, hashes only):
       vision-team:
         keys_sha256: [<64 hex digits>, ...]
         max_active_jobs: 4        # optional; default SCDD_MAX_ACTIVE_JOBS
+        limits:                   # optional, each defaults to its SCDD_* setting (service/budget.py)
+          max_workers: 2          # workers (and so GPUs) of one job
+          max_image_iterations: 1000000   # recover: images x iterations of one job
+          max_epochs: 300         # any one training schedule (teacher, SSL, probe, student)
+          max_wall_clock_s: 7200  # a job is stopped and failed ("timeout") this long after dispatch
 
 `python -m service.auth new TENANT` prints a fresh key and the line to put in that file.
 """
@@ -18,7 +23,7 @@ import hmac
 import re
 import secrets
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -41,9 +46,20 @@ def new_key() -> str:
 
 
 @dataclass(frozen=True)
+class Limits:
+    """What one job of a tenant may ask for (service/budget.py checks a spec against them)."""
+
+    max_workers: int
+    max_image_iterations: int
+    max_epochs: int
+    max_wall_clock_s: float
+
+
+@dataclass(frozen=True)
 class Tenant:
     name: str
     max_active_jobs: int
+    limits: Limits
 
 
 class ApiKeys:
@@ -63,15 +79,17 @@ class ApiKeys:
         return found
 
     @classmethod
-    def load(cls, pairs: Optional[str], path: Optional[str], default_quota: int) -> "ApiKeys":
+    def load(cls, pairs: Optional[str], path: Optional[str], default_quota: int,
+             default_limits: Optional[Limits] = None) -> "ApiKeys":
+        limits = default_limits or UNLIMITED
         entries: list[tuple[bytes, Tenant]] = []
         for pair in filter(None, (part.strip() for part in (pairs or "").split(","))):
             name, sep, key = pair.partition("=")
             if not sep or not key:
                 raise KeyConfigError(f"SCDD_API_KEYS: expected tenant=key pairs separated by commas, got {pair.split('=')[0]!r}...")
-            entries.append((hashlib.sha256(key.encode()).digest(), Tenant(_tenant_name(name), default_quota)))
+            entries.append((hashlib.sha256(key.encode()).digest(), Tenant(_tenant_name(name), default_quota, limits)))
         if path:
-            entries += _load_file(Path(path), default_quota)
+            entries += _load_file(Path(path), default_quota, limits)
         return cls(entries)
 
 
@@ -81,7 +99,24 @@ def _tenant_name(name: str) -> str:
     return name
 
 
-def _load_file(path: Path, default_quota: int) -> list[tuple[bytes, Tenant]]:
+UNLIMITED = Limits(max_workers=10**6, max_image_iterations=10**18, max_epochs=10**9, max_wall_clock_s=0)
+
+
+def _limits(path: Path, name: str, given: object, defaults: Limits) -> Limits:
+    if given is None:
+        return defaults
+    if not isinstance(given, dict) or set(given) - set(Limits.__dataclass_fields__):
+        raise KeyConfigError(f"API key file {path}: tenants.{name}.limits must be a mapping of "
+                             f"{', '.join(Limits.__dataclass_fields__)}")
+    for key, value in given.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or \
+                (key != "max_wall_clock_s" and (not isinstance(value, int) or value < 1)):
+            raise KeyConfigError(f"API key file {path}: tenants.{name}.limits.{key} must be a positive "
+                                 f"{'number' if key == 'max_wall_clock_s' else 'integer'}")
+    return replace(defaults, **given)
+
+
+def _load_file(path: Path, default_quota: int, default_limits: Limits) -> list[tuple[bytes, Tenant]]:
     try:
         data = yaml.safe_load(path.read_text())
     except OSError as exc:
@@ -98,7 +133,7 @@ def _load_file(path: Path, default_quota: int) -> list[tuple[bytes, Tenant]]:
         quota = entry.get("max_active_jobs", default_quota)
         if not isinstance(quota, int) or quota < 1:
             raise KeyConfigError(f"API key file {path}: tenants.{name}.max_active_jobs must be a positive integer")
-        tenant = Tenant(_tenant_name(str(name)), quota)
+        tenant = Tenant(_tenant_name(str(name)), quota, _limits(path, name, entry.get("limits"), default_limits))
         entries += [(bytes.fromhex(h), tenant) for h in hashes]
     return entries
 

@@ -196,6 +196,19 @@ class Dispatcher:
             except Exception as exc:  # Ray briefly unreachable: ask again next tick
                 log.warning("job %s: reading its Ray status failed (%s)", job_id, exc)
 
+    def timed_out(self, job_id: str, record: dict[str, str]) -> bool:
+        """Stop and fail a job past its wall-clock limit (seconds after dispatch; the tenant's max_wall_clock_s,
+        else SCDD_JOB_TIMEOUT_S, recorded when it was submitted). Its Ray job's resources go with it."""
+        limit, since = float(record.get("timeout_s") or 0), float(record.get("dispatched_at") or 0)
+        if not limit or not since or record["state"] in FINAL_STATES or time.time() - since <= limit:
+            return False
+        log.warning("job %s ran past its limit of %g s; stopping its Ray job", job_id, limit)
+        self.ray.stop(job_id)
+        self.store.finish(job_id, "failed", ("queued", "dispatched", "running"),
+                          error=f"timeout: still running {limit:g} s after dispatch, its wall-clock limit "
+                                f"(limits.max_wall_clock_s / SCDD_JOB_TIMEOUT_S)")
+        return True
+
     def follow_one(self, job_id: str, message_id: str) -> None:
         record = self.store.get(job_id)
         if record is None:
@@ -224,6 +237,8 @@ class Dispatcher:
                 else:
                     self.store.finish(job_id, "failed", active, error=f"the job's driver {status.lower()}: {message}")
             return self.ack(message_id, job_id)
+        if self.timed_out(job_id, record):
+            return
         requested = float(record.get("cancel_requested_at") or 0)
         if not requested or record["state"] in FINAL_STATES:
             return

@@ -113,7 +113,7 @@ end
 
 # KEYS: job, idempotency (or any name when unused), queue, tenant jobs, tenant queued, tenant
 # dispatched, tenant running, counts. ARGV: id, tenant, now, spec JSON, body hash, quota, idempotency
-# TTL, '1' when an idempotency key is given.
+# TTL, '1' when an idempotency key is given, the job's wall-clock limit in seconds after dispatch (0: none).
 # Returns {'created'|'existing'|'conflict'|'taken'|'quota', job id or active count}; 'taken': a record with this
 # id exists already (it is never overwritten).
 CREATE = """
@@ -128,7 +128,8 @@ if redis.call('EXISTS', KEYS[1]) == 1 then return {'taken', ARGV[1]} end
 local active = redis.call('ZCARD', KEYS[5]) + redis.call('ZCARD', KEYS[6]) + redis.call('ZCARD', KEYS[7])
 if active >= tonumber(ARGV[6]) then return {'quota', tostring(active)} end
 redis.call('HSET', KEYS[1], 'id', ARGV[1], 'tenant', ARGV[2], 'state', 'queued', 'progress', '0',
-  'created_at', ARGV[3], 'updated_at', ARGV[3], 'spec', ARGV[4], 'cancel_requested', '0', 'attempts', '0')
+  'created_at', ARGV[3], 'updated_at', ARGV[3], 'spec', ARGV[4], 'cancel_requested', '0', 'attempts', '0',
+  'timeout_s', ARGV[9])
 redis.call('ZADD', KEYS[4], 0, ARGV[1])
 redis.call('ZADD', KEYS[5], 0, ARGV[1])
 redis.call('HINCRBY', KEYS[8], 'queued', 1)

@@ -7,10 +7,13 @@
 from __future__ import annotations
 
 import os
-from typing import Literal, Optional
+from typing import TYPE_CHECKING, Literal, Optional
 
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from service.auth import Limits
 
 
 class Settings(BaseSettings):
@@ -37,6 +40,14 @@ class Settings(BaseSettings):
     reclaim_after_s: float = Field(60.0, gt=0, description="A dispatcher silent this long loses its messages to another.")
     max_deliveries: int = Field(5, ge=1, description="Deliveries or submit failures before a message is dead-lettered.")
     poll_s: float = Field(1.0, gt=0, description="How often the dispatcher polls Ray and the queue.")
+    max_workers: int = Field(8, ge=1, description="Workers (and so GPUs) one job may ask for; a tenant's own limit "
+                             "in the key file wins.")
+    max_image_iterations: int = Field(100_000_000, ge=1, description="Recover work one job may ask for: images "
+                                      "(IPC x classes) x iterations; a tenant's own limit wins.")
+    max_epochs: int = Field(1000, ge=1, description="Epochs of any one training schedule of a job (teacher, SSL, "
+                            "probe, student, full data); a tenant's own limit wins.")
+    job_timeout_s: float = Field(86400.0, ge=0, description="A job still running this long after dispatch is stopped "
+                                 "and fails with 'timeout'; 0: no limit; a tenant's max_wall_clock_s wins.")
     submit_rate: float = Field(60.0, ge=0, description="Jobs a tenant may submit per minute, on average (token "
                                "bucket; 0: no limit); faster submissions get 429 with Retry-After.")
     submit_burst: int = Field(20, ge=1, description="Submissions a tenant may make at once before submit_rate applies.")
@@ -61,6 +72,13 @@ class Settings(BaseSettings):
             return None
         address = self.ray_address
         return address if "://" in address else f"http://{address}"
+
+    @property
+    def default_limits(self) -> "Limits":
+        from service.auth import Limits
+
+        return Limits(max_workers=self.max_workers, max_image_iterations=self.max_image_iterations,
+                      max_epochs=self.max_epochs, max_wall_clock_s=self.job_timeout_s)
 
     @property
     def data_root_list(self) -> list[str]:

@@ -10,6 +10,7 @@ import sys
 import httpx
 import pytest
 import redis
+import yaml
 
 from service.api.main import create_app
 from service.export import FOLDER, documents
@@ -146,19 +147,72 @@ def test_a_tenant_submitting_too_fast_gets_429_with_retry_after_and_others_do_no
         server.stop()
 
 
+def test_every_limit_of_a_tenant_refuses_with_a_message_naming_it(redis_server, tmp_path):
+    settings = api_settings(redis_server.url, tmp_path, max_workers=2, max_image_iterations=1000, max_epochs=50,
+                            job_timeout_s=120)
+    server = ApiServer(create_app(settings)).start()
+    try:
+        with server.client("key-acme") as acme:
+            def message(spec: dict) -> str:
+                answer = submit(acme, {**SPEC, **spec})
+                assert answer.status_code == 422, answer.text
+                return answer.json()["message"]
+
+            assert "resources.workers: 4 workers asked, over the limit of 2 per job for tenant 'acme' " \
+                   "(limits.max_workers in the API key file, else SCDD_MAX_WORKERS)" in message({"resources": {"workers": 4}})
+            assert "recover.iterations: 2,000 image-iterations asked (ipc 10 x 2 classes x 100 iterations), over the " \
+                   "limit of 1,000" in message({"recover": {"ipc": 10, "iterations": 100}})
+            assert "teacher.epochs: 60 epochs asked, over the limit of 50 per job" in message({"teacher": {"epochs": 60}})
+            assert "validate.epochs: 300 epochs asked" in message({"validate": {"enabled": True}})  # the preset's
+            both = message({"resources": {"workers": 3}, "teacher": {"probe": {"epochs": 51}}})
+            assert "resources.workers" in both and "teacher.probe.epochs: 51 epochs asked" in both
+            accepted = submit(acme, {**SPEC, "resources": {"workers": 2}, "validate": {"enabled": True, "epochs": 50}})
+            assert accepted.status_code == 202
+        record = redis.Redis.from_url(redis_server.url, decode_responses=True).hgetall(f"scdd:job:{accepted.json()['id']}")
+        assert record["timeout_s"] == "120"  # the dispatcher stops it this long after dispatch
+    finally:
+        server.stop()
+
+
+def test_the_key_file_sets_a_tenants_own_limits(tmp_path):
+    from service.auth import ApiKeys, KeyConfigError, Limits, hash_key
+
+    defaults = Limits(max_workers=8, max_image_iterations=10**8, max_epochs=1000, max_wall_clock_s=86400)
+    keys_file = tmp_path / "keys.yaml"
+    keys_file.write_text(yaml.safe_dump({"tenants": {
+        "small": {"keys_sha256": [hash_key("k1")], "limits": {"max_workers": 1, "max_wall_clock_s": 600}},
+        "plain": {"keys_sha256": [hash_key("k2")]}}}))
+    keys = ApiKeys.load(None, str(keys_file), 4, defaults)
+    assert keys.tenant_for("k1").limits == Limits(1, 10**8, 1000, 600)
+    assert keys.tenant_for("k2").limits == defaults
+    for bad in ({"max_workers": 0}, {"max_gpus": 2}, {"max_epochs": "many"}, {"max_workers": True}):
+        keys_file.write_text(yaml.safe_dump({"tenants": {"small": {"keys_sha256": [hash_key("k1")], "limits": bad}}}))
+        with pytest.raises(KeyConfigError, match="tenants.small.limits"):
+            ApiKeys.load(None, str(keys_file), 4, defaults)
+
+
+def test_the_longest_preset_is_what_admission_assumes_for_validate_epochs():
+    from scdd.validate.protocol import PRESETS
+    from service.budget import PRESET_EPOCHS_AT_MOST
+
+    assert max(preset["epochs"] for preset in PRESETS.values()) == PRESET_EPOCHS_AT_MOST
+
+
 def test_object_store_paths_must_stay_inside_the_tenants_own_prefix():
     from api_schema import JobSpec
     from service.admission import AdmissionError, admit
+    from service.auth import Tenant
     from service.settings import Settings
 
     settings = Settings(artifacts="s3://bucket/artifacts", data_roots="/usr/share/datasets")
+    acme = Tenant("acme", 4, settings.default_limits)
     own = "s3://bucket/artifacts/acme/job-1/teacher/teacher.pt"
-    assert admit(JobSpec.model_validate({"teacher": {"checkpoint": own}}), "acme", "job-2", settings)
+    assert admit(JobSpec.model_validate({"teacher": {"checkpoint": own}}), acme, "job-2", settings)
     for path in ("s3://bucket/artifacts/acme/../other/job/teacher.pt", "s3://bucket/artifacts/acme/./x/../../b/t.pt",
                  "s3://bucket/artifacts/acme//t.pt", "s3://bucket/artifacts/acme/%2e%2e/b/t.pt",
                  "s3://bucket/artifacts/acmeX/t.pt", "s3://bucket/artifacts/other/t.pt"):
         with pytest.raises(AdmissionError, match="is outside the folders this service reads from"):
-            admit(JobSpec.model_validate({"teacher": {"checkpoint": path}}), "acme", "job-2", settings)
+            admit(JobSpec.model_validate({"teacher": {"checkpoint": path}}), acme, "job-2", settings)
 
 
 def test_body_over_the_limit_is_413(acme):

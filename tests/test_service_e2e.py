@@ -202,3 +202,16 @@ def test_a_jobs_runtime_env_holds_the_redis_url_only_when_the_cluster_lacks_it(r
     kept = Dispatcher(Settings(redis_url=url, redis_prefix="env-test", jobs_redis_url="cluster"), store,
                       ray_jobs=None).job_env()
     assert kept == {"SCDD_REDIS_PREFIX": "env-test", "SCDD_EVENTS_MAXLEN": "10000"}
+
+
+def test_a_job_past_its_wall_clock_limit_fails_with_timeout_and_frees_its_workers(stack, fmnist_root,
+                                                                                  fmnist_teacher_ckpt, ray_local):
+    job = stack.client.post("/v1/jobs", json=spec(fmnist_root, fmnist_teacher_ckpt, iterations=3000,
+                                                   workers=2, threads=1)).json()
+    # the limit the API recorded from the tenant (tested in test_service_api), shortened for the test
+    redis.Redis.from_url(stack.redis.url).hset(f"scdd:job:{job['id']}", "timeout_s", "15")
+    stack.dispatcher()
+    done = wait_state(stack.client, job["id"], {"succeeded", "failed", "cancelled"}, 120)
+    assert done["state"] == "failed" and done["error"].startswith("timeout: still running 15 s after dispatch"), done
+    assert done["finished_at"] - done["dispatched_at"] < 30
+    assert cpus_free_soon(ray_local, 30) == 2  # its Ray job was stopped

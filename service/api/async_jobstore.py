@@ -25,7 +25,7 @@ class AsyncJobStore:
         self._take_token = client.register_script(records.TAKE_TOKEN)
 
     async def create(self, job_id: str, tenant: str, spec: dict[str, Any], quota: int,
-                     idempotency_key_hash: Optional[str], body_hash: str) -> tuple[str, str]:
+                     idempotency_key_hash: Optional[str], body_hash: str, timeout_s: float = 0) -> tuple[str, str]:
         """('created' | 'existing' | 'conflict' | 'taken', job id) or ('quota', active job count); 'taken' leaves the
         record of that id as it was."""
         k = self.keys
@@ -34,7 +34,7 @@ class AsyncJobStore:
             keys=[k.job(job_id), idem, k.queue, k.tenant_jobs(tenant), *(k.tenant_state(tenant, s) for s in
                   ("queued", "dispatched", "running")), k.counts],
             args=[job_id, tenant, f"{time.time():.3f}", json.dumps(spec, sort_keys=True), body_hash, quota,
-                  self.idempotency_ttl_s, "1" if idempotency_key_hash else "0"])
+                  self.idempotency_ttl_s, "1" if idempotency_key_hash else "0", f"{timeout_s:g}"])
         return outcome, value
 
     async def get(self, job_id: str, tenant: str) -> Optional[dict[str, str]]:

@@ -59,7 +59,7 @@ async def _store_full(request: Request, exc: Exception) -> JSONResponse:
 
 def create_app(settings: Optional[Settings] = None) -> FastAPI:
     settings = settings or Settings()
-    keys = ApiKeys.load(settings.api_keys, settings.api_keys_file, settings.max_active_jobs)
+    keys = ApiKeys.load(settings.api_keys, settings.api_keys_file, settings.max_active_jobs, settings.default_limits)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -194,6 +194,14 @@ fresh value). Call with (dict "root" $ "name" <secret> "key" <key> "length" <n> 
   value: {{ $c.maxDeliveries | int64 | quote }}
 - name: SCDD_POLL_S
   value: {{ $c.pollS | toString | quote }}
+- name: SCDD_MAX_WORKERS
+  value: {{ $c.maxWorkers | int64 | quote }}
+- name: SCDD_MAX_IMAGE_ITERATIONS
+  value: {{ $c.maxImageIterations | int64 | quote }}
+- name: SCDD_MAX_EPOCHS
+  value: {{ $c.maxEpochs | int64 | quote }}
+- name: SCDD_JOB_TIMEOUT_S
+  value: {{ $c.jobTimeoutS | toString | quote }}
 - name: SCDD_SUBMIT_RATE
   value: {{ $c.submitRate | toString | quote }}
 - name: SCDD_SUBMIT_BURST

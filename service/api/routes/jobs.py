@@ -39,11 +39,12 @@ async def submit_job(spec: JobSpec, response: Response, tenant: TenantDep, store
     for _ in range(ID_ATTEMPTS):  # a new id is unique but for a clash of its 32 random bits in one millisecond
         job_id = records.new_job_id()
         try:
-            effective = admit(spec, tenant.name, job_id, settings)
+            effective = admit(spec, tenant, job_id, settings)
         except AdmissionError as exc:
             raise RequestValidationError([{"loc": loc, "msg": msg, "type": "value_error"}
                                           for loc, msg in exc.errors]) from None
-        outcome, value = await store.create(job_id, tenant.name, effective, tenant.max_active_jobs, key_hash, body_hash)
+        outcome, value = await store.create(job_id, tenant.name, effective, tenant.max_active_jobs, key_hash, body_hash,
+                                            timeout_s=tenant.limits.max_wall_clock_s)
         if outcome != "taken":
             break
     else:

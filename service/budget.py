@@ -1,0 +1,68 @@
+"""What one job may ask of the service: the size of a spec against its tenant's limits.
+
+Limits (service/auth.py `Limits`; per tenant in the API key file, else the SCDD_* settings): workers
+per job (each worker may hold a GPU), recover work (images x iterations), the epochs of any one
+training schedule, and the wall-clock time after dispatch (enforced by the dispatcher, not here).
+A refused spec gets one message per exceeded limit, naming the field, the limit and where it is set.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from api_schema import JobSpec
+from service.auth import Tenant
+
+# Classes of the built-in datasets when the spec does not list them.
+DATASET_CLASSES = {"fashion-mnist": 10}
+# Validation epochs a spec leaves to its preset: at most this many (scdd/validate/protocol.py PRESETS; a test
+# keeps the two in step; the API does not import the compute packages).
+PRESET_EPOCHS_AT_MOST = 300
+
+
+def classes_of(spec: JobSpec) -> int | None:
+    """Classes the job distils: the listed ones, the built-in dataset's, or the class folders of an ImageFolder
+    root the service can see; None when it cannot tell."""
+    if spec.dataset.classes:
+        return len(spec.dataset.classes)
+    if spec.dataset.name in DATASET_CLASSES:
+        return DATASET_CLASSES[spec.dataset.name]
+    train = Path(spec.dataset.root or "") / "train"
+    try:
+        return sum(1 for entry in train.iterdir() if entry.is_dir()) or None
+    except OSError:
+        return None
+
+
+def over_budget(spec: JobSpec, tenant: Tenant) -> list[tuple[tuple[str, ...], str]]:
+    """(location, message) for every limit of `tenant` the spec exceeds; [] when it fits."""
+    limits, errors = tenant.limits, []
+
+    def refuse(loc: tuple[str, ...], asked: str, limit: str, name: str) -> None:
+        errors.append((("body", *loc), f"{asked}, over the limit of {limit} per job for tenant {tenant.name!r} "
+                                       f"(limits.{name} in the API key file, else SCDD_{name.upper()})"))
+
+    workers = spec.resources.workers
+    if workers > limits.max_workers:
+        refuse(("resources", "workers"), f"{workers} workers asked", str(limits.max_workers), "max_workers")
+    classes = classes_of(spec)
+    recover = spec.recover
+    if classes is None:
+        if recover.iterations:
+            errors.append((("body", "dataset", "classes"), "the service cannot count this dataset's classes to check "
+                           "the job's size: list them in dataset.classes"))
+    elif recover.ipc * classes * recover.iterations > limits.max_image_iterations:
+        work = recover.ipc * classes * recover.iterations
+        refuse(("recover", "iterations"), f"{work:,} image-iterations asked (ipc {recover.ipc} x {classes} classes x "
+               f"{recover.iterations} iterations)", f"{limits.max_image_iterations:,}", "max_image_iterations")
+    teacher, validate = spec.teacher, spec.validate_
+    schedules = [(("teacher", "epochs"), teacher.epochs), (("teacher", "ssl", "epochs"), teacher.ssl.epochs),
+                 (("teacher", "probe", "epochs"), teacher.probe.epochs)]
+    if validate.enabled:
+        schedules.append((("validate", "epochs"), validate.epochs or PRESET_EPOCHS_AT_MOST))
+        if validate.dd_ranking:
+            schedules.append((("validate", "full_data_epochs"), validate.full_data_epochs))
+    for loc, epochs in schedules:
+        if epochs > limits.max_epochs:
+            refuse(loc, f"{epochs} epochs asked", str(limits.max_epochs), "max_epochs")
+    return errors
