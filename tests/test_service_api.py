@@ -14,7 +14,7 @@ import yaml
 
 from service.api.main import create_app
 from service.export import FOLDER, documents
-from tests.services import ApiServer, api_settings
+from tests.services import ApiServer, api_settings, wait_until
 
 
 @pytest.fixture
@@ -196,6 +196,47 @@ def test_the_longest_preset_is_what_admission_assumes_for_validate_epochs():
     from service.budget import PRESET_EPOCHS_AT_MOST
 
     assert max(preset["epochs"] for preset in PRESETS.values()) == PRESET_EPOCHS_AT_MOST
+
+
+def test_open_event_streams_are_bounded_per_tenant_and_process_while_the_api_answers(redis_server, tmp_path):
+    import time
+    from contextlib import ExitStack
+
+    settings = api_settings(redis_server.url, tmp_path, max_streams_per_tenant=2, max_streams_per_process=3)
+    app = create_app(settings)
+    app.state.sse_keepalive_ms = 500  # closed streams notice sooner
+    server = ApiServer(app).start()
+    try:
+        with ExitStack() as open_streams, server.client("key-acme") as acme, server.client("key-globex") as globex:
+            acme_job, globex_job = submit(acme).json()["id"], submit(globex).json()["id"]
+
+            def stream(key: str, job_id: str) -> httpx.Response:
+                client = open_streams.enter_context(server.client(key))  # a connection of its own
+                return open_streams.enter_context(client.stream("GET", f"/v1/jobs/{job_id}/events", timeout=30))
+
+            assert [stream("key-acme", acme_job).status_code for _ in range(2)] == [200, 200]  # queued: they wait
+            refused = stream("key-acme", acme_job)
+            assert refused.status_code == 429 and refused.headers["retry-after"] == "5"
+            refused.read()
+            assert "tenant 'acme' has 2 event streams open, its limit (SCDD_MAX_STREAMS_PER_TENANT)" in refused.text
+            assert stream("key-globex", globex_job).status_code == 200  # another tenant: its own bound
+            full = stream("key-globex", globex_job)
+            full.read()
+            assert full.status_code == 429 and "this API process has 3 event streams open" in full.text
+            for _ in range(20):  # the API keeps answering everyone else while the streams are open
+                started = time.perf_counter()
+                assert acme.get(f"/v1/jobs/{acme_job}").status_code == 200
+                assert globex.get("/v1/jobs").status_code == 200
+                assert time.perf_counter() - started < 1
+        # every stream closed: their slots come back (at once, or at the stream's next keep-alive)
+        def stream_accepted() -> bool:
+            with server.client("key-acme") as again:
+                with again.stream("GET", f"/v1/jobs/{acme_job}/events", timeout=30) as answer:
+                    return answer.status_code == 200
+
+        wait_until(stream_accepted, 15, "the slots of closed streams to come back", interval=0.5)
+    finally:
+        server.stop()
 
 
 def test_object_store_paths_must_stay_inside_the_tenants_own_prefix():

@@ -15,6 +15,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
 from service.api.async_jobstore import AsyncJobStore
+from service.api.streams import StreamSlots
 from service.api.middleware import BodyLimit, Metrics, RequestMetrics
 from service.api.routes import artifacts, events, health, jobs
 from service.auth import ApiKeys
@@ -67,11 +68,18 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
                                    retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 4),
                                    retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError])
         app.state.store = AsyncJobStore(client, settings.redis_prefix, settings.events_maxlen, settings.idempotency_ttl_s)
+        # the event streams' blocking reads: a pool of their own, as large as the streams allowed
+        streams = aioredis.from_url(settings.redis_url, decode_responses=True, socket_timeout=30,
+                                    max_connections=settings.max_streams_per_process)
+        app.state.stream_store = AsyncJobStore(streams, settings.redis_prefix, settings.events_maxlen,
+                                               settings.idempotency_ttl_s)
         yield
+        await streams.aclose()
         await client.aclose()
 
     app = FastAPI(title="scdd job service", version=_version(), description=DESCRIPTION, lifespan=lifespan)
     app.state.settings, app.state.keys, app.state.metrics = settings, keys, Metrics()
+    app.state.stream_slots = StreamSlots(settings.max_streams_per_tenant, settings.max_streams_per_process)
     app.add_exception_handler(RequestValidationError, _validation_error)
     for error in (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
         app.add_exception_handler(error, _store_unavailable)

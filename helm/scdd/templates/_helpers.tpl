@@ -202,6 +202,10 @@ fresh value). Call with (dict "root" $ "name" <secret> "key" <key> "length" <n> 
   value: {{ $c.maxEpochs | int64 | quote }}
 - name: SCDD_JOB_TIMEOUT_S
   value: {{ $c.jobTimeoutS | toString | quote }}
+- name: SCDD_MAX_STREAMS_PER_TENANT
+  value: {{ $c.maxStreamsPerTenant | int64 | quote }}
+- name: SCDD_MAX_STREAMS_PER_PROCESS
+  value: {{ $c.maxStreamsPerProcess | int64 | quote }}
 - name: SCDD_SUBMIT_RATE
   value: {{ $c.submitRate | toString | quote }}
 - name: SCDD_SUBMIT_BURST

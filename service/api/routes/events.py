@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import AsyncIterator
 from typing import Annotated, Optional
 
@@ -9,8 +10,9 @@ from fastapi import APIRouter, Header, HTTPException, Request
 from fastapi.responses import StreamingResponse
 
 from api_schema import FINAL_STATES, ErrorOut
-from service.api.deps import JobDep, StoreDep
+from service.api.deps import JobDep, TenantDep
 from service.api.async_jobstore import STREAM_ID, AsyncJobStore
+from service.api.streams import Slot, StreamSlots
 
 router = APIRouter(prefix="/v1/jobs", tags=["events"])
 
@@ -21,8 +23,17 @@ def _frame(entry_id: str, kind: str, data: str) -> str:
     return f"id: {entry_id}\nevent: {kind}\ndata: {data}\n\n"
 
 
-async def _follow(store: AsyncJobStore, request: Request, job_id: str, after: str, block_ms: int) -> AsyncIterator[str]:
-    yield "retry: 2000\n\n"
+async def _follow(store: AsyncJobStore, request: Request, job_id: str, after: str, block_ms: int,
+                  slot: Slot) -> AsyncIterator[str]:
+    try:
+        yield "retry: 2000\n\n"
+        async for frame in _frames(store, request, job_id, after, block_ms):
+            yield frame
+    finally:
+        slot.release()
+
+
+async def _frames(store: AsyncJobStore, request: Request, job_id: str, after: str, block_ms: int) -> AsyncIterator[str]:
     while True:
         entries = await store.events(job_id, after)
         if not entries:
@@ -41,16 +52,22 @@ async def _follow(store: AsyncJobStore, request: Request, job_id: str, after: st
 
 
 @router.get("/{job_id}/events", responses={200: {"content": {"text/event-stream": {}}}, 401: {"model": ErrorOut},
-                                           404: {"model": ErrorOut}, 400: {"model": ErrorOut}})
-async def job_events(job: JobDep, store: StoreDep, request: Request,
+                                           404: {"model": ErrorOut}, 400: {"model": ErrorOut},
+                                           429: {"model": ErrorOut}})
+async def job_events(job: JobDep, tenant: TenantDep, request: Request,
                      last_event_id: Annotated[Optional[str], Header(max_length=45)] = None) -> StreamingResponse:
     """Server-Sent Events: `job_started`, `stage_started`, `progress`, `stage_finished`, `error`, `job_finished`
     (each `data:` is the event as JSON, each `id:` its position). Send `Last-Event-ID` to resume after an event;
-    the stream ends after `job_finished`."""
+    the stream ends after `job_finished`. Open streams are bounded per tenant and per API process (429)."""
     after = last_event_id or "0-0"
     if not STREAM_ID.match(after):
         raise HTTPException(400, f"Last-Event-ID {after!r} is not an event id (like 1732190000000-0): "
                                  "send the id of the last event you received")
     block_ms = getattr(request.app.state, "sse_keepalive_ms", KEEPALIVE_MS)
-    return StreamingResponse(_follow(store, request, job["id"], after, block_ms), media_type="text/event-stream",
+    slots: StreamSlots = request.app.state.stream_slots
+    slot = slots.take(tenant.name)  # 429 past a bound
+    store: AsyncJobStore = request.app.state.stream_store  # its own connection pool
+    stream = _follow(store, request, job["id"], after, block_ms, slot)
+    weakref.finalize(stream, slot.release)  # also when the client leaves before the stream starts
+    return StreamingResponse(stream, media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
