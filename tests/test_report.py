@@ -105,3 +105,14 @@ def test_the_pipeline_writes_the_keys_of_an_old_full_report(tmp_path, fmnist_roo
     written = json.loads((out / "report.json").read_text())
     assert written == report.to_json_dict()
     assert tiny_job_key_paths(written) == key_paths(old_report("scdd-kd-ranking.json"))
+
+
+def test_the_reports_student_protocol_has_the_fields_of_the_protocol_that_ran():
+    """api_schema cannot import scdd (it is the layer below), so the report's copy of the protocol's fields is
+    kept in step here."""
+    from dataclasses import fields
+
+    from api_schema.report import StudentProtocol
+    from scdd.validate.protocol import Protocol
+
+    assert set(StudentProtocol.model_fields) == {field.name for field in fields(Protocol)}
