@@ -174,22 +174,20 @@ def ray_bootstrap_record() -> Path:
     return Path(root or "/tmp") / "ray" / "ray_current_cluster"
 
 
-def _forget_head(port: int) -> Callable[[], None]:
-    """Once the head is stopped: remove Ray's bootstrap record if it still names this head, so nothing later
-    tries to join a cluster that is gone."""
-    def forget() -> None:
-        record = ray_bootstrap_record()
-        try:
-            if record.read_text().strip().rsplit(":", 1)[-1] == str(port):
-                record.unlink()
-        except (OSError, IndexError):
-            pass
-    return forget
+def forget_ray_head(port: int) -> None:
+    """Once a head is stopped: remove Ray's bootstrap record if it still names the head on `port`, so nothing
+    later tries to join a cluster that is gone."""
+    record = ray_bootstrap_record()
+    try:
+        if record.read_text().strip().rsplit(":", 1)[-1] == str(port):
+            record.unlink()
+    except OSError:
+        pass
 
 
 def start_ray_head(folder: Path, stack: ExitStack) -> str:
     port, dashboard = free_port(), free_port()
-    stack.callback(_forget_head(port))  # runs after the stopper below (last in, first out)
+    stack.callback(forget_ray_head, port)  # runs after the stopper below (last in, first out)
     logfile = open(folder / "ray-head.log", "a")
     process = subprocess.Popen(
         [program("ray", "install the project (bash scripts/setup.sh) or set RAY_ADDRESS"), "start", "--head",

@@ -14,7 +14,8 @@ from pathlib import Path
 import httpx
 import uvicorn
 
-from service.serve import child_env, free_port, head_flags, jobs_api_up, program, redis_command, redis_up
+from service.serve import (child_env, forget_ray_head, free_port, head_flags, jobs_api_up, program, redis_command,
+                           redis_up)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -91,6 +92,7 @@ class RayHead:
                 self.process.wait(60)
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
+            forget_ray_head(self.port)  # as `scdd serve` does: no record of a head that is gone
 
 
 class ApiServer:
