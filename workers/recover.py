@@ -143,6 +143,9 @@ class WorkerLost(Exception):
     """A worker died or its collective broke: the group must be formed anew."""
 
 
+DEATH_GRACE_S = 10.0  # how long a failed collective waits to see whether a peer died (the real cause)
+
+
 def gather(refs: list[ray.ObjectRef], check: Callable[[], None] | None = None, poll_s: float = 0.25) -> list[Any]:
     """Results of one call on every rank, in rank order; the first failure ends the wait. `check` runs
     every `poll_s` while waiting and may raise (JobCancelled) to stop waiting for slow calls (actor start-up,
@@ -164,8 +167,26 @@ def gather(refs: list[ray.ObjectRef], check: Callable[[], None] | None = None, p
         except RayTaskError as exc:
             if isinstance(exc.cause, (ScddError, JobCancelled)):
                 raise exc.cause from None
-            raise WorkerLost(f"worker {rank} failed: {type(exc.cause).__name__}: {str(exc.cause).splitlines()[0][:300]}") from None
+            failure = f"worker {rank} failed: {type(exc.cause).__name__}: {str(exc.cause).splitlines()[0][:300]}"
+            death = death_among(waiting, refs)
+            raise WorkerLost(f"{death}; {failure}" if death else failure) from None
     return [results[ref] for ref in refs]
+
+
+def death_among(waiting: list[ray.ObjectRef], refs: list[ray.ObjectRef], grace_s: float = DEATH_GRACE_S) -> str | None:
+    """When one rank dies, its peers' collectives fail too, and a peer's error may arrive first: look for a
+    death among the other calls for a short while, so the cause named is the dead worker, not its peer."""
+    deadline = time.monotonic() + grace_s
+    while waiting and time.monotonic() < deadline:
+        done, waiting = ray.wait(waiting, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+        for ref in done:
+            try:
+                ray.get(ref)
+            except RayActorError as exc:
+                return f"worker {refs.index(ref)} died ({type(exc).__name__}: {str(exc).splitlines()[0][:300]})"
+            except Exception:  # another consequence of the same failure
+                pass
+    return None
 
 
 def merge_parts(unit: Unit, parts: list[dict], synced: bool) -> dict:
