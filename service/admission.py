@@ -44,7 +44,7 @@ def _readable(path: str, roots: list[str], tenant_root: str) -> bool:
 def admit(spec: JobSpec, tenant: Tenant, job_id: str, settings: Settings) -> dict:
     """The spec the job will run (as a dict), or AdmissionError naming each refused field and each exceeded limit
     of the tenant (service/budget.py)."""
-    errors = over_budget(spec, tenant)
+    errors: list[tuple[tuple[str, ...], str]] = []
     output = spec.output
     for field, value in (("url", output.url), ("teacher_cache", output.teacher_cache)):
         if value is not None:
@@ -64,6 +64,8 @@ def admit(spec: JobSpec, tenant: Tenant, job_id: str, settings: Settings) -> dic
         if path is not None and not _readable(path, roots, tenant_root):
             errors.append((("body", *loc), f"{path!r} is outside the folders this service reads from "
                                            f"({', '.join(roots)}, or your own job artifacts)"))
+    root_refused = any(loc == ("body", "dataset", "root") for loc, _ in errors)
+    errors += over_budget(spec, tenant, look_in_root=not root_refused)  # never lists a folder it may not read
     if errors:
         raise AdmissionError(errors)
     data = spec.to_dict()

@@ -20,22 +20,25 @@ DATASET_CLASSES = {"fashion-mnist": 10}
 PRESET_EPOCHS_AT_MOST = 300
 
 
-def classes_of(spec: JobSpec) -> int | None:
-    """Classes the job distils: the listed ones, the built-in dataset's, or the class folders of an ImageFolder
-    root the service can see; None when it cannot tell."""
+def classes_of(spec: JobSpec, look_in_root: bool = True) -> int | None:
+    """Classes the job distils: the listed ones, the built-in dataset's, or (with `look_in_root`: the root is one
+    the service may read) the class folders of an ImageFolder root; None when it cannot tell."""
     if spec.dataset.classes:
         return len(spec.dataset.classes)
     if spec.dataset.name in DATASET_CLASSES:
         return DATASET_CLASSES[spec.dataset.name]
-    train = Path(spec.dataset.root or "") / "train"
+    if not look_in_root or not spec.dataset.root:
+        return None
+    train = Path(spec.dataset.root) / "train"
     try:
         return sum(1 for entry in train.iterdir() if entry.is_dir()) or None
     except OSError:
         return None
 
 
-def over_budget(spec: JobSpec, tenant: Tenant) -> list[tuple[tuple[str, ...], str]]:
-    """(location, message) for every limit of `tenant` the spec exceeds; [] when it fits."""
+def over_budget(spec: JobSpec, tenant: Tenant, look_in_root: bool = True) -> list[tuple[tuple[str, ...], str]]:
+    """(location, message) for every limit of `tenant` the spec exceeds; [] when it fits. `look_in_root`: the
+    dataset root passed admission's path check, so its class folders may be counted."""
     limits, errors = tenant.limits, []
 
     def refuse(loc: tuple[str, ...], asked: str, limit: str, name: str) -> None:
@@ -45,7 +48,7 @@ def over_budget(spec: JobSpec, tenant: Tenant) -> list[tuple[tuple[str, ...], st
     workers = spec.resources.workers
     if workers > limits.max_workers:
         refuse(("resources", "workers"), f"{workers} workers asked", str(limits.max_workers), "max_workers")
-    classes = classes_of(spec)
+    classes = classes_of(spec, look_in_root)
     recover = spec.recover
     if classes is None:
         if recover.iterations:

@@ -375,3 +375,21 @@ def test_the_api_process_never_imports_torch_or_ray():
             "print(sorted(m for m in ('torch', 'ray', 'workers', 'scdd.pipeline') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_size_check_counts_an_imagefolders_classes_only_inside_the_data_roots(tmp_path):
+    from api_schema import JobSpec
+    from service.auth import Tenant
+    from service.budget import over_budget
+    from service.settings import Settings
+
+    limits = Settings(max_image_iterations=100).default_limits
+    acme = Tenant("acme", 4, limits)
+    for name in ("cat", "dog", "eel"):
+        (tmp_path / "train" / name).mkdir(parents=True)
+    spec = JobSpec.model_validate({"dataset": {"name": "imagefolder", "root": str(tmp_path)},
+                                   "recover": {"init": "noise", "ipc": 10, "iterations": 5}})
+    (error,) = over_budget(spec, acme)
+    assert "150 image-iterations asked (ipc 10 x 3 classes x 5 iterations)" in error[1]
+    (unknown,) = over_budget(spec, acme, look_in_root=False)
+    assert unknown[0] == ("body", "dataset", "classes") and "list them in dataset.classes" in unknown[1]
