@@ -676,14 +676,21 @@ def test_ingress():
 # --- NetworkPolicies, ServiceAccount, NOTES ---------------------------------------------------------
 
 
-def _peers(policy: dict) -> list[tuple[dict, list]]:
-    return [(peer, rule.get("ports", [])) for rule in policy["spec"]["ingress"] for peer in rule.get("from", [{}])]
+def _peers(policy: dict, direction: str = "ingress") -> list[tuple[dict, list]]:
+    """(peer, ports) of every rule of the policy's ingress (`from`) or egress (`to`); {} is any peer."""
+    side = "from" if direction == "ingress" else "to"
+    return [(peer, rule.get("ports", [])) for rule in policy["spec"][direction] for peer in rule.get(side, [{}])]
+
+
+def _component_labels(name: str) -> dict[str, dict]:
+    """Pod labels of each Deployment / StatefulSet of value set `name`, by component (api, dispatcher, redis)."""
+    return {where.split("/")[1].removeprefix(f"{FULLNAME}-"): t["metadata"]["labels"]
+            for where, t in pod_templates(name) if where.startswith(("Deployment/", "StatefulSet/"))}
 
 
 def test_network_policies():
     name = "default"
-    labels = {where.split("/")[1].removeprefix(f"{FULLNAME}-"): t["metadata"]["labels"]
-              for where, t in pod_templates(name) if where.startswith(("Deployment/", "StatefulSet/"))}
+    labels = _component_labels(name)
 
     def selects(peer: dict, pod_labels: dict) -> bool:
         return "podSelector" in peer and peer["podSelector"]["matchLabels"].items() <= pod_labels.items()
@@ -715,14 +722,9 @@ def test_network_policies():
         f"{FULLNAME}-redis" not in {p["metadata"]["name"] for p in of_kind("external-redis", "NetworkPolicy")}
 
 
-def _egress(policy: dict) -> list[tuple[dict, list]]:
-    return [(peer, rule.get("ports", [])) for rule in policy["spec"]["egress"] for peer in rule.get("to", [{}])]
-
-
 def test_egress_is_closed_but_for_what_each_pod_talks_to():
     name = "default"
-    labels = {where.split("/")[1].removeprefix(f"{FULLNAME}-"): t["metadata"]["labels"]
-              for where, t in pod_templates(name) if where.startswith(("Deployment/", "StatefulSet/"))}
+    labels = _component_labels(name)
     policies = {p["metadata"]["name"].removeprefix(f"{FULLNAME}-"): p for p in of_kind(name, "NetworkPolicy")}
     dns = ({}, [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}])
     redis = ({"podSelector": {"matchLabels": {k: labels["redis"][k] for k in
@@ -737,10 +739,10 @@ def test_egress_is_closed_but_for_what_each_pod_talks_to():
     for component, rules in expected.items():
         policy = policies[component]
         assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"], component
-        assert _egress(policy) == rules, component
+        assert _peers(policy, "egress") == rules, component
     assert policies["ray-head"]["spec"]["policyTypes"] == ["Ingress"]  # its egress is the ray policy's
     external = {p["metadata"]["name"]: p for p in of_kind("external-redis", "NetworkPolicy")}
-    assert _egress(external[f"{FULLNAME}-dispatcher"])[1] == ({}, [{"port": 6379, "protocol": "TCP"}])
+    assert _peers(external[f"{FULLNAME}-dispatcher"], "egress")[1] == ({}, [{"port": 6379, "protocol": "TCP"}])
     opened = of_kind("egress-open", "NetworkPolicy")
     assert opened and all(p["spec"]["policyTypes"] == ["Ingress"] and "egress" not in p["spec"] for p in opened)
 
