@@ -65,7 +65,8 @@ def admit(spec: JobSpec, tenant: Tenant, job_id: str, settings: Settings) -> dic
             errors.append((("body", *loc), f"{path!r} is outside the folders this service reads from "
                                            f"({', '.join(roots)}, or your own job artifacts)"))
     root_refused = any(loc == ("body", "dataset", "root") for loc, _ in errors)
-    errors += over_budget(spec, tenant, look_in_root=not root_refused)  # never lists a folder it may not read
+    errors += over_budget(spec, tenant, look_in_root=not root_refused,  # never lists a folder it may not read
+                          max_gpus=settings.max_gpus)
     if errors:
         raise AdmissionError(errors)
     data = spec.to_dict()

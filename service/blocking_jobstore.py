@@ -49,13 +49,17 @@ class BlockingJobStore:
         return self.transition(job_id, status, allowed, event or records.finished_event(job_id, status, error),
                                **({"error": error} if error else {}), **fields)
 
-    def reserve(self, job_id: str, limit: int) -> bool:
-        """Take one of the `limit` slots of running jobs (cluster-wide) for the job, unless it holds one."""
-        return self._reserve(keys=[self.keys.active], args=[job_id, limit]) == 1
+    def reserve(self, job_id: str, tenant: str, gpus: int, max_running: int, max_gpus: int = 0) -> tuple[bool, str]:
+        """Take a run slot for the job (cluster-wide, fair between tenants: records.RESERVE), unless it holds one.
+        (True, 'held' | 'reserved') or (False, 'full' | 'gpus' | 'owed:<tenant>')."""
+        taken, why = self._reserve(keys=[self.keys.slots, self.keys.tenants, self.keys.served],
+                                   args=[self.keys.prefix, job_id, tenant, gpus, max_running, max_gpus,
+                                         f"{time.time():.6f}"])
+        return taken == 1, why
 
     def active_count(self) -> int:
-        """Jobs dispatched or running: the slots taken."""
-        return self.redis.scard(self.keys.active)
+        """Jobs holding a run slot (dispatched, running, or being submitted)."""
+        return self.redis.hlen(self.keys.slots)
 
     def append_event(self, job_id: str, event: dict[str, Any], **fields: Any) -> None:
         """One event into the job's stream, and `fields` (stage, progress) into its record."""

@@ -9,6 +9,7 @@ A refused spec gets one message per exceeded limit, naming the field, the limit 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Mapping
 
 from api_schema import JobSpec
 from service.auth import Tenant
@@ -36,9 +37,17 @@ def classes_of(spec: JobSpec, look_in_root: bool = True) -> int | None:
         return None
 
 
-def over_budget(spec: JobSpec, tenant: Tenant, look_in_root: bool = True) -> list[tuple[tuple[str, ...], str]]:
-    """(location, message) for every limit of `tenant` the spec exceeds; [] when it fits. `look_in_root`: the
-    dataset root passed admission's path check, so its class folders may be counted."""
+def gpus_of(resources: Mapping[str, Any]) -> int:
+    """GPUs a job may hold (its spec's `resources` as a dict): one per worker unless its device is cpu. A job with
+    device auto counts as GPU work: whether it gets GPUs depends on the cluster it lands on."""
+    return 0 if resources.get("device", "auto") == "cpu" else int(resources.get("workers", 1))
+
+
+def over_budget(spec: JobSpec, tenant: Tenant, look_in_root: bool = True,
+                max_gpus: int = 0) -> list[tuple[tuple[str, ...], str]]:
+    """(location, message) for every limit of `tenant` the spec exceeds, and a job holding more GPUs than
+    `max_gpus` (the service's bound; 0: none); [] when it fits. `look_in_root`: the dataset root passed
+    admission's path check, so its class folders may be counted."""
     limits, errors = tenant.limits, []
 
     def refuse(loc: tuple[str, ...], asked: str, limit: str, name: str) -> None:
@@ -48,6 +57,11 @@ def over_budget(spec: JobSpec, tenant: Tenant, look_in_root: bool = True) -> lis
     workers = spec.resources.workers
     if workers > limits.max_workers:
         refuse(("resources", "workers"), f"{workers} workers asked", str(limits.max_workers), "max_workers")
+    gpus = gpus_of(spec.resources.model_dump())
+    if max_gpus and gpus > max_gpus:
+        errors.append((("body", "resources", "workers"), f"{workers} workers on device {spec.resources.device!r} hold "
+                       f"{gpus} GPUs, more than this service runs at once (SCDD_MAX_GPUS={max_gpus}): lower "
+                       f"resources.workers, or set resources.device to cpu"))
     classes = classes_of(spec, look_in_root)
     recover = spec.recover
     if classes is None:

@@ -1,5 +1,7 @@
 """The dispatcher: takes jobs off the Redis queue and runs each as a Ray job, at most
-SCDD_MAX_RUNNING at a time across all dispatchers; follows them until they end.
+SCDD_MAX_RUNNING at a time (and SCDD_MAX_GPUS GPUs, when set) across all dispatchers; follows them
+until they end. Run slots are shared fairly: round-robin between the tenants with queued jobs, first
+in first out within a tenant (records.RESERVE).
 
 Delivery is at-least-once (a Redis Stream with the consumer group `dispatchers`); a run is
 exactly-once because the Ray job's submission id is the job id (Ray refuses a second submit of the
@@ -29,12 +31,14 @@ import redis
 
 from api_schema import FINAL_STATES
 from service.blocking_jobstore import BlockingJobStore
+from service.budget import gpus_of
 from service.job_queue import JobQueue
 from service.settings import Settings
 
 log = logging.getLogger("scdd.dispatcher")
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+READ_BATCH = 200
 
 
 class RayJobs:
@@ -96,8 +100,9 @@ class Dispatcher:
 
     def run(self) -> None:
         self.queue.ensure_group()
-        log.info("dispatcher %s: queue %s, Ray Jobs API %s, at most %d jobs at once", self.name, self.queue.keys.queue,
-                 self.ray.address, self.settings.max_running)
+        log.info("dispatcher %s: queue %s, Ray Jobs API %s, at most %d jobs%s at once", self.name,
+                 self.queue.keys.queue, self.ray.address, self.settings.max_running,
+                 f" and {self.settings.max_gpus} GPUs" if self.settings.max_gpus else "")
         if self.settings.jobs_redis_url == "pass" and urlsplit(self.settings.redis_url).password:
             log.warning("REDIS_URL holds a password and goes into every Ray job's runtime_env, readable through the "
                         "Ray Jobs API and dashboard: give the Ray nodes REDIS_URL and set SCDD_JOBS_REDIS_URL=cluster")
@@ -112,10 +117,15 @@ class Dispatcher:
         self.touch()
         self.reclaim()
         self.follow()
-        for job_id, message_id in list(self.waiting.items()):
-            self.handle(message_id, job_id, self.queue.deliveries(message_id))
         self.read_new()
+        self.dispatch_waiting()
         self.expire()
+
+    def dispatch_waiting(self) -> None:
+        """Try the jobs waiting for a slot, oldest first (job ids sort by creation), until the slots are full."""
+        for job_id, message_id in sorted(self.waiting.items()):
+            if self.handle(message_id, job_id, self.queue.deliveries(message_id)) == "full":
+                return
 
     def expire(self) -> None:
         """Retention: delete the records and events of jobs finished more than SCDD_RETENTION_DAYS ago."""
@@ -135,12 +145,10 @@ class Dispatcher:
             self.handle(message_id, job_id, self.queue.deliveries(message_id))
 
     def read_new(self) -> None:
-        free = self.settings.max_running - self.store.active_count() - len(self.waiting)
-        if free <= 0:
-            self.stopped.wait(self.settings.poll_s)
-            return
-        for message_id, job_id in self.queue.read(free, int(self.settings.poll_s * 1000)):
-            self.handle(message_id, job_id, 1)
+        """Take every new message (up to READ_BATCH a tick) into `waiting`: a fair choice needs to see the queued
+        jobs of every tenant, not only the oldest. Waits up to poll_s when there is none (the tick's pace)."""
+        for message_id, job_id in self.queue.read(READ_BATCH, int(self.settings.poll_s * 1000)):
+            self.waiting[job_id] = message_id
 
     def ack(self, message_id: str, job_id: str) -> None:
         self.queue.ack(message_id)
@@ -155,32 +163,42 @@ class Dispatcher:
         self.ack(message_id, job_id)
 
     # -- one job ---------------------------------------------------------------------------------
-    def handle(self, message_id: str, job_id: str, deliveries: int) -> None:
+    def handle(self, message_id: str, job_id: str, deliveries: int) -> str:
+        """Dispatch (or keep following) the job of a message. Returns what became of it: 'done' (acknowledged or
+        dead-lettered), 'following', 'retry' (submit failed) or why it waits: 'full', 'gpus', 'owed:<tenant>'."""
         record = self.store.get(job_id) if job_id else None
         if record is None:
-            return self.dead_letter(message_id, job_id, "the message names no job record")
+            self.dead_letter(message_id, job_id, "the message names no job record")
+            return "done"
         if record["state"] in FINAL_STATES:
-            return self.ack(message_id, job_id)
+            self.ack(message_id, job_id)
+            return "done"
         attempts = int(record.get("attempts") or 0)
         limit = self.settings.max_deliveries
         if record["state"] == "queued" and (deliveries > limit or attempts >= limit):
-            return self.dead_letter(message_id, job_id, f"delivered {deliveries} times, {attempts} failed submits "
-                                                        f"(limit {limit}); last error: {record.get('last_error', 'none')}")
-        if not self.store.reserve(job_id, self.settings.max_running):
+            self.dead_letter(message_id, job_id, f"delivered {deliveries} times, {attempts} failed submits "
+                                                 f"(limit {limit}); last error: {record.get('last_error', 'none')}")
+            return "done"
+        spec = json.loads(record["spec"])
+        reserved, why = self.store.reserve(job_id, record["tenant"], gpus_of(spec.get("resources", {})),
+                                           self.settings.max_running, self.settings.max_gpus)
+        if not reserved:
             self.waiting[job_id] = message_id
-            return
+            return why
         if record["state"] == "queued":
             try:
-                started = self.ray.submit(job_id, json.loads(record["spec"]), self.job_env())
+                started = self.ray.submit(job_id, spec, self.job_env())
             except Exception as exc:  # Ray unreachable or refusing: count it, retry on a later tick
                 self.store.record_submit_failure(job_id, f"{type(exc).__name__}: {str(exc)[:500]}")
                 log.warning("job %s: submitting to Ray failed (%s); will retry", job_id, exc)
                 self.waiting[job_id] = message_id
-                return
+                return "retry"
             self.store.transition(job_id, "dispatched", ("queued",), dispatched_at=f"{time.time():.3f}")
-            log.info("job %s %s Ray job %s", job_id, "submitted as" if started else "already was", job_id)
+            log.info("job %s of %s %s Ray job %s", job_id, record["tenant"],
+                     "submitted as" if started else "already was", job_id)
         self.waiting.pop(job_id, None)
         self.following[job_id] = message_id
+        return "following"
 
     def job_env(self) -> dict[str, str]:
         """The Ray job's environment: REDIS_URL only with SCDD_JOBS_REDIS_URL=pass (a runtime_env is readable by

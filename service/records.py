@@ -11,7 +11,10 @@ Keys (prefix `scdd` by default; one Redis instance, not Redis Cluster: scripts d
 - `<p>:rate:<t>`                 hash {tokens, at}: the tenant's submission token bucket, expires
 - `<p>:queue`                    stream (consumer group `dispatchers`): one message {job} per submission
 - `<p>:queue:dead`               stream: dead-lettered messages {job, reason}
-- `<p>:active`                   set: dispatched + running job ids (cluster-wide concurrency)
+- `<p>:slots`                    hash: job id -> `<tenant> <gpus>` of each job holding a run slot (dispatched,
+                                 running, or reserved while its submit to Ray is retried): the cluster-wide bounds
+- `<p>:tenants`                  set: every tenant that submitted a job (fair share looks at their queued jobs)
+- `<p>:served`                   hash: tenant -> when it last got a run slot (round-robin between equals)
 - `<p>:counts`                   hash: state -> number of jobs (metrics)
 - `<p>:finished`                 sorted set: finished job ids by finish time (retention, `EXPIRE_FINISHED`)
 - `<p>:expired`                  sorted set: `<tenant>/<id>` of expired jobs whose artifacts the GC has not
@@ -64,8 +67,16 @@ class Keys:
         return f"{self.prefix}:queue:dead"
 
     @property
-    def active(self) -> str:
-        return f"{self.prefix}:active"
+    def slots(self) -> str:
+        return f"{self.prefix}:slots"
+
+    @property
+    def tenants(self) -> str:
+        return f"{self.prefix}:tenants"
+
+    @property
+    def served(self) -> str:
+        return f"{self.prefix}:served"
 
     @property
     def counts(self) -> str:
@@ -85,7 +96,7 @@ def new_job_id() -> str:
     return f"j-{int(time.time() * 1000):012x}{os.urandom(4).hex()}"
 
 
-# Moves a job to state `to` (keeping the per-tenant state sets, counts and the active set right)
+# Moves a job to state `to` (keeping the per-tenant state sets, counts and the run slots right)
 # and, when given, appends an event to the job's stream in the same step.
 _MOVE = """
 local function move(prefix, job_key, cur, to, now)
@@ -98,7 +109,7 @@ local function move(prefix, job_key, cur, to, now)
     redis.call('HINCRBY', prefix .. ':counts', cur, -1)
     redis.call('HINCRBY', prefix .. ':counts', to, 1)
     if to == 'succeeded' or to == 'failed' or to == 'cancelled' then
-      redis.call('SREM', prefix .. ':active', id)
+      redis.call('HDEL', prefix .. ':slots', id)
       redis.call('HSET', job_key, 'finished_at', now)
       redis.call('ZADD', prefix .. ':finished', now, id)
     end
@@ -112,7 +123,7 @@ end
 """
 
 # KEYS: job, idempotency (or any name when unused), queue, tenant jobs, tenant queued, tenant
-# dispatched, tenant running, counts. ARGV: id, tenant, now, spec JSON, body hash, quota, idempotency
+# dispatched, tenant running, counts, tenants. ARGV: id, tenant, now, spec JSON, body hash, quota, idempotency
 # TTL, '1' when an idempotency key is given, the job's wall-clock limit in seconds after dispatch (0: none).
 # Returns {'created'|'existing'|'conflict'|'taken'|'quota', job id or active count}; 'taken': a record with this
 # id exists already (it is never overwritten).
@@ -133,6 +144,7 @@ redis.call('HSET', KEYS[1], 'id', ARGV[1], 'tenant', ARGV[2], 'state', 'queued',
 redis.call('ZADD', KEYS[4], 0, ARGV[1])
 redis.call('ZADD', KEYS[5], 0, ARGV[1])
 redis.call('HINCRBY', KEYS[8], 'queued', 1)
+redis.call('SADD', KEYS[9], ARGV[2])
 if ARGV[8] == '1' then
   redis.call('HSET', KEYS[2], 'job', ARGV[1], 'body', ARGV[5])
   redis.call('EXPIRE', KEYS[2], ARGV[7])
@@ -217,16 +229,41 @@ if taken == 1 then return {1, 0} end
 return {0, math.ceil((1 - tokens) / rate)}
 """
 
-# KEYS: active set. ARGV: job id, limit. 1 when the job holds (or now took) a slot.
+# Fair share of the run slots. KEYS: slots, tenants, served. ARGV: prefix, job id, tenant, the job's GPUs,
+# max jobs at once, max GPUs at once (0: no bound), now.
+# A tenant gets a slot only when no other tenant with a job waiting (queued, holding no slot) is owed one
+# first: one with fewer slots, or as many but served longer ago. So slots go round-robin between tenants
+# with queued jobs (max-min fairness on running jobs), and a tenant with 50 queued jobs cannot starve one
+# with 1. The owed tenant's job is held for even when it waits for GPUs (no small job overtakes it).
+# Returns {1, 'held'|'reserved'} or {0, 'full'|'gpus'|'owed:<tenant>'}.
 RESERVE = """
-if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then return 1 end
-if redis.call('SCARD', KEYS[1]) < tonumber(ARGV[2]) then
-  redis.call('SADD', KEYS[1], ARGV[1])
-  return 1
+if redis.call('HEXISTS', KEYS[1], ARGV[2]) == 1 then return {1, 'held'} end
+local taken, gpus, per_tenant = 0, 0, {}
+for _, holder in ipairs(redis.call('HVALS', KEYS[1])) do
+  local tenant, n = string.match(holder, '^(.*) (%d+)$')
+  taken = taken + 1
+  gpus = gpus + tonumber(n)
+  per_tenant[tenant] = (per_tenant[tenant] or 0) + 1
 end
-return 0
+if taken >= tonumber(ARGV[5]) then return {0, 'full'} end
+local mine = per_tenant[ARGV[3]] or 0
+local my_turn = tonumber(redis.call('HGET', KEYS[3], ARGV[3]) or '0')
+for _, other in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  if other ~= ARGV[3] then
+    local theirs = per_tenant[other] or 0
+    if theirs < mine or (theirs == mine and tonumber(redis.call('HGET', KEYS[3], other) or '0') < my_turn) then
+      for _, id in ipairs(redis.call('ZRANGE', ARGV[1] .. ':tenant:' .. other .. ':state:queued', 0, -1)) do
+        if redis.call('HEXISTS', KEYS[1], id) == 0 then return {0, 'owed:' .. other} end
+      end
+    end
+  end
+end
+local max_gpus = tonumber(ARGV[6])
+if max_gpus > 0 and gpus + tonumber(ARGV[4]) > max_gpus then return {0, 'gpus'} end
+redis.call('HSET', KEYS[1], ARGV[2], ARGV[3] .. ' ' .. ARGV[4])
+redis.call('HSET', KEYS[3], ARGV[3], ARGV[7])
+return {1, 'reserved'}
 """
-
 
 def _number(value: str | None) -> float | None:
     return None if value in (None, "") else float(value)

@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(65536, ge=1024, description="Larger request bodies are refused with 413.")
     max_active_jobs: int = Field(8, ge=1, description="Per-tenant limit of queued + dispatched + running jobs.")
     max_running: int = Field(2, ge=1, description="Cluster-wide limit of dispatched + running jobs.")
+    max_gpus: int = Field(0, ge=0, description="Cluster-wide limit of GPUs held by dispatched + running jobs (a job "
+                          "holds resources.workers GPUs unless its device is cpu); 0: only max_running bounds them. "
+                          "A job asking for more is refused at submission.")
     events_maxlen: int = Field(10000, ge=100, description="Events kept per job (older ones are trimmed).")
     idempotency_ttl_s: int = Field(86400, ge=60, description="How long an Idempotency-Key is remembered.")
     cancel_grace_s: float = Field(30.0, ge=0, description="Cooperative cancel time before the Ray job is stopped.")

@@ -467,6 +467,21 @@ def test_service_settings_parse_from_the_rendered_environment(name, monkeypatch)
     assert api["SCDD_API_KEYS_FILE"]["value"] == "/etc/scdd/api-keys/api-keys.yaml"
 
 
+@pytest.mark.parametrize("name, gpus", [("default", "4"), ("gpu-max-8", "16"), ("gpu-max-0", "0"),
+                                       ("no-gpu-group-no-policies", "0")])
+def test_max_gpus_defaults_to_the_gpu_groups_size(name, gpus):
+    """SCDD_MAX_GPUS = the GPU worker group's maxReplicas x gpus (what the cluster can ever hold), unless set."""
+    for deployment in ("api", "dispatcher"):
+        assert env_of(container(name, "Deployment", f"{FULLNAME}-{deployment}"))["SCDD_MAX_GPUS"]["value"] == gpus
+
+
+def test_max_gpus_set_in_config_wins(chart):
+    files = chart.render({"config": {"maxGpus": 3}}, name=RELEASE, namespace=NAMESPACE)
+    dispatcher = next(doc for path, text in files.items() if path.endswith("dispatcher.yaml")
+                      for doc in yaml.safe_load_all(text) if doc and doc["kind"] == "Deployment")
+    assert env_of(dispatcher["spec"]["template"]["spec"]["containers"][0])["SCDD_MAX_GPUS"]["value"] == "3"
+
+
 def test_generated_api_key_is_accepted_by_the_service(tmp_path, monkeypatch):
     secret = one("default", "Secret", f"{FULLNAME}-api-keys")
     key = base64.b64decode(secret["data"]["api-key"]).decode()

@@ -21,13 +21,14 @@ from tests.test_service_api import sse_events
 
 pytestmark = pytest.mark.slow
 KEY = "key-acme"
+OTHER_KEY = "key-globex"
 
 
 @pytest.fixture
 def stack(tmp_path, ray_local, ray_head, fmnist_root, fmnist_teacher_ckpt):
     """Redis + API + a dispatcher factory; everything a job reads lies under the data roots."""
     redis_server = RedisServer(tmp_path / "redis").start()
-    settings = Settings(redis_url=redis_server.url, ray_address=ray_head.jobs_url, api_keys=f"acme={KEY}",
+    settings = Settings(redis_url=redis_server.url, ray_address=ray_head.jobs_url, api_keys=f"acme={KEY},globex={OTHER_KEY}",
                         api_keys_file=None, artifacts=str(tmp_path / "artifacts"),
                         data_roots=os.pathsep.join([str(fmnist_root), str(fmnist_teacher_ckpt.parent)]))
     api = ApiServer(create_app(settings)).start()
@@ -144,7 +145,7 @@ def test_a_dispatcher_killed_mid_job_is_taken_over_and_the_job_runs_once(stack, 
     r = redis.Redis.from_url(stack.redis.url, decode_responses=True)
     # the new dispatcher acknowledges it once Ray reports the driver process ended
     wait_until(lambda: r.xpending("scdd:queue", "dispatchers")["pending"] == 0, 30, "the message to be acknowledged")
-    assert r.scard("scdd:active") == 0
+    assert r.hlen("scdd:slots") == 0
 
 
 def test_a_job_submitted_before_a_redis_restart_still_runs(stack, fmnist_root, fmnist_teacher_ckpt):
@@ -215,3 +216,23 @@ def test_a_job_past_its_wall_clock_limit_fails_with_timeout_and_frees_its_worker
     assert done["state"] == "failed" and done["error"].startswith("timeout: still running 15 s after dispatch"), done
     assert done["finished_at"] - done["dispatched_at"] < 30
     assert cpus_free_soon(ray_local, 30) == 2  # its Ray job was stopped
+
+
+def test_a_freed_slot_goes_to_the_tenant_with_one_queued_job_before_one_with_many(stack, fmnist_root,
+                                                                                 fmnist_teacher_ckpt, ray_local):
+    """One slot (SCDD_MAX_RUNNING=1): acme's running job ends; of acme's two queued jobs (older) and globex's
+    one, globex's is dispatched next."""
+    stack.dispatcher()
+    first = stack.client.post("/v1/jobs", json=spec(fmnist_root, fmnist_teacher_ckpt, iterations=3000)).json()
+    wait_state(stack.client, first["id"], {"running"}, 120)
+    acme_queued = [stack.client.post("/v1/jobs", json=spec(fmnist_root, fmnist_teacher_ckpt)).json()["id"]
+                   for _ in range(2)]
+    with stack.api.client(OTHER_KEY) as globex:
+        theirs = globex.post("/v1/jobs", json=spec(fmnist_root, fmnist_teacher_ckpt)).json()["id"]
+        time.sleep(1)  # the dispatcher has read all three
+        assert stack.client.post(f"/v1/jobs/{first['id']}/cancel").status_code == 202
+        wait_state(globex, theirs, {"dispatched", "running", "succeeded"}, 60)
+        assert [stack.client.get(f"/v1/jobs/{job}").json()["state"] for job in acme_queued] == ["queued", "queued"]
+        for client, job in [(globex, theirs)] + [(stack.client, job) for job in acme_queued]:
+            client.post(f"/v1/jobs/{job}/cancel")
+        wait_state(globex, theirs, {"succeeded", "cancelled"}, 60)

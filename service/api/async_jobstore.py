@@ -32,7 +32,7 @@ class AsyncJobStore:
         idem = k.idempotency(tenant, idempotency_key_hash) if idempotency_key_hash else k.idempotency(tenant, "-")
         outcome, value = await self._create(
             keys=[k.job(job_id), idem, k.queue, k.tenant_jobs(tenant), *(k.tenant_state(tenant, s) for s in
-                  ("queued", "dispatched", "running")), k.counts],
+                  ("queued", "dispatched", "running")), k.counts, k.tenants],
             args=[job_id, tenant, f"{time.time():.3f}", json.dumps(spec, sort_keys=True), body_hash, quota,
                   self.idempotency_ttl_s, "1" if idempotency_key_hash else "0", f"{timeout_s:g}"])
         return outcome, value

@@ -164,6 +164,18 @@ fresh value). Call with (dict "root" $ "name" <secret> "key" <key> "length" <n> 
 {{- end }}
 
 {{/* The service settings (SCDD_*), HOME on the writable /tmp, and extraEnv. */}}
+{{/* SCDD_MAX_GPUS: config.maxGpus, else the GPU worker group's maxReplicas x gpus (0 without it). */}}
+{{- define "scdd.maxGpus" -}}
+{{- $w := .Values.ray.workers -}}
+{{- if not (kindIs "invalid" .Values.config.maxGpus) -}}
+{{- .Values.config.maxGpus | int64 -}}
+{{- else if $w.enabled -}}
+{{- mul ($w.maxReplicas | int64) ($w.gpus | int64) -}}
+{{- else -}}
+0
+{{- end -}}
+{{- end -}}
+
 {{- define "scdd.env.settings" -}}
 {{- $c := .Values.config }}
 - name: SCDD_REDIS_PREFIX
@@ -180,6 +192,8 @@ fresh value). Call with (dict "root" $ "name" <secret> "key" <key> "length" <n> 
   value: {{ $c.maxActiveJobs | int64 | quote }}
 - name: SCDD_MAX_RUNNING
   value: {{ $c.maxRunning | int64 | quote }}
+- name: SCDD_MAX_GPUS
+  value: {{ include "scdd.maxGpus" . | quote }}
 - name: SCDD_MAX_BODY_BYTES
   value: {{ $c.maxBodyBytes | int64 | quote }}
 - name: SCDD_EVENTS_MAXLEN
