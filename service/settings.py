@@ -53,8 +53,8 @@ class Settings(BaseSettings):
                                  "and fails with 'timeout'; 0: no limit; a tenant's max_wall_clock_s wins.")
     max_streams_per_tenant: int = Field(20, ge=1, description="Event streams one tenant may hold open on one API "
                                         "process; more get 429.")
-    max_streams_per_process: int = Field(500, ge=1, description="Event streams one API process holds open at most "
-                                         "(their Redis connections are a pool of this size); more get 429.")
+    max_streams_per_process: int = Field(1000, ge=1, description="Event streams one API process holds open at most "
+                                         "(they share one Redis reader; each costs a task and a queue); more get 429.")
     submit_rate: float = Field(60.0, ge=0, description="Jobs a tenant may submit per minute, on average (token "
                                "bucket; 0: no limit); faster submissions get 429 with Retry-After.")
     submit_burst: int = Field(20, ge=1, description="Submissions a tenant may make at once before submit_rate applies.")

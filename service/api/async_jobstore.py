@@ -66,12 +66,6 @@ class AsyncJobStore:
                                             args=[self.keys.prefix, f"{time.time():.3f}", self.events_maxlen, event])
         return outcome, state
 
-    async def events(self, job_id: str, after: str, block_ms: Optional[int] = None,
-                     count: int = 200) -> list[tuple[str, str, str]]:
-        """(stream id, type, JSON) of the job's events after `after`; with `block_ms`, waits that long for one."""
-        answer = await self.redis.xread({self.keys.events(job_id): after}, count=count, block=block_ms)
-        return [(entry_id, fields["type"], fields["data"]) for _, entries in answer for entry_id, fields in entries]
-
     async def take_submit_token(self, tenant: str, per_minute: float, burst: int) -> tuple[bool, int]:
         """(True, 0) when the tenant may submit now, else (False, seconds to wait)."""
         taken, wait = await self._take_token(keys=[self.keys.rate(tenant)],

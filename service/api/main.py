@@ -15,10 +15,12 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
 from service.api.async_jobstore import AsyncJobStore
+from service.api.event_hub import EventHub
 from service.api.streams import StreamSlots
 from service.api.middleware import BodyLimit, Metrics, RequestMetrics
 from service.api.routes import artifacts, events, health, jobs
 from service.auth import ApiKeys
+from service.records import Keys
 from service.settings import Settings
 
 DESCRIPTION = """Distill image datasets into a few synthetic images per class (SC-DD, SRe2L).
@@ -68,13 +70,13 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
                                    retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 4),
                                    retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError])
         app.state.store = AsyncJobStore(client, settings.redis_prefix, settings.events_maxlen, settings.idempotency_ttl_s)
-        # the event streams' blocking reads: a pool of their own, as large as the streams allowed
-        streams = aioredis.from_url(settings.redis_url, decode_responses=True, socket_timeout=30,
-                                    max_connections=settings.max_streams_per_process)
-        app.state.stream_store = AsyncJobStore(streams, settings.redis_prefix, settings.events_maxlen,
-                                               settings.idempotency_ttl_s)
+        # one blocking reader of job events for every open stream, on a connection of its own
+        reader = aioredis.from_url(settings.redis_url, decode_responses=True, socket_timeout=30, max_connections=1)
+        app.state.event_hub = EventHub(reader, client, Keys(settings.redis_prefix))
+        app.state.event_hub.start()
         yield
-        await streams.aclose()
+        await app.state.event_hub.stop()
+        await reader.aclose()
         await client.aclose()
 
     app = FastAPI(title="scdd job service", version=_version(), description=DESCRIPTION, lifespan=lifespan)

@@ -12,43 +12,48 @@ from fastapi.responses import StreamingResponse
 from api_schema import FINAL_STATES, ErrorOut
 from service.api.deps import JobDep, TenantDep
 from service.api.async_jobstore import STREAM_ID, AsyncJobStore
+from service.api.event_hub import EventHub
 from service.api.streams import Slot, StreamSlots
 
 router = APIRouter(prefix="/v1/jobs", tags=["events"])
 
-KEEPALIVE_MS = 10000  # below the Redis client's socket timeout
+KEEPALIVE_MS = 10000  # a comment line this often on a quiet stream, so proxies and clients see it is alive
 
 
 def _frame(entry_id: str, kind: str, data: str) -> str:
     return f"id: {entry_id}\nevent: {kind}\ndata: {data}\n\n"
 
 
-async def _follow(store: AsyncJobStore, request: Request, job_id: str, after: str, block_ms: int,
+async def _follow(hub: EventHub, store: AsyncJobStore, request: Request, job_id: str, after: str, idle_s: float,
                   slot: Slot) -> AsyncIterator[str]:
     try:
         yield "retry: 2000\n\n"
-        async for frame in _frames(store, request, job_id, after, block_ms):
+        async for frame in _frames(hub, store, request, job_id, after, idle_s):
             yield frame
     finally:
         slot.release()
 
 
-async def _frames(store: AsyncJobStore, request: Request, job_id: str, after: str, block_ms: int) -> AsyncIterator[str]:
-    while True:
-        entries = await store.events(job_id, after)
-        if not entries:
-            if await store.state(job_id) in FINAL_STATES:
-                return  # ended, and every event was sent
-            entries = await store.events(job_id, after, block_ms)
-        for entry_id, kind, data in entries:
-            after = entry_id
-            yield _frame(entry_id, kind, data)
+async def _frames(hub: EventHub, store: AsyncJobStore, request: Request, job_id: str, after: str,
+                  idle_s: float) -> AsyncIterator[str]:
+    entries = hub.entries(job_id, after, idle_s)
+    try:
+        async for entry in entries:
+            if entry is None:  # quiet for idle_s: has the job ended (its last events trimmed), or the client gone?
+                if await store.state(job_id) in FINAL_STATES:
+                    for entry_id, kind, data in await hub.rest(job_id, after):  # written before it ended
+                        yield _frame(entry_id, kind, data)
+                    return
+                yield ": keep-alive\n\n"
+                if await request.is_disconnected():
+                    return
+                continue
+            after, kind, data = entry
+            yield _frame(after, kind, data)
             if kind == "job_finished":
                 return
-        if not entries:
-            yield ": keep-alive\n\n"
-            if await request.is_disconnected():
-                return
+    finally:
+        await entries.aclose()
 
 
 @router.get("/{job_id}/events", responses={200: {"content": {"text/event-stream": {}}}, 401: {"model": ErrorOut},
@@ -58,16 +63,16 @@ async def job_events(job: JobDep, tenant: TenantDep, request: Request,
                      last_event_id: Annotated[Optional[str], Header(max_length=45)] = None) -> StreamingResponse:
     """Server-Sent Events: `job_started`, `stage_started`, `progress`, `stage_finished`, `error`, `job_finished`
     (each `data:` is the event as JSON, each `id:` its position). Send `Last-Event-ID` to resume after an event;
-    the stream ends after `job_finished`. Open streams are bounded per tenant and per API process (429)."""
+    the stream ends after `job_finished`; a quiet stream gets a `: keep-alive` comment every 10 s. Open streams are
+    bounded per tenant and per API process (429)."""
     after = last_event_id or "0-0"
     if not STREAM_ID.match(after):
         raise HTTPException(400, f"Last-Event-ID {after!r} is not an event id (like 1732190000000-0): "
                                  "send the id of the last event you received")
-    block_ms = getattr(request.app.state, "sse_keepalive_ms", KEEPALIVE_MS)
+    idle_s = getattr(request.app.state, "sse_keepalive_ms", KEEPALIVE_MS) / 1000
     slots: StreamSlots = request.app.state.stream_slots
     slot = slots.take(tenant.name)  # 429 past a bound
-    store: AsyncJobStore = request.app.state.stream_store  # its own connection pool
-    stream = _follow(store, request, job["id"], after, block_ms, slot)
+    stream = _follow(request.app.state.event_hub, request.app.state.store, request, job["id"], after, idle_s, slot)
     weakref.finalize(stream, slot.release)  # also when the client leaves before the stream starts
     return StreamingResponse(stream, media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
