@@ -49,7 +49,7 @@ sys.path.insert(0, str(ROOT))
 from service.records import GROUP, Keys
 from tests.services import DispatcherProcess, RayHead, RedisServer, free_port, wait_until
 
-KEY = f"bench-{secrets.token_hex(16)}"
+KEY = os.environ.get("SCDD_BENCH_KEY") or f"bench-{secrets.token_hex(16)}"  # a child process gets its parent's
 FINAL = {"succeeded", "failed", "cancelled"}
 RAY_TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
@@ -78,14 +78,17 @@ def stop_process(process: subprocess.Popen, seconds: float = 20) -> None:
             process.wait(10)
 
 
-def start_api(redis_url: str, jobs_url: str, artifacts: Path, log: Path) -> tuple[subprocess.Popen, str]:
+def start_api(redis_url: str, jobs_url: str, artifacts: Path, log: Path,
+              **settings: str) -> tuple[subprocess.Popen, str]:
+    """The API under uvicorn (one process) with tenant `bench` (KEY); `settings` are SCDD_* variables that
+    replace this benchmark's (no job quota, no submit rate limit)."""
     port = free_port()
     env = {**os.environ, "REDIS_URL": redis_url, "RAY_ADDRESS": jobs_url, "SCDD_API_KEYS": f"bench={KEY}",
-           "SCDD_ARTIFACTS": str(artifacts), "SCDD_MAX_ACTIVE_JOBS": str(10**9), "SCDD_SUBMIT_RATE": "0"}  # throughput
+           "SCDD_ARTIFACTS": str(artifacts), "SCDD_MAX_ACTIVE_JOBS": str(10**9), "SCDD_SUBMIT_RATE": "0", **settings}
     env.pop("SCDD_API_KEYS_FILE", None)
     process = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "--factory", "service.api.main:create_app", "--host", "127.0.0.1",
-         "--port", str(port), "--log-level", "warning", "--no-access-log"],
+         "--port", str(port), "--log-level", "warning", "--no-access-log", "--backlog", "4096"],
         cwd=ROOT, env=env, stdout=log.open("a"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
 

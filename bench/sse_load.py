@@ -23,7 +23,6 @@ import asyncio
 import json
 import math
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -37,10 +36,10 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from api_load import KEY, start_api  # noqa: E402
 from service.records import Keys  # noqa: E402
-from tests.services import RedisServer, free_port, wait_until  # noqa: E402
+from tests.services import RedisServer  # noqa: E402
 
-KEY = os.environ.get("SCDD_BENCH_KEY") or f"bench-{secrets.token_hex(16)}"  # the holder gets its parent's
 SPEC = {"method": "sre2l", "dataset": {"classes": [0, 1]}, "recover": {"ipc": 1, "iterations": 2},
         "resources": {"device": "cpu"}}
 
@@ -48,30 +47,6 @@ SPEC = {"method": "sre2l", "dataset": {"classes": [0, 1]}, "recover": {"ipc": 1,
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
-
-
-def start_api(redis_url: str, streams: int, log: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = {**os.environ, "REDIS_URL": redis_url, "SCDD_API_KEYS": f"bench={KEY}", "SCDD_SUBMIT_RATE": "0",
-           "SCDD_MAX_ACTIVE_JOBS": "1000", "SCDD_MAX_STREAMS_PER_TENANT": str(streams + 10),
-           "SCDD_MAX_STREAMS_PER_PROCESS": str(streams + 10), "SCDD_ARTIFACTS": str(log.parent / "artifacts")}
-    env.pop("SCDD_API_KEYS_FILE", None)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "--factory", "service.api.main:create_app", "--host", "127.0.0.1",
-         "--port", str(port), "--log-level", "warning", "--no-access-log", "--backlog", "4096"],
-        cwd=ROOT, env=env, stdout=log.open("a"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        if process.poll() is not None:
-            raise RuntimeError(f"the API exited with code {process.returncode}; see {log}")
-        try:
-            return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_until(up, 30, "the API")
-    return process, url
 
 
 # -- the stream holder (a process of its own) -------------------------------------------------------
@@ -156,7 +131,9 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="scdd-sse-") as tmp:
         redis_server = RedisServer(Path(tmp) / "redis").start()
-        api, url = start_api(redis_server.url, args.streams, Path(tmp) / "api.log")
+        bound = str(args.streams + 10)
+        api, url = start_api(redis_server.url, "", Path(tmp) / "artifacts", Path(tmp) / "api.log",
+                             SCDD_MAX_STREAMS_PER_TENANT=bound, SCDD_MAX_STREAMS_PER_PROCESS=bound)
         holder = None
         try:
             with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as client:

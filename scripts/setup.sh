@@ -8,9 +8,10 @@ SUDO=""
 [ "$(id -u)" -ne 0 ] && SUDO="sudo"
 export DEBIAN_FRONTEND=noninteractive
 # redis-server: the job service's queue and store; dataset-fashion-mnist: the built-in demo data;
+# chromium + chromium-driver: the headless browser of the web console's tests (tests/test_console.py);
 # python3-venv: `python3 -m venv` on Debian's own Python.
 PY="${PYTHON:-python3}"
-APT_PKGS="redis-server dataset-fashion-mnist"
+APT_PKGS="redis-server dataset-fashion-mnist chromium chromium-driver"
 "$PY" -c 'import ensurepip, venv' 2>/dev/null || APT_PKGS="$APT_PKGS python3-venv"
 $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq $APT_PKGS >/dev/null

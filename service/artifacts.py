@@ -12,6 +12,7 @@ import mimetypes
 import os
 import posixpath
 import re
+import zipfile
 from collections.abc import Iterator
 
 import fsspec
@@ -79,3 +80,38 @@ class JobArtifacts:
     @staticmethod
     def media_type(rel: str) -> str:
         return mimetypes.guess_type(rel)[0] or "application/octet-stream"
+
+
+class _Chunks:
+    """A write-only, unseekable file whose writes are collected until `take` (zipfile then writes data descriptors)."""
+
+    def __init__(self):
+        self.parts: list[bytes] = []
+
+    def write(self, data: bytes) -> int:
+        self.parts.append(bytes(data))
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def take(self) -> bytes:
+        data, self.parts = b"".join(self.parts), []
+        return data
+
+
+def zip_stream(artifacts: JobArtifacts, files: list[tuple[str, int]], folder: str) -> Iterator[bytes]:
+    """The job's `files` as one zip archive (every entry under `folder`/), made while it is sent: memory stays at
+    one chunk of one file, whatever the size of the set."""
+    out = _Chunks()
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
+        for rel, _size in files:
+            full = artifacts.locate(rel)
+            if full is None:  # gone since the listing, or a symlink out of the job's folder
+                continue
+            with archive.open(f"{folder}/{rel}", "w", force_zip64=True) as entry:
+                for block in artifacts.stream(full):
+                    entry.write(block)
+                    yield out.take()
+            yield out.take()
+    yield out.take()

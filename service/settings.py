@@ -60,6 +60,8 @@ class Settings(BaseSettings):
     submit_burst: int = Field(20, ge=1, description="Submissions a tenant may make at once before submit_rate applies.")
     retention_days: float = Field(30.0, ge=0, description="Finished jobs' records and events are deleted this long "
                                   "after they end (their artifacts when the GC runs: python -m service.gc); 0 keeps them.")
+    console: bool = Field(True, description="Serve the web console at /ui/ (static files; its data comes through the "
+                          "authenticated /v1 routes).")
     jobs_redis_url: Literal["pass", "cluster"] = Field(
         "pass", description="How a Ray job learns REDIS_URL: pass (the dispatcher puts it into the job's runtime_env, "
         "which anyone with the Ray Jobs API or dashboard can read) or cluster (the Ray nodes have REDIS_URL in their "

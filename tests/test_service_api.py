@@ -52,7 +52,8 @@ def test_missing_or_unknown_key_is_401(api):
     with api.client() as anonymous, api.client("not-a-key") as wrong:
         for client in (anonymous, wrong):
             for method, path in (("POST", "/v1/jobs"), ("GET", "/v1/jobs"), ("GET", "/v1/jobs/j-0"),
-                                 ("POST", "/v1/jobs/j-0/cancel"), ("GET", "/v1/jobs/j-0/events")):
+                                 ("POST", "/v1/jobs/j-0/cancel"), ("GET", "/v1/jobs/j-0/events"),
+                                 ("GET", "/v1/jobs/j-0/artifacts"), ("GET", "/v1/jobs/j-0/archive")):
                 answer = client.request(method, path, json=SPEC if method == "POST" else None)
                 assert answer.status_code == 401, (method, path)
                 assert answer.headers["www-authenticate"] == "Bearer"
@@ -63,7 +64,7 @@ def test_another_tenants_job_is_not_found(api, acme):
     job = submit(acme).json()
     with api.client("key-globex") as globex:
         for method, path in (("GET", ""), ("POST", "/cancel"), ("GET", "/events"), ("GET", "/artifacts"),
-                             ("GET", "/artifacts/manifest.json")):
+                             ("GET", "/artifacts/manifest.json"), ("GET", "/archive")):
             answer = globex.request(method, f"/v1/jobs/{job['id']}{path}")
             assert answer.status_code == 404, path
             assert answer.json() == {"detail": f"no job {job['id']!r}: list yours with GET /v1/jobs"}
@@ -345,6 +346,30 @@ def test_artifacts_list_and_download_and_symlinks_out_are_not_followed(acme, tmp
     assert download.headers["content-type"] == "image/png"
     assert acme.get(f"/v1/jobs/{job['id']}/artifacts/leak").status_code == 404
     assert acme.get(f"/v1/jobs/{job['id']}/artifacts/missing.json").status_code == 404
+
+
+def test_the_whole_set_downloads_as_one_zip_without_what_lies_outside_the_job(acme, tmp_path):
+    import io
+    import os
+    import zipfile
+
+    job = submit(acme).json()
+    assert acme.get(f"/v1/jobs/{job['id']}/archive").status_code == 404  # nothing written yet
+    prefix = tmp_path / "artifacts" / "acme" / job["id"]
+    (prefix / "images" / "0").mkdir(parents=True)
+    images = {f"images/0/{n:03d}.png": os.urandom(70000 + n) for n in range(3)}
+    for rel, data in images.items():
+        (prefix / rel).write_bytes(data)
+    (prefix / "report.json").write_text('{"ok": true}')
+    (tmp_path / "secret").write_text("SECRET-DATA")
+    (prefix / "leak").symlink_to(tmp_path / "secret")
+    answer = acme.get(f"/v1/jobs/{job['id']}/archive")
+    assert answer.status_code == 200 and answer.headers["content-type"] == "application/zip"
+    assert answer.headers["content-disposition"] == f'attachment; filename="{job["id"]}.zip"'
+    archive = zipfile.ZipFile(io.BytesIO(answer.content))
+    assert archive.testzip() is None
+    expected = {f"{job['id']}/{rel}": data for rel, data in images.items()} | {f"{job['id']}/report.json": b'{"ok": true}'}
+    assert {name: archive.read(name) for name in archive.namelist()} == expected
 
 
 def test_health_readiness_and_metrics(api, acme, redis_server):

@@ -24,7 +24,9 @@ SPEC = {"method": "sre2l", "dataset": {"classes": [0, 1]}, "recover": {"ipc": 1,
 @pytest.fixture
 def service(redis_server, tmp_path):
     settings = api_settings(redis_server.url, tmp_path, max_streams_per_tenant=100, max_streams_per_process=100)
-    server = ApiServer(create_app(settings)).start()
+    app = create_app(settings)
+    app.state.sse_keepalive_ms = 500  # quiet streams check their job's state sooner
+    server = ApiServer(app).start()
     with server.client("key-acme") as acme:
         yield server, acme, BlockingJobStore.connect(redis_server.url, settings.redis_prefix), redis_server
     server.stop()
@@ -162,3 +164,26 @@ def test_streams_of_many_jobs_each_get_their_own_jobs_events(service):
     for n, job_id in enumerate(jobs):
         assert [e.get("job_id", job_id) for _, _, e in found[job_id]] == [job_id] * (n + 3)
         assert [e["step"] for _, kind, e in found[job_id] if kind == "progress"] == list(range(n + 1))
+
+
+def test_a_last_event_id_from_the_future_does_not_stop_the_events_of_other_streams(service):
+    server, acme, store, _redis = service
+    job_id = new_job(acme)
+    found: dict[str, list] = {}
+
+    def follow(name: str, last_event_id: str | None) -> None:
+        with server.client("key-acme") as client:
+            found[name] = sse_events(client, job_id, last_event_id=last_event_id)
+
+    future = threading.Thread(target=follow, args=("future", "99999999999999-0"))
+    future.start()
+    wait_until(lambda: job_id in server.server.config.app.state.event_hub.jobs, 20, "the first stream")
+    time.sleep(0.5)  # it has set where the hub reads from
+    plain = threading.Thread(target=follow, args=("plain", None))
+    plain.start()
+    wait_until(lambda: len(server.server.config.app.state.event_hub.jobs[job_id].subscribers) == 2, 20, "both")
+    run_job(store, job_id, 3)
+    plain.join(30)
+    assert [kind for _, kind, _ in found["plain"]] == ["job_started", "progress", "progress", "progress", "job_finished"]
+    future.join(30)
+    assert found["future"] == []  # everything is before the id it sent; it ends with the job

@@ -90,9 +90,13 @@ class FanOut:
             sink.publish(event)
 
 
+PROGRESS_FIELDS = {"type", "stage", "loop", "fraction", "job_fraction", "done", "total", "unit", "eta_s"}
+
+
 class ThrottledSink:
-    """Numbers the events and forwards them; progress events of a stage at most every
-    `interval_s` (the last of a stage, fraction 1, always passes). Thread-safe."""
+    """Numbers the events and forwards them; progress events of a loop at most every `interval_s` (the last of a
+    stage, fraction 1, always passes), counted apart for each set of metrics an event carries: a recover unit's
+    CE/BN record is not dropped because a bare step event went out just before it. Thread-safe."""
 
     def __init__(self, sink: EventSink, interval_s: float = 0.25) -> None:
         self.sink, self.interval_s = sink, interval_s
@@ -104,7 +108,8 @@ class ThrottledSink:
         with self._lock:
             now = time.time()
             if event["type"] == "progress" and event.get("fraction", 0) < 1:
-                key = f'{event["stage"]}/{event.get("loop")}'
+                metrics = ",".join(sorted(set(event) - PROGRESS_FIELDS))
+                key = f'{event["stage"]}/{event.get("loop")}/{metrics}'
                 if now - self._last_progress.get(key, 0.0) < self.interval_s:
                     return
                 self._last_progress[key] = now

@@ -131,11 +131,16 @@ class EventHub:
         hub does not read the job yet; the hub then starts from the last of them)."""
         followed = self.jobs[subscriber.job_id]
         if followed.cursor is None:
+            start = after
             for entry in await self._read(subscriber.job_id, after):
                 after = entry[0]
                 yield entry
             if followed.cursor is None:
-                followed.cursor = after
+                if after == start:  # nothing new: the hub starts at the stream's end, never past it (whatever id
+                    # the client sent, or the entries after it would never be pushed to anyone)
+                    last = await self.store.xrevrange(self.keys.events(subscriber.job_id), count=1)
+                    after = min(after, last[0][0] if last else "0-0", key=stream_id)
+                followed.cursor = followed.cursor or after
                 self._someone.set()
         while stream_id(followed.cursor) > stream_id(after):
             until = followed.cursor
@@ -151,8 +156,9 @@ class EventHub:
         try:
             sent = stream_id(after)
             async for entry in self._catch_up(subscriber, after):
-                sent = stream_id(entry[0])
-                yield entry
+                if stream_id(entry[0]) > sent:
+                    sent = stream_id(entry[0])
+                    yield entry
             yield None  # caught up
             while True:
                 if subscriber.lagging:  # entries were dropped: read them from Redis again

@@ -15,6 +15,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
 from service.api.async_jobstore import AsyncJobStore
+from service.api import console
 from service.api.event_hub import EventHub
 from service.api.streams import StreamSlots
 from service.api.middleware import BodyLimit, Metrics, RequestMetrics
@@ -88,6 +89,8 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     app.add_exception_handler(redis.exceptions.OutOfMemoryError, _store_full)
     for module in (jobs, events, artifacts, health):
         app.include_router(module.router)
+    if settings.console:
+        console.mount(app)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=app.state.metrics)
     return app

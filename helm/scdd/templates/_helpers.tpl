@@ -194,6 +194,8 @@ fresh value). Call with (dict "root" $ "name" <secret> "key" <key> "length" <n> 
   value: {{ $c.maxRunning | int64 | quote }}
 - name: SCDD_MAX_GPUS
   value: {{ include "scdd.maxGpus" . | quote }}
+- name: SCDD_CONSOLE
+  value: {{ $c.console | toString | quote }}
 - name: SCDD_MAX_BODY_BYTES
   value: {{ $c.maxBodyBytes | int64 | quote }}
 - name: SCDD_EVENTS_MAXLEN

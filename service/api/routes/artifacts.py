@@ -11,7 +11,7 @@ from fastapi.responses import StreamingResponse
 
 from api_schema import ArtifactList, ArtifactOut, ErrorOut
 from service.api.deps import JobDep
-from service.artifacts import JobArtifacts, UnsafePath
+from service.artifacts import JobArtifacts, UnsafePath, zip_stream
 
 router = APIRouter(prefix="/v1/jobs", tags=["artifacts"])
 
@@ -25,6 +25,19 @@ async def list_artifacts(job: JobDep) -> ArtifactList:
     """Every file the job has written so far (images/<class>/<n>.png, manifest.json, report.json, ...)."""
     files = await run_in_threadpool(_artifacts(job).list)
     return ArtifactList(files=[ArtifactOut(path=path, size=size) for path, size in files])
+
+
+@router.get("/{job_id}/archive", responses={200: {"content": {"application/zip": {}}}, 401: {"model": ErrorOut},
+                                            404: {"model": ErrorOut}})
+async def download_archive(job: JobDep) -> StreamingResponse:
+    """Every file of the job as one zip archive (entries under `<job id>/`), streamed as it is made; 404 while the
+    job has written nothing."""
+    artifacts = _artifacts(job)
+    files = await run_in_threadpool(artifacts.list)
+    if not files:
+        raise HTTPException(404, f"job {job['id']} has no artifacts yet: see GET /v1/jobs/{job['id']}")
+    return StreamingResponse(zip_stream(artifacts, files, job["id"]), media_type="application/zip",
+                             headers={"Content-Disposition": f'attachment; filename="{job["id"]}.zip"'})
 
 
 @router.get("/{job_id}/artifacts/{path:path}", responses={200: {"content": {"application/octet-stream": {}}},

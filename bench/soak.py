@@ -1,0 +1,302 @@
+"""The job service for `--minutes` under three well-behaved tenants and one abusive one, on a real local stack.
+
+Starts its own redis-server (AOF, maxmemory `--redis-maxmemory`, noeviction), a Ray head (2 CPUs, Jobs
+API), the API under uvicorn (one process) and one dispatcher (SCDD_MAX_RUNNING=2, retention
+`--retention-s`), all on loopback, and stops them at the end, also on errors.
+
+- Well-behaved tenants (alpha, beta, gamma), each in a loop: submit a tiny real job (sre2l, 2 Fashion-MNIST
+  classes, 1 iteration), follow it on one event stream and poll it every 2 s until it ends, list its
+  artifacts and download its manifest, wait `--pause` s.
+- The abuser (mallory), all at once: keeps as many real jobs queued as its quota lets it (to hold the run
+  slots), submits and cancels as fast as it can (the submission rate limit answers), holds as many event
+  streams as it may and keeps asking for more, and sends oversized, too large and malformed requests.
+
+Every 30 s it samples Redis (memory used, keys, queue length) and prints a row; at the end a summary:
+every answer's status per tenant, well-behaved GET latency, the time well-behaved jobs waited for a
+slot (created -> dispatched) against the abuser's, and whether Redis memory stayed flat (its growth
+from the sample at the retention time plus a minute to the last).
+
+    python bench/soak.py [--minutes 10] [--retention-s 60] [--pause 5] [--redis-maxmemory 64mb]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import math
+import os
+import secrets
+import shutil
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import httpx
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from api_load import processes_naming, start_api, stop_process, stop_ray_head, tiny_spec  # noqa: E402
+from service.records import Keys  # noqa: E402
+from tests.services import DispatcherProcess, RayHead, RedisServer, wait_until  # noqa: E402
+
+GOOD = ("alpha", "beta", "gamma")
+ABUSER = "mallory"
+KEYS = {tenant: f"{tenant}-{secrets.token_hex(16)}" for tenant in (*GOOD, ABUSER)}
+FINAL = {"succeeded", "failed", "cancelled"}
+
+
+class Tally:
+    """Every answer's status per tenant and operation, GET latencies, and the jobs seen."""
+
+    def __init__(self):
+        self.statuses: dict[str, Counter] = defaultdict(Counter)
+        self.get_latencies: list[float] = []
+        self.jobs: dict[str, list[dict]] = defaultdict(list)
+        self.waits: dict[str, dict[str, float]] = defaultdict(dict)  # tenant -> job -> created..dispatched, s
+        self.errors: list[str] = []
+
+    def note_dispatches(self, client: redis.Redis) -> None:
+        """Read the dispatch time of every job seen and not yet dispatched (before retention deletes its record)."""
+        for tenant, jobs in self.jobs.items():
+            for job in jobs:
+                if job["id"] not in self.waits[tenant]:
+                    record = client.hmget(Keys().job(job["id"]), "created_at", "dispatched_at")
+                    if record[1]:
+                        self.waits[tenant][job["id"]] = float(record[1]) - float(record[0])
+
+    def answer(self, tenant: str, operation: str, response: httpx.Response) -> httpx.Response:
+        self.statuses[tenant][f"{operation} {response.status_code}"] += 1
+        return response
+
+
+def http(url: str, tenant: str, connections: int = 4) -> httpx.AsyncClient:
+    return httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {KEYS[tenant]}"},
+                             timeout=httpx.Timeout(30, read=60),
+                             limits=httpx.Limits(max_connections=connections))
+
+
+# -- the well-behaved ------------------------------------------------------------------------------
+async def follow_events(client: httpx.AsyncClient, job_id: str, tally: Tally, tenant: str) -> int:
+    events = 0
+    async with client.stream("GET", f"/v1/jobs/{job_id}/events") as response:
+        tally.answer(tenant, "events", response)
+        if response.status_code != 200:
+            return 0
+        async for line in response.aiter_lines():
+            if line.startswith("event:"):
+                events += 1
+    return events
+
+
+async def well_behaved(url: str, tenant: str, deadline: float, pause: float, tally: Tally) -> None:
+    async with http(url, tenant) as client:
+        while time.time() < deadline:
+            answer = tally.answer(tenant, "submit", await client.post("/v1/jobs", json=tiny_spec()))
+            if answer.status_code != 202:
+                tally.errors.append(f"{tenant}: submit {answer.status_code} {answer.text[:200]}")
+                await asyncio.sleep(pause)
+                continue
+            job_id = answer.json()["id"]
+            stream = asyncio.create_task(follow_events(client, job_id, tally, tenant))
+            while True:
+                started = time.perf_counter()
+                answer = tally.answer(tenant, "get", await client.get(f"/v1/jobs/{job_id}"))
+                tally.get_latencies.append(time.perf_counter() - started)
+                if answer.status_code == 200 and answer.json()["state"] in FINAL:
+                    break
+                await asyncio.sleep(2)
+            job = answer.json()
+            job["events"] = await asyncio.wait_for(stream, 30)
+            tally.jobs[tenant].append(job)
+            if job["state"] != "succeeded":
+                tally.errors.append(f"{tenant}: job {job_id} {job['state']}: {job.get('error')}")
+            listing = tally.answer(tenant, "artifacts", await client.get(f"/v1/jobs/{job_id}/artifacts"))
+            if listing.status_code == 200:
+                tally.answer(tenant, "download", await client.get(f"/v1/jobs/{job_id}/artifacts/manifest.json"))
+            await asyncio.sleep(pause)
+
+
+# -- the abuser ------------------------------------------------------------------------------------
+async def hog_slots(client: httpx.AsyncClient, deadline: float, tally: Tally) -> None:
+    """As many real jobs queued as the quota allows, all the time."""
+    while time.time() < deadline:
+        answer = tally.answer(ABUSER, "submit-hog", await client.post("/v1/jobs", json=tiny_spec()))
+        if answer.status_code == 202:
+            tally.jobs[ABUSER].append(answer.json())
+        else:
+            await asyncio.sleep(1)
+
+
+async def churn(client: httpx.AsyncClient, deadline: float, tally: Tally) -> None:
+    """Submit and cancel as fast as the service lets it."""
+    while time.time() < deadline:
+        answer = tally.answer(ABUSER, "submit-churn", await client.post("/v1/jobs", json=tiny_spec()))
+        if answer.status_code == 202:
+            tally.answer(ABUSER, "cancel", await client.post(f"/v1/jobs/{answer.json()['id']}/cancel"))
+        else:
+            await asyncio.sleep(0.05)
+
+
+async def hold_streams(url: str, deadline: float, tally: Tally) -> None:
+    """Open streams on one of its queued jobs (they stay open) and keep asking for more."""
+    async with http(url, ABUSER, connections=64) as client:
+        job_id = None
+        while job_id is None and time.time() < deadline:
+            listing = (await client.get("/v1/jobs", params={"limit": 1, "state": "queued"})).json()["jobs"]
+            job_id = listing[0]["id"] if listing else None
+            await asyncio.sleep(1)
+        held: list[httpx.Response] = []
+        while time.time() < deadline:
+            response = await client.send(client.build_request("GET", f"/v1/jobs/{job_id}/events"), stream=True)
+            tally.answer(ABUSER, "events", response)
+            if response.status_code == 200:
+                held.append(response)
+                if len(held) > 40:  # its job ended and the streams with it: let go of the oldest
+                    await held.pop(0).aclose()
+            else:
+                await response.aclose()
+                await asyncio.sleep(0.2)
+        for response in held:
+            await response.aclose()
+
+
+async def garbage(client: httpx.AsyncClient, deadline: float, tally: Tally) -> None:
+    big = {**tiny_spec(), "recover": {"ipc": 10000, "iterations": 1000000}}
+    while time.time() < deadline:
+        tally.answer(ABUSER, "oversized-body", await client.post("/v1/jobs", content=b"{" + b" " * 100000 + b"}",
+                                                                 headers={"Content-Type": "application/json"}))
+        tally.answer(ABUSER, "over-budget", await client.post("/v1/jobs", json=big))
+        tally.answer(ABUSER, "bad-path", await client.post("/v1/jobs", json={
+            **tiny_spec(), "dataset": {"root": "/etc", "classes": [0, 1]}}))
+        tally.answer(ABUSER, "not-json", await client.post("/v1/jobs", content=b"\xff\xfe",
+                                                           headers={"Content-Type": "application/json"}))
+        await asyncio.sleep(0.5)
+
+
+async def abuser(url: str, deadline: float, tally: Tally) -> None:
+    async with http(url, ABUSER, connections=16) as client:
+        await asyncio.gather(hog_slots(client, deadline, tally), churn(client, deadline, tally),
+                             hold_streams(url, deadline, tally), garbage(client, deadline, tally))
+
+
+# -- Redis samples ---------------------------------------------------------------------------------
+async def sample_redis(redis_url: str, started: float, deadline: float, samples: list[dict], tally: Tally) -> None:
+    client, keys = redis.Redis.from_url(redis_url, decode_responses=True), Keys()
+    print("| minute | Redis used MiB | keys | queue length | finished jobs kept | expired so far |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    while True:
+        sample = {"minute": (time.time() - started) / 60, "used": int(client.info("memory")["used_memory"]),
+                  "keys": client.dbsize(), "queue": client.xlen(keys.queue), "finished": client.zcard(keys.finished),
+                  "expired": client.zcard(keys.expired)}
+        samples.append(sample)
+        print(f"| {sample['minute']:.1f} | {sample['used'] / 2**20:.2f} | {sample['keys']} | {sample['queue']} | "
+              f"{sample['finished']} | {sample['expired']} |", flush=True)
+        for _ in range(6):  # every 5 s: a job's record lives at least retention (60 s) after it ends
+            tally.note_dispatches(client)
+            if time.time() >= deadline:
+                return
+            await asyncio.sleep(min(5, max(0.0, deadline - time.time())))
+
+
+async def soak(url: str, redis_url: str, args: argparse.Namespace, tally: Tally, samples: list[dict]) -> None:
+    started = time.time()
+    deadline = started + 60 * args.minutes
+    await asyncio.gather(sample_redis(redis_url, started, deadline + 5, samples, tally),
+                         abuser(url, deadline, tally),
+                         *(well_behaved(url, tenant, deadline, args.pause, tally) for tenant in GOOD))
+
+
+# -- the summary -----------------------------------------------------------------------------------
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)] if ordered else float("nan")
+
+
+def summarise(tally: Tally, samples: list[dict], retention_s: float) -> bool:
+    print("\nanswers per tenant (operation status: count):")
+    for tenant in (*GOOD, ABUSER):
+        print(f"- {tenant}: " + ", ".join(f"{key}: {n}" for key, n in sorted(tally.statuses[tenant].items())))
+    good_5xx = sum(n for tenant in GOOD for key, n in tally.statuses[tenant].items() if key.split()[-1] >= "500")
+    good_4xx = sum(n for tenant in GOOD for key, n in tally.statuses[tenant].items() if key.split()[-1][0] == "4")
+    abuser_5xx = sum(n for key, n in tally.statuses[ABUSER].items() if key.split()[-1] >= "500")
+    good_jobs = [job for tenant in GOOD for job in tally.jobs[tenant]]
+    good_waits = [w for tenant in GOOD for w in tally.waits[tenant].values()]
+    abuser_waits = list(tally.waits[ABUSER].values())
+    succeeded = sum(job["state"] == "succeeded" for job in good_jobs)
+    ran = [job["finished_at"] - job["dispatched_at"] for job in good_jobs if job.get("dispatched_at")]
+    print(f"\nwell-behaved jobs: {succeeded} of {len(good_jobs)} succeeded; waited for a slot (created -> dispatched) "
+          f"p50 {percentile(good_waits, 0.5):.1f} s, p99 {percentile(good_waits, 0.99):.1f} s, max "
+          f"{max(good_waits, default=float('nan')):.1f} s; ran (dispatched -> finished) p50 {percentile(ran, 0.5):.1f} s")
+    print("jobs dispatched per tenant: " + ", ".join(f"{t} {len(tally.waits[t])}" for t in (*GOOD, ABUSER)))
+    print(f"abuser's slot-holding jobs: {len(tally.jobs[ABUSER])} admitted, {len(abuser_waits)} dispatched; waited p50 "
+          f"{percentile(abuser_waits, 0.5):.1f} s, max {max(abuser_waits, default=float('nan')):.1f} s (behind its own "
+          "queue: first in first out within a tenant)")
+    print(f"well-behaved GET /v1/jobs/{{id}}: {len(tally.get_latencies)} requests, p50 "
+          f"{1000 * percentile(tally.get_latencies, 0.5):.1f} ms, p99 {1000 * percentile(tally.get_latencies, 0.99):.1f} ms")
+    print(f"5xx: well-behaved {good_5xx}, abuser {abuser_5xx}; well-behaved 4xx: {good_4xx}")
+    settled = [s for s in samples if s["minute"] * 60 >= retention_s + 60]
+    flat = True
+    if len(settled) >= 2:
+        growth = settled[-1]["used"] - settled[0]["used"]
+        flat = growth < 0.25 * settled[0]["used"]
+        print(f"Redis memory from minute {settled[0]['minute']:.1f} to {settled[-1]['minute']:.1f}: "
+              f"{settled[0]['used'] / 2**20:.2f} -> {settled[-1]['used'] / 2**20:.2f} MiB ({growth / 2**20:+.2f} MiB); "
+              f"peak {max(s['used'] for s in samples) / 2**20:.2f} MiB")
+    for error in tally.errors[:20]:
+        print(f"error: {error}")
+    return good_5xx == 0 and good_4xx == 0 and succeeded == len(good_jobs) > 0 and flat
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--minutes", type=float, default=10)
+    parser.add_argument("--retention-s", type=float, default=60, help="SCDD_RETENTION_DAYS, in seconds")
+    parser.add_argument("--pause", type=float, default=5, help="seconds a well-behaved tenant waits between jobs")
+    parser.add_argument("--redis-maxmemory", default="64mb")
+    args = parser.parse_args()
+    os.chdir(ROOT)  # Ray job drivers run `python -m service.entrypoint` in the head's working folder
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    print(f"machine: {os.cpu_count()} CPUs; the clients, API, Redis, dispatcher and Ray share them. "
+          f"{args.minutes:g} minutes, retention {args.retention_s:g} s, Redis maxmemory {args.redis_maxmemory}\n")
+    tmp = Path(tempfile.mkdtemp(prefix="scdd-soak-"))
+    tally, samples = Tally(), []
+    try:
+        with contextlib.ExitStack() as stack:
+            redis_server = RedisServer(tmp / "redis", maxmemory=args.redis_maxmemory).start()
+            stack.callback(redis_server.stop)
+            head = RayHead(cpus=2)
+            stack.callback(stop_ray_head, head)
+            head.start()
+            settings = {"SCDD_API_KEYS": ",".join(f"{t}={k}" for t, k in KEYS.items()), "SCDD_MAX_ACTIVE_JOBS": "20",
+                        "SCDD_SUBMIT_RATE": "60", "SCDD_SUBMIT_BURST": "10", "SCDD_MAX_STREAMS_PER_TENANT": "20"}
+            api, url = start_api(redis_server.url, head.jobs_url, tmp / "artifacts", tmp / "api.log", **settings)
+            stack.callback(stop_process, api)
+            dispatcher = DispatcherProcess({"REDIS_URL": redis_server.url, "RAY_ADDRESS": head.jobs_url,
+                                            "SCDD_MAX_RUNNING": "2", "SCDD_POLL_S": "0.5", "SCDD_CANCEL_GRACE_S": "5",
+                                            "SCDD_RETENTION_DAYS": f"{args.retention_s / 86400:.8f}"},
+                                           tmp / "dispatcher.log").start()
+            stack.callback(dispatcher.stop)
+            asyncio.run(soak(url, redis_server.url, args, tally, samples))
+            ok = summarise(tally, samples, args.retention_s)
+            # the abuser's jobs still queued: cancel them, so Ray is idle before the stack stops
+            with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEYS[ABUSER]}"}) as client:
+                for job in tally.jobs[ABUSER]:
+                    client.post(f"/v1/jobs/{job['id']}/cancel")
+            with contextlib.suppress(TimeoutError):
+                wait_until(lambda: not processes_naming([job["id"] for job in tally.jobs[ABUSER]]), 60,
+                           "the abuser's job drivers to exit", interval=0.5)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"\nverdict: {'PASS' if ok else 'FAIL'} (no 5xx or 4xx for the well-behaved, all their jobs succeeded, "
+          "Redis memory flat)")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""The web console (/ui/) in a real browser: headless Chromium from Debian driven by Selenium, against
+`scdd serve` on loopback (its own redis-server; the session's Ray head) running real Fashion-MNIST jobs.
+
+Screenshots of each page go to SCDD_SCREENSHOTS (default: .screenshots/console/ in the repository; not
+committed)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from service.serve import child_env
+from tests.services import free_port, wait_until
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
+SCREENSHOTS = Path(os.environ.get("SCDD_SCREENSHOTS", ROOT / ".screenshots" / "console"))
+EVIL = "<img src=x onerror=alert(1)>"
+FINAL = {"succeeded", "failed", "cancelled"}
+QUICK = {"device": "cpu", "amp": "off", "channels_last": "off", "compile": "off"}
+
+
+def chromium():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    browser, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not browser or not driver:
+        pytest.fail("headless Chromium is missing: apt-get install chromium chromium-driver (scripts/setup.sh does)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                     "--window-size=1400,1100", "--disable-extensions"):
+        options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    os.environ["SE_OFFLINE"] = "true"  # Selenium Manager must not look for drivers on the network
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+def imagefolder(root: Path) -> Path:
+    """Two classes, one named like an HTML injection."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for name in (EVIL, "plain"):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(6):
+                Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
+@pytest.fixture
+def serve(tmp_path, ray_head):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = child_env(SCDD_API_KEYS="acme=key-acme,globex=key-globex", RAY_ADDRESS=ray_head.jobs_url,
+                    SCDD_DATA_ROOTS=os.pathsep.join(["/usr/share/datasets", str(tmp_path)]), SCDD_POLL_S="0.3")
+    for name in ("REDIS_URL", "SCDD_API_KEYS_FILE", "SCDD_ARTIFACTS"):
+        env.pop(name, None)
+    log = open(tmp_path / "serve.log", "w")
+    process = subprocess.Popen([sys.executable, "-m", "scdd_cli", "serve", "--port", str(port), "--max-running", "2",
+                                "--data-dir", str(tmp_path / "service")], env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def up() -> bool:
+        assert process.poll() is None, (tmp_path / "serve.log").read_text()
+        try:
+            return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_until(up, 120, "scdd serve")
+    yield url
+    process.terminate()
+    process.wait(120)
+
+
+def api(url: str, key: str) -> httpx.Client:
+    return httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+
+
+def test_the_console_signs_in_submits_follows_shows_and_cancels_jobs_of_one_tenant(serve, tmp_path, fmnist_root):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page = httpx.get(f"{serve}/ui/")
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+    assert "unsafe-inline" not in page.headers["content-security-policy"]
+    assert httpx.get(f"{serve}/ui/static/console.js").headers["content-security-policy"]
+
+    # jobs made through the API: acme's on an ImageFolder with a hostile class name, and one of globex's
+    data = imagefolder(tmp_path / "evil")
+    with api(serve, "key-acme") as acme, api(serve, "key-globex") as globex:
+        evil = acme.post("/v1/jobs", json={
+            "method": "sre2l", "dataset": {"name": "imagefolder", "root": str(data), "image_size": 16},
+            "teacher": {"epochs": 1}, "recover": {"ipc": 1, "iterations": 3, "batch_size": 2},
+            "validate": {"enabled": False}, "resources": QUICK}).json()["id"]
+        theirs = globex.post("/v1/jobs", json={"dataset": {"classes": [0, 1]}, "resources": QUICK}).json()["id"]
+        assert globex.post(f"/v1/jobs/{theirs}/cancel").status_code == 202
+
+    browser = chromium()
+    wait = WebDriverWait(browser, 60, poll_frequency=0.1)
+
+    def shot(name: str) -> None:
+        browser.save_screenshot(str(SCREENSHOTS / f"{name}.png"))
+
+    def text(css: str) -> str:
+        return browser.find_element(By.CSS_SELECTOR, css).text
+
+    try:
+        browser.get(f"{serve}/ui/")
+        # a wrong key is refused
+        wait.until(lambda b: b.find_element(By.ID, "api-key"))
+        shot("sign-in")
+        browser.find_element(By.ID, "api-key").send_keys("not-a-key")
+        browser.find_element(By.ID, "sign-in").click()
+        wait.until(lambda b: "refused" in text("#signin-error"))
+        assert browser.execute_script("return sessionStorage.getItem('scdd.apiKey')") is None
+        # the right one: the jobs page lists acme's job, not globex's
+        key_input = browser.find_element(By.ID, "api-key")
+        key_input.clear()
+        key_input.send_keys("key-acme")
+        browser.find_element(By.ID, "sign-in").click()
+        wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, f'tr[data-job="{evil}"]'))
+        assert not browser.find_elements(By.CSS_SELECTOR, f'tr[data-job="{theirs}"]')
+        assert "key-acme" not in browser.current_url
+        shot("jobs")
+        browser.get(f"{serve}/ui/#/jobs/{theirs}")  # globex's job by its id: as absent as a job that never was
+        wait.until(lambda b: text("h1") == f"Job {theirs}" and b.find_elements(By.CSS_SELECTOR, "p.error"))
+        assert f"no job '{theirs}'" in text("p.error")
+
+        # submit from the form: first a value the server refuses (its message beside the field), then a good one
+        browser.get(f"{serve}/ui/#/submit")
+        wait.until(lambda b: b.find_elements(By.ID, "f-recover.ipc"))
+        shot("submit")
+
+        def fill(field: str, value: str) -> None:
+            element = browser.find_element(By.ID, f"f-{field}")
+            if element.tag_name == "select":
+                Select(element).select_by_value(value)
+            else:
+                element.clear()
+                element.send_keys(value)
+
+        assert browser.find_element(By.ID, "f-recover.ipc").get_attribute("value") == "10"  # the default
+        for field, value in {"method": "sre2l", "dataset.root": str(fmnist_root), "dataset.classes": "0, 1",
+                             "dataset.train_limit": "300", "dataset.test_limit": "50", "teacher.epochs": "3",
+                             "recover.ipc": "0", "recover.iterations": "150", "recover.batch_size": "2",
+                             "validate.enabled": "false", "resources.device": "cpu", "resources.amp": "off",
+                             "resources.channels_last": "off", "resources.compile": "off"}.items():
+            fill(field, value)
+        browser.find_element(By.ID, "submit").click()
+        wait.until(lambda b: text("#f-recover\\.ipc-error"))
+        assert "greater than or equal to 1" in text("#f-recover\\.ipc-error")
+        fill("recover.ipc", "3")
+        browser.find_element(By.ID, "submit").click()
+        wait.until(lambda b: "#/jobs/j-" in b.current_url)
+        mine = browser.current_url.rsplit("/", 1)[1]
+        wait.until(lambda b: text("h1") == f"Job {mine}")
+
+        # its page: progress and a curve that grow without a reload, then the report and the grid
+        seen_points: list[int] = []
+        seen_progress: set[float] = set()
+
+        def progressing(b) -> bool:
+            points = [int(c.get_attribute("data-points")) for c in b.find_elements(By.CSS_SELECTOR, ".chart")]
+            if points and (not seen_points or max(points) != seen_points[-1]):
+                seen_points.append(max(points))
+            seen_progress.add(float(b.find_element(By.ID, "job-progress").get_attribute("data-fraction")))
+            return text("#job-state") in FINAL
+
+        WebDriverWait(browser, 240, poll_frequency=0.05).until(progressing)
+        assert text("#job-state") == "succeeded", text("#job-error")
+        assert len(seen_points) >= 2 and seen_points == sorted(seen_points), seen_points  # it grew while shown
+        assert len([f for f in seen_progress if 0 < f < 1]) >= 2, sorted(seen_progress)
+        stages = {e.get_attribute("id") for e in browser.find_elements(By.CSS_SELECTOR, "#stages .bar.done")}
+        assert {"stage-squeeze", "stage-recover"} <= stages
+        wait.until(lambda b: b.find_elements(By.ID, "grid") and b.find_element(By.ID, "grid").get_property("naturalWidth"))
+        assert "teacher top-1" in text("#report")
+        buttons = browser.find_elements(By.CSS_SELECTOR, ".class-button")
+        assert len(buttons) == 2
+        buttons[0].click()
+        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#class-images img")) == 3)
+        assert all(img.get_property("naturalWidth") > 0
+                   for img in browser.find_elements(By.CSS_SELECTOR, "#class-images img"))
+        shot("job")
+        spec = yaml.safe_load(text("#spec-yaml"))  # what "Copy as YAML" copies: a spec the service accepts
+        assert spec["recover"]["ipc"] == 3 and "url" not in spec.get("output", {})
+        with api(serve, "key-acme") as acme:
+            again = acme.post("/v1/jobs", json=spec)
+            assert again.status_code == 202, again.text
+            acme.post(f"/v1/jobs/{again.json()['id']}/cancel")
+
+        # the hostile class name is text, and no script ran
+        browser.get(f"{serve}/ui/#/jobs/{evil}")  # a new hash, not a new page: wait for this job's buttons
+        wait.until(lambda b: EVIL in [e.text for e in b.find_elements(By.CSS_SELECTOR, ".class-button")])
+        browser.execute_script("window.__alerts = 0; window.alert = () => { window.__alerts += 1; };")
+        browser.find_element(By.CSS_SELECTOR, f'.class-button[data-class="{EVIL}"]').click()
+        wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#class-images img"))
+        assert text("#class-title").startswith(f"Class {EVIL}")
+        assert browser.execute_script("return document.querySelectorAll('img[src=\"x\"]').length") == 0
+        assert browser.execute_script("return window.__alerts") == 0
+
+        # cancel a second job from its page
+        with api(serve, "key-acme") as acme:
+            second = acme.post("/v1/jobs", json={**spec, "recover": {**spec["recover"], "iterations": 5000}}).json()["id"]
+        browser.get(f"{serve}/ui/#/jobs/{second}")
+        wait.until(lambda b: text("h1") == f"Job {second}" and b.find_element(By.ID, "cancel").is_enabled())
+        browser.find_element(By.ID, "cancel").click()
+        WebDriverWait(browser, 120, poll_frequency=0.2).until(lambda b: text("#job-state") == "cancelled")
+
+        # sign out: the key is gone and the jobs page asks for it again
+        browser.find_element(By.ID, "sign-out").click()
+        wait.until(lambda b: b.find_elements(By.ID, "api-key"))
+        assert browser.execute_script("return sessionStorage.getItem('scdd.apiKey')") is None
+        browser.get(f"{serve}/ui/#/jobs")
+        wait.until(lambda b: b.find_elements(By.ID, "api-key"))
+        csp_errors = [entry for entry in browser.get_log("browser") if "Content Security Policy" in entry["message"]]
+        assert not csp_errors, csp_errors
+    except Exception:
+        shot("failure")
+        raise
+    finally:
+        browser.quit()
