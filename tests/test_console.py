@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import httpx
@@ -29,7 +30,7 @@ FINAL = {"succeeded", "failed", "cancelled"}
 QUICK = {"device": "cpu", "amp": "off", "channels_last": "off", "compile": "off"}
 
 
-def chromium():
+def chromium(downloads: Path):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -42,8 +43,12 @@ def chromium():
                      "--window-size=1400,1100", "--disable-extensions"):
         options.add_argument(argument)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    options.add_experimental_option("prefs", {"download.default_directory": str(downloads),
+                                              "download.prompt_for_download": False})
     os.environ["SE_OFFLINE"] = "true"  # Selenium Manager must not look for drivers on the network
-    return webdriver.Chrome(service=Service(driver), options=options)
+    browser = webdriver.Chrome(service=Service(driver), options=options)
+    browser.execute_cdp_cmd("Page.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
+    return browser
 
 
 def imagefolder(root: Path) -> Path:
@@ -88,8 +93,14 @@ def api(url: str, key: str) -> httpx.Client:
 
 
 def test_the_console_signs_in_submits_follows_shows_and_cancels_jobs_of_one_tenant(serve, tmp_path, fmnist_root):
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    def waiting(seconds: float, poll: float = 0.1) -> WebDriverWait:
+        """A wait that tries again when the page is re-rendered under it (hash routes replace the content)."""
+        return WebDriverWait(browser, seconds, poll_frequency=poll,
+                             ignored_exceptions=(NoSuchElementException, StaleElementReferenceException))
 
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     page = httpx.get(f"{serve}/ui/")
@@ -107,8 +118,10 @@ def test_the_console_signs_in_submits_follows_shows_and_cancels_jobs_of_one_tena
         theirs = globex.post("/v1/jobs", json={"dataset": {"classes": [0, 1]}, "resources": QUICK}).json()["id"]
         assert globex.post(f"/v1/jobs/{theirs}/cancel").status_code == 202
 
-    browser = chromium()
-    wait = WebDriverWait(browser, 60, poll_frequency=0.1)
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    browser = chromium(downloads)
+    wait = waiting(60)
 
     def shot(name: str) -> None:
         browser.save_screenshot(str(SCREENSHOTS / f"{name}.png"))
@@ -153,8 +166,8 @@ def test_the_console_signs_in_submits_follows_shows_and_cancels_jobs_of_one_tena
 
         assert browser.find_element(By.ID, "f-recover.ipc").get_attribute("value") == "10"  # the default
         for field, value in {"method": "sre2l", "dataset.root": str(fmnist_root), "dataset.classes": "0, 1",
-                             "dataset.train_limit": "300", "dataset.test_limit": "50", "teacher.epochs": "3",
-                             "recover.ipc": "0", "recover.iterations": "150", "recover.batch_size": "2",
+                             "dataset.train_limit": "100", "dataset.test_limit": "20", "teacher.epochs": "2",
+                             "recover.ipc": "0", "recover.iterations": "100", "recover.batch_size": "2",
                              "validate.enabled": "false", "resources.device": "cpu", "resources.amp": "off",
                              "resources.channels_last": "off", "resources.compile": "off"}.items():
             fill(field, value)
@@ -178,7 +191,7 @@ def test_the_console_signs_in_submits_follows_shows_and_cancels_jobs_of_one_tena
             seen_progress.add(float(b.find_element(By.ID, "job-progress").get_attribute("data-fraction")))
             return text("#job-state") in FINAL
 
-        WebDriverWait(browser, 240, poll_frequency=0.05).until(progressing)
+        waiting(240, 0.05).until(progressing)
         assert text("#job-state") == "succeeded", text("#job-error")
         assert len(seen_points) >= 2 and seen_points == sorted(seen_points), seen_points  # it grew while shown
         assert len([f for f in seen_progress if 0 < f < 1]) >= 2, sorted(seen_progress)
@@ -193,6 +206,11 @@ def test_the_console_signs_in_submits_follows_shows_and_cancels_jobs_of_one_tena
         assert all(img.get_property("naturalWidth") > 0
                    for img in browser.find_elements(By.CSS_SELECTOR, "#class-images img"))
         shot("job")
+        browser.find_element(By.ID, "download").click()  # the whole set as one zip, fetched with the key
+        archive = downloads / f"{mine}.zip"
+        wait_until(lambda: archive.exists() and zipfile.is_zipfile(archive), 30, "the zip download")
+        names = zipfile.ZipFile(archive).namelist()
+        assert f"{mine}/report.json" in names and len([n for n in names if n.endswith(".png")]) == 7  # 6 + grid
         spec = yaml.safe_load(text("#spec-yaml"))  # what "Copy as YAML" copies: a spec the service accepts
         assert spec["recover"]["ipc"] == 3 and "url" not in spec.get("output", {})
         with api(serve, "key-acme") as acme:
@@ -216,7 +234,7 @@ def test_the_console_signs_in_submits_follows_shows_and_cancels_jobs_of_one_tena
         browser.get(f"{serve}/ui/#/jobs/{second}")
         wait.until(lambda b: text("h1") == f"Job {second}" and b.find_element(By.ID, "cancel").is_enabled())
         browser.find_element(By.ID, "cancel").click()
-        WebDriverWait(browser, 120, poll_frequency=0.2).until(lambda b: text("#job-state") == "cancelled")
+        waiting(120, 0.2).until(lambda b: text("#job-state") == "cancelled")
 
         # sign out: the key is gone and the jobs page asks for it again
         browser.find_element(By.ID, "sign-out").click()
