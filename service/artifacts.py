@@ -112,6 +112,8 @@ def zip_stream(artifacts: JobArtifacts, files: list[tuple[str, int]], folder: st
             with archive.open(f"{folder}/{rel}", "w", force_zip64=True) as entry:
                 for block in artifacts.stream(full):
                     entry.write(block)
-                    yield out.take()
-            yield out.take()
-    yield out.take()
+                    if chunk := out.take():  # (an empty chunk would end a chunked answer early)
+                        yield chunk
+            if chunk := out.take():
+                yield chunk
+    yield out.take()  # the central directory

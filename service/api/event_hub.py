@@ -92,6 +92,10 @@ class EventHub:
                 log.warning("event hub: Redis unreachable (%s); retrying in 1 s", exc)
                 await asyncio.sleep(1)
                 continue
+            except redis.RedisError as exc:  # e.g. a key of another type: the reader must not die with it
+                log.error("event hub: XREAD failed (%s); retrying in 1 s", exc)
+                await asyncio.sleep(1)
+                continue
             for key, entries in answer or []:
                 followed = self.jobs.get(following[key])
                 if followed is None or followed.cursor is None:  # nobody follows it now, or a new follower reads it
