@@ -249,3 +249,15 @@ def test_the_console_signs_in_submits_follows_shows_and_cancels_jobs_of_one_tena
         raise
     finally:
         browser.quit()
+
+
+def test_every_console_file_is_package_data_so_the_wheel_and_image_carry_it():
+    import fnmatch
+    import tomllib
+
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"][
+        "service.api.console"]
+    package = ROOT / "service" / "api" / "console"
+    served = [p.relative_to(package).as_posix() for p in (package / "static").rglob("*")
+              if p.is_file() and p.name != "README.md"]
+    assert served and all(any(fnmatch.fnmatch(f, pattern) for pattern in patterns) for f in served), served
