@@ -68,7 +68,8 @@ def serve(tmp_path, ray_head):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = child_env(SCDD_API_KEYS="acme=key-acme,globex=key-globex", RAY_ADDRESS=ray_head.jobs_url,
-                    SCDD_DATA_ROOTS=os.pathsep.join(["/usr/share/datasets", str(tmp_path)]), SCDD_POLL_S="0.3")
+                    SCDD_DATA_ROOTS=os.pathsep.join(["/usr/share/datasets", str(tmp_path)]), SCDD_POLL_S="0.3",
+                    SCDD_SUBMIT_BURST="60")  # the paging check submits 25 jobs at once
     for name in ("REDIS_URL", "SCDD_API_KEYS_FILE", "SCDD_ARTIFACTS"):
         env.pop(name, None)
     log = open(tmp_path / "serve.log", "w")
@@ -235,6 +236,29 @@ def test_the_console_signs_in_submits_follows_shows_and_cancels_jobs_of_one_tena
         wait.until(lambda b: text("h1") == f"Job {second}" and b.find_element(By.ID, "cancel").is_enabled())
         browser.find_element(By.ID, "cancel").click()
         waiting(120, 0.2).until(lambda b: text("#job-state") == "cancelled")
+
+        # the jobs page: filter by state, page with the cursor (25 more cancelled jobs: two pages of 20)
+        with api(serve, "key-acme") as acme:
+            for _ in range(25):
+                acme.post(f"/v1/jobs/{acme.post('/v1/jobs', json=spec).json()['id']}/cancel")
+        browser.get(f"{serve}/ui/#/jobs")
+        wait.until(lambda b: text("h1") == "Jobs" and b.find_elements(By.CSS_SELECTOR, "#jobs-body tr[data-job]"))
+        Select(browser.find_element(By.ID, "state-filter")).select_by_value("cancelled")
+
+        def states() -> list[str]:
+            return [row.find_element(By.CSS_SELECTOR, "td.state").text
+                    for row in browser.find_elements(By.CSS_SELECTOR, "#jobs-body tr[data-job]")]
+
+        wait.until(lambda b: len(states()) == 20 and set(states()) == {"cancelled"})
+        first_page = [r.get_attribute("data-job") for r in browser.find_elements(By.CSS_SELECTOR, "#jobs-body tr[data-job]")]
+        assert browser.find_element(By.ID, "older").is_enabled() and not browser.find_element(By.ID, "newer").is_enabled()
+        browser.find_element(By.ID, "older").click()
+        wait.until(lambda b: 0 < len(states()) < 20 and set(states()) == {"cancelled"})
+        second_page = [r.get_attribute("data-job") for r in browser.find_elements(By.CSS_SELECTOR, "#jobs-body tr[data-job]")]
+        assert not set(first_page) & set(second_page) and max(second_page) < min(first_page)  # older, none twice
+        assert second in second_page or second in first_page
+        browser.find_element(By.ID, "newer").click()
+        wait.until(lambda b: len(states()) == 20)
 
         # sign out: the key is gone and the jobs page asks for it again
         browser.find_element(By.ID, "sign-out").click()
