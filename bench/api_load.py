@@ -147,6 +147,12 @@ def processes_naming(words: list[str]) -> list[str]:
     return found
 
 
+def percentile(values: list[float], q: float) -> float:
+    """The nearest-rank q-quantile of `values` (nan when there are none)."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)] if ordered else float("nan")
+
+
 # -- load ------------------------------------------------------------------------------------------
 Call = tuple[str, str, Any]  # method, path, JSON body or None
 
@@ -160,8 +166,7 @@ class Phase:
     concurrency: int
 
     def percentile(self, q: float) -> float:
-        ordered = sorted(self.latencies)
-        return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+        return percentile(self.latencies, q)
 
     def row(self) -> str:
         n = len(self.latencies)

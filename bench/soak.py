@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import math
 import os
 import secrets
 import shutil
@@ -40,7 +39,7 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from api_load import processes_naming, start_api, stop_process, stop_ray_head, tiny_spec  # noqa: E402
+from api_load import percentile, processes_naming, start_api, stop_process, stop_ray_head, tiny_spec  # noqa: E402
 from service.records import Keys  # noqa: E402
 from tests.services import DispatcherProcess, RayHead, RedisServer, wait_until  # noqa: E402
 
@@ -212,11 +211,6 @@ async def soak(url: str, redis_url: str, args: argparse.Namespace, tally: Tally,
 
 
 # -- the summary -----------------------------------------------------------------------------------
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q * len(ordered)) - 1)] if ordered else float("nan")
-
-
 def summarise(tally: Tally, samples: list[dict], retention_s: float) -> bool:
     print("\nanswers per tenant (operation status: count):")
     for tenant in (*GOOD, ABUSER):

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import os
 import signal
 import subprocess
@@ -36,17 +35,12 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from api_load import KEY, start_api  # noqa: E402
+from api_load import KEY, percentile, start_api, stop_process  # noqa: E402
 from service.records import Keys  # noqa: E402
 from tests.services import RedisServer  # noqa: E402
 
 SPEC = {"method": "sre2l", "dataset": {"classes": [0, 1]}, "recover": {"ipc": 1, "iterations": 2},
         "resources": {"device": "cpu"}}
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
 
 # -- the stream holder (a process of its own) -------------------------------------------------------
@@ -165,8 +159,7 @@ def main() -> int:
         finally:
             if holder and holder.poll() is None:
                 holder.kill()
-            api.terminate()
-            api.wait(20)
+            stop_process(api)
             redis_server.stop()
     complete = sum(1 for count in counts if count == sent)
     print(f"{args.streams} streams on {args.jobs} job(s): all opened in {open_s:.1f} s with statuses "

@@ -14,13 +14,12 @@ import zipfile
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 import yaml
-from PIL import Image
 
 from service.serve import child_env
 from tests.services import free_port, wait_until
+from tests.test_data import make_imagefolder
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,18 +48,6 @@ def chromium(downloads: Path):
     browser = webdriver.Chrome(service=Service(driver), options=options)
     browser.execute_cdp_cmd("Page.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
     return browser
-
-
-def imagefolder(root: Path) -> Path:
-    """Two classes, one named like an HTML injection."""
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for name in (EVIL, "plain"):
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for i in range(6):
-                Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    return root
 
 
 @pytest.fixture
@@ -110,7 +97,7 @@ def test_the_console_signs_in_submits_follows_shows_and_cancels_jobs_of_one_tena
     assert httpx.get(f"{serve}/ui/static/console.js").headers["content-security-policy"]
 
     # jobs made through the API: acme's on an ImageFolder with a hostile class name, and one of globex's
-    data = imagefolder(tmp_path / "evil")
+    data = make_imagefolder(tmp_path / "evil", classes=(EVIL, "plain"), per_class=6, size=(16, 16))
     with api(serve, "key-acme") as acme, api(serve, "key-globex") as globex:
         evil = acme.post("/v1/jobs", json={
             "method": "sre2l", "dataset": {"name": "imagefolder", "root": str(data), "image_size": 16},

@@ -163,7 +163,7 @@ def gather(refs: list[ray.ObjectRef], check: Callable[[], None] | None = None, p
         try:
             results[ready] = ray.get(ready)
         except RayActorError as exc:
-            raise WorkerLost(f"worker {rank} died ({type(exc).__name__}: {str(exc).splitlines()[0][:300]})") from None
+            raise WorkerLost(_died(rank, exc)) from None
         except RayTaskError as exc:
             if isinstance(exc.cause, (ScddError, JobCancelled)):
                 raise exc.cause from None
@@ -171,6 +171,10 @@ def gather(refs: list[ray.ObjectRef], check: Callable[[], None] | None = None, p
             death = death_among(waiting, refs)
             raise WorkerLost(f"{death}; {failure}" if death else failure) from None
     return [results[ref] for ref in refs]
+
+
+def _died(rank: int, exc: RayActorError) -> str:
+    return f"worker {rank} died ({type(exc).__name__}: {str(exc).splitlines()[0][:300]})"
 
 
 def death_among(waiting: list[ray.ObjectRef], refs: list[ray.ObjectRef], grace_s: float = DEATH_GRACE_S) -> str | None:
@@ -183,7 +187,7 @@ def death_among(waiting: list[ray.ObjectRef], refs: list[ray.ObjectRef], grace_s
             try:
                 ray.get(ref)
             except RayActorError as exc:
-                return f"worker {refs.index(ref)} died ({type(exc).__name__}: {str(exc).splitlines()[0][:300]})"
+                return _died(refs.index(ref), exc)
             except Exception:  # another consequence of the same failure
                 pass
     return None

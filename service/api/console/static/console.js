@@ -39,13 +39,13 @@
   });
 
   function bar(fraction, done, id) {
-    const width = `${Math.round(100 * Math.max(0, Math.min(1, fraction || 0)))}%`;
-    const fill = h("div");
-    fill.style.width = width; // CSSOM, allowed by the Content-Security-Policy (no style attribute)
-    return h("div", { class: done ? "bar done" : "bar", id, title: width, "data-fraction": fraction || 0 }, fill);
+    const el = h("div", { class: "bar", id }, h("div"));
+    setBar(el, fraction || 0, done);
+    return el;
   }
 
   function setBar(el, fraction, done) {
+    // CSSOM, allowed by the Content-Security-Policy (no style attribute)
     el.firstChild.style.width = `${Math.round(100 * Math.max(0, Math.min(1, fraction)))}%`;
     el.dataset.fraction = String(fraction);
     el.title = el.firstChild.style.width;
