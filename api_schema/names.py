@@ -7,19 +7,24 @@ rather than read from the registries at import time.
 from typing import Literal, get_args
 
 DatasetName = Literal["fashion-mnist", "imagefolder"]
-MethodName = Literal["scdd", "sre2l"]
+MethodName = Literal["gvbsm", "scdd", "sre2l"]
 InitName = Literal["herding", "kmeans", "noise", "real", "selected"]
 SSLMethodName = Literal["moco_v2"]
 SSLCheckpointFormat = Literal["auto", "moco_v2", "moco_v3", "dino", "swav", "torchvision"]
 ModelName = Literal[
     "convnet",
+    "convnet_d1_w32",
+    "convnet_d2_w32",
     "convnet_in",
     "mobilenet_v2",
     "resnet18",
     "resnet18_small",
     "resnet50",
     "resnet50_small",
+    "wrn16_2",
 ]
+# Registry models without a BatchNorm2d layer: they cannot be a backbone whose statistics recovery matches.
+MODELS_WITHOUT_BATCHNORM: frozenset[str] = frozenset({"convnet_in"})
 
 DATASETS: frozenset[str] = frozenset(get_args(DatasetName))
 METHODS: frozenset[str] = frozenset(get_args(MethodName))

@@ -87,8 +87,15 @@ class ProbeFacts(Accuracy):
     epochs: int
 
 
+class MemberFacts(Accuracy):
+    """One backbone of an ensemble teacher, with its own accuracy on the real test split."""
+
+    arch: str
+
+
 class TeacherReport(Accuracy):
-    """The recovery teacher; `kind`, `ssl`, `probe`, `checkpoint` are the facts of how it was made."""
+    """The recovery teacher; `kind`, `ssl`, `probe`, `checkpoint` are the facts of how it was made. An ensemble
+    (method gvbsm) has arch `ensemble`, its accuracy is that of the members' mean logits, and `members` lists them."""
 
     arch: str
     source: str  # trained, cached, checkpoint or resumed
@@ -97,6 +104,7 @@ class TeacherReport(Accuracy):
     ssl: Optional[SSLFacts] = None
     probe: Optional[ProbeFacts] = None
     checkpoint: Optional[str] = None
+    members: Optional[list[MemberFacts]] = None
     bn_running_var: list[BNVariance]
 
 
@@ -118,9 +126,12 @@ class RecoverReport(_Part):
     seconds: float
     image_iterations_per_second: float
     final_ce: float
-    final_bn: float
+    final_bn: float  # the statistic loss (BatchNorm, plus convolution where matched) of the last step
     workers: int
     bn_sync: str
+    statistics: list[str] = Field(default_factory=lambda: ["batchnorm"])  # what recovery matched, per backbone
+    stat_momentum: float = 0.0  # EMA momentum of the batch statistics (0: none)
+    backbones: int = 1  # backbones matched in rotation (an ensemble's members)
     restarts: list[RecoverRestart] = Field(default_factory=list)
 
 
@@ -168,6 +179,7 @@ class RelabelTeacherFacts(_Part):
 
     source: str
     digest: Optional[str]
+    members: Optional[list[str]] = None  # an ensemble's members (their mean logits are the soft labels)
     top1: Optional[float] = None
     top5: Optional[float] = None
     total: Optional[int] = None

@@ -13,7 +13,15 @@ from typing import Annotated, Literal, Optional, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from api_schema.names import DatasetName, InitName, MethodName, ModelName, SSLCheckpointFormat, SSLMethodName
+from api_schema.names import (
+    MODELS_WITHOUT_BATCHNORM,
+    DatasetName,
+    InitName,
+    MethodName,
+    ModelName,
+    SSLCheckpointFormat,
+    SSLMethodName,
+)
 
 ClassRef = Union[Annotated[int, Field(ge=0)], Annotated[str, Field(min_length=1, max_length=200)]]
 
@@ -143,10 +151,33 @@ class TeacherSpec(_Spec):
     weight_decay: float = Field(5e-4, ge=0, le=1, description="Weight decay.")
     ssl: SSLSpec = Field(default_factory=SSLSpec, description="Self-supervised backbone (method scdd).")
     probe: ProbeSpec = Field(default_factory=ProbeSpec, description="Linear probe (method scdd).")
+    ensemble: tuple[ModelName, ...] = Field(
+        ("convnet", "convnet_d2_w32", "wrn16_2"),
+        min_length=1,
+        max_length=8,
+        description="Method gvbsm (and validate.relabel_teacher ensemble): the backbones trained with labels, each "
+        "like a supervised teacher (the same epochs and optimiser, cached alike), whose BatchNorm and convolution "
+        "statistics recovery matches, one backbone per iteration in this order. Each needs BatchNorm layers.",
+    )
+
+    @model_validator(mode="after")
+    def _ensemble_has_batchnorm(self) -> "TeacherSpec":
+        without = [name for name in self.ensemble if name in MODELS_WITHOUT_BATCHNORM]
+        if without:
+            raise ValueError(
+                f"teacher.ensemble: {', '.join(without)} has no BatchNorm layer, and recovery matches every backbone's "
+                f"BatchNorm statistics; choose backbones with BatchNorm (e.g. convnet, convnet_d2_w32, wrn16_2)")
+        if len(set(self.ensemble)) != len(self.ensemble):
+            raise ValueError("teacher.ensemble names a model twice; list each backbone once")
+        return self
 
     def supervised_part(self) -> dict:
         """The fields that determine a supervised teacher."""
-        return self.model_dump(mode="json", exclude={"ssl", "probe"})
+        return self.model_dump(mode="json", exclude={"ssl", "probe", "ensemble"})
+
+    def ensemble_part(self) -> dict:
+        """The fields that determine a gvbsm ensemble (its members' training, not teacher.arch)."""
+        return self.model_dump(mode="json", exclude={"ssl", "probe", "arch"})
 
 
 class AugmentSpec(_Spec):
@@ -229,6 +260,12 @@ class RecoverSpec(_Spec):
     tv_weight: float = Field(0.0, ge=0, le=1e6, description="Weight of a total-variation image prior.")
     l2_weight: float = Field(0.0, ge=0, le=1e6, description="Weight of an L2 image prior.")
     augment: AugmentSpec = Field(default_factory=AugmentSpec, description="Per-step augmentation.")
+    stat_momentum: float = Field(
+        0.0, ge=0, lt=1,
+        description="EMA momentum of the batch statistics matched (G-VBSM): each step compares the moving average "
+        "of the batch's statistics (with this step's gradient) with the targets; 0 compares this step's own. "
+        "Method gvbsm makes 0.8 the default.",
+    )
     bn_sync: Literal["global", "local"] = Field(
         "global",
         description="With several workers: global gives every BatchNorm layer the statistics of the union of all "
@@ -290,11 +327,12 @@ class ValidateSpec(_Spec):
     )
     mix_alpha: float = Field(1.0, gt=0, le=100, description="Beta(alpha, alpha) of the mixing ratio.")
     crop_scale: AreaRange = Field((0.5, 1.0), description="Random-resized-crop area range of the student's batches.")
-    relabel_teacher: Literal["supervised", "recover"] = Field(
+    relabel_teacher: Literal["supervised", "recover", "ensemble"] = Field(
         "recover",
         description="Teacher giving soft labels (kd): the recovery teacher itself (recover; for sre2l that is the "
-        "supervised teacher), or a supervised teacher of the teacher arch (supervised: the same for sre2l and scdd, "
-        "so a comparison differs only in the images).",
+        "supervised teacher), a supervised teacher of the teacher arch (supervised: the same for sre2l and scdd, "
+        "so a comparison differs only in the images), or the mean logits of an ensemble (ensemble: the gvbsm "
+        "ensemble of teacher.ensemble, the same for every method, or the teachers in relabel_checkpoints).",
     )
     relabel_checkpoint: Optional[str] = Field(
         None,
@@ -302,6 +340,13 @@ class ValidateSpec(_Spec):
         description="With relabel_teacher supervised: load the relabel teacher from this checkpoint instead of "
         "training it. A checkpoint scdd saved (a run's teacher.pt) names its architecture, which may differ from "
         "teacher.arch, so a set can be judged with soft labels from a teacher it was not recovered with.",
+    )
+    relabel_checkpoints: list[Annotated[str, Field(min_length=1, max_length=4096)]] = Field(
+        default_factory=list,
+        max_length=16,
+        description="With relabel_teacher ensemble: the members, as checkpoints scdd saved (a run's teacher.pt, of any "
+        "architecture, or a whole ensemble) or bare state dicts of teacher.arch; the soft labels are their mean "
+        "logits. Empty: the gvbsm ensemble of teacher.ensemble.",
     )
     baseline: bool = Field(True, description="Also train on a random real subset of the same size (IPC per class).")
     dd_ranking: bool = Field(
@@ -329,6 +374,9 @@ class ValidateSpec(_Spec):
         if self.relabel_checkpoint and self.relabel_teacher != "supervised":
             raise ValueError("validate.relabel_checkpoint is used only with validate.relabel_teacher: supervised "
                              "(with recover the recovery teacher gives the soft labels); set both")
+        if self.relabel_checkpoints and self.relabel_teacher != "ensemble":
+            raise ValueError("validate.relabel_checkpoints is used only with validate.relabel_teacher: ensemble; set both "
+                             "(or relabel_checkpoint, singular, with relabel_teacher: supervised)")
         return self
 
 
@@ -424,12 +472,19 @@ class OutputSpec(_Spec):
     )
 
 
+# Recover settings a method sets when the spec leaves them out: G-VBSM weighs its (many more) statistic terms
+# at 0.01 and smooths the batch statistics by an EMA of momentum 0.8 (its and EDC's published scripts).
+METHOD_RECOVER_DEFAULTS: dict[str, dict[str, float]] = {"gvbsm": {"r_bn": 0.01, "stat_momentum": 0.8}}
+
+
 class JobSpec(_Spec):
     """A whole distillation job: squeeze -> recover -> validate -> report."""
 
     dataset: DatasetSpec = Field(default_factory=DatasetSpec, description="The real dataset.")
     method: MethodName = Field(
-        "scdd", description="scdd: self-supervised backbone + linear probe teacher; sre2l: supervised teacher."
+        "scdd", description="scdd: self-supervised backbone + linear probe teacher; sre2l: supervised teacher; gvbsm: "
+        "an ensemble of supervised backbones (teacher.ensemble) matched in rotation on BatchNorm and convolution "
+        "statistics (by default with recover.r_bn 0.01 and recover.stat_momentum 0.8)."
     )
     teacher: TeacherSpec = Field(default_factory=TeacherSpec, description="Squeeze stage.")
     recover: RecoverSpec = Field(default_factory=RecoverSpec, description="Recover stage.")
@@ -441,6 +496,15 @@ class JobSpec(_Spec):
     output: OutputSpec = Field(default_factory=OutputSpec, description="Artifact output.")
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _method_defaults(self) -> "JobSpec":
+        """Recover settings a method changes when the spec leaves them out (METHOD_RECOVER_DEFAULTS)."""
+        unset = {k: v for k, v in METHOD_RECOVER_DEFAULTS.get(self.method, {}).items()
+                 if k not in self.recover.model_fields_set}
+        if unset:
+            object.__setattr__(self, "recover", self.recover.model_copy(update=unset))
+        return self
 
     @model_validator(mode="after")
     def _imagefolder_needs_root(self) -> "JobSpec":
@@ -475,18 +539,36 @@ class JobSpec(_Spec):
         return self.hash_of({"kind": "supervised", "dataset": self.training_data(),
                            "teacher": self.teacher.supervised_part(), "seed": self.seed})
 
+    def ensemble_teacher_digest(self) -> str:
+        """Hash of what determines the gvbsm ensemble (its recovery teacher, and the ensemble relabel teacher)."""
+        return self.hash_of({"kind": "gvbsm", "dataset": self.training_data(),
+                             "teacher": self.teacher.ensemble_part(), "seed": self.seed})
+
     def teacher_digest(self) -> str:
         """Hash of what determines the recovery teacher: a second job with the same value reuses it."""
         if self.method == "sre2l":
             return self.supervised_teacher_digest()
+        if self.method == "gvbsm":
+            return self.ensemble_teacher_digest()
         return self.hash_of({"kind": self.method, "dataset": self.training_data(),
-                           "teacher": self.to_dict()["teacher"], "seed": self.seed})
+                           "teacher": self.teacher_section(), "seed": self.seed})
+
+    def teacher_section(self) -> dict:
+        """The teacher section as digests see it: teacher.ensemble counts only where an ensemble is used, so
+        adding that field kept every other method's teachers and job ids."""
+        data = self.to_dict()["teacher"]
+        if self.method != "gvbsm" and self.validate_.relabel_teacher != "ensemble":
+            data.pop("ensemble")
+        return data
 
     def recover_digest(self) -> str:
         """Hash of what determines the synthetic images; a resumed run must match it. The worker
         count cuts the classes into slices, so it counts when above 1 (and bn_sync only then)."""
-        data = {key: self.to_dict()[key] for key in ("method", "teacher", "recover", "seed")}
+        data = {key: self.to_dict()[key] for key in ("method", "recover", "seed")}
+        data["teacher"] = self.teacher_section()
         data["dataset"] = self.training_data()
+        if not self.recover.stat_momentum:
+            data["recover"].pop("stat_momentum")  # the field's default, added later: earlier job ids stay
         if self.resources.workers > 1:
             data["workers"] = self.resources.workers
         else:

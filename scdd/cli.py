@@ -26,10 +26,13 @@ DISTILL_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--test-limit": ("dataset.test_limit", "limit", "test images per class accuracies are measured on (seeded random "
                      "pick; default 'all', the whole test split; a limit is cheaper and noisier)"),
     "--image-size": ("dataset.image_size", int, "resize images to this side length (default: native size)"),
-    "--method": ("method", str, "scdd (self-supervised backbone + linear probe, default) or sre2l (supervised teacher)"),
+    "--method": ("method", str, "scdd (self-supervised backbone + linear probe, default), sre2l (supervised teacher) or "
+                 "gvbsm (an ensemble of supervised backbones, BatchNorm + convolution statistics)"),
     "--teacher-arch": ("teacher.arch", str, "teacher architecture from the model registry (default convnet)"),
     "--teacher-checkpoint": ("teacher.checkpoint", str, "load this teacher checkpoint instead of training one"),
-    "--teacher-epochs": ("teacher.epochs", int, "supervised teacher training epochs (sre2l; the relabel teacher)"),
+    "--teacher-epochs": ("teacher.epochs", int, "supervised teacher training epochs (sre2l; each gvbsm backbone; the relabel teacher)"),
+    "--ensemble": ("teacher.ensemble", "list", "gvbsm: comma-separated backbones from the model registry, matched in rotation "
+                   "(default convnet,convnet_d2_w32,wrn16_2)"),
     "--ssl-method": ("teacher.ssl.method", str, "self-supervised method for scdd: moco_v2"),
     "--ssl-epochs": ("teacher.ssl.epochs", int, "self-supervised pretraining epochs (scdd)"),
     "--ssl-checkpoint": ("teacher.ssl.checkpoint", str, "import this self-supervised checkpoint instead of pretraining"),
@@ -52,7 +55,10 @@ DISTILL_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--validate-epochs": ("validate.epochs", int, "student training epochs (default: by mode and preset)"),
     "--temperature": ("validate.temperature", float, "knowledge-distillation temperature"),
     "--mix": ("validate.mix", str, "batch mixing in validation: none, cutmix or mixup (default cutmix for kd)"),
-    "--relabel-teacher": ("validate.relabel_teacher", str, "recover (the recovery teacher, default) or supervised (the same for both methods)"),
+    "--relabel-teacher": ("validate.relabel_teacher", str, "recover (the recovery teacher, default), supervised (the same for "
+                          "every method) or ensemble (mean logits of the gvbsm ensemble or of --relabel-checkpoints)"),
+    "--relabel-checkpoints": ("validate.relabel_checkpoints", "list", "with --relabel-teacher ensemble: comma-separated "
+                              "teacher checkpoints whose mean logits are the soft labels"),
     "--relabel-checkpoint": ("validate.relabel_checkpoint", str, "soft labels from this teacher checkpoint (any architecture, e.g. "
                              "another run's teacher.pt) instead of training the supervised one"),
     "--seed": ("seed", int, "seed of every random choice"),
@@ -165,11 +171,15 @@ def describe_report(report: Report) -> str:
         f"scdd distill: {report.job_id}  (method {report.method})" + ("  (resumed)" if report.resumed else ""),
         f"  dataset   {data.name}: {data.classes} classes, {data.train_images} train / {data.test_images} test images",
         f"  teacher   {teacher.arch} ({teacher.source}): top-1 {teacher.top1:.2f}% on {tested_on}"
-        + (f"; {teacher.ssl.method or teacher.ssl.source} backbone + linear probe" if teacher.ssl else ""),
+        + (f"; {teacher.ssl.method or teacher.ssl.source} backbone + linear probe" if teacher.ssl else "")
+        + ("; members " + ", ".join(f"{m.arch} {m.top1:.2f}%" for m in teacher.members) if teacher.members else ""),
         f"  recover   {rec.images}/{rec.expected_images} images from {rec.init}"
         + (" (real training images)" if rec.init != "noise" else "")
         + (f", {rec.iterations} iterations, {rec.image_iterations_per_second:.0f} image-it/s, "
-           f"final CE {rec.final_ce:.3f}, BN {rec.final_bn:.3f}" if rec.iterations else ", kept as they are")
+           f"final CE {rec.final_ce:.3f}, {'+'.join(rec.statistics)} statistics {rec.final_bn:.3f}"
+           + (f" (EMA {rec.stat_momentum:g})" if rec.stat_momentum else "")
+           + (f", {rec.backbones} backbones in rotation" if rec.backbones > 1 else "")
+           if rec.iterations else ", kept as they are")
         + (f"; {rec.workers} workers, bn_sync {rec.bn_sync}" if rec.workers > 1 else ""),
     ]
     if report.schedule:

@@ -17,13 +17,14 @@ from scdd.backend import Backend, LocalBackend, StudentRun
 from scdd.data import RealData, load_dataset
 from scdd.errors import JobCancelled, OutputConflictError, SpecError
 from scdd.layout import GRID, IMAGES_DIR, MANIFEST, RELABEL_PATH, REPORT, SPEC_RECORD, TEACHER_PATH
-from scdd.models import checkpoint_bytes
+from scdd.models import checkpoint_bytes, model_metadata
 from scdd.progress import Progress, SilentProgress, StageClock, StageListener
 from scdd.recover import RecoverResult, collect_result, freeze, plan_units
 from scdd.recover.init import plan_initialisation
 from scdd.report import dataset_facts, recover_facts, relabel_facts, squeeze_schedule, teacher_facts
 from scdd.runtime import resolve_runtime
 from scdd.squeeze import Teacher, TeacherCache, load_stored_teacher, recovery_teacher, relabel_teacher
+from scdd.squeeze.teachers import shape_metadata
 from scdd.store import ArtifactStore, open_store
 from scdd.validate import resolve_protocol
 from scdd.validate.stage import validate_stage
@@ -85,9 +86,8 @@ def write_grid(store: ArtifactStore, spec: JobSpec, data: RealData, images: torc
 def save_teacher(store: ArtifactStore, path: str, teacher: Teacher, spec: JobSpec, data: RealData) -> None:
     info = data.info
     store.write_bytes(path, checkpoint_bytes(
-        teacher.model, arch=spec.teacher.arch, num_classes=info.num_classes, in_channels=info.channels,
-        image_size=info.image_size, class_names=list(info.class_names), digest=teacher.digest,
-        source=teacher.source, details=teacher.details,
+        teacher.model, **{"arch": spec.teacher.arch, **model_metadata(teacher.model)}, **shape_metadata(info),
+        class_names=list(info.class_names), digest=teacher.digest, source=teacher.source, details=teacher.details,
     ))
 
 
@@ -177,7 +177,7 @@ def run_distillation(
         dataset=dataset_facts(data, spec.dataset.test_limit),
         runtime=runtime.describe(),
         teacher=teacher,
-        recover=recover_facts(result, spec, info.num_classes),
+        recover=recover_facts(result, spec, info.num_classes, recovery.model),
         validate=validation,
         stage_seconds=clock.seconds,
         schedule=squeeze_schedule(spec, recovery),

@@ -3,11 +3,14 @@ the teachers, the recover run and the squeeze schedule (the validate section: sc
 
 from __future__ import annotations
 
+from torch import nn
+
 from api_schema import JobSpec
 from api_schema.report import DatasetFacts, RecoverReport, RelabelTeacherFacts, TeacherReport
 from scdd.data import RealData
 from scdd.evaluate import evaluate
-from scdd.recover import RecoverResult
+from scdd.models import Ensemble, members_of, model_metadata
+from scdd.recover import RecoverObjective, RecoverResult
 from scdd.runtime import Runtime
 from scdd.squeeze import Teacher, bn_variance_summary
 
@@ -20,24 +23,34 @@ def dataset_facts(data: RealData, test_limit: int | None) -> DatasetFacts:
 
 
 def teacher_facts(teacher: Teacher, spec: JobSpec, data: RealData, runtime: Runtime) -> TeacherReport:
-    """The recovery teacher: how it was made, its accuracy on the real test split and its BN variances."""
+    """The recovery teacher: how it was made, its accuracy on the real test split and its BN variances (an
+    ensemble's: each member's accuracy too)."""
+    model = teacher.model
+    members = None
+    if isinstance(model, Ensemble):
+        members = [{"arch": arch, **evaluate(member, data.test, runtime).to_dict()}
+                   for arch, member in zip(model.archs, model.members)]
     return TeacherReport.model_validate({
         "arch": spec.teacher.arch,
         "source": teacher.source,
         "digest": teacher.digest,
-        **evaluate(teacher.model, data.test, runtime).to_dict(),
+        **evaluate(model, data.test, runtime).to_dict(),
         **teacher.details,
-        "bn_running_var": bn_variance_summary(teacher.model),
+        **model_metadata(model),
+        "members": members,
+        "bn_running_var": bn_variance_summary(model),
     })
 
 
 def relabel_facts(relabel: Teacher, recovery: Teacher, data: RealData, runtime: Runtime) -> RelabelTeacherFacts:
     """The KD relabel teacher; its accuracy too when it is not the recovery teacher (reported already)."""
     accuracy = {} if relabel is recovery else evaluate(relabel.model, data.test, runtime).to_dict()
-    return RelabelTeacherFacts(source=relabel.source, digest=relabel.digest, **accuracy)
+    members = list(relabel.model.archs) if isinstance(relabel.model, Ensemble) else None
+    return RelabelTeacherFacts(source=relabel.source, digest=relabel.digest, members=members, **accuracy)
 
 
-def recover_facts(result: RecoverResult, spec: JobSpec, classes: int) -> RecoverReport:
+def recover_facts(result: RecoverResult, spec: JobSpec, classes: int, teacher: nn.Module) -> RecoverReport:
+    statistics = RecoverObjective(teacher).statistics  # hooks nothing until entered
     return RecoverReport(
         images=len(result.entries),
         expected_images=classes * spec.recover.ipc,
@@ -51,6 +64,9 @@ def recover_facts(result: RecoverResult, spec: JobSpec, classes: int) -> Recover
         final_bn=result.final_bn,
         workers=spec.resources.workers,
         bn_sync=spec.recover.bn_sync if spec.resources.workers > 1 else "local",
+        statistics=statistics,
+        stat_momentum=spec.recover.stat_momentum,
+        backbones=len(members_of(teacher)),
         restarts=result.restarts,
     )
 
@@ -63,14 +79,18 @@ def squeeze_schedule(spec: JobSpec, recovery: Teacher) -> str | None:
     scdd_pretrained = spec.method == "scdd" and not t.ssl.checkpoint
     supervised = spec.method == "sre2l" or (
         v.enabled and v.mode == "kd" and v.relabel_teacher == "supervised" and not v.relabel_checkpoint)
+    ensemble = spec.method == "gvbsm" or (
+        v.enabled and v.mode == "kd" and v.relabel_teacher == "ensemble" and not v.relabel_checkpoints)
     parts = [f"{t.ssl.epochs} {t.ssl.method} epochs, {t.probe.epochs} probe epochs"] if scdd_pretrained else []
     if supervised:
         parts.append(f"{t.epochs} supervised epochs")
+    if ensemble:
+        parts.append(f"{t.epochs} supervised epochs for each of the {len(t.ensemble)} ensemble backbones")
     if spec.dataset.train_limit is not None:
         parts.append(f"at most {spec.dataset.train_limit} training images per class")
     if not parts:
         return None
-    short = (supervised and t.epochs < 10) or (scdd_pretrained and t.ssl.epochs < 100)
+    short = ((supervised or ensemble) and t.epochs < 10) or (scdd_pretrained and t.ssl.epochs < 100)
     note = (" (short schedules sized for a few minutes on a CPU; raise --ssl-epochs / --teacher-epochs and "
             "use --train-limit all for quality)")
     return ", ".join(parts) + (note if short else "")

@@ -59,6 +59,7 @@ def admit(spec: JobSpec, tenant: Tenant, job_id: str, settings: Settings) -> dic
         (("teacher", "checkpoint"), spec.teacher.checkpoint),
         (("teacher", "ssl", "checkpoint"), spec.teacher.ssl.checkpoint),
         (("validate", "relabel_checkpoint"), spec.validate_.relabel_checkpoint),
+        *((("validate", "relabel_checkpoints", str(i)), path) for i, path in enumerate(spec.validate_.relabel_checkpoints)),
     ]
     for loc, path in reads:
         if path is not None and not _readable(path, roots, tenant_root):

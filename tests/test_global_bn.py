@@ -1,5 +1,6 @@
 """Global ("DDP-aware") BatchNorm statistics: two gloo processes holding parts of a batch get the
-gradients and the loss of one process holding all of it."""
+gradients and the loss of one process holding all of it. The same for G-VBSM's objective: an ensemble
+in rotation, BatchNorm plus convolution statistics, EMA-smoothed."""
 
 import pytest
 import torch
@@ -8,8 +9,9 @@ import torch.multiprocessing as mp
 
 from api_schema import RecoverSpec
 from scdd.models import create_model
-from scdd.recover import BNStatLoss, GlobalScope, LocalScope, recover_loss
+from scdd.recover import BNStatLoss, GlobalScope, LocalScope, RecoverObjective, recover_loss
 from scdd.runtime import Runtime
+from tests.test_gvbsm import small_ensemble
 
 SPLITS = [(2, 2), (3, 1), (4, 0)]  # images held by rank 0 and rank 1
 SPEC = RecoverSpec(init="noise", r_bn=1.0, first_bn_multiplier=10.0, tv_weight=0.01, l2_weight=0.001)
@@ -49,7 +51,22 @@ def layer_stats(model, images, scope):
     with BNStatLoss(model, 1.0, scope) as bn_loss:
         if len(images):
             model(images)
-        return [(m.detach(), v.detach()) for m, v in scope.combine(bn_loss.layers, bn_loss._collected)]
+        return [(m.detach(), v.detach()) for m, v in bn_loss.batch_stats()]
+
+
+def ensemble_steps(images, targets, scope, batch_images, steps: int = 4):
+    """`steps` recover-loss evaluations of G-VBSM's objective (3 backbones in rotation, BN + convolution
+    statistics, EMA 0.8) on the same images; each step's input gradients and statistic loss."""
+    ensemble = small_ensemble()
+    results = []
+    with RecoverObjective(ensemble, SPEC.first_bn_multiplier, scope, momentum=0.8) as objective:
+        for step_index in range(steps):
+            member = ensemble.members[objective.select(step_index)]
+            x = (images + 0.1 * step_index).requires_grad_(True)
+            loss = recover_loss(member, x, targets, x, SPEC, CPU, objective, batch_images)
+            loss.own.backward()
+            results.append((x.grad if x.grad is not None else torch.zeros_like(x), float(loss.bn.detach())))
+    return results
 
 
 def worker(rank: int, rendezvous: str, out: str) -> None:
@@ -69,6 +86,7 @@ def worker(rank: int, rendezvous: str, out: str) -> None:
             "grad": grad, "own": float(loss.own.detach()), "value": value, "bn": float(loss.bn.detach()), "batch_images": batch_images,
             "global_stats": layer_stats(model, images[mine], GlobalScope()),
             "local_stats": layer_stats(model, images[mine], LocalScope()) if split[rank] else None,
+            "ensemble": ensemble_steps(images[mine], targets[mine], GlobalScope(), batch_images),
         }
     torch.save(results, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
@@ -86,7 +104,8 @@ def single():
     model = small_resnet()
     images, targets = full_batch()
     grad, loss = step(model, images, targets, LocalScope(), len(images))
-    return {"grad": grad, "value": float(loss.own.detach()), "bn": float(loss.bn.detach()), "stats": layer_stats(model, images, LocalScope())}
+    return {"grad": grad, "value": float(loss.own.detach()), "bn": float(loss.bn.detach()), "stats": layer_stats(model, images, LocalScope()),
+            "ensemble": ensemble_steps(images, targets, LocalScope(), len(images))}
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -126,3 +145,15 @@ def test_global_statistics_are_those_of_the_union_and_local_ones_are_not(distrib
             torch.testing.assert_close(gv.float(), sv, rtol=1e-5, atol=1e-5)
             local_differs |= not torch.allclose(lm, sm, rtol=1e-3, atol=1e-3)
         assert local_differs
+
+
+@pytest.mark.parametrize("split", SPLITS, ids=["2+2", "3+1", "4+0"])
+def test_gvbsm_global_statistics_give_each_worker_one_process_gradients(distributed, single, split):
+    """BN + convolution statistics of 3 backbones in rotation, smoothed by an EMA: every step's input gradients
+    of each worker equal those of one process holding the whole batch, and the statistic loss is replicated."""
+    for step_index, (want_grad, want_loss) in enumerate(single["ensemble"]):
+        grads = [distributed[rank][split]["ensemble"][step_index][0] for rank in range(2)]
+        assert relative_error(torch.cat(grads), want_grad) <= 1e-5
+        for rank in range(2):
+            assert distributed[rank][split]["ensemble"][step_index][1] == pytest.approx(want_loss, rel=1e-5)
+        assert want_grad.abs().max() > 1e-4

@@ -79,3 +79,18 @@ def test_garbage_checkpoint_is_refused():
 
 def test_spec_model_names_equal_registry():
     assert set(SPEC_MODELS) == set(MODELS.names())
+
+
+def test_the_spec_knows_which_models_lack_batchnorm():
+    from api_schema.names import MODELS_WITHOUT_BATCHNORM
+
+    without = {name for name in MODELS.names()
+               if not bn_layers(create_model(name, 4, 1, 64 if name in ("resnet18", "resnet50", "mobilenet_v2") else 28))}
+    assert without == set(MODELS_WITHOUT_BATCHNORM)
+
+
+def test_wrn16_2_shape():
+    model = create_model("wrn16_2", 10, 3, 32)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len([c for c in convs if c.kernel_size == (3, 3)]) == 13  # stem + 6 blocks x 2: depth 16 with the fc and 2 shortcuts
+    assert model.fc.in_features == 128 and 0.6e6 < sum(p.numel() for p in model.parameters()) < 0.8e6

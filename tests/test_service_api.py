@@ -117,6 +117,17 @@ def test_service_owned_and_outside_paths_are_422(acme, tmp_path):
     assert inside.status_code == 202  # under a data root
 
 
+def test_a_bad_gvbsm_ensemble_member_is_422_in_one_line(acme, tmp_path):
+    answer = submit(acme, {**SPEC, "method": "gvbsm", "teacher": {"ensemble": ["convnet", "convnet_in"]}})
+    assert answer.status_code == 422
+    assert "teacher.ensemble: convnet_in has no BatchNorm layer" in answer.json()["message"]
+    answer = submit(acme, {**SPEC, "validate": {"relabel_teacher": "ensemble", "relabel_checkpoints": [
+        str(tmp_path / "a.pt"), "/root/b.pt"]}})
+    assert answer.status_code == 422
+    assert "validate.relabel_checkpoints.1: '/root/b.pt' is outside" in answer.json()["message"]
+    assert submit(acme, {**SPEC, "method": "gvbsm"}).status_code == 202
+
+
 def test_a_new_job_never_overwrites_a_record_with_the_same_id(acme, monkeypatch):
     from service import records
 

@@ -44,9 +44,9 @@ from scdd.models import model_from_checkpoint
 from scdd.layout import TEACHER_PATH, part_record_path
 from scdd.progress import CheckedProgress, Progress, SilentProgress
 from scdd.recover import (
-    BNStatLoss,
     GlobalScope,
     LocalScope,
+    RecoverObjective,
     RecoverResult,
     Unit,
     collect_result,
@@ -105,7 +105,7 @@ class RecoverWorker:
         return rendezvous_address()
 
     def setup(self, address: str, timeout_s: float) -> dict[str, Any]:
-        """Join the process group, load the teacher from the store and hook its BN layers."""
+        """Join the process group, load the teacher from the store and hook the layers whose statistics it matches."""
         job = self.job
         if job.use_gpu:
             torch.cuda.set_device(0)  # Ray exposes exactly the GPU it assigned to this actor
@@ -117,10 +117,11 @@ class RecoverWorker:
         data = job.store.read_bytes(job.teacher_path)
         teacher, _ = model_from_checkpoint(data, job.store.url_of(job.teacher_path))
         share = math.ceil(job.recover.batch_size / self.world_size)
-        self.runner: nn.Module = prepare_teacher(teacher, self.runtime, share * job.recover.iterations)
+        self.runner: nn.Module | list[nn.Module] = prepare_teacher(teacher, self.runtime, share * job.recover.iterations)
         synced = job.recover.bn_sync == "global" and self.world_size > 1
-        self.bn_loss = BNStatLoss(teacher, job.recover.first_bn_multiplier, GlobalScope() if synced else LocalScope())
-        self.bn_loss.__enter__()
+        self.objective = RecoverObjective(teacher, job.recover.first_bn_multiplier,
+                                          GlobalScope() if synced else LocalScope(), job.recover.stat_momentum)
+        self.objective.__enter__()
         self.init = init_reader(job.store, job.recover.init)
         return {"rank": self.rank, "backend": backend, "pid": os.getpid(), **self.runtime.describe()}
 
@@ -129,9 +130,9 @@ class RecoverWorker:
             os.kill(os.getpid(), signal.SIGKILL)
         self.units_started += 1
         job, path = self.job, part_record_path(unit.name, self.rank)
-        args = (unit, self.rank, self.runner, job.info, job.recover, self.runtime, job.seed, self.bn_loss, self.progress)
+        args = (unit, self.rank, self.runner, job.info, job.recover, self.runtime, job.seed, self.objective, self.progress)
         if job.store.exists(path):
-            if isinstance(self.bn_loss.scope, GlobalScope):
+            if isinstance(self.objective.scope, GlobalScope):
                 run_share(*args, store=None, init=self.init)  # the peers need this rank in every collective
             return job.store.read_json(path)
         record = run_share(*args, store=job.store, init=self.init)

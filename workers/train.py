@@ -30,7 +30,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 from torch import nn
 
-from api_schema import JobSpec
+from api_schema import JobSpec, TeacherSpec
 from api_schema.report import StudentScore
 from scdd.artifacts import load_distilled
 from scdd.data import RealData, load_dataset
@@ -73,9 +73,10 @@ class TrainTask:
     """One training run, as each Ray Train worker gets it (small; data comes from disk and store)."""
 
     kind: str  # "student", "supervised" or "ssl"
-    stage: str  # names the run: validate, baseline, squeeze-supervised, squeeze-ssl
+    stage: str  # names the run: validate, baseline, squeeze-supervised[-<arch>], squeeze-ssl
     spec: JobSpec
     store: ArtifactStore
+    teacher: TeacherSpec | None = None  # supervised: what to train (a gvbsm member's arch); None: spec.teacher
     protocol: Protocol | None = None  # student
     relabel_path: str | None = None  # student, kd
     ssl_method: str | None = None  # ssl
@@ -89,7 +90,11 @@ class TrainTask:
     def epochs(self) -> int:
         if self.kind == "student":
             return self.protocol.epochs
-        return self.spec.teacher.ssl.epochs if self.kind == "ssl" else self.spec.teacher.epochs
+        return self.spec.teacher.ssl.epochs if self.kind == "ssl" else self.teacher_spec.epochs
+
+    @property
+    def teacher_spec(self) -> TeacherSpec:
+        return self.teacher or self.spec.teacher
 
     def path(self, name: str) -> str:
         return train_path(self.stage, name)
@@ -143,7 +148,7 @@ def initial_model(task: TrainTask, data: RealData, headless: bool) -> nn.Module:
     """The module the driver asked to train: the registry model, head stripped for SSL, with the
     initial weights the driver stored."""
     info = data.info
-    model = create_model(task.spec.teacher.arch, info.num_classes, info.channels, info.image_size)
+    model = create_model(task.teacher_spec.arch, info.num_classes, info.channels, info.image_size)
     if headless:
         strip_head(model)
     load_weights(model, task.store.read_bytes(task.path("initial.pt")), task.store.url_of(task.path("initial.pt")))
@@ -152,7 +157,7 @@ def initial_model(task: TrainTask, data: RealData, headless: bool) -> nn.Module:
 
 def run_supervised(task: TrainTask, data: RealData, runtime: Runtime, hooks: TrainHooks, progress: Progress) -> dict:
     model = initial_model(task, data, headless=False)
-    train_supervised(model, data, task.spec.teacher, runtime, task.spec.seed, progress, hooks)
+    train_supervised(model, data, task.teacher_spec, runtime, task.spec.seed, progress, hooks)
     if hooks.shard.rank == 0:
         task.store.write_bytes(task.path("final.pt"), checkpoint_bytes(model))
     return {}
@@ -277,11 +282,12 @@ class RayTraining:
     def trainers(self) -> Trainers:
         return Trainers(supervised=self._supervised, ssl=self._ssl)
 
-    def _supervised(self, model: nn.Module, data: RealData, spec: Any, runtime: Runtime, seed: int,
+    def _supervised(self, model: nn.Module, data: RealData, spec: TeacherSpec, runtime: Runtime, seed: int,
                     progress: Progress) -> nn.Module:
-        stage = "squeeze-supervised"
+        # Each architecture trains as its own run (its own checkpoints): a gvbsm ensemble trains several.
+        stage = "squeeze-supervised" if spec.arch == self.spec.teacher.arch else f"squeeze-supervised-{spec.arch}"
         self.store.write_bytes(train_path(stage, "initial.pt"), checkpoint_bytes(model))
-        self.run("supervised", stage)
+        self.run("supervised", stage, teacher=spec)
         final = train_path(stage, "final.pt")
         load_weights(model, self.store.read_bytes(final), self.store.url_of(final))
         return model.to(runtime.device, memory_format=runtime.memory_format()).eval()

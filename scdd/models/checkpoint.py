@@ -81,13 +81,21 @@ def checkpoint_bytes(model: nn.Module, **metadata: Any) -> bytes:
 
 
 def model_from_checkpoint(data: bytes, source: str) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a model from one of our checkpoints, whose metadata names the architecture and shape."""
+    """Rebuild a model from one of our checkpoints, whose metadata names the architecture and shape (an
+    ensemble's: its members, scdd/models/ensemble.py)."""
+    from scdd.models.ensemble import ENSEMBLE, blank_ensemble
     from scdd.models.registry import create_model
 
     meta = {k: v for k, v in read_checkpoint(data, source).items() if k not in _WRAPPER_KEYS}
     needed = ("arch", "num_classes", "in_channels", "image_size")
     if any(key not in meta for key in needed):
         raise CheckpointError(f"checkpoint {source} lacks the metadata {needed} that names its model; save it with scdd")
-    model = create_model(meta["arch"], meta["num_classes"], meta["in_channels"], meta["image_size"])
+    shape = (meta["num_classes"], meta["in_channels"], meta["image_size"])
+    if meta["arch"] == ENSEMBLE:
+        if not isinstance(meta.get("members"), list) or not meta["members"]:
+            raise CheckpointError(f"checkpoint {source} is an ensemble without the list of its members; save it with scdd")
+        model: nn.Module = blank_ensemble(meta["members"], *shape, conv_statistics=bool(meta.get("conv_statistics")))
+    else:
+        model = create_model(meta["arch"], *shape)
     load_weights(model, data, source)
     return model, meta

@@ -42,6 +42,18 @@ def convnet(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
     return ConvNet(num_classes, in_channels, image_size, norm="batch")
 
 
+@register_model("convnet_d1_w32")
+def convnet_d1_w32(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    """ConvNet-D1-W32 with BatchNorm: a small, fast backbone of a G-VBSM ensemble."""
+    return ConvNet(num_classes, in_channels, image_size, width=32, depth=1, norm="batch")
+
+
+@register_model("convnet_d2_w32")
+def convnet_d2_w32(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    """ConvNet-D2-W32 with BatchNorm: a small, fast backbone of a G-VBSM ensemble."""
+    return ConvNet(num_classes, in_channels, image_size, width=32, depth=2, norm="batch")
+
+
 @register_model("convnet_in")
 def convnet_in(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
     """ConvNet-D3-W128 with instance norm: the evaluation network of classic distillation papers."""

@@ -14,4 +14,7 @@ register_model = MODELS.register
 
 
 def create_model(name: str, num_classes: int, in_channels: int = 3, image_size: int = 224) -> nn.Module:
-    return MODELS.get(name)(num_classes, in_channels, image_size)
+    """A new, randomly initialised model; it remembers its name (`registry_name`), which its checkpoints record."""
+    model = MODELS.get(name)(num_classes, in_channels, image_size)
+    model.registry_name = name
+    return model

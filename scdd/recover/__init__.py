@@ -1,6 +1,8 @@
-"""Recover: synthesise images by matching a frozen teacher's BatchNorm statistics."""
+"""Recover: synthesise images by matching a frozen teacher's BatchNorm (and convolution) statistics."""
 
 from scdd.recover.bn_loss import BNStatLoss
+from scdd.recover.conv_loss import ConvStatLoss
+from scdd.recover.objective import RecoverObjective
 from scdd.recover.rounds import (
     RecoverResult,
     Unit,
@@ -17,8 +19,10 @@ from scdd.recover.synthesize import SynthesisResult, freeze, prepare_teacher, re
 __all__ = [
     "BNStatLoss",
     "BatchScope",
+    "ConvStatLoss",
     "GlobalScope",
     "LocalScope",
+    "RecoverObjective",
     "RecoverResult",
     "SynthesisResult",
     "Unit",

@@ -29,7 +29,7 @@ from scdd.data.base import DatasetInfo
 from scdd.errors import SpecError
 from scdd.layout import UNITS_DIR, unit_record_path
 from scdd.progress import Progress, SilentProgress
-from scdd.recover.bn_loss import BNStatLoss
+from scdd.recover.objective import RecoverObjective
 from scdd.recover.init import InitReader, init_reader
 from scdd.recover.synthesize import prepare_teacher, synthesize
 from scdd.runtime import Runtime
@@ -106,12 +106,12 @@ class RecoverResult:
 def run_share(
     unit: Unit,
     rank: int,
-    teacher: nn.Module,
+    teacher: nn.Module | list[nn.Module],
     info: DatasetInfo,
     spec: RecoverSpec,
     runtime: Runtime,
     seed: int,
-    bn_loss: BNStatLoss,
+    objective: RecoverObjective,
     progress: Progress,
     store: ArtifactStore | None,
     init: InitReader | None = None,
@@ -122,7 +122,7 @@ def run_share(
     share's record: manifest entries (with each image's origin) and the batch's last-step losses."""
     started = time.perf_counter()
     labels = unit.shares[rank]
-    if not labels and not bn_loss.scope.collective:  # nothing to make, and no peer waits for this rank
+    if not labels and not objective.scope.collective:  # nothing to make, and no peer waits for this rank
         return {"round": unit.round, "batch": unit.batch, "rank": rank, "entries": [],
                 "ce": 0.0, "bn": 0.0, "total": 0.0, "seconds": 0.0}
     generator = torch.Generator().manual_seed(unit.seed(seed, rank))
@@ -135,7 +135,7 @@ def run_share(
         (info.channels, info.image_size, info.image_size),
         runtime,
         generator,
-        bn_loss,
+        objective,
         on_step=lambda step: progress.advance(1),
         start=start,
     )
@@ -205,9 +205,9 @@ def recover_dataset(
     if pending:
         runner = prepare_teacher(teacher, runtime, len(pending[0].labels) * spec.iterations)
         init = init_reader(store, spec.init)
-        with BNStatLoss(teacher, spec.first_bn_multiplier) as bn_loss:
+        with RecoverObjective(teacher, spec.first_bn_multiplier, momentum=spec.stat_momentum) as objective:
             for unit in pending:
-                record = run_share(unit, 0, runner, info, spec, runtime, seed, bn_loss, progress, store, init)
+                record = run_share(unit, 0, runner, info, spec, runtime, seed, objective, progress, store, init)
                 store.write_json(unit.record_path, record)
                 image_iterations += len(unit.labels) * spec.iterations
                 progress.advance(0, ce=record["ce"], bn=record["bn"])

@@ -1,14 +1,15 @@
 """Which batch a recover step's statistics and losses are over: this process's, or the global one.
 
 A `BatchScope` is asked three things during a recover step:
-- `collect(layer, x)`, in each BatchNorm forward hook: what this process contributes for that layer;
-- `combine(layers, collected)`, after the forward: each layer's batch (mean, biased var) over the scope;
+- `collect(x, center)`, in each hooked layer's forward hook (x: the layer's input, center: the target
+  mean of its channels): what this process contributes for that layer;
+- `combine(centers, collected)`, after the forward: each layer's batch (mean, biased var) over the scope;
 - `images(n)`, `replicated_scale` and `total(values)`: how to turn this process's share of a loss into
   its part of the scope's loss.
 
 `LocalScope` is the single-process path (and `bn_sync: local`): statistics of this process's batch.
 
-`GlobalScope` (`bn_sync: global`) gives every BN layer the statistics of the union of all workers'
+`GlobalScope` (`bn_sync: global`) gives every hooked layer (BatchNorm or convolution) the statistics of the union of all workers'
 batches, like SyncBatchNorm. Each worker contributes per-channel sums and sums of squares and its
 element count; one differentiable all-reduce per step combines every layer at once (one collective
 instead of one per layer, and immune to hooks firing in a different order on different workers).
@@ -24,8 +25,8 @@ gradient arriving at the global sums over all W workers: back-propagating BN on 
 multiply each input's gradient by W, hence the 1/W. Then dL_w/dx_i = dL/dx_i for every image i of
 worker w, and sum_w L_w = L. tests/test_global_bn.py checks both against one process.
 
-Precision. The sums are taken in float32 over values shifted by the layer's running mean (the same
-constant on every worker, and close to the batch mean, so the sum of squares does not swamp the
+Precision. The sums are taken in float32 over values shifted by the layer's target mean (the BN running
+mean, or a convolution input's real-data mean: the same constant on every worker, and close to the batch mean, so the sum of squares does not swamp the
 variance), then all-reduced and combined in float64: var = S2/n - (S1/n)^2 loses no digits that
 matter even for ImageNet-size global batches (counts up to 2^53 are exact).
 """
@@ -45,9 +46,9 @@ class BatchScope(Protocol):
     replicated_scale: float  # multiplier of loss terms that every worker computes identically
     collective: bool  # whether every worker must take part in every step (also with no images)
 
-    def collect(self, layer: nn.BatchNorm2d, x: torch.Tensor) -> Any: ...
+    def collect(self, x: torch.Tensor, center: torch.Tensor) -> Any: ...
 
-    def combine(self, layers: list[nn.BatchNorm2d], collected: list[Any]) -> list[Stats]: ...
+    def combine(self, centers: list[torch.Tensor], collected: list[Any]) -> list[Stats]: ...
 
     def images(self, n: int) -> int: ...
 
@@ -86,12 +87,12 @@ class LocalScope:
     replicated_scale = 1.0
     collective = False
 
-    def collect(self, layer: nn.BatchNorm2d, x: torch.Tensor) -> Stats:
+    def collect(self, x: torch.Tensor, center: torch.Tensor) -> Stats:
         return local_batch_stats(x)
 
-    def combine(self, layers: list[nn.BatchNorm2d], collected: list[Any]) -> list[Stats]:
+    def combine(self, centers: list[torch.Tensor], collected: list[Any]) -> list[Stats]:
         if any(c is None for c in collected):
-            raise RuntimeError("BNStatLoss.loss() called before a forward pass through every BatchNorm layer")
+            raise RuntimeError("a statistic loss was asked for before a forward pass through every layer it hooks")
         return collected
 
     def images(self, n: int) -> int:
@@ -115,34 +116,33 @@ class GlobalScope:
         self.world_size = dist.get_world_size(group)
         self.replicated_scale = 1.0 / self.world_size
 
-    def collect(self, layer: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
-        shifted = x.float() - layer.running_mean.float().view(1, -1, 1, 1)
+    def collect(self, x: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
+        shifted = x.float() - center.float().view(1, -1, 1, 1)
         sums = shifted.sum(dim=(0, 2, 3), dtype=torch.float32)
         squares = shifted.square().sum(dim=(0, 2, 3), dtype=torch.float32)
         count = torch.full((1,), x.numel() // x.shape[1], dtype=torch.float64, device=x.device)
         return torch.cat([sums.double(), squares.double(), count])
 
-    def combine(self, layers: list[nn.BatchNorm2d], collected: list[Any]) -> list[Stats]:
+    def combine(self, centers: list[torch.Tensor], collected: list[Any]) -> list[Stats]:
         parts = [
-            c if c is not None else self._nothing(layer)
-            for layer, c in zip(layers, collected)
+            c if c is not None else self._nothing(center)
+            for center, c in zip(centers, collected)
         ]
         total = all_reduce_sum(torch.cat(parts), self.group)
         stats = []
-        for layer, part in zip(layers, total.split([p.numel() for p in parts])):
-            channels = layer.num_features
+        for center, part in zip(centers, total.split([p.numel() for p in parts])):
+            channels = center.numel()
             sums, squares, count = part[:channels], part[channels:2 * channels], part[2 * channels].clamp(min=1)
             shift_mean = sums / count
             var = squares / count - shift_mean.square()
-            stats.append((layer.running_mean.double() + shift_mean, var))
+            stats.append((center.double() + shift_mean, var))
         return stats
 
     @staticmethod
-    def _nothing(layer: nn.BatchNorm2d) -> torch.Tensor:
+    def _nothing(center: torch.Tensor) -> torch.Tensor:
         # A worker with no images in this batch: zero sums and counts, and a leaf that takes part in
         # the backward all-reduce, which every worker must join.
-        return torch.zeros(2 * layer.num_features + 1, dtype=torch.float64, device=layer.running_mean.device,
-                           requires_grad=True)
+        return torch.zeros(2 * center.numel() + 1, dtype=torch.float64, device=center.device, requires_grad=True)
 
     def images(self, n: int) -> int:
         count = torch.tensor([n], dtype=torch.float64, device=self._device())
@@ -160,7 +160,7 @@ class GlobalScope:
 
 
 def sync_bytes_per_step(model: nn.Module) -> int:
-    """Bytes each worker all-reduces per recover step in a global scope: the float64 vector of
-    (sums, sums of squares, count) of every BN layer, once forward and once backward."""
+    """Bytes each worker all-reduces per recover step in a global scope when matching BN statistics: the
+    float64 vector of (sums, sums of squares, count) of every BN layer, once forward and once backward."""
     values = sum(2 * layer.num_features + 1 for layer in model.modules() if isinstance(layer, nn.BatchNorm2d))
     return 2 * values * 8

@@ -2,8 +2,9 @@
 
 Images start as Gaussian noise in normalised space and are optimised by Adam (betas 0.5, 0.9)
 under a cosine learning rate without warm-up. Every step draws a fresh per-image augmentation,
-computes CE(teacher(aug(x)), targets) + r_bn * BN-statistic loss (+ priors), steps, and clips
-pixels to the valid normalised range. The last iterate is returned.
+computes CE(teacher(aug(x)), targets) + r_bn * statistic loss (+ priors), steps, and clips
+pixels to the valid normalised range. The last iterate is returned. With an ensemble teacher each
+step runs one backbone, in rotation, with its own statistics (objective.py).
 
 In a distributed recover each worker holds a share of the batch (possibly none) and the BN
 statistics are those of the whole batch; `recover_loss` splits the loss so that every worker's
@@ -14,14 +15,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from scdd import augment
-from scdd.recover.bn_loss import BNStatLoss
+from scdd.models.ensemble import Ensemble, members_of
+from scdd.recover.objective import RecoverObjective
 from scdd.recover.priors import l2_norm, total_variation
 from scdd.runtime import Runtime, compiled
 
@@ -34,7 +36,7 @@ class StepLoss:
     own: torch.Tensor  # what this process back-propagates
     ce_sum: torch.Tensor  # summed over this process's images
     prior_sum: torch.Tensor  # weighted priors, summed over this process's images
-    bn: torch.Tensor  # BN-statistic loss of the scope's batch (the same on every worker of a global scope)
+    bn: torch.Tensor  # statistic loss of the scope's batch (the same on every worker of a global scope)
 
 
 def recover_loss(
@@ -44,7 +46,7 @@ def recover_loss(
     inputs: torch.Tensor,
     spec: RecoverSpec,
     runtime: Runtime,
-    bn_loss: BNStatLoss,
+    objective: RecoverObjective,
     batch_images: int,
 ) -> StepLoss:
     """Loss of one recover step for this process's share of a batch of `batch_images` images.
@@ -65,8 +67,8 @@ def recover_loss(
             prior_sum = prior_sum + spec.tv_weight * total_variation(inputs).sum()
         if spec.l2_weight:
             prior_sum = prior_sum + spec.l2_weight * l2_norm(inputs).sum()
-    bn = bn_loss.loss()
-    own = (ce_sum + prior_sum) / batch_images + bn_loss.scope.replicated_scale * spec.r_bn * bn
+    bn = objective.loss()
+    own = (ce_sum + prior_sum) / batch_images + objective.scope.replicated_scale * spec.r_bn * bn
     return StepLoss(own, ce_sum, prior_sum, bn)
 
 
@@ -88,19 +90,20 @@ def jitter_pixels(spec: RecoverSpec, image_size: int) -> int:
 
 
 def synthesize(
-    teacher: nn.Module,
+    teacher: nn.Module | Sequence[nn.Module],
     targets: torch.Tensor,
     spec: RecoverSpec,
     pixel_bounds: tuple[torch.Tensor, torch.Tensor],
     image_shape: tuple[int, int, int],
     runtime: Runtime,
     generator: torch.Generator,
-    bn_loss: BNStatLoss,
+    objective: RecoverObjective,
     on_step: Callable[[int], None] | None = None,
     start: torch.Tensor | None = None,
 ) -> SynthesisResult:
-    """`teacher` must be in eval mode with frozen parameters (see `prepare_teacher`), `bn_loss` an
-    entered BNStatLoss hooked on it; `targets` (N,) are class positions (N may be 0 for a worker
+    """`teacher` must be in eval mode with frozen parameters (see `prepare_teacher`; an ensemble's
+    members: a sequence, one runner per backbone), `objective` an entered RecoverObjective (or a single
+    StatisticLoss) hooked on it; `targets` (N,) are class positions (N may be 0 for a worker
     of a distributed batch). `start` (N, C, S, S), normalised: the initial images (real-pixel
     inits); None: Gaussian noise drawn from `generator`. Reported losses are those of the scope's
     whole batch (none when `spec.iterations` is 0: the images stay as they start)."""
@@ -114,7 +117,9 @@ def synthesize(
     optimizer = torch.optim.Adam([inputs], lr=spec.lr, betas=(0.5, 0.9), eps=1e-8)
     aug = spec.augment
     jitter = jitter_pixels(spec, size)
-    batch_images = bn_loss.scope.images(n)
+    batch_images = objective.scope.images(n)
+    runners = list(teacher) if isinstance(teacher, Sequence) else [teacher]
+    objective.reset()
     loss = None
     for step in range(spec.iterations):
         for group in optimizer.param_groups:
@@ -126,7 +131,8 @@ def synthesize(
                 flip=aug.flip, jitter=jitter, generator=generator,
             )
             views = augment.apply(inputs, params)
-        loss = recover_loss(teacher, views, targets, inputs, spec, runtime, bn_loss, batch_images)
+        runner = runners[objective.select(step)]
+        loss = recover_loss(runner, views, targets, inputs, spec, runtime, objective, batch_images)
         optimizer.zero_grad(set_to_none=True)
         loss.own.backward()
         optimizer.step()
@@ -136,7 +142,7 @@ def synthesize(
             on_step(step)
     ce = bn = total = 0.0
     if loss is not None:
-        sums = bn_loss.scope.total(torch.stack([loss.ce_sum.detach(), loss.prior_sum.detach()])) / batch_images
+        sums = objective.scope.total(torch.stack([loss.ce_sum.detach(), loss.prior_sum.detach()])) / batch_images
         ce, bn = float(sums[0]), float(loss.bn.detach())
         total = ce + spec.r_bn * bn + float(sums[1])
     return SynthesisResult(inputs.detach().float().cpu().contiguous(), ce, bn, total)
@@ -148,8 +154,10 @@ def freeze(teacher: nn.Module, runtime: Runtime) -> nn.Module:
     return teacher.to(runtime.device, memory_format=runtime.memory_format())
 
 
-def prepare_teacher(teacher: nn.Module, runtime: Runtime, image_iterations_per_unit: int) -> nn.Module:
+def prepare_teacher(teacher: nn.Module, runtime: Runtime, image_iterations_per_unit: int) -> nn.Module | list[nn.Module]:
     """The frozen teacher as recover runs it: compiled where that pays (BN hooks stay on the
-    original modules, which the compiled graph calls)."""
+    original modules, which the compiled graph calls); an ensemble's members, one runner each."""
     teacher = freeze(teacher, runtime)
-    return compiled(teacher) if runtime.should_compile(image_iterations_per_unit) else teacher
+    members = members_of(teacher)
+    runners = [compiled(m) if runtime.should_compile(image_iterations_per_unit // len(members)) else m for m in members]
+    return runners if isinstance(teacher, Ensemble) else runners[0]

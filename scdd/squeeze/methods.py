@@ -13,10 +13,11 @@ from torch import nn
 
 from api_schema import TeacherSpec
 from scdd.data import RealData
-from scdd.models import create_model, set_head, strip_head
+from scdd.models import Ensemble, create_model, set_head, strip_head
 from scdd.progress import Progress
 from scdd.registry import Registry
 from scdd.runtime import Runtime
+from scdd.squeeze.conv_stats import collect_conv_statistics
 from scdd.squeeze.probe import train_probe
 from scdd.squeeze.ssl import SSL_METHODS, import_backbone
 from scdd.squeeze.ssl.registry import PretrainFn
@@ -73,3 +74,19 @@ def scdd(data: RealData, spec: TeacherSpec, runtime: Runtime, seed: int, progres
     set_head(model, head, probe.head.to(runtime.device))
     return SqueezeResult(model.eval(), {"kind": "self-supervised + linear probe", "ssl": ssl_details,
                                         "probe": {"epochs": spec.probe.epochs, **probe.accuracy.to_dict()}})
+
+
+@register_method("gvbsm")
+def gvbsm(data: RealData, spec: TeacherSpec, runtime: Runtime, seed: int, progress: Progress,
+          trainers: Trainers = LOCAL_TRAINERS) -> SqueezeResult:
+    """G-VBSM (arXiv 2311.17950): the backbones of `spec.ensemble`, each trained with labels like a
+    supervised teacher, and the real-data statistics of each one's convolution inputs."""
+    info = data.info
+    members = []
+    for arch in spec.ensemble:
+        model = create_model(arch, info.num_classes, info.channels, info.image_size)
+        members.append(trainers.supervised(model, data, spec.model_copy(update={"arch": arch}), runtime, seed, progress))
+    ensemble = Ensemble(members, list(spec.ensemble), conv_statistics=True).to(runtime.device)
+    for member, statistics in zip(ensemble.members, ensemble.conv_statistics):
+        collect_conv_statistics(member, statistics, data, runtime)
+    return SqueezeResult(ensemble.eval(), {"kind": "ensemble of supervised backbones (G-VBSM)"})

@@ -1,8 +1,11 @@
 """Obtain the teachers a job needs: from a given checkpoint, from the cache, or by squeezing.
 
 Trained teachers are cached under the hash of the spec fields that determine them
-(`JobSpec.teacher_digest`, `JobSpec.supervised_teacher_digest`), so a second job with the same
-squeeze settings reuses them, and an sre2l job and an scdd job share their supervised teacher.
+(`JobSpec.teacher_digest`, `JobSpec.supervised_teacher_digest`, `JobSpec.ensemble_teacher_digest`), so a
+second job with the same squeeze settings reuses them, and an sre2l job and an scdd job share their
+supervised teacher. Every model a squeeze trains with labels is cached alike (a gvbsm ensemble's
+members too), so the ensemble's member of teacher.arch is the sre2l teacher of the same settings.
+A cached or saved checkpoint names its model (`scdd.models.model_metadata`).
 """
 
 from __future__ import annotations
@@ -13,10 +16,11 @@ from pathlib import Path
 
 from torch import nn
 
-from api_schema import JobSpec
+from api_schema import JobSpec, TeacherSpec
 from scdd.data import RealData
 from scdd.errors import CheckpointError
-from scdd.models import checkpoint_bytes, create_model, load_weights, model_from_checkpoint
+from scdd.data.base import DatasetInfo
+from scdd.models import Ensemble, checkpoint_bytes, create_model, load_weights, model_from_checkpoint, model_metadata
 from scdd.models.checkpoint import read_checkpoint
 from scdd.progress import Progress
 from scdd.runtime import Runtime
@@ -42,14 +46,35 @@ def _blank(spec: JobSpec, data: RealData) -> nn.Module:
     return create_model(spec.teacher.arch, info.num_classes, info.channels, info.image_size)
 
 
+def shape_metadata(info: DatasetInfo) -> dict:
+    return {"num_classes": info.num_classes, "in_channels": info.channels, "image_size": info.image_size}
+
+
+def _load_model(raw: bytes, url: str, spec: JobSpec, data: RealData) -> tuple[nn.Module, dict]:
+    """The model in a checkpoint and its metadata: a checkpoint that names its model (one scdd saved: any
+    architecture, or an ensemble) is rebuilt as it says, after checking it was made for this dataset's
+    shape; a bare state dict is loaded into `teacher.arch`."""
+    meta = read_checkpoint(raw, url)
+    if "arch" not in meta:
+        model = _blank(spec, data)
+        return model, load_weights(model, raw, url)
+    info = data.info
+    shape = (meta.get("num_classes"), meta.get("in_channels"), meta.get("image_size"))
+    if shape != (info.num_classes, info.channels, info.image_size):
+        raise CheckpointError(
+            f"checkpoint {url} is a {meta['arch']} for {shape[0]} classes, {shape[1]} channels, {shape[2]} px, but the "
+            f"dataset has {info.num_classes} classes, {info.channels} channels, {info.image_size} px: pass a teacher "
+            f"trained on this dataset (the same classes and image size)")
+    return model_from_checkpoint(raw, url)
+
+
 def load_stored_teacher(
     store: ArtifactStore, path: str, digest: str, source: str, spec: JobSpec, data: RealData
 ) -> Teacher | None:
     """The teacher saved at `path` if it is there and was made for `digest`, else None."""
     if not store.exists(path):
         return None
-    model = _blank(spec, data)
-    meta = load_weights(model, store.read_bytes(path), store.url_of(path))
+    model, meta = _load_model(store.read_bytes(path), store.url_of(path), spec, data)
     if meta.get("digest") != digest:
         return None
     return Teacher(model.eval(), source, digest, meta.get("details", {}))
@@ -62,33 +87,48 @@ class TeacherCache:
     def load(self, digest: str, spec: JobSpec, data: RealData) -> Teacher | None:
         return load_stored_teacher(self.store, f"{digest}.pt", digest, "cached", spec, data)
 
-    def save(self, digest: str, model: nn.Module, details: dict) -> None:
-        self.store.write_bytes(f"{digest}.pt", checkpoint_bytes(model, digest=digest, details=details))
+    def save(self, digest: str, model: nn.Module, details: dict, info: DatasetInfo) -> None:
+        self.store.write_bytes(f"{digest}.pt", checkpoint_bytes(
+            model, digest=digest, details=details, **model_metadata(model), **shape_metadata(info)))
 
 
-def _from_checkpoint(spec: JobSpec, data: RealData, url: str, raw: bytes | None = None) -> Teacher:
-    model = _blank(spec, data)
-    load_weights(model, read_url(url) if raw is None else raw, url)
-    return Teacher(model.eval(), "checkpoint", None, {"checkpoint": url})
+def _from_checkpoint(spec: JobSpec, data: RealData, url: str) -> Teacher:
+    model, meta = _load_model(read_url(url), url, spec, data)
+    return Teacher(model.eval(), "checkpoint", None, {"checkpoint": url, **({"arch": meta["arch"]} if "arch" in meta else {})})
 
 
-def _relabel_from_checkpoint(spec: JobSpec, data: RealData, url: str) -> Teacher:
-    """A relabel teacher of any architecture: a checkpoint scdd saved (teacher.pt of a run) names its model,
-    so soft labels can come from another architecture than the recovery teacher's; a bare state dict is
-    loaded into `teacher.arch`."""
-    raw = read_url(url)
-    meta = read_checkpoint(raw, url)
-    if "arch" not in meta:
-        return _from_checkpoint(spec, data, url, raw)
-    info = data.info
-    shape = (meta.get("num_classes"), meta.get("in_channels"), meta.get("image_size"))
-    if shape != (info.num_classes, info.channels, info.image_size):
-        raise CheckpointError(
-            f"relabel checkpoint {url} is a {meta['arch']} for {shape[0]} classes, {shape[1]} channels, "
-            f"{shape[2]} px, but the dataset has {info.num_classes} classes, {info.channels} channels, "
-            f"{info.image_size} px: pass a teacher trained on this dataset (the same classes and image size)")
-    model, _ = model_from_checkpoint(raw, url)
-    return Teacher(model.eval(), "checkpoint", None, {"checkpoint": url, "arch": meta["arch"]})
+def _ensemble_from_checkpoints(spec: JobSpec, data: RealData, urls: list[str]) -> Teacher:
+    """validate.relabel_checkpoints: one ensemble of the listed teachers (an ensemble listed adds its members)."""
+    members, archs = [], []
+    for i, url in enumerate(urls):
+        try:
+            model, meta = _load_model(read_url(url), url, spec, data)
+        except CheckpointError as exc:
+            raise CheckpointError(f"relabel ensemble member {i + 1}: {exc}") from None
+        if isinstance(model, Ensemble):
+            members += list(model.members)
+            archs += model.archs
+        else:
+            members.append(model)
+            archs.append(meta.get("arch", spec.teacher.arch))
+    return Teacher(Ensemble(members, archs).eval(), "checkpoint", None, {"checkpoints": list(urls)})
+
+
+def _caching_supervised(trainers: Trainers, spec: JobSpec, data: RealData, cache: "TeacherCache") -> Trainers:
+    """`trainers` whose supervised loop first looks in the cache (under the digest of a supervised teacher
+    of the TeacherSpec it is given) and saves what it trains there."""
+    def supervised(model: nn.Module, data: RealData, teacher: TeacherSpec, runtime: Runtime, seed: int,
+                   progress: Progress) -> nn.Module:
+        member = spec.model_copy(update={"teacher": teacher, "seed": seed})
+        digest = member.supervised_teacher_digest()
+        cached = cache.load(digest, member, data)
+        if cached is not None:
+            return cached.model.to(runtime.device, memory_format=runtime.memory_format())
+        trained = trainers.supervised(model, data, teacher, runtime, seed, progress)
+        cache.save(digest, trained, {"kind": "supervised"}, data.info)
+        return trained
+
+    return Trainers(supervised=supervised, ssl=trainers.ssl)
 
 
 def _cached_or_squeezed(
@@ -98,8 +138,9 @@ def _cached_or_squeezed(
     cached = cache.load(digest, spec, data)
     if cached is not None:
         return cached
+    trainers = _caching_supervised(trainers, spec, data, cache)
     result = METHODS.get(method)(data, spec.teacher, runtime, spec.seed, progress, trainers)
-    cache.save(digest, result.model, result.details)
+    cache.save(digest, result.model, result.details, data.info)
     return Teacher(result.model, "trained", digest, result.details)
 
 
@@ -120,8 +161,14 @@ def relabel_teacher(
     vspec = spec.validate_
     if vspec.relabel_teacher == "recover":
         return recovery
+    if vspec.relabel_teacher == "ensemble":
+        if vspec.relabel_checkpoints:
+            return _ensemble_from_checkpoints(spec, data, vspec.relabel_checkpoints)
+        if isinstance(recovery.model, Ensemble):
+            return recovery
+        return _cached_or_squeezed(spec, "gvbsm", spec.ensemble_teacher_digest(), data, cache, runtime, progress, trainers)
     if vspec.relabel_checkpoint:
-        return _relabel_from_checkpoint(spec, data, vspec.relabel_checkpoint)
+        return _from_checkpoint(spec, data, vspec.relabel_checkpoint)
     if spec.method == "sre2l":
         return recovery  # sre2l's recovery teacher is the supervised teacher
     return _cached_or_squeezed(spec, "sre2l", spec.supervised_teacher_digest(), data, cache, runtime, progress, trainers)

@@ -10,7 +10,7 @@ from torch import nn
 
 from scdd import augment
 from scdd.data import RealData
-from scdd.models import head_path
+from scdd.models import head_path, members_of
 from scdd.recover.init.plan import InitPlan, Origin, register_init
 from scdd.runtime import Runtime
 from scdd.validate.baseline import draw_per_class, images_at, labels_of
@@ -64,10 +64,15 @@ def crop_views(images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def teacher_outputs(teacher: nn.Module, images: torch.Tensor, runtime: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits (n, K), features (n, D): the input of the classifier head), in batches, on the CPU."""
-    head = teacher.get_submodule(head_path(teacher))
-    captured: list[torch.Tensor] = []
-    handle = head.register_forward_hook(lambda _m, inputs, _out: captured.append(inputs[0].detach().float().cpu()))
+    """(logits (n, K), features (n, D): the input of the classifier head), in batches, on the CPU. An ensemble's
+    features are its members' (each L2-normalised, so every member counts alike) side by side."""
+    members = members_of(teacher)
+    captured: list[list[torch.Tensor]] = [[] for _ in members]
+    handles = [
+        member.get_submodule(head_path(member)).register_forward_hook(
+            lambda _m, inputs, _out, into=into: into.append(inputs[0].detach().float().cpu().flatten(1)))
+        for member, into in zip(members, captured)
+    ]
     logits = []
     try:
         for start in range(0, len(images), SCORE_BATCH):
@@ -75,8 +80,12 @@ def teacher_outputs(teacher: nn.Module, images: torch.Tensor, runtime: Runtime) 
             with runtime.autocast():
                 logits.append(teacher(batch).float().cpu())
     finally:
-        handle.remove()
-    return torch.cat(logits), torch.cat(captured).flatten(1)
+        for handle in handles:
+            handle.remove()
+    features = [torch.cat(parts) for parts in captured]
+    if len(features) > 1:
+        features = [F.normalize(f, dim=1) for f in features]
+    return torch.cat(logits), torch.cat(features, dim=1)
 
 
 def crop_losses(teacher: nn.Module, images: torch.Tensor, label: int, boxes: torch.Tensor, runtime: Runtime) -> torch.Tensor:
