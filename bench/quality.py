@@ -16,12 +16,15 @@ training images (bench/init_study.py), never on this test split.
 `--teachers-of-seed 0` makes every seed use the teachers seed 0 trained (cached), so seeds vary the picked
 images, the random subset and the student only; without it every seed trains its own teachers.
 
+`--ensemble convnet,convnet_d2_w32,convnet_d1_w32` sets the backbones of gvbsm rows (teacher.ensemble; the
+default has WRN-16-2, whose training on all 60 000 images takes long on a CPU).
+
 `--relabel-arch resnet18_small` judges the sets with soft labels from a supervised teacher of another
 architecture (trained once on all training images with `--teacher-epochs`, cached) than the one the sets
 were recovered and picked with; the random-real baseline gets the same soft labels. Its rows are logged and
 tabled apart (`[relabel resnet18_small]`).
 
-A row is `<method>/<init>` (method sre2l or scdd; init noise, real, selected, herding) with an optional
+A row is `<method>/<init>` (method sre2l, scdd or gvbsm; init noise, real, selected, herding) with an optional
 `@quick` (the quick preset instead of the long one); `random` is the baseline and always runs.
 """
 
@@ -93,6 +96,7 @@ def job(row: str, ipc: int, seed: int, mode: str, baseline: bool, args, out: Pat
         "seed": seed,
         "dataset": {"train_limit": 1000 if args.quick else None},  # all 60 000 training images
         "teacher": {"epochs": args.teacher_epochs, "ssl": {"epochs": args.ssl_epochs},
+                    **({"ensemble": args.ensemble.split(",")} if args.ensemble else {}),
                     **({"checkpoint": shared["teacher"]} if shared else {})},
         "recover": recover,
         "validate": validate,
@@ -121,6 +125,7 @@ def main() -> None:
     parser.add_argument("--ssl-epochs", type=int, default=2)
     parser.add_argument("--teachers-of-seed", type=int,
                         help="every seed uses the teachers this seed trained (so seeds vary images and students only)")
+    parser.add_argument("--ensemble", help="gvbsm rows: comma-separated backbones (teacher.ensemble)")
     parser.add_argument("--relabel-arch", help="soft labels from a supervised teacher of this architecture instead")
     parser.add_argument("--out", default="bench/out/quality")
     parser.add_argument("--log", default="bench/results/quality.jsonl")
