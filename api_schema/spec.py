@@ -341,8 +341,8 @@ class ValidateSpec(_Spec):
         "training it. A checkpoint scdd saved (a run's teacher.pt) names its architecture, which may differ from "
         "teacher.arch, so a set can be judged with soft labels from a teacher it was not recovered with.",
     )
-    relabel_checkpoints: list[Annotated[str, Field(min_length=1, max_length=4096)]] = Field(
-        default_factory=list,
+    relabel_checkpoints: tuple[Annotated[str, Field(min_length=1, max_length=4096)], ...] = Field(
+        (),
         max_length=16,
         description="With relabel_teacher ensemble: the members, as checkpoints scdd saved (a run's teacher.pt, of any "
         "architecture, or a whole ensemble) or bare state dicts of teacher.arch; the soft labels are their mean "

@@ -2,7 +2,10 @@
 
 For each seed and IPC, every row runs the pipeline (squeeze once per seed and method, cached; recover;
 validate) and the random-real baseline is trained once per (seed, IPC, preset, mode) with the same student,
-protocol and relabel teacher (the supervised teacher for every row, so rows differ only in their images).
+protocol and relabel teacher (the supervised teacher for every row, so rows differ only in their images) —
+unless the log already holds it for that seed (it is deterministic; `--rerun-baselines` trains it anyway).
+scdd rows log their MoCo epochs (`--ssl-epochs`; bench/ssl_backbone.py pretrains and caches the backbone
+they then reuse), gvbsm rows their backbones; the table names both.
 Top-1 is on the whole 10 000-image test split; the table gives mean ± half-range over seeds, IOR (the row's
 mean minus random real's mean, DD-Ranking's improvement over random) and the mean seconds of a row's
 recover + validation. Every run is appended to a JSON-lines file. The defaults were chosen on held-out
@@ -130,6 +133,8 @@ def main() -> None:
     parser.add_argument("--out", default="bench/out/quality")
     parser.add_argument("--log", default="bench/results/quality.jsonl")
     parser.add_argument("--table-from", metavar="JSONL", help="print the table of the runs in this log and exit")
+    parser.add_argument("--rerun-baselines", action="store_true",
+                        help="train the random-real baseline even where --log holds it for the seed (it is deterministic)")
     args = parser.parse_args()
     ipcs = args.ipc or ([1, 10] if args.quick else [1, 10, 50])
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
@@ -139,6 +144,7 @@ def main() -> None:
         print_table([json.loads(line) for line in open(args.table_from) if line.strip()], args.quick)
         return
     records: list[dict] = []
+    logged = logged_baselines([json.loads(line) for line in open(args.log) if line.strip()] if Path(args.log).exists() else [])
     args.relabel_checkpoint, relabel_top1 = other_relabel_teacher(args, out) if args.relabel_arch else (None, None)
     if args.relabel_arch:
         print(f"relabel teacher {args.relabel_arch}: test top-1 {relabel_top1:.2f}", flush=True)
@@ -150,7 +156,8 @@ def main() -> None:
                 if mode == "hard" and ipc not in args.hard_ipc:
                     continue
                 preset = "quick" if row.endswith("@quick") else "long"
-                baseline = (preset, mode) not in baselines_done
+                key = (ipc, mode, preset, args.relabel_arch)
+                baseline = (preset, mode) not in baselines_done and (args.rerun_baselines or seed not in logged.get(key, {}))
                 baselines_done.add((preset, mode))
                 started = time.perf_counter()
                 report = run_distillation(job(row, ipc, seed, mode, baseline, args, out))
@@ -160,6 +167,12 @@ def main() -> None:
                           "seconds": round(stages.get("recover", 0) + stages.get("validate", 0), 1)}
                 if val.baseline:
                     record["random_top1"] = val.baseline.top1
+                elif seed in logged.get(key, {}):
+                    record["random_logged"] = logged[key][seed]  # for the table of this run only
+                if row.startswith("scdd/"):
+                    record["ssl_epochs"] = args.ssl_epochs
+                if row.startswith("gvbsm/") and args.ensemble:
+                    record["ensemble"] = args.ensemble
                 if args.relabel_arch:
                     record.update(relabel=args.relabel_arch, relabel_top1=relabel_top1)
                 records.append(record)
@@ -173,42 +186,70 @@ def main() -> None:
     print_table(records, args.quick)
 
 
+def row_label(r: dict) -> str:
+    """The row's name in the table: scdd rows say how long their MoCo backbone trained (when logged), gvbsm rows
+    their backbones when not the default."""
+    method, rest = r["row"].split("/", 1)
+    if method == "scdd" and r.get("ssl_epochs"):
+        method += f"[MoCo {r['ssl_epochs']} ep]"
+    if method == "gvbsm" and r.get("ensemble"):
+        method += f"[{r['ensemble']}]"
+    return f"{method}/{rest}"
+
+
+def random_key(r: dict) -> tuple:
+    """What a random-real baseline depends on: IPC, labels, preset and relabel teacher (not the row)."""
+    return (r["ipc"], r["mode"], r["preset"], r.get("relabel"))
+
+
+def logged_baselines(records: list[dict]) -> dict[tuple, dict[int, float]]:
+    """random real top-1 per random_key and seed (the latest run of each; the baseline is deterministic)."""
+    found: dict[tuple, dict[int, float]] = defaultdict(dict)
+    for r in records:
+        if "random_top1" in r and not r.get("quick"):
+            found[random_key(r)][r["seed"]] = r["random_top1"]
+    return found
+
+
 def print_table(records: list[dict], quick: bool) -> None:
-    """The markdown table of `records` (runs as bench/results/quality.jsonl holds them)."""
-    top1: dict[tuple, list[float]] = defaultdict(list)
+    """The markdown table of `records` (runs as bench/results/quality.jsonl holds them): per row the mean over
+    seeds (the latest run of each seed), IOR against the random-real baseline of the same seeds."""
+    top1: dict[tuple, dict[int, float]] = defaultdict(dict)
     seconds: dict[tuple, list[float]] = defaultdict(list)
     for r in records:
         mode = r["mode"] + (f" [relabel {r['relabel']}]" if r.get("relabel") else "")
-        top1[(r["ipc"], r["row"], mode)].append(r["student_top1"])
-        seconds[(r["ipc"], r["row"], mode)].append(r["seconds"])
-        if "random_top1" in r:
-            top1[(r["ipc"], "random" + ("@quick" if r["preset"] == "quick" else ""), mode)].append(r["random_top1"])
+        top1[(r["ipc"], row_label(r), mode)][r["seed"]] = r["student_top1"]
+        seconds[(r["ipc"], row_label(r), mode)].append(r["seconds"])
+        random_top1 = r.get("random_top1", r.get("random_logged"))  # random_logged: a baseline reused from the log
+        if random_top1 is not None:
+            top1[(r["ipc"], "random" + ("@quick" if r["preset"] == "quick" else ""), mode)][r["seed"]] = random_top1
     seeds = sorted({r["seed"] for r in records})
     print(f"\nFashion-MNIST, ConvNet students, top-1 % on the full test split, seeds {seeds}"
           + (" (quick mode: 1000 train images per class, short schedules)" if quick else ""))
-    print("| IPC | labels | images | preset | top-1 | IOR (points) | s |")
-    print("|---:|---|---|---|---:|---:|---:|")
+    print("| IPC | labels | images | preset | seeds | top-1 | IOR (points) | s |")
+    print("|---:|---|---|---|---|---:|---:|---:|")
     for ipc in sorted({r["ipc"] for r in records}):
         modes = dict.fromkeys(key[2] for key in top1 if key[0] == ipc)
         for mode in sorted(modes, key=lambda m: (m.startswith("hard"), m)):
             rows = list(dict.fromkeys(key[1] for key in top1 if key[2] == mode and key[0] == ipc
                                       and not key[1].startswith("random")))
             for source in ["random", "random@quick", *rows]:
-                values = top1.get((ipc, source, mode))
-                if not values:
+                by_seed = top1.get((ipc, source, mode))
+                if not by_seed:
                     continue
                 preset = "quick" if source.endswith("@quick") else "long"
-                base = top1.get((ipc, "random" + ("@quick" if preset == "quick" else ""), mode))
+                base = top1.get((ipc, "random" + ("@quick" if preset == "quick" else ""), mode), {})
                 ior = "—"
-                if base and not source.startswith("random"):
-                    gains = [v - b for v, b in zip(values, base)] if len(values) == len(base) else []
-                    ior = f"{statistics.mean(values) - statistics.mean(base):+.2f}"
+                common = sorted(set(by_seed) & set(base))
+                if common and not source.startswith("random"):
+                    gains = [by_seed[s] - base[s] for s in common]
+                    ior = f"{statistics.mean(gains):+.2f}"
                     if len(gains) > 1:
                         ior += f" (per seed {', '.join(f'{g:+.2f}' for g in gains)})"
                 secs = seconds.get((ipc, source, mode))
-                print(f"| {ipc} | {mode} | {source.split('@')[0]} | {preset} | {cell(values)} | {ior} | "
-                      f"{statistics.mean(secs):.0f} |" if secs else f"| {ipc} | {mode} | {source.split('@')[0]} | "
-                      f"{preset} | {cell(values)} | {ior} | — |")
+                label = source.split("@")[0]
+                print(f"| {ipc} | {mode} | {label} | {preset} | {','.join(map(str, sorted(by_seed)))} | "
+                      f"{cell(list(by_seed.values()))} | {ior} | {f'{statistics.mean(secs):.0f}' if secs else '—'} |")
 
 
 if __name__ == "__main__":

@@ -26,10 +26,10 @@ def teacher_facts(teacher: Teacher, spec: JobSpec, data: RealData, runtime: Runt
     """The recovery teacher: how it was made, its accuracy on the real test split and its BN variances (an
     ensemble's: each member's accuracy too)."""
     model = teacher.model
-    members = None
+    members = {}  # the key only for an ensemble, as a report holds only the keys that apply to its run
     if isinstance(model, Ensemble):
-        members = [{"arch": arch, **evaluate(member, data.test, runtime).to_dict()}
-                   for arch, member in zip(model.archs, model.members)]
+        members = {"members": [{"arch": arch, **evaluate(member, data.test, runtime).to_dict()}
+                               for arch, member in zip(model.archs, model.members)]}
     return TeacherReport.model_validate({
         "arch": spec.teacher.arch,
         "source": teacher.source,
@@ -37,7 +37,7 @@ def teacher_facts(teacher: Teacher, spec: JobSpec, data: RealData, runtime: Runt
         **evaluate(model, data.test, runtime).to_dict(),
         **teacher.details,
         **model_metadata(model),
-        "members": members,
+        **members,
         "bn_running_var": bn_variance_summary(model),
     })
 
@@ -45,12 +45,15 @@ def teacher_facts(teacher: Teacher, spec: JobSpec, data: RealData, runtime: Runt
 def relabel_facts(relabel: Teacher, recovery: Teacher, data: RealData, runtime: Runtime) -> RelabelTeacherFacts:
     """The KD relabel teacher; its accuracy too when it is not the recovery teacher (reported already)."""
     accuracy = {} if relabel is recovery else evaluate(relabel.model, data.test, runtime).to_dict()
-    members = list(relabel.model.archs) if isinstance(relabel.model, Ensemble) else None
-    return RelabelTeacherFacts(source=relabel.source, digest=relabel.digest, members=members, **accuracy)
+    members = {"members": list(relabel.model.archs)} if isinstance(relabel.model, Ensemble) else {}
+    return RelabelTeacherFacts(source=relabel.source, digest=relabel.digest, **members, **accuracy)
 
 
 def recover_facts(result: RecoverResult, spec: JobSpec, classes: int, teacher: nn.Module) -> RecoverReport:
-    statistics = RecoverObjective(teacher).statistics  # hooks nothing until entered
+    matched = {"statistics": RecoverObjective(teacher).statistics,  # hooks nothing until entered
+               "stat_momentum": spec.recover.stat_momentum, "backbones": len(members_of(teacher))}
+    if matched == {"statistics": ["batchnorm"], "stat_momentum": 0.0, "backbones": 1}:
+        matched = {}  # SRe2L / SC-DD: the report's defaults say it, and its keys stay those of earlier reports
     return RecoverReport(
         images=len(result.entries),
         expected_images=classes * spec.recover.ipc,
@@ -64,10 +67,8 @@ def recover_facts(result: RecoverResult, spec: JobSpec, classes: int, teacher: n
         final_bn=result.final_bn,
         workers=spec.resources.workers,
         bn_sync=spec.recover.bn_sync if spec.resources.workers > 1 else "local",
-        statistics=statistics,
-        stat_momentum=spec.recover.stat_momentum,
-        backbones=len(members_of(teacher)),
         restarts=result.restarts,
+        **matched,
     )
 
 
