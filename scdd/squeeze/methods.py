@@ -1,7 +1,10 @@
 """The method registry: each method's squeeze turns real data into a recovery teacher.
 
-A squeeze returns the teacher (a registry model, eval mode) and facts about how it was made. The
-probe of SC-DD always trains in the calling process: a linear layer on precomputed features.
+A squeeze returns the teacher (a registry model, or for G-VBSM an `Ensemble` of them carrying its
+convolution statistics; eval mode) and facts about how it was made. The probe of SC-DD and G-VBSM's
+statistics pass always run in the calling process (a linear layer on precomputed features; one pass
+over the real images per backbone); the supervised and self-supervised training loops run where
+`trainers` says.
 """
 
 from __future__ import annotations
