@@ -205,3 +205,31 @@ def test_the_command_line_refuses_a_bad_ensemble_member_with_exit_2(tmp_path):
                    "--init", "noise", "--validate-epochs", "1")
     assert done.returncode == 2, done.stderr[-2000:]
     assert "relabel ensemble member 1: cannot read checkpoint" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_gvbsm_run_reports_its_members_and_statistics_and_caches_each_member(tmp_path, fmnist_root):
+    from scdd.layout import TEACHER_PATH
+    from scdd.pipeline import run_distillation
+    from tests.conftest import tiny_job
+
+    cache = tmp_path / "cache"
+    spec = tiny_job(fmnist_root, tmp_path / "run", method="gvbsm", recover={"ipc": 1, "iterations": 4},
+                    validate={"enabled": True, "epochs": 1, "baseline": False},
+                    output={"url": str(tmp_path / "run"), "teacher_cache": str(cache)})
+    spec["teacher"]["ensemble"] = ["convnet_d1_w32", "convnet_d2_w32"]
+    report = run_distillation(JobSpec.model_validate(spec))
+    teacher, recover = report.teacher, report.recover
+    assert teacher.arch == "ensemble" and [m.arch for m in teacher.members] == ["convnet_d1_w32", "convnet_d2_w32"]
+    assert all(0 <= m.top1 <= 100 for m in teacher.members) and teacher.top1 is not None
+    assert recover.statistics == ["batchnorm", "convolution"] and recover.stat_momentum == 0.8 and recover.backbones == 2
+    assert report.validate_.relabel_teacher.source == "trained"  # the ensemble itself gives the soft labels
+    # Saved with its statistics: the workers of a distributed run rebuild it from teacher.pt.
+    saved, meta = model_from_checkpoint((tmp_path / "run" / TEACHER_PATH).read_bytes(), "teacher.pt")
+    assert isinstance(saved, Ensemble) and meta["members"] == ["convnet_d1_w32", "convnet_d2_w32"]
+    assert float(saved.conv_statistics[1].target(1)[1].mean()) > 0  # a real variance, not the placeholder 1
+    assert not torch.equal(saved.conv_statistics[1].target(1)[1], torch.ones_like(saved.conv_statistics[1].target(1)[1]))
+    assert len(list(cache.glob("*.pt"))) == 3  # each member, and the ensemble
+    spec["recover"]["ipc"] = 2
+    again = run_distillation(JobSpec.model_validate({**spec, "output": {"url": str(tmp_path / "run2"),
+                                                                         "teacher_cache": str(cache)}}))
+    assert again.teacher.source == "cached"
