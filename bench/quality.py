@@ -103,9 +103,18 @@ def job(row: str, ipc: int, seed: int, mode: str, baseline: bool, args, out: Pat
                     **({"checkpoint": shared["teacher"]} if shared else {})},
         "recover": recover,
         "validate": validate,
-        "output": {"url": str(out / f"{row.replace('/', '-').replace('@', '-')}-{mode}-ipc{ipc}-seed{seed}"),
+        "output": {"url": str(out / f"{row.replace('/', '-').replace('@', '-')}{teacher_tag(method, args)}-{mode}-ipc{ipc}-seed{seed}"),
                    "teacher_cache": str(out / "teachers")},
     })
+
+
+def teacher_tag(method: str, args) -> str:
+    """What sets a row's teacher apart in its output folder's name (runs of other teachers stay where they are)."""
+    if method == "scdd" and args.ssl_epochs != 2:
+        return f"-moco{args.ssl_epochs}"
+    if method == "gvbsm" and args.ensemble:
+        return "-" + args.ensemble.replace(",", "+")
+    return ""
 
 
 def cell(values: list[float]) -> str:

@@ -66,7 +66,7 @@ def main() -> None:
     parser.add_argument("--out", default="bench/out/quality", help="the teacher cache is <out>/teachers")
     parser.add_argument("--log", default="bench/results/ssl_backbone.jsonl")
     args = parser.parse_args()
-    record: dict = {"train_limit": args.train_limit, "minutes": args.minutes}
+    record: dict = {"train_limit": args.train_limit}
     if args.epochs == "auto":
         epoch_s, images = seconds_per_epoch(args.train_limit)
         epochs = int(args.minutes * 60 // epoch_s)
@@ -75,9 +75,10 @@ def main() -> None:
         if epochs < args.min_epochs:
             raise SystemExit(f"only {epochs} epochs fit in {args.minutes:g} minutes (at least {args.min_epochs} asked): "
                              f"raise --minutes, or pass --epochs")
-        record["projected_epoch_s"] = round(epoch_s, 1)
+        record.update(minutes=args.minutes, projected_epoch_s=round(epoch_s, 1))
     else:
         epochs = int(args.epochs)
+        record["epochs_given"] = True
     spec = scdd_spec(epochs, args.train_limit, args.teacher_epochs)
     data = load_dataset(spec.dataset, spec.seed)
     runtime = resolve_runtime(spec.resources)

@@ -176,20 +176,49 @@ def test_pipeline_refuses_workers_without_a_distributed_stage(tmp_path, fmnist_r
         run_distillation(spec)
 
 
-def test_cli_workers_flag_joins_the_cluster_at_ray_address(ray_local, tmp_path, fmnist_root, fmnist_teacher_ckpt):
+@pytest.fixture(scope="module")
+def gvbsm_ensemble_ckpt(tmp_path_factory, fmnist_root, fmnist_teacher_ckpt) -> Path:
+    """A G-VBSM ensemble checkpoint: the 3-class ConvNet teacher and a ConvNet-D1-W32 trained one epoch, with the
+    real-data statistics of their convolution inputs."""
+    from api_schema import DatasetSpec, TeacherSpec
+    from scdd.data import load_dataset
+    from scdd.models import Ensemble, checkpoint_bytes, create_model, load_weights, model_metadata
+    from scdd.progress import SilentProgress
+    from scdd.runtime import Runtime
+    from scdd.squeeze import train_supervised
+    from scdd.squeeze.conv_stats import collect_conv_statistics
+
+    data = load_dataset(DatasetSpec(root=str(fmnist_root), classes=[0, 1, 2], train_limit=200), seed=0)
+    runtime = Runtime(device=torch.device("cpu"), amp_dtype=None, channels_last=False)
+    convnet = create_model("convnet", 3, 1, 28)
+    load_weights(convnet, fmnist_teacher_ckpt.read_bytes(), str(fmnist_teacher_ckpt))
+    small = create_model("convnet_d1_w32", 3, 1, 28)
+    train_supervised(small, data, TeacherSpec(epochs=1, batch_size=64), runtime, 0, SilentProgress())
+    ensemble = Ensemble([convnet.eval(), small], ["convnet", "convnet_d1_w32"], conv_statistics=True)
+    for member, statistics in zip(ensemble.members, ensemble.conv_statistics):
+        collect_conv_statistics(member, statistics, data, runtime)
+    path = tmp_path_factory.mktemp("gvbsm") / "ensemble.pt"
+    path.write_bytes(checkpoint_bytes(ensemble, **model_metadata(ensemble), num_classes=3, in_channels=1, image_size=28))
+    return path
+
+
+def test_cli_workers_flag_joins_the_cluster_at_ray_address(ray_local, tmp_path, fmnist_root, gvbsm_ensemble_ckpt):
+    """`distill --workers 2` on a cluster, with G-VBSM's objective: the workers rebuild the ensemble from the
+    store and match both backbones' BatchNorm and convolution statistics in rotation, globally."""
     out = tmp_path / "cli"
     address = ray_local.get_runtime_context().gcs_address
     env = {**os.environ, "RAY_ADDRESS": address}
     done = subprocess.run(
         [sys.executable, "-m", "scdd_cli", "distill", "--data-dir", str(fmnist_root), "--classes", "0,1,2",
-         "--train-limit", "50", "--method", "sre2l", "--teacher-checkpoint", str(fmnist_teacher_ckpt), "--ipc", "1",
-         "--iterations", "3", "--device", "cpu", "--amp", "off", "--no-validate",
+         "--train-limit", "50", "--method", "gvbsm", "--teacher-checkpoint", str(gvbsm_ensemble_ckpt), "--ipc", "1",
+         "--init", "noise", "--iterations", "3", "--device", "cpu", "--amp", "off", "--no-validate",
          "--workers", "2", "--threads", "1", "--out", str(out), "--events", str(tmp_path / "events.jsonl")],
         env=env, capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"joined the Ray cluster at {address}" in done.stderr
     assert "2 workers, bn_sync global" in done.stdout
+    assert "batchnorm+convolution statistics" in done.stdout and "(EMA 0.8), 2 backbones in rotation" in done.stdout
     assert {e["worker"] for e in read_manifest(out)["images"]} == {0, 1}
     assert "scdd: recover done in" in done.stderr
     events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
