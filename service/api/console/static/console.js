@@ -550,7 +550,8 @@
           value: Array.isArray(fallback) ? fallback.join(", ") : "" });
         read = () => {
           const text = input.value.trim();
-          return text === "" ? null : text.split(",").map((x) => parse(x.trim()));
+          if (text === "") return Array.isArray(fallback) ? [] : null; // an empty list field stays a list
+          return text.split(",").map((x) => parse(x.trim()));
         };
       } else if (schema.type === "object" || schema.type === "json") {
         input = h("textarea", { id, rows: 2, placeholder: "JSON" }, fallback === null ? "" : JSON.stringify(fallback));
