@@ -25,7 +25,10 @@ default has WRN-16-2, whose training on all 60 000 images takes long on a CPU).
 `--relabel-arch resnet18_small` judges the sets with soft labels from a supervised teacher of another
 architecture (trained once on all training images with `--teacher-epochs`, cached) than the one the sets
 were recovered and picked with; the random-real baseline gets the same soft labels. Its rows are logged and
-tabled apart (`[relabel resnet18_small]`).
+tabled apart (`[relabel resnet18_small]`). `--relabel-ssl-epochs 12` does the same with SC-DD's teacher (the MoCo v2
+backbone of 12 epochs plus its linear probe, seed 0) that `python bench/ssl_backbone.py --epochs 12` cached: the
+strongest teacher here, to see whether a better labeller widens the gap between picked and random images
+(`[relabel scdd[MoCo 12 ep]]`).
 
 A row is `<method>/<init>` (method sre2l, scdd or gvbsm; init noise, real, selected, herding) with an optional
 `@quick` (the quick preset instead of the long one); `random` is the baseline and always runs.
@@ -82,6 +85,36 @@ def other_relabel_teacher(args, out: Path) -> tuple[str, float]:
     return str(path), evaluate(teacher.model, data.test, runtime).top1
 
 
+def ssl_relabel_teacher(args, out: Path) -> tuple[str, float]:
+    """--relabel-ssl-epochs E: the SC-DD teacher bench/ssl_backbone.py cached (MoCo v2 E epochs + probe, seed 0);
+    returns its checkpoint and test top-1."""
+    from scdd.data import load_dataset
+    from scdd.evaluate import evaluate
+    from scdd.models import model_from_checkpoint
+    from scdd.runtime import resolve_runtime
+
+    spec = JobSpec.model_validate({"method": "scdd", "seed": 0, "dataset": {"train_limit": 1000 if args.quick else None},
+                                   "teacher": {"epochs": args.teacher_epochs, "ssl": {"epochs": args.relabel_ssl_epochs}}})
+    path = out / "teachers" / f"{spec.teacher_digest()}.pt"
+    if not path.exists():
+        raise SystemExit(f"{path} is missing: run python bench/ssl_backbone.py --epochs {args.relabel_ssl_epochs} first")
+    model, _meta = model_from_checkpoint(path.read_bytes(), str(path))
+    runtime = resolve_runtime(spec.resources)
+    return str(path), evaluate(model.to(runtime.device), load_dataset(spec.dataset, spec.seed).test, runtime).top1
+
+
+def relabel_override(args, out: Path) -> tuple[str | None, float | None, str | None]:
+    """The relabel teacher every row and baseline share instead of the supervised ConvNet: checkpoint, test top-1
+    and the name the log and table give it (None, None, None: the supervised ConvNet)."""
+    if args.relabel_arch and args.relabel_ssl_epochs:
+        raise SystemExit("pass --relabel-arch or --relabel-ssl-epochs, not both")
+    if args.relabel_arch:
+        return *other_relabel_teacher(args, out), args.relabel_arch
+    if args.relabel_ssl_epochs:
+        return *ssl_relabel_teacher(args, out), f"scdd[MoCo {args.relabel_ssl_epochs} ep]"
+    return None, None, None
+
+
 def job(row: str, ipc: int, seed: int, mode: str, baseline: bool, args, out: Path, shared_teachers: bool = True) -> JobSpec:
     method, init = row.split("@")[0].split("/")
     shared = teacher_files(method, args, out) if shared_teachers and seed != args.teachers_of_seed else {}
@@ -103,7 +136,8 @@ def job(row: str, ipc: int, seed: int, mode: str, baseline: bool, args, out: Pat
                     **({"checkpoint": shared["teacher"]} if shared else {})},
         "recover": recover,
         "validate": validate,
-        "output": {"url": str(out / f"{row.replace('/', '-').replace('@', '-')}{teacher_tag(method, args)}-{mode}-ipc{ipc}-seed{seed}"),
+        "output": {"url": str(out / f"{row.replace('/', '-').replace('@', '-')}{teacher_tag(method, args)}-{mode}"
+                                      f"{args.relabel_tag}-ipc{ipc}-seed{seed}"),
                    "teacher_cache": str(out / "teachers")},
     })
 
@@ -139,6 +173,8 @@ def main() -> None:
                         help="every seed uses the teachers this seed trained (so seeds vary images and students only)")
     parser.add_argument("--ensemble", help="gvbsm rows: comma-separated backbones (teacher.ensemble)")
     parser.add_argument("--relabel-arch", help="soft labels from a supervised teacher of this architecture instead")
+    parser.add_argument("--relabel-ssl-epochs", type=int,
+                        help="soft labels from the SC-DD teacher with this many MoCo epochs (bench/ssl_backbone.py)")
     parser.add_argument("--out", default="bench/out/quality")
     parser.add_argument("--log", default="bench/results/quality.jsonl")
     parser.add_argument("--table-from", metavar="JSONL", help="print the table of the runs in this log and exit")
@@ -154,9 +190,12 @@ def main() -> None:
         return
     records: list[dict] = []
     logged = logged_baselines([json.loads(line) for line in open(args.log) if line.strip()] if Path(args.log).exists() else [])
-    args.relabel_checkpoint, relabel_top1 = other_relabel_teacher(args, out) if args.relabel_arch else (None, None)
-    if args.relabel_arch:
-        print(f"relabel teacher {args.relabel_arch}: test top-1 {relabel_top1:.2f}", flush=True)
+    args.relabel_checkpoint, relabel_top1, relabel = relabel_override(args, out)
+    # runs judged by another teacher keep their own folders (the images may equal a logged run's; the report not)
+    args.relabel_tag = f"-relabel-{args.relabel_arch}" if args.relabel_arch else (
+        f"-relabel-moco{args.relabel_ssl_epochs}" if args.relabel_ssl_epochs else "")
+    if relabel:
+        print(f"relabel teacher {relabel}: test top-1 {relabel_top1:.2f}", flush=True)
     plan = [(mode, row) for mode in ("kd", "hard") for row in (args.rows if mode == "kd" else args.hard_rows)]
     for seed in seeds:
         for ipc in ipcs:
@@ -165,7 +204,7 @@ def main() -> None:
                 if mode == "hard" and ipc not in args.hard_ipc:
                     continue
                 preset = "quick" if row.endswith("@quick") else "long"
-                key = (ipc, mode, preset, args.relabel_arch)
+                key = (ipc, mode, preset, relabel)
                 baseline = (preset, mode) not in baselines_done and (args.rerun_baselines or seed not in logged.get(key, {}))
                 baselines_done.add((preset, mode))
                 started = time.perf_counter()
@@ -182,8 +221,8 @@ def main() -> None:
                     record["ssl_epochs"] = args.ssl_epochs
                 if row.startswith("gvbsm/") and args.ensemble:
                     record["ensemble"] = args.ensemble
-                if args.relabel_arch:
-                    record.update(relabel=args.relabel_arch, relabel_top1=relabel_top1)
+                if relabel:
+                    record.update(relabel=relabel, relabel_top1=relabel_top1)
                 records.append(record)
                 Path(args.log).parent.mkdir(parents=True, exist_ok=True)
                 with open(args.log, "a") as f:

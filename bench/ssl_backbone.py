@@ -39,13 +39,12 @@ def scdd_spec(epochs: int, train_limit: int | None, teacher_epochs: int) -> JobS
                                    "teacher": {"epochs": teacher_epochs, "ssl": {"epochs": epochs}}})
 
 
-def seconds_per_epoch(train_limit: int | None) -> tuple[float, int]:
-    """Seconds of one MoCo epoch over the run's training images, from one timed epoch on 300 images per class."""
+def seconds_per_epoch(images: int) -> float:
+    """Seconds of one MoCo epoch over `images` training images, from one timed epoch on 300 images per class."""
     from scdd.squeeze.ssl import SSL_METHODS
 
     probe_spec = scdd_spec(1, 300, 3)
     data = load_dataset(probe_spec.dataset, 0)
-    full = load_dataset(scdd_spec(1, train_limit, 3).dataset, 0)
     runtime = resolve_runtime(probe_spec.resources)
     info = data.info
     backbone = create_model(probe_spec.teacher.arch, info.num_classes, info.channels, info.image_size)
@@ -53,7 +52,7 @@ def seconds_per_epoch(train_limit: int | None) -> tuple[float, int]:
     started = time.perf_counter()
     SSL_METHODS.get("moco_v2")(backbone, feature_dim, data, probe_spec.teacher.ssl, runtime, 0, SilentProgress())
     seconds = time.perf_counter() - started
-    return seconds * len(full.train) / len(data.train), len(full.train)
+    return seconds * images / len(data.train)
 
 
 def main() -> None:
@@ -67,8 +66,10 @@ def main() -> None:
     parser.add_argument("--log", default="bench/results/ssl_backbone.jsonl")
     args = parser.parse_args()
     record: dict = {"train_limit": args.train_limit}
+    data = load_dataset(scdd_spec(1, args.train_limit, args.teacher_epochs).dataset, 0)  # the same for every epochs
     if args.epochs == "auto":
-        epoch_s, images = seconds_per_epoch(args.train_limit)
+        images = len(data.train)
+        epoch_s = seconds_per_epoch(images)
         epochs = int(args.minutes * 60 // epoch_s)
         print(f"one MoCo v2 epoch over {images} images: {epoch_s:.0f} s (projected from 3 000); "
               f"{epochs} epochs fit in {args.minutes:g} min", flush=True)
@@ -80,7 +81,6 @@ def main() -> None:
         epochs = int(args.epochs)
         record["epochs_given"] = True
     spec = scdd_spec(epochs, args.train_limit, args.teacher_epochs)
-    data = load_dataset(spec.dataset, spec.seed)
     runtime = resolve_runtime(spec.resources)
     cache = TeacherCache(str(Path(args.out) / "teachers"))
     started = time.perf_counter()

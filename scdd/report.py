@@ -31,12 +31,11 @@ def teacher_facts(teacher: Teacher, spec: JobSpec, data: RealData, runtime: Runt
         members = {"members": [{"arch": arch, **evaluate(member, data.test, runtime).to_dict()}
                                for arch, member in zip(model.archs, model.members)]}
     return TeacherReport.model_validate({
-        "arch": spec.teacher.arch,
+        "arch": model_metadata(model).get("arch", spec.teacher.arch),
         "source": teacher.source,
         "digest": teacher.digest,
         **evaluate(model, data.test, runtime).to_dict(),
         **teacher.details,
-        **model_metadata(model),
         **members,
         "bn_running_var": bn_variance_summary(model),
     })

@@ -73,10 +73,13 @@ class StatisticLoss:
     def select(self, step: int) -> int:
         return 0
 
-    def batch_stats(self) -> list[Stats]:
+    def targets(self) -> list[Stats]:
+        return [self.target(i) for i in range(len(self.layers))]
+
+    def batch_stats(self, targets: list[Stats] | None = None) -> list[Stats]:
         """Each layer's (mean, biased var) over the scope's batch of the last forward; resets for the next one.
         In a global scope this is a collective (every worker calls it once per step)."""
-        stats = self.scope.combine([self.target(i)[0] for i in range(len(self.layers))], self._collected)
+        stats = self.scope.combine([mean for mean, _var in targets or self.targets()], self._collected)
         self._collected = [None] * len(self.layers)
         return stats
 
@@ -93,9 +96,9 @@ class StatisticLoss:
     def layer_losses(self) -> list[torch.Tensor]:
         """Per-layer losses of the last forward pass (float32 scalars)."""
         losses = []
-        for i, (mean, var) in enumerate(self.batch_stats()):
+        targets = self.targets()
+        for i, ((mean, var), (target_mean, target_var)) in enumerate(zip(self.batch_stats(targets), targets)):
             mean, var = self._smoothed(i, mean, var)
-            target_mean, target_var = self.target(i)
             losses.append((torch.linalg.vector_norm(mean - target_mean, 2)
                            + torch.linalg.vector_norm(var - target_var, 2)).float())
         return losses

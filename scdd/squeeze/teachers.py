@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Callable
 from pathlib import Path
 
 from torch import nn
@@ -114,19 +115,27 @@ def _ensemble_from_checkpoints(spec: JobSpec, data: RealData, urls: list[str]) -
     return Teacher(Ensemble(members, archs).eval(), "checkpoint", None, {"checkpoints": list(urls)})
 
 
+def _cached_or_trained(
+    cache: "TeacherCache", digest: str, spec: JobSpec, data: RealData, train: Callable[[], tuple[nn.Module, dict]]
+) -> Teacher:
+    """The teacher cached under `digest`, else the (model, details) `train()` returns, saved there first."""
+    cached = cache.load(digest, spec, data)
+    if cached is not None:
+        return cached
+    model, details = train()
+    cache.save(digest, model, details, data.info)
+    return Teacher(model, "trained", digest, details)
+
+
 def _caching_supervised(trainers: Trainers, spec: JobSpec, data: RealData, cache: "TeacherCache") -> Trainers:
     """`trainers` whose supervised loop first looks in the cache (under the digest of a supervised teacher
     of the TeacherSpec it is given) and saves what it trains there."""
     def supervised(model: nn.Module, data: RealData, teacher: TeacherSpec, runtime: Runtime, seed: int,
                    progress: Progress) -> nn.Module:
         member = spec.model_copy(update={"teacher": teacher, "seed": seed})
-        digest = member.supervised_teacher_digest()
-        cached = cache.load(digest, member, data)
-        if cached is not None:
-            return cached.model.to(runtime.device, memory_format=runtime.memory_format())
-        trained = trainers.supervised(model, data, teacher, runtime, seed, progress)
-        cache.save(digest, trained, {"kind": "supervised"}, data.info)
-        return trained
+        trained = _cached_or_trained(cache, member.supervised_teacher_digest(), member, data, lambda: (
+            trainers.supervised(model, data, teacher, runtime, seed, progress), {"kind": "supervised"}))
+        return trained.model.to(runtime.device, memory_format=runtime.memory_format())
 
     return Trainers(supervised=supervised, ssl=trainers.ssl)
 
@@ -135,13 +144,12 @@ def _cached_or_squeezed(
     spec: JobSpec, method: str, digest: str, data: RealData, cache: TeacherCache, runtime: Runtime, progress: Progress,
     trainers: Trainers,
 ) -> Teacher:
-    cached = cache.load(digest, spec, data)
-    if cached is not None:
-        return cached
-    trainers = _caching_supervised(trainers, spec, data, cache)
-    result = METHODS.get(method)(data, spec.teacher, runtime, spec.seed, progress, trainers)
-    cache.save(digest, result.model, result.details, data.info)
-    return Teacher(result.model, "trained", digest, result.details)
+    def squeeze() -> tuple[nn.Module, dict]:
+        caching = _caching_supervised(trainers, spec, data, cache)
+        result = METHODS.get(method)(data, spec.teacher, runtime, spec.seed, progress, caching)
+        return result.model, result.details
+
+    return _cached_or_trained(cache, digest, spec, data, squeeze)
 
 
 def recovery_teacher(
