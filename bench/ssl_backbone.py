@@ -66,7 +66,7 @@ def main() -> None:
     parser.add_argument("--log", default="bench/results/ssl_backbone.jsonl")
     args = parser.parse_args()
     record: dict = {"train_limit": args.train_limit}
-    data = load_dataset(scdd_spec(1, args.train_limit, args.teacher_epochs).dataset, 0)  # the same for every epochs
+    data = load_dataset(scdd_spec(1, args.train_limit, args.teacher_epochs).dataset, 0)  # the same whatever the epochs
     if args.epochs == "auto":
         images = len(data.train)
         epoch_s = seconds_per_epoch(images)
