@@ -42,6 +42,7 @@ import statistics
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import NamedTuple
 
 from api_schema import JobSpec
 from scdd.models import checkpoint_bytes
@@ -92,9 +93,9 @@ def ssl_relabel_teacher(args, out: Path) -> tuple[str, float]:
     from scdd.evaluate import evaluate
     from scdd.models import model_from_checkpoint
     from scdd.runtime import resolve_runtime
+    from ssl_backbone import scdd_spec  # bench/ssl_backbone.py: the spec whose teacher it cached
 
-    spec = JobSpec.model_validate({"method": "scdd", "seed": 0, "dataset": {"train_limit": 1000 if args.quick else None},
-                                   "teacher": {"epochs": args.teacher_epochs, "ssl": {"epochs": args.relabel_ssl_epochs}}})
+    spec = scdd_spec(args.relabel_ssl_epochs, 1000 if args.quick else None, args.teacher_epochs)
     path = out / "teachers" / f"{spec.teacher_digest()}.pt"
     if not path.exists():
         raise SystemExit(f"{path} is missing: run python bench/ssl_backbone.py --epochs {args.relabel_ssl_epochs} first")
@@ -103,23 +104,32 @@ def ssl_relabel_teacher(args, out: Path) -> tuple[str, float]:
     return str(path), evaluate(model.to(runtime.device), load_dataset(spec.dataset, spec.seed).test, runtime).top1
 
 
-def relabel_override(args, out: Path) -> tuple[str | None, float | None, str | None]:
-    """The relabel teacher every row and baseline share instead of the supervised ConvNet: checkpoint, test top-1
-    and the name the log and table give it (None, None, None: the supervised ConvNet)."""
+class Relabel(NamedTuple):
+    """A relabel teacher every row and baseline share instead of the supervised ConvNet."""
+
+    checkpoint: str
+    top1: float  # on the test split
+    name: str  # in the log and the table
+    folder_tag: str  # in the runs' output folders: runs judged by another teacher keep their own
+
+
+def relabel_override(args, out: Path) -> Relabel | None:
+    """--relabel-arch or --relabel-ssl-epochs; None: the supervised ConvNet of each row's spec."""
     if args.relabel_arch and args.relabel_ssl_epochs:
         raise SystemExit("pass --relabel-arch or --relabel-ssl-epochs, not both")
     if args.relabel_arch:
-        return *other_relabel_teacher(args, out), args.relabel_arch
+        return Relabel(*other_relabel_teacher(args, out), args.relabel_arch, f"-relabel-{args.relabel_arch}")
     if args.relabel_ssl_epochs:
-        return *ssl_relabel_teacher(args, out), f"scdd[MoCo {args.relabel_ssl_epochs} ep]"
-    return None, None, None
+        epochs = args.relabel_ssl_epochs
+        return Relabel(*ssl_relabel_teacher(args, out), f"scdd[MoCo {epochs} ep]", f"-relabel-moco{epochs}")
+    return None
 
 
 def job(row: str, ipc: int, seed: int, mode: str, baseline: bool, args, out: Path, shared_teachers: bool = True) -> JobSpec:
     method, init = row.split("@")[0].split("/")
     shared = teacher_files(method, args, out) if shared_teachers and seed != args.teachers_of_seed else {}
     preset = "quick" if row.endswith("@quick") else "long"
-    relabel = args.relabel_checkpoint or shared.get("relabel")
+    relabel = args.relabel.checkpoint if args.relabel else shared.get("relabel")
     validate = {"mode": mode, "preset": preset, "baseline": baseline, "relabel_teacher": "supervised",
                 **({"relabel_checkpoint": relabel} if relabel else {})}
     if args.quick:
@@ -137,7 +147,7 @@ def job(row: str, ipc: int, seed: int, mode: str, baseline: bool, args, out: Pat
         "recover": recover,
         "validate": validate,
         "output": {"url": str(out / f"{row.replace('/', '-').replace('@', '-')}{teacher_tag(method, args)}-{mode}"
-                                      f"{args.relabel_tag}-ipc{ipc}-seed{seed}"),
+                                      f"{args.relabel.folder_tag if args.relabel else ''}-ipc{ipc}-seed{seed}"),
                    "teacher_cache": str(out / "teachers")},
     })
 
@@ -190,12 +200,10 @@ def main() -> None:
         return
     records: list[dict] = []
     logged = logged_baselines([json.loads(line) for line in open(args.log) if line.strip()] if Path(args.log).exists() else [])
-    args.relabel_checkpoint, relabel_top1, relabel = relabel_override(args, out)
-    # runs judged by another teacher keep their own folders (the images may equal a logged run's; the report not)
-    args.relabel_tag = f"-relabel-{args.relabel_arch}" if args.relabel_arch else (
-        f"-relabel-moco{args.relabel_ssl_epochs}" if args.relabel_ssl_epochs else "")
-    if relabel:
-        print(f"relabel teacher {relabel}: test top-1 {relabel_top1:.2f}", flush=True)
+    args.relabel = relabel_override(args, out)
+    relabel = args.relabel.name if args.relabel else None
+    if args.relabel:
+        print(f"relabel teacher {relabel}: test top-1 {args.relabel.top1:.2f}", flush=True)
     plan = [(mode, row) for mode in ("kd", "hard") for row in (args.rows if mode == "kd" else args.hard_rows)]
     for seed in seeds:
         for ipc in ipcs:
@@ -222,7 +230,7 @@ def main() -> None:
                 if row.startswith("gvbsm/") and args.ensemble:
                     record["ensemble"] = args.ensemble
                 if relabel:
-                    record.update(relabel=relabel, relabel_top1=relabel_top1)
+                    record.update(relabel=relabel, relabel_top1=args.relabel.top1)
                 records.append(record)
                 Path(args.log).parent.mkdir(parents=True, exist_ok=True)
                 with open(args.log, "a") as f:
