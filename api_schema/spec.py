@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from typing import Annotated, Literal, Optional, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
@@ -57,7 +58,8 @@ class DatasetSpec(_Spec):
         max_length=4096,
         description="Where the data lies. fashion-mnist: folder with the four IDX files "
         "(default /usr/share/datasets/fashion-mnist). imagefolder: folder holding train/ and val/, "
-        "one sub-folder per class (required).",
+        "one sub-folder per class (required). A folder path, not a URL: on a cluster, a shared volume mounted "
+        "at the same path on every node.",
     )
     image_size: Optional[int] = Field(
         None,
@@ -242,7 +244,9 @@ class RecoverSpec(_Spec):
         "None: the init's default (noise 300, real-pixel inits 0).",
     )
     batch_size: int = Field(
-        100, ge=1, le=100_000, description="Classes per batch (one image of each class per round)."
+        100, ge=1, le=100_000, description="Classes per batch (one image of each class per round), per worker: with "
+        "W workers each synthesises a batch of its own class slice per step (W x batch_size images share the "
+        "BatchNorm statistics with bn_sync global)."
     )
     lr: Optional[float] = Field(
         None, gt=0, le=100, description="Adam learning rate (cosine decay, no warm-up). None: the init's default."
@@ -306,7 +310,9 @@ class ValidateSpec(_Spec):
         "batch 64, cosine to 0. long (RDED/EDC): 300 epochs, batch by set size (half the set, 10..100), a cosine "
         "that decays to half, and the EMA of the weights is the student tested.",
     )
-    student_arch: Optional[ModelName] = Field(None, description="Student model. None: convnet (kd), convnet_in (hard).")
+    student_arch: Optional[ModelName] = Field(None, description="Student model. None: by resolution: below 32 px convnet (kd), "
+                                              "convnet_in (hard); 32-64 px resnet18_small (kd), convnet_in (hard); above 64 px "
+                                              "resnet18.")
     epochs: Optional[int] = Field(None, ge=1, le=100_000, description="Training epochs. None: 100 (kd quick), 300 (otherwise).")
     batch_size: Optional[int] = Field(
         None, ge=1, le=65_536, description="Batch size. None: 64 (kd quick), 256 (hard quick), by set size (long)."
@@ -510,6 +516,10 @@ class JobSpec(_Spec):
     def _imagefolder_needs_root(self) -> "JobSpec":
         if self.dataset.name == "imagefolder" and not self.dataset.root:
             raise ValueError("dataset.root is required for dataset 'imagefolder' (a folder with train/ and val/)")
+        if self.dataset.root and re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", self.dataset.root):
+            raise ValueError(f"dataset.root {self.dataset.root!r} is a URL: a dataset is read from a folder that every "
+                             f"worker can read at the same path (on a cluster, a shared volume such as a PVC or NFS "
+                             f"mount); copy the data there and pass that folder")
         return self
 
     def to_dict(self) -> dict:

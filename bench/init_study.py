@@ -27,7 +27,7 @@ import torch
 
 from api_schema import DatasetSpec, RecoverSpec, ResourcesSpec, TeacherSpec, ValidateSpec
 from scdd.data import RealData, load_dataset
-from scdd.data.base import TensorImageDataset
+from scdd.data.base import PixelSet, TensorImageDataset
 from scdd.evaluate import evaluate
 from scdd.models import checkpoint_bytes, create_model, load_weights
 from scdd.progress import SilentProgress
@@ -98,7 +98,7 @@ def parse(config: str) -> tuple[str, dict]:
 
 def make_set(config: str, ipc: int, data: RealData, model, runtime, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     if config == "random":
-        return random_real_subset(data.train, ipc, 10, seed)
+        return random_real_subset(data.train, ipc, 10, seed).normalized()
     init, recover = parse(config)
     recover.setdefault("select", {})
     recover["select"].setdefault("candidates", max(100, 2 * ipc))
@@ -157,7 +157,8 @@ def main() -> None:
                 protocol = resolve_protocol(ValidateSpec(preset=args.preset), len(images))
                 torch.manual_seed(seed)
                 student = create_model(protocol.student_arch, 10, 1, 28)
-                train_student(student, images, labels, protocol, relabel, runtime, seed, SilentProgress())
+                train_student(student, PixelSet.from_normalized(images, labels, data.info), protocol, relabel, runtime,
+                              seed, SilentProgress())
                 top1 = evaluate(student, data.test, runtime).top1
                 row = {"ipc": ipc, "config": config, "seed": seed, "preset": args.preset, "held_out_top1": top1,
                        "teacher_epochs": args.teacher_epochs, "relabel_epochs": args.relabel_epochs,

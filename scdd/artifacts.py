@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import platform
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -12,8 +13,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from scdd.data.base import DatasetInfo
+from scdd.data.base import DatasetInfo, PixelSet
 from scdd.layout import IMAGES_DIR
+from scdd.shard import Shard
 from scdd.store import ArtifactStore
 
 
@@ -51,18 +53,27 @@ def encode_png(pixels: torch.Tensor) -> bytes:
 
 
 def decode_png(data: bytes, channels: int) -> torch.Tensor:
-    """PNG bytes -> (C, H, W) float in [0, 1]."""
+    """PNG bytes -> (C, H, W) uint8."""
     with Image.open(io.BytesIO(data)) as image:
         array = np.asarray(image.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
-    tensor = torch.from_numpy(array.copy()).float().div_(255)
-    return tensor[None] if channels == 1 else tensor.permute(2, 0, 1)
+    tensor = torch.from_numpy(array.copy())
+    return tensor[None] if channels == 1 else tensor.permute(2, 0, 1).contiguous()
 
 
-def load_distilled(store: ArtifactStore, paths: list[str], labels: list[int],
-                   info: DatasetInfo) -> tuple[torch.Tensor, torch.Tensor]:
-    """Read the written PNGs back: (N, C, S, S) normalised images and their labels (what a user gets)."""
-    pixels = torch.stack([decode_png(store.read_bytes(path), info.channels) for path in paths])
-    return info.normalize(pixels), torch.tensor(labels)
+READ_THREADS = 8  # store reads and PNG decodes in flight per process (I/O bound on object stores)
+
+
+def read_distilled(store: ArtifactStore, entries: list[dict], info: DatasetInfo, shard: Shard | None = None,
+                   threads: int = READ_THREADS) -> PixelSet:
+    """The written PNGs of `entries` (manifest order) read back from the store, what a user gets: all of them,
+    or `shard`'s part (every world_size-th from its rank), as uint8. Nothing else is read."""
+    mine = entries if shard is None else entries[shard.rank::shard.world_size]
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        pixels = list(pool.map(lambda e: decode_png(store.read_bytes(e["path"]), info.channels), mine))
+    stacked = torch.stack(pixels) if pixels else torch.empty(0, info.channels, info.image_size, info.image_size,
+                                                              dtype=torch.uint8)
+    return PixelSet(stacked, torch.tensor([e["label"] for e in mine], dtype=torch.long), info.mean, info.std,
+                    None if shard is None else len(entries))
 
 
 def entry_for(info: DatasetInfo, label: int, round_index: int, data: bytes, worker: int = 0,
@@ -96,8 +107,32 @@ def library_versions() -> dict[str, str]:
     }
 
 
+GRID_MAX_ROWS = 100  # grid.png shows at most this many classes, evenly spaced over the set
+
+
+def grid_classes(num_classes: int, max_rows: int = GRID_MAX_ROWS) -> list[int]:
+    """The class positions grid.png shows: all up to `max_rows`, else `max_rows` evenly spaced (first and last)."""
+    if num_classes <= max_rows:
+        return list(range(num_classes))
+    return sorted({round(i * (num_classes - 1) / (max_rows - 1)) for i in range(max_rows)})
+
+
+def render_grid(store: ArtifactStore, entries: list[dict], info: DatasetInfo, per_class: int) -> bytes:
+    """grid.png from the written images: the first `per_class` images of each class of `grid_classes`, read back
+    from the store (at most GRID_MAX_ROWS x per_class images, whatever the set's size)."""
+    shown = set(grid_classes(info.num_classes))
+    chosen: dict[int, list[dict]] = {}
+    for entry in entries:
+        row = chosen.setdefault(entry["label"], []) if entry["label"] in shown else None
+        if row is not None and len(row) < per_class:
+            row.append(entry)
+    pixels = {label: [decode_png(store.read_bytes(e["path"]), info.channels).float().div(255) for e in row]
+              for label, row in chosen.items()}
+    return grid_png(pixels, info, per_class)
+
+
 def grid_png(images: dict[int, list[torch.Tensor]], info: DatasetInfo, per_class: int, scale: int | None = None) -> bytes:
-    """A labelled grid: one row per class, up to `per_class` de-normalised (C, S, S) images in [0, 1]."""
+    """A labelled grid: one row per class, up to `per_class` (C, S, S) images in [0, 1]."""
     size = info.image_size
     scale = scale or max(1, 64 // size)
     cell = size * scale

@@ -10,7 +10,8 @@ What a user gets:
 
 What a run keeps to resume (`state/`):
 - `state/spec.json`                                  the spec's recover digest: a different spec is refused
-- `state/init/r<round>.pt`, `state/init/origins.json`  real-pixel initial images and their provenance
+- `state/init/c<class>.pt`, `state/init/c<class>.json`  real-pixel initial images of a class and their provenance
+- `state/init/planned.json`                          every class's initialisation is planned
 - `state/units/r<round>-b<batch>.json`               one record per finished recover unit
 - `state/parts/r<round>-b<batch>-w<rank>.json`       a distributed recover worker's share of a unit
 - `state/train/<stage>/...`                          Ray Train stages: initial and final weights, checkpoints, result
@@ -30,7 +31,7 @@ RELABEL_PATH = "teacher/relabel.pt"
 
 SPEC_RECORD = "state/spec.json"
 INIT_DIR = "state/init"
-ORIGINS_PATH = f"{INIT_DIR}/origins.json"
+INIT_DONE = f"{INIT_DIR}/planned.json"
 UNITS_DIR = "state/units"
 PARTS_DIR = "state/parts"
 TRAIN_DIR = "state/train"
@@ -38,8 +39,12 @@ TRAIN_DIR = "state/train"
 FULL_DATA_DIR = "full-data"  # in the teacher cache
 
 
-def init_round_path(round_index: int) -> str:
-    return f"{INIT_DIR}/r{round_index:05d}.pt"
+def init_pixels_path(label: int) -> str:
+    return f"{INIT_DIR}/c{label:05d}.pt"
+
+
+def init_origins_path(label: int) -> str:
+    return f"{INIT_DIR}/c{label:05d}.json"
 
 
 def unit_record_path(unit_name: str) -> str:

@@ -12,17 +12,19 @@ import torch
 
 from api_schema import JobSpec, Report
 from api_schema.report import StudentScore
-from scdd.artifacts import grid_png, library_versions, load_distilled
+from scdd.artifacts import library_versions
 from scdd.backend import Backend, LocalBackend, StudentRun
 from scdd.data import RealData, load_dataset
 from scdd.errors import JobCancelled, OutputConflictError, SpecError
-from scdd.layout import GRID, IMAGES_DIR, MANIFEST, RELABEL_PATH, REPORT, SPEC_RECORD, TEACHER_PATH
+from scdd.evaluate import Accuracy
+from scdd.layout import IMAGES_DIR, MANIFEST, RELABEL_PATH, REPORT, SPEC_RECORD, TEACHER_PATH
 from scdd.models import checkpoint_bytes, model_metadata
+from scdd.passes import accuracy_counts, combine_accuracy, plan_init_slice, write_grid
 from scdd.progress import Progress, SilentProgress, StageClock, StageListener
 from scdd.recover import RecoverResult, collect_result, freeze, plan_units
-from scdd.recover.init import plan_initialisation
+from scdd.recover.init import INITS, init_planned, mark_init_planned
 from scdd.report import dataset_facts, recover_facts, relabel_facts, squeeze_schedule, teacher_facts
-from scdd.runtime import resolve_runtime
+from scdd.runtime import Runtime
 from scdd.squeeze import Teacher, TeacherCache, load_stored_teacher, recovery_teacher, relabel_teacher
 from scdd.squeeze.teachers import shape_metadata
 from scdd.store import ArtifactStore, open_store
@@ -75,12 +77,11 @@ def write_manifest(store: ArtifactStore, spec: JobSpec, data: RealData, result: 
     )
 
 
-def write_grid(store: ArtifactStore, spec: JobSpec, data: RealData, images: torch.Tensor, labels: torch.Tensor) -> None:
-    per_class: dict[int, list[torch.Tensor]] = {}
-    pixels = data.info.denormalize(images)
-    for label, image in zip(labels.tolist(), pixels):
-        per_class.setdefault(label, []).append(image)
-    store.write_bytes(GRID, grid_png(per_class, data.info, spec.output.grid_per_class))
+def accuracy_on_workers(backend: Backend, spec: JobSpec, store: ArtifactStore, runtime: Runtime, data: RealData,
+                        path: str) -> list[Accuracy]:
+    """The test accuracy of the model saved at `path` (then of each ensemble member), each worker counting its
+    shard of the test split."""
+    return combine_accuracy(backend.run_pass(accuracy_counts, spec, store, runtime, data, path))
 
 
 def save_teacher(store: ArtifactStore, path: str, teacher: Teacher, spec: JobSpec, data: RealData) -> None:
@@ -111,7 +112,7 @@ def run_distillation(
         backend = LocalBackend()
     progress = progress or SilentProgress()
     clock = StageClock(listener=on_stage)
-    runtime = resolve_runtime(spec.resources)
+    runtime = backend.driver_runtime(spec.resources)
     torch.manual_seed(spec.seed)
     store = open_output(spec)
     cache = TeacherCache(spec.output.teacher_cache)
@@ -130,10 +131,13 @@ def run_distillation(
         recovery = recovery or recovery_teacher(spec, data, cache, runtime, progress, backend.trainers)
         freeze(recovery.model, runtime)
         save_teacher(store, TEACHER_PATH, recovery, spec, data)
-        teacher = teacher_facts(recovery, spec, data, runtime)
+        teacher = teacher_facts(recovery, spec, accuracy_on_workers(backend, spec, store, runtime, data, TEACHER_PATH))
 
     with clock.stage("recover"):
-        plan_initialisation(data, recovery.model, spec.recover, runtime, spec.seed, store)
+        if INITS.get(spec.recover.init) is not None and not init_planned(store):
+            # real-pixel inits: each worker plans its class slice, from the saved teacher
+            backend.run_pass(plan_init_slice, spec, store, runtime, data)
+            mark_init_planned(store, spec.recover, info.num_classes)
         try:
             result = backend.recover(recovery.model, info, spec.recover, runtime, store, spec.seed, progress,
                                      max_units=max_units)
@@ -143,14 +147,14 @@ def run_distillation(
             raise
     complete = len(result.entries) == info.num_classes * spec.recover.ipc
 
-    with clock.stage("write"):
+    with clock.stage("write"):  # the images are in the store already: the manifest, and grid.png on a worker
         write_manifest(store, spec, data, result, complete)
-        images, labels = load_distilled(store, [e.path for e in result.entries], [e.label for e in result.entries], info)
-        write_grid(store, spec, data, images, labels)
+        backend.run_pass(write_grid, spec, store, runtime, data, ranks=1)
 
     validation = None
     if spec.validate_.enabled and complete:
-        protocol = resolve_protocol(spec.validate_, len(images))
+        images = len(result.entries)
+        protocol = resolve_protocol(spec.validate_, images, info.image_size)
         relabel = relabel_path = relabel_info = None
         if protocol.mode == "kd":
             with clock.stage("squeeze"):
@@ -160,13 +164,16 @@ def run_distillation(
                 if relabel is not recovery:
                     relabel_path = RELABEL_PATH
                     save_teacher(store, relabel_path, relabel, spec, data)
-            relabel_info = relabel_facts(relabel, recovery, data, runtime)
+                accuracy = None
+                if relabel is not recovery:
+                    accuracy = accuracy_on_workers(backend, spec, store, runtime, data, relabel_path)[0]
+            relabel_info = relabel_facts(relabel, recovery, accuracy)
 
         def fit(run: StudentRun) -> StudentScore:
-            return backend.fit_student(run, spec, data, runtime, progress)
+            return backend.fit_student(run, spec, data, runtime, progress, store)
 
-        validation = validate_stage(spec, data, images, labels, protocol, relabel, relabel_path, relabel_info, fit,
-                                    clock, cache.store)
+        validation = validate_stage(spec, data, images, protocol, relabel, relabel_path, relabel_info, fit, clock,
+                                    cache.store)
 
     report = Report(
         job_id=spec.job_id(),
@@ -175,7 +182,7 @@ def run_distillation(
         resumed=resuming,
         method=spec.method,
         dataset=dataset_facts(data, spec.dataset.test_limit),
-        runtime=runtime.describe(),
+        runtime=backend.describe_runtime(runtime),
         teacher=teacher,
         recover=recover_facts(result, spec, info.num_classes, recovery.model),
         validate=validation,

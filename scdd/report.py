@@ -8,44 +8,44 @@ from torch import nn
 from api_schema import JobSpec
 from api_schema.report import DatasetFacts, RecoverReport, RelabelTeacherFacts, TeacherReport
 from scdd.data import RealData
-from scdd.evaluate import evaluate
+from scdd.evaluate import Accuracy
 from scdd.models import Ensemble, members_of, model_metadata
 from scdd.recover import RecoverObjective, RecoverResult
-from scdd.runtime import Runtime
 from scdd.squeeze import Teacher, bn_variance_summary
 
 
 def dataset_facts(data: RealData, test_limit: int | None) -> DatasetFacts:
+    """Counts only: the splits' lengths come from the dataset's index."""
     info = data.info
     limited = {} if test_limit is None else {"test_limit": test_limit}  # the key only where the test split is cut
     return DatasetFacts(name=info.name, classes=info.num_classes, image_size=info.image_size, channels=info.channels,
                         train_images=len(data.train), test_images=len(data.test), **limited)
 
 
-def teacher_facts(teacher: Teacher, spec: JobSpec, data: RealData, runtime: Runtime) -> TeacherReport:
+def teacher_facts(teacher: Teacher, spec: JobSpec, accuracy: list[Accuracy]) -> TeacherReport:
     """The recovery teacher: how it was made, its accuracy on the real test split and its BN variances (an
-    ensemble's: each member's accuracy too)."""
+    ensemble's: each member's accuracy too). `accuracy`: the model's, then each member's (scdd/passes.py)."""
     model = teacher.model
     members = {}  # the key only for an ensemble, as a report holds only the keys that apply to its run
     if isinstance(model, Ensemble):
-        members = {"members": [{"arch": arch, **evaluate(member, data.test, runtime).to_dict()}
-                               for arch, member in zip(model.archs, model.members)]}
+        members = {"members": [{"arch": arch, **member.to_dict()}
+                               for arch, member in zip(model.archs, accuracy[1:])]}
     return TeacherReport.model_validate({
         "arch": model_metadata(model).get("arch", spec.teacher.arch),
         "source": teacher.source,
         "digest": teacher.digest,
-        **evaluate(model, data.test, runtime).to_dict(),
+        **accuracy[0].to_dict(),
         **teacher.details,
         **members,
         "bn_running_var": bn_variance_summary(model),
     })
 
 
-def relabel_facts(relabel: Teacher, recovery: Teacher, data: RealData, runtime: Runtime) -> RelabelTeacherFacts:
-    """The KD relabel teacher; its accuracy too when it is not the recovery teacher (reported already)."""
-    accuracy = {} if relabel is recovery else evaluate(relabel.model, data.test, runtime).to_dict()
+def relabel_facts(relabel: Teacher, recovery: Teacher, accuracy: Accuracy | None) -> RelabelTeacherFacts:
+    """The KD relabel teacher; its accuracy (`accuracy`) when it is not the recovery teacher (reported already)."""
+    scores = {} if relabel is recovery or accuracy is None else accuracy.to_dict()
     members = {"members": list(relabel.model.archs)} if isinstance(relabel.model, Ensemble) else {}
-    return RelabelTeacherFacts(source=relabel.source, digest=relabel.digest, **members, **accuracy)
+    return RelabelTeacherFacts(source=relabel.source, digest=relabel.digest, **members, **scores)
 
 
 def recover_facts(result: RecoverResult, spec: JobSpec, classes: int, teacher: nn.Module) -> RecoverReport:

@@ -46,6 +46,16 @@ class Shard:
         return torch.cat(parts)
 
 
+def rank_batch(batch_size: int, n: int, world_size: int, min_rank_batch: int = 1) -> int:
+    """One rank's batch for a global `batch_size` over an n-sample set on `world_size` ranks: ceil(batch_size / W),
+    raised to `min_rank_batch` (at most `batch_size`) when each rank's part holds at least 4 batches of that size."""
+    per_rank = math.ceil(batch_size / world_size)
+    floor = min(min_rank_batch, batch_size)
+    if per_rank < floor and math.ceil(n / world_size) >= 4 * floor:
+        return floor
+    return per_rank
+
+
 @dataclass(frozen=True)
 class EpochEnd:
     epoch: int  # 0-based, just finished
@@ -66,11 +76,14 @@ class TrainHooks:
     losses: list[float] = field(default_factory=list)  # this rank's epoch losses so far (with on_epoch_end)
 
     def schedule(self, optimizer: torch.optim.Optimizer, n: int, batch_size: int, epochs: int,
-                 span: float = 1.0) -> tuple[int, int, Any]:
+                 span: float = 1.0, min_rank_batch: int = 1) -> tuple[int, int, Any]:
         """This rank's batch size, its steps per epoch over n samples, and the per-step cosine schedule
-        (`span`: see `cosine_factor`)."""
+        (`span`: see `cosine_factor`). Data-parallel, a step's global batch is the single-process one
+        (ceil(batch_size / W) per rank), except that a rank's batch never falls below `min_rank_batch` while
+        its part of the set holds at least 4 such batches (many ranks on a large set: the global batch then
+        grows to W x min_rank_batch, see `rank_batch`)."""
         if self.shard is not None:
-            batch_size = math.ceil(batch_size / self.shard.world_size)
+            batch_size = rank_batch(batch_size, n, self.shard.world_size, min_rank_batch)
             n = len(DistributedSampler(range(n), self.shard.world_size, self.shard.rank))
         steps_per_epoch = math.ceil(n / batch_size)
         return batch_size, steps_per_epoch, cosine_schedule(optimizer, epochs * steps_per_epoch, span)
@@ -93,6 +106,21 @@ class TrainHooks:
         sampler = DistributedSampler(range(n), self.shard.world_size, self.shard.rank, shuffle=True, seed=seed)
         sampler.set_epoch(epoch)
         return torch.tensor(list(sampler), dtype=torch.long)
+
+    def shard_order(self, held: int, total: int, epoch: int, generator: torch.Generator, seed: int) -> torch.Tensor:
+        """This rank's sample order for one epoch over the `held` samples it holds of a `total`-sample set that
+        is sharded (every world_size-th sample per rank, scdd.validate.student_images): a permutation of all
+        in one process (`held` == `total`); with a shard, a permutation of its own samples, padded by
+        wrapping to ceil(total / world_size) (equally long on every rank, as DDP requires), the generator
+        reseeded per (rank, epoch) so ranks draw differently and a resumed run repeats the draws. Ranks
+        never exchange images: each reads only its shard."""
+        if self.shard is None:
+            return torch.randperm(held, generator=generator)
+        if held == 0:
+            raise ValueError(f"rank {self.shard.rank} holds no images of a {total}-image set: use at most {total} workers")
+        generator.manual_seed(seed + 1_000_003 * self.shard.rank + 7_919 * epoch)
+        order = torch.randperm(held, generator=generator)
+        return order[torch.arange(math.ceil(total / self.shard.world_size)) % held]
 
     def first_epoch(self, *stateful: Any) -> int:
         """Load the resume state into the loop's stateful objects (model, optimizer, scheduler,

@@ -41,6 +41,15 @@ TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 READ_BATCH = 200
 
 
+def runs_on_gpus(resources: dict, worker_device: Optional[str]) -> bool:
+    """Whether a job's workers use GPUs on the service's (joined) Ray cluster: workers/cluster.py:decide_device's
+    rule, here without importing the workers' layer. cuda*: yes; cpu: no; auto: the cluster's configured worker
+    device (SCDD_WORKER_DEVICE) is cuda. A single-worker job computes in its driver, so its Ray job asks for the
+    GPU itself and waits for a GPU node, rather than landing on a CPU one."""
+    device = str(resources.get("device", "auto"))
+    return device.startswith("cuda") or (device == "auto" and (worker_device or "").strip().lower().startswith("cuda"))
+
+
 class RayJobs:
     """The Ray Jobs API, submitting idempotently by submission id."""
 
@@ -66,7 +75,7 @@ class RayJobs:
                 submission_id=job_id,
                 runtime_env={"env_vars": env},
                 entrypoint_num_cpus=(resources.get("threads") or 1) if single else 0,
-                entrypoint_num_gpus=1 if single and str(resources.get("device", "")).startswith("cuda") else 0,
+                entrypoint_num_gpus=1 if single and runs_on_gpus(resources, env.get("SCDD_WORKER_DEVICE")) else 0,
                 metadata={"scdd_job": job_id},
             )
             return True
@@ -205,6 +214,12 @@ class Dispatcher:
         anyone with the Ray Jobs API or dashboard, so a password in it is exposed there)."""
         s = self.settings
         env = {"SCDD_REDIS_PREFIX": s.redis_prefix, "SCDD_EVENTS_MAXLEN": str(s.events_maxlen)}
+        # the cluster's worker device and placement wait, when configured here (the chart sets both on the Ray
+        # pods too): the driver decides resources.device auto and how long a stage waits for its workers by them
+        if s.worker_device is not None:
+            env["SCDD_WORKER_DEVICE"] = s.worker_device
+        if s.placement_timeout_s is not None:
+            env["SCDD_PLACEMENT_TIMEOUT_S"] = f"{s.placement_timeout_s:g}"
         return {"REDIS_URL": s.redis_url, **env} if s.jobs_redis_url == "pass" else env
 
     def follow(self) -> None:

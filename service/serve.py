@@ -2,7 +2,9 @@
 
 - no REDIS_URL: starts a private redis-server on loopback, data under <data-dir>/redis, append-only
   file with fsync on every write (a restart loses no job);
-- no RAY_ADDRESS: starts a local Ray head (`ray start --head --block`) with the Jobs API on loopback;
+- no RAY_ADDRESS: starts a local Ray head (`ray start --head --block`) with the Jobs API on loopback, and
+  unless SCDD_WORKER_DEVICE is set, sets it (cuda when this machine shows an NVIDIA GPU, else cpu) for that
+  head: jobs with resources.device auto then use its GPUs;
 - no SCDD_API_KEYS / SCDD_API_KEYS_FILE: uses <data-dir>/api-keys.yaml, creating it with one key for
   tenant `default` the first time (the key itself is written to <data-dir>/api-key, mode 0600);
 - no SCDD_ARTIFACTS: artifacts go to <data-dir>/artifacts.
@@ -185,6 +187,28 @@ def forget_ray_head(port: int) -> None:
         pass
 
 
+def nvidia_gpu_present() -> bool:
+    """Whether this machine shows an NVIDIA GPU to the processes it starts, checked cheaply (no torch in this
+    process): CUDA_VISIBLE_DEVICES not emptied, and the driver's /proc entries or `nvidia-smi -L` list one."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return False
+    gpus = Path("/proc/driver/nvidia/gpus")
+    try:
+        if gpus.is_dir() and any(gpus.iterdir()):
+            return True
+    except OSError:
+        pass
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return False
+    try:
+        listed = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return listed.returncode == 0 and "GPU" in listed.stdout
+
+
 def start_ray_head(folder: Path, stack: ExitStack) -> str:
     port, dashboard = free_port(), free_port()
     stack.callback(forget_ray_head, port)  # runs after the stopper below (last in, first out)
@@ -270,6 +294,10 @@ def serve(options: ServeOptions) -> int:
             if not env.get("RAY_ADDRESS"):
                 env.setdefault("RAY_AUTH_MODE", "token")  # Ray >= 2.5x turns token auth on for `ray start`
                 ensure_ray_token(data_dir)
+                # the head's worker device decides resources.device auto for the jobs it runs (workers/cluster.py)
+                env.setdefault("SCDD_WORKER_DEVICE", "cuda" if nvidia_gpu_present() else "cpu")
+                log.info("Ray head's workers: %s (SCDD_WORKER_DEVICE; decides resources.device auto)",
+                         env["SCDD_WORKER_DEVICE"])
                 env["RAY_ADDRESS"] = start_ray_head(data_dir, stack)
             if not env.get("SCDD_API_KEYS") and not env.get("SCDD_API_KEYS_FILE"):
                 env["SCDD_API_KEYS_FILE"] = ensure_api_keys(data_dir)

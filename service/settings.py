@@ -67,6 +67,17 @@ class Settings(BaseSettings):
         "which anyone with the Ray Jobs API or dashboard can read) or cluster (the Ray nodes have REDIS_URL in their "
         "own environment, e.g. from a Kubernetes Secret: the chart's setting).")
 
+    worker_device: Optional[Literal["cuda", "cpu"]] = Field(
+        None, description="The device of the Ray cluster's workers, which decides resources.device auto: cuda (a "
+        "GPU worker group exists, even while scaled to zero: auto jobs wait for GPUs) or cpu. Read by the job's "
+        "driver on the Ray head (the chart sets it there from its worker groups; `scdd serve` for the head it "
+        "starts); the dispatcher passes it on in the Ray job's environment when set. None: auto jobs on a joined "
+        "cluster run on CPUs, with a warning.")
+    placement_timeout_s: Optional[float] = Field(
+        None, gt=0, description="Seconds a job's worker group (recover, each Ray Train stage) waits for the cluster "
+        "to place its workers (a GPU node's cold start) before the stage fails with the fixes. Read by the job's "
+        "driver (the chart sets it on the Ray pods; the dispatcher passes it on when set). None: 600.")
+
     @field_validator("artifacts", "teacher_cache")
     @classmethod
     def _absolute_local_paths(cls, value: Optional[str]) -> Optional[str]:

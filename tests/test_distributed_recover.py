@@ -70,8 +70,9 @@ def global_run(ray_local, tmp_path_factory, fmnist_root, four_class_teacher):
 
 def test_plan_gives_each_worker_its_own_balanced_slice():
     assert class_slices(10, 3) == [range(0, 4), range(4, 7), range(7, 10)]
-    units = plan_units(num_classes=5, ipc=2, batch_size=2, workers=2)
+    units = plan_units(num_classes=5, ipc=2, batch_size=1, workers=2)  # a batch of 1 class per worker
     assert [u.shares for u in units[:3]] == [((0,), (3,)), ((1,), (4,)), ((2,), ())]
+    assert [u.shares for u in plan_units(5, 1, 2, workers=2)] == [((0, 1), (3, 4)), ((2,), ())]
     assert sorted((label, u.round) for u in units for label in u.labels) == [(c, r) for c in range(5) for r in range(2)]
     assert plan_units(5, 2, 2, workers=1) == plan_units(5, 2, 2)
     with pytest.raises(SpecError, match="at most 5 workers"):
@@ -126,7 +127,7 @@ def test_killed_worker_is_replaced_and_the_run_resumes_without_rewriting(ray_loc
     # 3 classes on 2 workers: slices (0, 1) and (2,); batches of 1 class per worker, so rank 1 has
     # an empty share in every second unit. It dies before its third unit.
     def job(out):
-        return distributed_job(fmnist_root, out, fmnist_teacher_ckpt, classes=(0, 1, 2), ipc=3, batch_size=2)
+        return distributed_job(fmnist_root, out, fmnist_teacher_ckpt, classes=(0, 1, 2), ipc=3, batch_size=1)
 
     out = tmp_path / "faulty"
     spec = job(out)
@@ -236,18 +237,23 @@ def test_resuming_with_another_worker_count_is_refused(global_run, fmnist_root, 
 @pytest.mark.parametrize(("init", "iterations"), [("real", 2), ("herding", 0)])
 def test_two_workers_start_from_the_planned_real_pixels(init, iterations, ray_local, tmp_path, fmnist_root,
                                                          four_class_teacher):
-    """A real-pixel init on 2 workers: every image starts from the stored plan, with the origin the
-    single-process run records; kept as they are (0 iterations), the images are the single-process bytes."""
+    """A real-pixel init on 2 workers: each plans its class slice and every image starts from the stored plan,
+    with the origin the single-process run records; kept as they are (0 iterations), the images (and grid.png)
+    are the single-process bytes. The teacher's accuracy, counted per shard, is the single-process one."""
     spec = distributed_job(fmnist_root, tmp_path / "ray", four_class_teacher, init=init, iterations=iterations,
                            select={"candidates": 6, "crops": 2})
-    run_distillation(spec, backend=RayBackend(spec))
+    ray_report = run_distillation(spec, backend=RayBackend(spec))
     single = spec.to_dict()
     single["resources"]["workers"], single["output"]["url"] = 1, str(tmp_path / "single")
-    run_distillation(JobSpec.model_validate(single))
+    single_report = run_distillation(JobSpec.model_validate(single))
+    # The teacher's accuracy: each worker counted its shard of the test split, the driver added the counts.
+    assert ray_report.teacher.top1 == single_report.teacher.top1 and ray_report.teacher.total == single_report.teacher.total
     ray_images, single_images = image_bytes(tmp_path / "ray"), image_bytes(tmp_path / "single")
     assert ray_images.keys() == single_images.keys()
     if iterations == 0:
         assert ray_images == single_images
+        # grid.png, rendered on a worker from the stored images, is the in-process one
+        assert (tmp_path / "ray/grid.png").read_bytes() == (tmp_path / "single/grid.png").read_bytes()
     else:  # refined: each worker draws its own augmentations, so only the starting pixels agree
         assert ray_images != single_images
     ray_entries = {e["path"]: e for e in read_manifest(tmp_path / "ray")["images"]}

@@ -482,6 +482,35 @@ def test_max_gpus_set_in_config_wins(chart):
     assert env_of(dispatcher["spec"]["template"]["spec"]["containers"][0])["SCDD_MAX_GPUS"]["value"] == "3"
 
 
+@pytest.mark.parametrize("name, device", [("default", "cuda"), ("gpu-max-0", "cuda"),
+                                          ("existing-secrets-static-ray", "cuda"), ("no-gpu-group-no-policies", "cpu")])
+def test_worker_device_and_placement_wait_come_from_the_chart(name, device, monkeypatch):
+    """device auto follows the configured GPU group (cuda even while it is scaled to zero), not the GPUs up;
+    every Ray pod (where a job's driver runs) gets the device and the placement wait, 600 s by default."""
+    from workers.cluster import decide_device, placement_timeout_from_env
+
+    for where, template in ray_pod_templates(name):
+        env = env_of(template["spec"]["containers"][0])
+        assert env["SCDD_WORKER_DEVICE"]["value"] == device, where
+        assert env["SCDD_PLACEMENT_TIMEOUT_S"]["value"] == "600", where
+        monkeypatch.setenv("SCDD_PLACEMENT_TIMEOUT_S", env["SCDD_PLACEMENT_TIMEOUT_S"]["value"])
+        assert placement_timeout_from_env() == 600.0
+        assert decide_device("auto", env["SCDD_WORKER_DEVICE"]["value"], local_cluster=False,
+                             local_cuda=False).gpus is (device == "cuda")
+    dispatcher = _settings_from(container(name, "Deployment", f"{FULLNAME}-dispatcher"), monkeypatch)
+    assert (dispatcher.worker_device, dispatcher.placement_timeout_s) == (device, 600.0)
+
+
+def test_worker_device_and_placement_wait_set_in_values_win(chart):
+    files = chart.render({"ray": {"workerDevice": "cpu", "placementTimeoutS": 1800}}, name=RELEASE, namespace=NAMESPACE)
+    (cluster,) = [doc for path, text in files.items() if path.endswith("raycluster.yaml")
+                  for doc in yaml.safe_load_all(text) if doc]
+    head = env_of(cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0])
+    assert (head["SCDD_WORKER_DEVICE"]["value"], head["SCDD_PLACEMENT_TIMEOUT_S"]["value"]) == ("cpu", "1800")
+    with pytest.raises(Exception, match="workerDevice"):
+        chart.render({"ray": {"workerDevice": "gpu"}}, name=RELEASE, namespace=NAMESPACE)
+
+
 def test_generated_api_key_is_accepted_by_the_service(tmp_path, monkeypatch):
     secret = one("default", "Secret", f"{FULLNAME}-api-keys")
     key = base64.b64decode(secret["data"]["api-key"]).decode()

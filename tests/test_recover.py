@@ -69,6 +69,13 @@ def test_units_cover_every_class_and_round():
     assert len({u.seed(0) for u in units}) == len(units)
 
 
+def test_each_worker_gets_a_full_batch_of_its_own_slice():
+    """W workers do W times the work of one per unit: batch_size classes of each worker's slice."""
+    units = plan_units(num_classes=10, ipc=2, batch_size=3, workers=2)  # slices 0..4 and 5..9
+    assert [u.shares for u in units[:2]] == [((0, 1, 2), (5, 6, 7)), ((3, 4), (8, 9))]
+    assert len(units) == 4 and sorted(label for u in units for label in u.labels) == sorted(list(range(10)) * 2)
+
+
 def file_states(root):
     return {p.relative_to(root).as_posix(): (p.stat().st_ino, p.stat().st_mtime_ns) for p in root.rglob("*.png") if "images" in p.parts}
 
@@ -172,7 +179,7 @@ def test_an_empty_share_without_collectives_makes_nothing(cpu, tmp_path):
     from scdd.store import ArtifactStore
 
     info = DatasetInfo("t", ("a", "b", "c"), ("0-a", "1-b", "2-c"), (0, 1, 2), 1, 12, (0.5,), (0.5,))
-    (unit,) = [u for u in plan_units(3, 1, 2, workers=2) if not u.shares[1]]
+    (unit,) = [u for u in plan_units(3, 1, 1, workers=2) if not u.shares[1]]  # slices (0, 1) and (2,), a class each
     teacher = tiny_teacher()
     with BNStatLoss(teacher, 10.0) as bn:
         record = run_share(unit, 1, teacher, info, RecoverSpec(init="noise", iterations=2), cpu, 0, bn, SilentProgress(),

@@ -32,6 +32,7 @@ def test_defaults_describe_the_fashion_mnist_demo():
         ({"recover": {"augment": {"crop_scale": [0.9, 0.1]}}}, "recover.augment.crop_scale"),
         ({"resources": {"device": "tpu"}}, "resources.device"),
         ({"dataset": {"name": "imagefolder"}}, "dataset.root is required"),
+        ({"dataset": {"name": "imagefolder", "root": "s3://bucket/imagenet"}}, "dataset.root 's3://bucket/imagenet' is a URL"),
         ({"validate": {"relabel_checkpoint": "t.pt"}}, "validate.relabel_checkpoint is used only with"),
     ],
 )

@@ -47,12 +47,12 @@ def test_every_loop_resumes_from_a_weights_only_load(fmnist_root, cpu):
         return backbone
 
     teacher = supervised(TrainHooks()).eval().requires_grad_(False)
-    images, labels = random_real_subset(data.train, 2, 2, seed=0)
+    images = random_real_subset(data.train, 2, 2, seed=0)
     protocol = resolve_protocol(ValidateSpec(preset="long", epochs=2), len(images))  # with the weights' EMA
 
     def student(hooks):
         torch.manual_seed(0)
-        return train_student(create_model("convnet", 2, 1, 28), images, labels, protocol, teacher, cpu, 0, progress,
+        return train_student(create_model("convnet", 2, 1, 28), images, protocol, teacher, cpu, 0, progress,
                              hooks=hooks)
 
     for run in (supervised, moco, student):

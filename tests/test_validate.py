@@ -46,10 +46,10 @@ def test_evaluation_equals_a_hand_count(cpu):
 
 def test_baseline_subset_has_exactly_ipc_per_class_drawn_with_the_seed(fmnist_root):
     data = load_dataset(DatasetSpec(root=str(fmnist_root), classes=[0, 3, 7]))
-    images, labels = random_real_subset(data.train, 4, 3, seed=5)
+    images, labels = random_real_subset(data.train, 4, 3, seed=5).normalized()
     assert images.shape == (12, 1, 28, 28) and torch.bincount(labels).tolist() == [4, 4, 4]
-    again, _ = random_real_subset(data.train, 4, 3, seed=5)
-    other, _ = random_real_subset(data.train, 4, 3, seed=6)
+    again, _ = random_real_subset(data.train, 4, 3, seed=5).normalized()
+    other, _ = random_real_subset(data.train, 4, 3, seed=6).normalized()
     assert torch.equal(images, again) and not torch.equal(images, other)
     full = data.train.images.float().div(255).sub(0.286).div(0.353)
     for image, label in zip(images, labels):  # every image is a real training image of its class
@@ -134,13 +134,13 @@ def test_student_learns_from_a_tiny_real_set(mode, fmnist_root, fmnist_teacher_c
     from scdd.models import create_model, load_weights
 
     data = load_dataset(DatasetSpec(root=str(fmnist_root), classes=[0, 1, 2]))
-    images, labels = random_real_subset(data.train, 10, 3, seed=0)
+    images = random_real_subset(data.train, 10, 3, seed=0)
     teacher = create_model("convnet", 3, 1, 28)
     load_weights(teacher, fmnist_teacher_ckpt.read_bytes(), "fixture")
     teacher.eval().requires_grad_(False)
     protocol = resolve_protocol(ValidateSpec(mode=mode, epochs=30), len(images))
     student = create_model(protocol.student_arch, 3, 1, 28)
-    train_student(student, images, labels, protocol, teacher if mode == "kd" else None, cpu, 0, SilentProgress())
+    train_student(student, images, protocol, teacher if mode == "kd" else None, cpu, 0, SilentProgress())
     assert evaluate(student, data.test, cpu).top1 > 50  # chance is 33%
 
 

@@ -13,17 +13,20 @@ from typing import Any
 
 from torch import nn
 
-from api_schema import JobSpec, RecoverSpec
+from api_schema import JobSpec, RecoverSpec, ResourcesSpec
 from api_schema.report import StudentScore
 from scdd.backend import StudentRun
 from scdd.data import RealData
 from scdd.data.base import DatasetInfo
 from scdd.pipeline import open_output
 from scdd.progress import Progress
+from scdd.passes import PassFn
 from scdd.recover import RecoverResult
-from scdd.runtime import Runtime
+from scdd.runtime import Runtime, resolve_runtime
 from scdd.squeeze.methods import Trainers
 from scdd.store import ArtifactStore
+from workers.cluster import DEFAULT_PLACEMENT_TIMEOUT_S, placement_timeout_from_env, wants_gpus
+from workers.passes import RayPasses
 from workers.recover import FaultInjection, RayRecover
 from workers.train import RayTraining, TrainFault
 
@@ -34,12 +37,20 @@ class RayOptions:
 
     recover_retries: int = 3  # a recover unit whose worker group failed more often fails the job
     collective_timeout_s: float = 1800.0  # recover workers' process-group timeout
-    placement_timeout_s: float = 120.0  # waiting for the cluster to place a recover worker group
+    # how long a recover worker group or a Ray Train stage waits for the cluster to place its workers (a GPU
+    # node's cold start under an autoscaler takes minutes); then the stage fails with a ResourceError
+    placement_timeout_s: float = DEFAULT_PLACEMENT_TIMEOUT_S
     train_failures: int = 2  # Ray Train restarts of a training stage
     check_s: float = 0.5  # how often a remote worker asks whether the job is cancelled
     checkpoint_every_s: float = 30.0  # Ray Train: report and checkpoint at most this often
     recover_fault: FaultInjection | None = None  # tests: a recover worker kills itself
     train_fault: TrainFault | None = None  # tests: a Ray Train worker kills itself
+
+    @classmethod
+    def from_env(cls) -> "RayOptions":
+        """The options of a real job: the defaults, with placement_timeout_s from $SCDD_PLACEMENT_TIMEOUT_S when it
+        is set (the Helm chart sets it from ray.placementTimeoutS; `scdd distill --workers` reads it too)."""
+        return cls(placement_timeout_s=placement_timeout_from_env())
 
 
 class RayBackend:
@@ -54,8 +65,25 @@ class RayBackend:
             control=control)
         self.training = RayTraining(spec, open_output(spec), max_failures=options.train_failures,
                                     fault=options.train_fault, control=control, check_s=options.check_s,
-                                    checkpoint_every_s=options.checkpoint_every_s)
+                                    checkpoint_every_s=options.checkpoint_every_s,
+                                    placement_timeout_s=options.placement_timeout_s)
         self.trainers: Trainers = self.training.trainers()
+        self.passes = RayPasses(spec, open_output(spec), options.placement_timeout_s, control)
+        self.spec = spec
+
+    def driver_runtime(self, resources: ResourcesSpec) -> Runtime:
+        """The driver keeps its models on the CPU: it may run on a CPU-only head and computes on no images."""
+        return resolve_runtime(resources.model_copy(update={"device": "cpu"}))
+
+    def describe_runtime(self, driver: Runtime) -> dict:
+        """The workers' device (decided by the spec and the cluster's configuration) and the driver's precision settings."""
+        use_gpu = wants_gpus(self.spec.resources.device)
+        return {**driver.describe(), "device": "cuda" if use_gpu else "cpu"}
+
+    def run_pass(self, fn: PassFn, spec: JobSpec, store: ArtifactStore, runtime: Runtime, data: RealData, *args: Any,
+                 ranks: int | None = None) -> list[Any]:
+        """`fn` on the workers as Ray tasks (workers/passes.py); the driver's `data` and `runtime` stay here."""
+        return self.passes(fn, *args, ranks=ranks)
 
     def recover(self, teacher: nn.Module, info: DatasetInfo, spec: RecoverSpec, runtime: Runtime,
                 store: ArtifactStore, seed: int, progress: Progress | None = None,
@@ -63,6 +91,6 @@ class RayBackend:
         return self.ray_recover(teacher, info, spec, runtime, store, seed, progress, max_units)
 
     def fit_student(self, run: StudentRun, spec: JobSpec, data: RealData, runtime: Runtime,
-                    progress: Progress) -> StudentScore:
+                    progress: Progress, store: ArtifactStore) -> StudentScore:
         """The workers read the images themselves (the distilled ones from the store, real ones from disk)."""
         return self.training.fit_student(run.stage, run.protocol, run.relabel_path)

@@ -93,9 +93,9 @@ class JobOutcome:
 
 
 def run_job(spec: JobSpec, sink: EventSink, should_cancel: Callable[[], bool] = _never, *, poll_s: float = 0.2,
-            options: RayOptions = RayOptions()) -> JobOutcome:
+            options: RayOptions | None = None) -> JobOutcome:
     """Run `spec` to the end, publishing events to `sink`. `options` tune the Ray stages (tests inject
-    faults there)."""
+    faults there); None: `RayOptions.from_env()`, the defaults with $SCDD_PLACEMENT_TIMEOUT_S."""
     connect()
     started = time.perf_counter()
     events = JobEvents(ThrottledSink(sink))
@@ -106,7 +106,7 @@ def run_job(spec: JobSpec, sink: EventSink, should_cancel: Callable[[], bool] = 
     status, report, error = "failed", None, None
     watcher.start()
     try:
-        backend = RayBackend(spec, control, options) if workers > 1 else LocalBackend()
+        backend = RayBackend(spec, control, options or RayOptions.from_env()) if workers > 1 else LocalBackend()
         report = run_distillation(spec, CheckedProgress(events, watcher.check), backend, on_stage=events.stage)
         status = "succeeded"
     except JobCancelled:

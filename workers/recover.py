@@ -58,7 +58,14 @@ from scdd.recover import (
 from scdd.recover.init import init_reader
 from scdd.runtime import Runtime, resolve_runtime
 from scdd.store import ArtifactStore
-from workers.cluster import Placement, WorkerGroup, connect, rendezvous_address, wants_gpus
+from workers.cluster import (
+    DEFAULT_PLACEMENT_TIMEOUT_S,
+    Placement,
+    WorkerGroup,
+    connect,
+    rendezvous_address,
+    wants_gpus,
+)
 from workers.control import RemoteCheck
 
 log = logging.getLogger("scdd.workers")
@@ -116,7 +123,7 @@ class RecoverWorker:
             update={"device": "cuda" if job.use_gpu else "cpu", "threads": job.threads()}))
         data = job.store.read_bytes(job.teacher_path)
         teacher, _ = model_from_checkpoint(data, job.store.url_of(job.teacher_path))
-        share = math.ceil(job.recover.batch_size / self.world_size)
+        share = min(job.recover.batch_size, math.ceil(job.info.num_classes / self.world_size))  # a worker's batch
         self.runner: nn.Module | list[nn.Module] = prepare_teacher(teacher, self.runtime, share * job.recover.iterations)
         synced = job.recover.bn_sync == "global" and self.world_size > 1
         self.objective = RecoverObjective(teacher, job.recover.first_bn_multiplier,
@@ -213,7 +220,7 @@ class RayRecover:
 
     def __init__(self, resources: ResourcesSpec, teacher_path: str = TEACHER_PATH, max_retries: int = 3,
                  fault: FaultInjection | None = None, collective_timeout_s: float = 1800.0,
-                 placement_timeout_s: float = 120.0, control: Any = None):
+                 placement_timeout_s: float = DEFAULT_PLACEMENT_TIMEOUT_S, control: Any = None):
         self.resources = resources
         self.teacher_path = teacher_path
         self.max_retries = max_retries
@@ -234,7 +241,7 @@ class RayRecover:
         pending = pending_units(store, units)
         if max_units is not None:
             pending = pending[:max_units]
-        use_gpu = wants_gpus(self.resources.device, world_size)
+        use_gpu = wants_gpus(self.resources.device)
         job = WorkerJob(store, self.teacher_path, info, spec, self.resources, seed, use_gpu)
         placement = Placement(world_size, job.threads(), 1 if use_gpu else 0)
         synced = spec.bn_sync == "global" and world_size > 1

@@ -32,11 +32,11 @@ from torch import nn
 
 from api_schema import JobSpec, TeacherSpec
 from api_schema.report import StudentScore
-from scdd.artifacts import load_distilled
 from scdd.data import RealData, load_dataset
+from scdd.data.loader import decode_workers
 from scdd.errors import JobCancelled, WorkerFailedError
 from scdd.evaluate import evaluate
-from scdd.layout import MANIFEST, TRAIN_DIR, train_path
+from scdd.layout import TRAIN_DIR, train_path
 from scdd.models import checkpoint_bytes, create_model, load_weights, model_from_checkpoint, strip_head
 from scdd.progress import Progress, SilentProgress
 from scdd.recover import freeze
@@ -46,8 +46,8 @@ from scdd.squeeze.methods import Trainers
 from scdd.squeeze.ssl import SSL_METHODS
 from scdd.squeeze.supervised import train_supervised
 from scdd.store import ArtifactStore
-from scdd.validate import Protocol, random_real_subset, train_student
-from scdd.validate.baseline import whole_split
+from scdd.validate import Protocol, train_student
+from scdd.validate.student_images import SOURCE_OF_STAGE, student_images
 from workers.cluster import connect, wants_gpus
 from workers.control import RemoteProgress
 
@@ -126,22 +126,18 @@ class FaultProgress:
 
 
 def run_student(task: TrainTask, data: RealData, runtime: Runtime, hooks: TrainHooks, progress: Progress) -> dict:
+    """One rank of a student run: it reads only its shard of the images (scdd/validate/student_images.py)."""
     spec, protocol, info = task.spec, task.protocol, data.info
-    if task.stage == "baseline":
-        images, labels = random_real_subset(data.train, spec.recover.ipc, info.num_classes, spec.seed)
-    elif task.stage == "full-data":
-        images, labels = whole_split(data.train)
-    else:  # validate, validate-hard: the distilled images
-        entries = task.store.read_json(MANIFEST)["images"]
-        images, labels = load_distilled(task.store, [e["path"] for e in entries], [e["label"] for e in entries], info)
+    workers = decode_workers(spec.resources.threads)
+    images = student_images(SOURCE_OF_STAGE[task.stage], spec, data, task.store, hooks.shard, workers)
     teacher = None
     if protocol.mode == "kd":
         teacher, _ = model_from_checkpoint(task.store.read_bytes(task.relabel_path), task.store.url_of(task.relabel_path))
         freeze(teacher, runtime)
     torch.manual_seed(spec.seed)  # the same initialisation as the single-process stage
     student = create_model(protocol.student_arch, info.num_classes, info.channels, info.image_size)
-    train_student(student, images, labels, protocol, teacher, runtime, spec.seed, progress, task.stage, hooks)
-    return evaluate(student, data.test, runtime, shard=hooks.shard).to_dict()
+    train_student(student, images, protocol, teacher, runtime, spec.seed, progress, task.stage, hooks)
+    return evaluate(student, data.test, runtime, shard=hooks.shard, workers=workers).to_dict()
 
 
 def initial_model(task: TrainTask, data: RealData, headless: bool) -> nn.Module:
@@ -240,23 +236,33 @@ class RayTraining:
     stage (`fit_student`) and squeeze's training loops (`trainers`), for `workers.backend.RayBackend`."""
 
     def __init__(self, spec: JobSpec, store: ArtifactStore, max_failures: int = 2, fault: TrainFault | None = None,
-                 control: Any = None, check_s: float = 0.5, checkpoint_every_s: float = 30.0):
+                 control: Any = None, check_s: float = 0.5, checkpoint_every_s: float = 30.0,
+                 placement_timeout_s: float = 600.0):
+        """`placement_timeout_s`: how long a stage waits for the cluster to place its workers before it fails
+        (`RayOptions.placement_timeout_s`)."""
         self.spec, self.store, self.max_failures = spec, store, max_failures
         self.fault, self.control, self.check_s = fault, control, check_s
         self.checkpoint_every_s = checkpoint_every_s
+        self.placement_timeout_s = placement_timeout_s
 
     def run(self, kind: str, stage: str, **fields: Any) -> dict:
         connect()
         resources = self.spec.resources
-        use_gpu = wants_gpus(resources.device, resources.workers)
+        use_gpu = wants_gpus(resources.device)
         task = TrainTask(kind, stage, self.spec, self.store, fault=self.fault, control=self.control,
                          check_s=self.check_s, checkpoint_every_s=self.checkpoint_every_s, **fields)
+        per_worker = {"CPU": resources.threads or 1, **({"GPU": 1} if use_gpu else {})}
+        # Ray Train waits for its workers' placement without end: wait here, bounded, for the same bundles
+        # (an autoscaler starts the nodes meanwhile), release them, and fail with the fixes when they never come.
+        from workers.cluster import wait_for_placement
+
+        wait_for_placement([dict(per_worker) for _ in range(resources.workers)], self.placement_timeout_s,
+                           f"{stage} (Ray Train)")
         trainer = TorchTrainer(
             train_worker,
             train_loop_config={"task": task},
             scaling_config=ScalingConfig(num_workers=resources.workers, use_gpu=use_gpu,
-                                         resources_per_worker={"CPU": resources.threads or 1,
-                                                               **({"GPU": 1} if use_gpu else {})}),
+                                         resources_per_worker=per_worker),
             run_config=RunConfig(name=stage, storage_path=checkpoint_root(self.store),
                                  failure_config=FailureConfig(max_failures=self.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=1)),

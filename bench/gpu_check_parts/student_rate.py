@@ -18,6 +18,7 @@ from gpu_check_parts.recover_rate import MIB, auto_runtime, describe
 from gpu_check_parts.report import Row
 from gpu_check_parts.specs import section
 from gpu_check_parts.teachers import synthetic_teacher
+from scdd.data.base import PixelSet
 from scdd.models import create_model
 from scdd.progress import SilentProgress
 from scdd.recover import freeze
@@ -34,14 +35,15 @@ def validate_rows(cfg: CheckConfig, budget_s: float) -> list[Row]:
     student = create_model(cfg.student, shape.classes, 3, shape.image_size).to(device)
     image_shape = (3, shape.image_size, shape.image_size)
     generator = torch.Generator().manual_seed(cfg.seed)
-    images = torch.randn(limits.kd_images, *image_shape, generator=generator).to(device)
-    labels = (torch.arange(limits.kd_images) % shape.classes).to(device)
+    pixels = torch.randint(0, 256, (limits.kd_images, *image_shape), generator=generator, dtype=torch.uint8)
+    labels = torch.arange(limits.kd_images) % shape.classes
+    images = PixelSet(pixels, labels, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)).to(device)
     spec = section("ValidateSpec", student_arch=cfg.student, batch_size=limits.batch)
     protocol = resolve_protocol(spec, limits.kd_images)
     flops = kd_flops_per_image(student, teacher, image_shape, device)
 
     def run(epochs: int) -> None:
-        train_student(student, images, labels, replace(protocol, epochs=epochs), teacher, runtime, cfg.seed,
+        train_student(student, images, replace(protocol, epochs=epochs), teacher, runtime, cfg.seed,
                       SilentProgress())
 
     result = measure(run, device, limits, min(limits.measure_s, budget_s / 3), warm=WARM_EPOCHS)

@@ -43,11 +43,59 @@ class DatasetInfo:
         std = torch.tensor(self.std, device=pixels.device).view(1, -1, 1, 1)
         return (pixels - mean) / std
 
+    def normalize_uint8(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) uint8 pixels -> normalised float32, on the pixels' device (the float copy is per batch)."""
+        return self.normalize(pixels.float().div_(255))
+
     def denormalize(self, images: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) normalised -> pixels in [0, 1]."""
         mean = torch.tensor(self.mean, device=images.device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, device=images.device).view(1, -1, 1, 1)
         return (images.float() * std + mean).clamp(0, 1)
+
+
+@dataclass(frozen=True)
+class PixelSet:
+    """Images as they travel and wait: uint8 pixels (n, C, S, S) and labels (n,); `batch` makes the float copy
+    of one batch, normalised with (mean, std), on the pixels' device. A rank's shard of a larger set (the
+    distilled set, the random-real baseline) is a PixelSet of its part; `total` is the whole set's size."""
+
+    pixels: torch.Tensor
+    labels: torch.Tensor
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    total: int | None = None  # None: this is the whole set
+
+    def __post_init__(self) -> None:
+        if self.pixels.dtype != torch.uint8 or self.pixels.dim() != 4 or len(self.pixels) != len(self.labels):
+            raise ValueError("a PixelSet holds uint8 pixels (n, C, S, S) and n labels")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def set_size(self) -> int:
+        return len(self) if self.total is None else self.total
+
+    def to(self, device: torch.device | str) -> "PixelSet":
+        return PixelSet(self.pixels.to(device), self.labels.to(device), self.mean, self.std, self.total)
+
+    def batch(self, index: torch.Tensor) -> torch.Tensor:
+        """(b, C, S, S) normalised float32 images of the samples at `index`."""
+        images = self.pixels[index].float().div_(255)
+        mean = torch.tensor(self.mean, device=images.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=images.device).view(1, -1, 1, 1)
+        return (images - mean) / std
+
+    @staticmethod
+    def from_normalized(images: torch.Tensor, labels: torch.Tensor, info: "DatasetInfo") -> "PixelSet":
+        """Normalised float images back to uint8 pixels (exact for images that came from uint8 pixels)."""
+        pixels = (info.denormalize(images) * 255).round().to(torch.uint8)
+        return PixelSet(pixels, labels.long(), info.mean, info.std)
+
+    def normalized(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every image, normalised float, and the labels (small sets only: tests and benches)."""
+        return self.batch(torch.arange(len(self))), self.labels
 
 
 @dataclass(frozen=True)
@@ -67,11 +115,16 @@ class TensorImageDataset(Dataset):
         self.images = images
         self.labels = labels.long()
         self.source_index = source_index  # (N,) each image's index in the source split file, where known
+        self.mean, self.std = tuple(mean), tuple(std)
         self._mean = torch.tensor(mean).view(1, -1, 1, 1)
         self._std = torch.tensor(std).view(1, -1, 1, 1)
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def pixels(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """((n, C, S, S) uint8 pixels, (n,) labels) of the samples at `index` (no float copy)."""
+        return self.images[index], self.labels[index]
 
     def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         images = self.images[index].float().div_(255)
@@ -109,14 +162,23 @@ def select_classes(all_names: Sequence[str], wanted: Sequence[int | str] | None)
     return sorted(chosen)
 
 
+def class_members(labels: torch.Tensor, num_classes: int | None = None) -> list[torch.Tensor]:
+    """Per label 0..K-1, the indices of its samples in ascending order (one stable sort, not a scan per class)."""
+    num_classes = int(labels.max()) + 1 if num_classes is None and len(labels) else (num_classes or 0)
+    order = torch.argsort(labels, stable=True)
+    counts = torch.bincount(labels, minlength=num_classes)[:num_classes].tolist()
+    return list(torch.split(order, counts))
+
+
 def limit_per_class(labels: torch.Tensor, limit: int | None, seed: int) -> torch.Tensor:
     """Indices of at most `limit` samples of each label, a seeded random pick, in original order."""
     if limit is None:
         return torch.arange(len(labels))
     generator = torch.Generator().manual_seed(seed)
     keep = []
-    for label in labels.unique():
-        members = (labels == label).nonzero().flatten()
-        pick = torch.randperm(len(members), generator=generator)[:limit]
-        keep.append(members[pick])
+    present = labels.unique()
+    members = class_members(labels)
+    for label in present.tolist():
+        pick = torch.randperm(len(members[label]), generator=generator)[:limit]
+        keep.append(members[label][pick])
     return torch.cat(keep).sort().values

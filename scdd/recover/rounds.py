@@ -8,9 +8,10 @@ then a record `state/units/r<round>-b<batch>.json` (scdd/layout.py) (its manifes
 every recorded unit and never rewrites its files.
 
 With W workers (workers/recover.py) the classes are cut into W balanced contiguous slices; batch b
-of a round holds the b-th run of ceil(batch_size / W) classes of every slice, so each worker's
-share of a unit comes from its own slice (a share may be short or empty at the end of a round).
-With W = 1 this is the single-process plan.
+of a round holds the b-th run of `batch_size` classes of every slice: each worker synthesises a full
+batch of its own slice per unit (a share may be short or empty at the end of a round), so W workers do
+W times the work of one per step, and the BatchNorm statistics they share (bn_sync: global) are those of
+the W x batch_size images. With W = 1 this is the single-process plan.
 """
 
 from __future__ import annotations
@@ -77,8 +78,9 @@ def class_slices(num_classes: int, workers: int) -> list[range]:
 
 
 def plan_units(num_classes: int, ipc: int, batch_size: int, workers: int = 1) -> list[Unit]:
+    """Every unit of a run: `ipc` rounds, each cut in batches of up to `batch_size` classes per worker."""
     slices = class_slices(num_classes, workers)
-    per_worker = math.ceil(batch_size / workers)
+    per_worker = batch_size
     batches = math.ceil(max(len(s) for s in slices) / per_worker)
     return [
         Unit(r, b, tuple(tuple(s[b * per_worker:(b + 1) * per_worker]) for s in slices))

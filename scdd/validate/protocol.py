@@ -13,6 +13,8 @@ long   the papers' long student schedule (RDED arXiv 2312.03526, EDC arXiv 2404.
        Where it differs from them: RDED and EDC use ResNet-18 students at 32 px with random-resized-crop
        scale (0.08, 1); ours is the ConvNet at 28 px with scale (0.5, 1); EDC trains 1000 epochs at batch
        25 and adds its own augmentations; we keep CutMix (RDED) and AdamW 1e-3 for both.
+The default student follows the resolution (`student_for_resolution`): the ConvNets above below 32 px, a
+ResNet-18 with the small stem from 32 to 64 px (kd), a ResNet-18 above 64 px.
 Where `hard` differs from the DC papers: the schedule is cosine rather than a step at half-time, and
 the augmentation is random-resized-crop + flip (DSA also uses colour, cutout, scale and rotation).
 """
@@ -69,9 +71,22 @@ class Protocol:
         return data
 
 
-def resolve_protocol(spec: ValidateSpec, images: int) -> Protocol:
-    """The protocol for a set of `images` images (the batch size may depend on it)."""
-    defaults = PRESETS[(spec.preset, spec.mode)]
+def student_for_resolution(preset_arch: str, mode: str, image_size: int | None) -> str:
+    """The default student at a resolution: the preset's ConvNet below 32 px (Fashion-MNIST's 28); a ResNet-18
+    with the small (CIFAR) stem from 32 to 64 px in kd (hard keeps the DC papers' ConvNet-IN there); a
+    ResNet-18 above 64 px (a ConvNet's linear head alone would have 100 M parameters at 224 px, 1000 classes)."""
+    if image_size is None or image_size < 32:
+        return preset_arch
+    if image_size > 64:
+        return "resnet18"
+    return "resnet18_small" if mode == "kd" else preset_arch
+
+
+def resolve_protocol(spec: ValidateSpec, images: int, image_size: int | None = None) -> Protocol:
+    """The protocol for a set of `images` images of `image_size` px (the batch size may depend on the first,
+    the default student on the second)."""
+    defaults = dict(PRESETS[(spec.preset, spec.mode)])
+    defaults["student_arch"] = student_for_resolution(defaults["student_arch"], spec.mode, image_size)
     chosen = {key: getattr(spec, key) if getattr(spec, key) is not None else value for key, value in defaults.items()}
     if chosen["batch_size"] == BY_SET_SIZE:
         chosen["batch_size"] = batch_for_set(images)

@@ -11,8 +11,6 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Callable
 
-import torch
-
 from api_schema import JobSpec
 from api_schema.report import (
     BaselineScore,
@@ -29,7 +27,7 @@ from scdd.progress import StageClock
 from scdd.squeeze import Teacher
 from scdd.store import ArtifactStore
 from scdd.validate import ranking
-from scdd.validate.baseline import random_real_subset, whole_split
+from scdd.validate.baseline import whole_split_supported
 from scdd.validate.protocol import Protocol, resolve_protocol
 
 FULL_DATA_BATCH = 256  # the full-data hard-label run of DD-Ranking
@@ -42,41 +40,40 @@ def protocol_facts(protocol: Protocol) -> StudentProtocol:
 
 
 def validate_stage(
-    spec: JobSpec, data: RealData, images: torch.Tensor, labels: torch.Tensor, protocol: Protocol,
+    spec: JobSpec, data: RealData, images: int, protocol: Protocol,
     relabel: Teacher | None, relabel_path: str | None, relabel_facts: RelabelTeacherFacts | None, fit: StudentFit,
     clock: StageClock, cache: ArtifactStore,
 ) -> ValidateReport:
-    """The `validate` section of the report. `relabel_facts` describe the KD relabel teacher."""
+    """The `validate` section of the report for a distilled set of `images` images (its students read the
+    images where they train). `relabel_facts` describe the KD relabel teacher."""
     info = data.info
     with clock.stage("validate"):
-        student = fit(StudentRun("validate", images, labels, protocol, relabel, relabel_path))
-    fields: dict = {"protocol": protocol_facts(protocol), "images": len(images), "student": student}
+        student = fit(StudentRun("validate", protocol, relabel, relabel_path))
+    fields: dict = {"protocol": protocol_facts(protocol), "images": images, "student": student}
     if relabel_facts is not None:
         fields["relabel_teacher"] = relabel_facts
     if spec.validate_.baseline:
         with clock.stage("baseline"):
-            real_images, real_labels = random_real_subset(data.train, spec.recover.ipc, info.num_classes, spec.seed)
-            score = fit(StudentRun("baseline", real_images, real_labels, protocol, relabel, relabel_path))
-        fields["baseline"] = BaselineScore(kind="random real subset", images=len(real_images),
+            score = fit(StudentRun("baseline", protocol, relabel, relabel_path))
+        fields["baseline"] = BaselineScore(kind="random real subset", images=info.num_classes * spec.recover.ipc,
                                            **score.model_dump(exclude_unset=True))
         fields["ior"] = ranking.ior(student.top1, score.top1)
         fields["gain_top1"] = fields["ior"]  # the key's old name, kept for one release
     if spec.validate_.dd_ranking:
         with clock.stage("dd_ranking"):
-            fields["dd_ranking"] = dd_ranking_scores(spec, data, images, labels, protocol, fit, student, fields["ior"],
-                                                     cache)
+            fields["dd_ranking"] = dd_ranking_scores(spec, data, images, protocol, fit, student, fields["ior"], cache)
     return ValidateReport(**fields)
 
 
-def dd_ranking_scores(spec: JobSpec, data: RealData, images: torch.Tensor, labels: torch.Tensor, protocol: Protocol,
+def dd_ranking_scores(spec: JobSpec, data: RealData, images: int, protocol: Protocol,
                       fit: StudentFit, student: StudentScore, ior: float, cache: ArtifactStore) -> DDRanking:
     """HLR and LRS: the set with hard labels, and the full training split with hard labels (cached).
     `student` is the validation student, `ior` its improvement over random real images."""
     vspec = spec.validate_
     hard = protocol
     if protocol.mode != "hard":
-        hard = resolve_protocol(vspec.model_copy(update={"mode": "hard"}), len(images))
-    set_hard = student if protocol.mode == "hard" else fit(StudentRun("validate-hard", images, labels, hard))
+        hard = resolve_protocol(vspec.model_copy(update={"mode": "hard"}), images, data.info.image_size)
+    set_hard = student if protocol.mode == "hard" else fit(StudentRun("validate-hard", hard))
     full_protocol = replace(hard, epochs=vspec.full_data_epochs, batch_size=FULL_DATA_BATCH)
     if vspec.full_data_top1 is not None:
         full_top1, source = vspec.full_data_top1, "spec"
@@ -89,8 +86,8 @@ def dd_ranking_scores(spec: JobSpec, data: RealData, images: torch.Tensor, label
         if cache.exists(path):
             full_top1, source = cache.read_json(path)["top1"], "cached"
         else:
-            all_images, all_labels = whole_split(data.train)
-            full_top1, source = fit(StudentRun("full-data", all_images, all_labels, full_protocol)).top1, "trained"
+            whole_split_supported(data.train)
+            full_top1, source = fit(StudentRun("full-data", full_protocol)).top1, "trained"
             cache.write_json(path, {"top1": full_top1, "protocol": full_protocol.to_dict(),
                                     "dataset": dataset, "seed": spec.seed})
     hlr = ranking.hlr(full_top1, set_hard.top1)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scdd import augment
+from scdd.data.base import PixelSet
 from scdd.optim import build_optimizer, training_step
 from scdd.progress import Progress
 from scdd.runtime import Runtime
@@ -22,11 +23,12 @@ from scdd.validate.kd import kd_loss
 from scdd.validate.mix import mix_batch
 from scdd.validate.protocol import Protocol
 
+MIN_RANK_BATCH = 16  # data-parallel students: a rank's batch never falls below this on a large set
+
 
 def train_student(
     student: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
+    images: PixelSet,
     protocol: Protocol,
     teacher: nn.Module | None,
     runtime: Runtime,
@@ -35,8 +37,9 @@ def train_student(
     stage: str = "validate",
     hooks: TrainHooks = LOCAL,
 ) -> nn.Module:
-    """`images` (N, C, S, S) normalised, `labels` (N,); `teacher` (eval, frozen) is required for kd.
-    Data-parallel and resumable through `hooks` (scdd/shard.py)."""
+    """`images`: the set (or, data-parallel, this rank's shard of it) as uint8 with labels; each batch is made
+    float on the device. `teacher` (eval, frozen) is required for kd. Data-parallel and resumable through
+    `hooks` (scdd/shard.py)."""
     if protocol.mode == "kd" and teacher is None:
         raise ValueError("kd validation needs a relabel teacher")
     device, fmt = runtime.device, runtime.memory_format()
@@ -44,18 +47,19 @@ def train_student(
     net = hooks.wrap(student)
     optimizer = build_optimizer(protocol.optimizer, student.parameters(), protocol.lr, protocol.weight_decay)
     batch_size, steps_per_epoch, scheduler = hooks.schedule(
-        optimizer, len(images), protocol.batch_size, protocol.epochs, protocol.schedule_span)
+        optimizer, images.set_size, protocol.batch_size, protocol.epochs, protocol.schedule_span, MIN_RANK_BATCH)
     generator = torch.Generator().manual_seed(seed)
     ema = WeightEMA(student, protocol.ema_decay) if protocol.ema_decay > 0 else None
     stateful = (student, optimizer, scheduler, generator) + ((ema,) if ema is not None else ())
     first_epoch = hooks.begin(progress, stage, protocol.epochs, steps_per_epoch, *stateful)
-    images, labels = images.to(device), labels.to(device)
+    images = images.to(device)
+    labels = images.labels
     for epoch in range(first_epoch, protocol.epochs):
-        order = hooks.epoch_order(len(images), epoch, generator, seed).to(device)
+        order = hooks.shard_order(len(images), images.set_size, epoch, generator, seed).to(device)
         total = torch.zeros((), device=device)
         for start in range(0, len(order), batch_size):
             index = order[start : start + batch_size]
-            batch = augment.crop_flip(images[index], protocol.crop_scale, generator).contiguous(memory_format=fmt)
+            batch = augment.crop_flip(images.batch(index), protocol.crop_scale, generator).contiguous(memory_format=fmt)
             batch, perm, lam = mix_batch(batch, protocol.mix, protocol.mix_alpha, generator)
             with runtime.autocast():
                 logits = net(batch)

@@ -176,8 +176,28 @@ fresh value). Call with (dict "root" $ "name" <secret> "key" <key> "length" <n> 
 {{- end -}}
 {{- end -}}
 
+{{/* SCDD_WORKER_DEVICE: ray.workerDevice, else cuda when an enabled worker group has gpus > 0 (even at zero
+replicas: device auto then waits for a GPU node instead of running on CPUs), else cpu. */}}
+{{- define "scdd.workerDevice" -}}
+{{- $ray := .Values.ray -}}
+{{- $device := "cpu" -}}
+{{- if and $ray.workers.enabled (gt (int $ray.workers.gpus) 0) -}}
+{{- $device = "cuda" -}}
+{{- end -}}
+{{- range $ray.additionalWorkerGroups -}}
+{{- if gt (int (.gpus | default 0)) 0 -}}
+{{- $device = "cuda" -}}
+{{- end -}}
+{{- end -}}
+{{- $ray.workerDevice | default $device -}}
+{{- end -}}
+
 {{- define "scdd.env.settings" -}}
 {{- $c := .Values.config }}
+- name: SCDD_WORKER_DEVICE
+  value: {{ include "scdd.workerDevice" . | quote }}
+- name: SCDD_PLACEMENT_TIMEOUT_S
+  value: {{ .Values.ray.placementTimeoutS | toString | quote }}
 - name: SCDD_REDIS_PREFIX
   value: {{ $c.redisPrefix | quote }}
 - name: SCDD_ARTIFACTS

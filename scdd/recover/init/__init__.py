@@ -8,14 +8,26 @@ selected  scored real crops (RDED, arXiv 2312.03526): per class, candidates x cr
 herding   the classic coreset (Welling 2009, as in iCaRL): greedily the images whose teacher-feature mean
           tracks the class mean of the candidates.
 
-A real-pixel initialisation is planned once, before recover, and written to the store: one uint8 pixel file
-per round (`state/init/r<round>.pt`, (K, C, S, S)) and the provenance of every image (`state/init/origins.json`:
-source index in the training split, source file where there is one, crop box, teacher loss). Recover units
-(in this process or on Ray workers) read their round's file, so a resumed or distributed run starts every
-image from the same pixels.
+A real-pixel initialisation is planned once, before recover, per class slice on the workers (in this process
+for one worker), and written to the store class by class: a uint8 pixel file (`state/init/c<class>.pt`,
+(ipc, C, S, S)) and the provenance of its images (`state/init/c<class>.json`: source index in the training
+split, source file where there is one, crop box, teacher loss). Each class draws from its own generator
+(seed, class), so the plan does not depend on how the classes were sliced. Recover units (in this process or
+on Ray workers) read their classes' files, so a resumed or distributed run starts every image from the
+same pixels.
 """
 
 from scdd.recover.init import inits as _inits  # noqa: F401  (register the initialisations)
-from scdd.recover.init.plan import INITS, InitPlan, InitReader, Origin, init_reader, load_origins, plan_initialisation
+from scdd.recover.init.plan import (
+    INITS,
+    InitPlan,
+    InitReader,
+    Origin,
+    init_planned,
+    init_reader,
+    mark_init_planned,
+    plan_init_classes,
+)
 
-__all__ = ["INITS", "InitPlan", "InitReader", "Origin", "init_reader", "load_origins", "plan_initialisation"]
+__all__ = ["INITS", "InitPlan", "InitReader", "Origin", "init_planned", "init_reader", "mark_init_planned",
+           "plan_init_classes"]

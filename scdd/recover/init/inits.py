@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -10,10 +10,11 @@ from torch import nn
 
 from scdd import augment
 from scdd.data import RealData
+from scdd.data.base import class_members
 from scdd.models import head_path, members_of
 from scdd.recover.init.plan import InitPlan, Origin, register_init
 from scdd.runtime import Runtime
-from scdd.validate.baseline import draw_per_class, images_at, labels_of
+from scdd.validate.baseline import draw_class, images_at, labels_of
 
 if TYPE_CHECKING:  # annotations only: the compute path imports without pydantic (bench/gpu_check.py)
     from api_schema import RecoverSpec
@@ -22,17 +23,29 @@ SCORE_BATCH = 512
 CROP_RATIO = (3 / 4, 4 / 3)
 
 
-def init_generator(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + 7)
+def init_generator(seed: int, source_index: int) -> torch.Generator:
+    """The generator of one class's initialisation: its draws depend on the seed and the class alone, so a class
+    plans the same wherever it runs (in this process, or on whichever worker's slice holds it)."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + 7 + 7_919 * (source_index + 1))
 
 
-def class_candidates(data: RealData, count: int, needed: int, generator: torch.Generator, what: str) -> list[torch.Tensor]:
-    """Per class, `count` training indices drawn at random (all when the class has fewer), at least `needed`."""
-    return draw_per_class(
-        labels_of(data.train), data.info.num_classes, count, needed, generator,
+def class_candidates(data: RealData, members: list[torch.Tensor], label: int, count: int, needed: int,
+                     generator: torch.Generator, what: str) -> torch.Tensor:
+    """`count` training indices of class `label` drawn at random (all when it has fewer), at least `needed`;
+    `members`: every class's training indices (`class_members`)."""
+    return draw_class(
+        members[label], label, count, needed, generator,
         lambda label, have: f"class {data.info.class_names[label]!r} has {have} training images, fewer than the "
         f"{needed} that {what} needs; lower recover.ipc or raise dataset.train_limit",
     )
+
+
+def per_class(data: RealData, seed: int,
+              labels: Sequence[int] | None) -> Iterator[tuple[int, torch.Generator, list[torch.Tensor]]]:
+    """(label, its generator, every class's training indices) for each class to plan: `labels`, or all."""
+    members = class_members(labels_of(data.train), data.info.num_classes)
+    for label in range(data.info.num_classes) if labels is None else labels:
+        yield label, init_generator(seed, data.info.source_indices[label]), members
 
 
 def load_train(data: RealData, indices: torch.Tensor) -> torch.Tensor:
@@ -155,23 +168,26 @@ register_init("noise")(None)
 
 
 @register_init("real")
-def real(data: RealData, teacher: nn.Module, spec: RecoverSpec, runtime: Runtime, seed: int) -> InitPlan:
+def real(data: RealData, teacher: nn.Module, spec: RecoverSpec, runtime: Runtime, seed: int,
+         labels: Sequence[int] | None = None) -> InitPlan:
     """A seeded random training image of the class per synthetic image (whole image, no crop)."""
     size = data.info.image_size
-    picks = class_candidates(data, spec.ipc, spec.ipc, init_generator(seed), "init 'real'")
-    pixels = torch.stack([data.info.denormalize(load_train(data, idx)) for idx in picks])
-    origins = [[origin(data, "real", int(i), full_box(size), None) for i in idx] for idx in picks]
-    return InitPlan(pixels, origins)
+    all_pixels, origins = [], []
+    for label, generator, members in per_class(data, seed, labels):
+        idx = class_candidates(data, members, label, spec.ipc, spec.ipc, generator, "init 'real'")
+        all_pixels.append(data.info.denormalize(load_train(data, idx)))
+        origins.append([origin(data, "real", int(i), full_box(size), None) for i in idx])
+    return InitPlan(torch.stack(all_pixels), origins)
 
 
 @register_init("selected")
-def selected(data: RealData, teacher: nn.Module, spec: RecoverSpec, runtime: Runtime, seed: int) -> InitPlan:
+def selected(data: RealData, teacher: nn.Module, spec: RecoverSpec, runtime: Runtime, seed: int,
+             labels: Sequence[int] | None = None) -> InitPlan:
     """RDED-style scored crops: the first crop of each candidate is the whole image, the others random-resized."""
     select, size = spec.select, data.info.image_size
-    generator = init_generator(seed)
-    picks = class_candidates(data, select.candidates, spec.ipc, generator, "init 'selected'")
     all_pixels, origins = [], []
-    for label, idx in enumerate(picks):
+    for label, generator, members in per_class(data, seed, labels):
+        idx = class_candidates(data, members, label, select.candidates, spec.ipc, generator, "init 'selected'")
         images = load_train(data, idx)
         n = len(idx)
         boxes = torch.empty(n, select.crops, 4)
@@ -191,12 +207,13 @@ def selected(data: RealData, teacher: nn.Module, spec: RecoverSpec, runtime: Run
 
 
 @register_init("herding")
-def herding(data: RealData, teacher: nn.Module, spec: RecoverSpec, runtime: Runtime, seed: int) -> InitPlan:
+def herding(data: RealData, teacher: nn.Module, spec: RecoverSpec, runtime: Runtime, seed: int,
+            labels: Sequence[int] | None = None) -> InitPlan:
     """Herding on the recovery teacher's features of `select.candidates` whole images per class."""
     size = data.info.image_size
-    picks = class_candidates(data, spec.select.candidates, spec.ipc, init_generator(seed), "init 'herding'")
     all_pixels, origins = [], []
-    for idx in picks:
+    for label, generator, members in per_class(data, seed, labels):
+        idx = class_candidates(data, members, label, spec.select.candidates, spec.ipc, generator, "init 'herding'")
         images = load_train(data, idx)
         _, features = teacher_outputs(teacher, images, runtime)
         keep = herding_positions(features, spec.ipc)
@@ -206,13 +223,13 @@ def herding(data: RealData, teacher: nn.Module, spec: RecoverSpec, runtime: Runt
 
 
 @register_init("kmeans")
-def kmeans(data: RealData, teacher: nn.Module, spec: RecoverSpec, runtime: Runtime, seed: int) -> InitPlan:
+def kmeans(data: RealData, teacher: nn.Module, spec: RecoverSpec, runtime: Runtime, seed: int,
+           labels: Sequence[int] | None = None) -> InitPlan:
     """The candidate nearest each of IPC k-means centroids of the recovery teacher's features, per class."""
     size = data.info.image_size
-    generator = init_generator(seed)
-    picks = class_candidates(data, spec.select.candidates, spec.ipc, generator, "init 'kmeans'")
     all_pixels, origins = [], []
-    for idx in picks:
+    for label, generator, members in per_class(data, seed, labels):
+        idx = class_candidates(data, members, label, spec.select.candidates, spec.ipc, generator, "init 'kmeans'")
         images = load_train(data, idx)
         _, features = teacher_outputs(teacher, images, runtime)
         keep = kmeans_positions(features, spec.ipc, generator)

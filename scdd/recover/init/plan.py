@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -12,7 +12,7 @@ from torch import nn
 from scdd.data import RealData
 from scdd.registry import Registry
 from scdd.runtime import Runtime
-from scdd.layout import ORIGINS_PATH, init_round_path
+from scdd.layout import INIT_DIR, INIT_DONE, init_origins_path, init_pixels_path
 from scdd.store import ArtifactStore
 
 if TYPE_CHECKING:  # annotations only: the compute path imports without pydantic (bench/gpu_check.py)
@@ -36,35 +36,47 @@ class Origin:
 
 @dataclass(frozen=True)
 class InitPlan:
-    """(K, ipc, C, S, S) initial pixels in [0, 1] and each image's origin [class][round]."""
+    """(k, ipc, C, S, S) initial pixels in [0, 1] of the k classes planned and each image's origin [class][round]."""
 
     pixels: torch.Tensor
     origins: list[list[Origin]]
 
 
-InitFn = Callable[[RealData, nn.Module, "RecoverSpec", Runtime, int], InitPlan]
+InitFn = Callable[..., InitPlan]  # (data, teacher, spec, runtime, seed, labels=None) -> the plan of `labels`
 INITS: Registry[Optional[InitFn]] = Registry("recover init")
 register_init = INITS.register
 
 
-def plan_initialisation(data: RealData, teacher: nn.Module, spec: RecoverSpec, runtime: Runtime, seed: int,
-                        store: ArtifactStore) -> None:
-    """Plan and store the initialisation of a real-pixel init, once: a resumed run keeps the stored one
-    (recover units read it through `InitReader`). Nothing to do for `noise`."""
+def plan_init_classes(data: RealData, teacher: nn.Module, spec: RecoverSpec, runtime: Runtime, seed: int,
+                      store: ArtifactStore, labels: Sequence[int]) -> int:
+    """Plan and store the initialisation of each class in `labels` not stored yet (a resumed or retried slice
+    skips the classes it finished): its pixels `state/init/c<label>.pt` ((ipc, C, S, S) uint8), then its
+    origins `state/init/c<label>.json`, written last, which marks the class done. Returns the classes planned.
+    A class's plan depends on the seed and the class alone (its own generator), so slices of any size, in
+    any process, plan the same images."""
     build = INITS.get(spec.init)
-    if build is not None and not store.exists(ORIGINS_PATH):
-        teacher.eval()
-        plan = build(data, teacher, spec, runtime, seed)
-        for r in range(spec.ipc):
-            pixels = (plan.pixels[:, r].clamp(0, 1) * 255).round().to(torch.uint8)
-            buffer = io.BytesIO()
-            torch.save(pixels.contiguous(), buffer)
-            store.write_bytes(init_round_path(r), buffer.getvalue())
-        store.write_json(ORIGINS_PATH, [[o.to_dict() for o in per_class] for per_class in plan.origins])
+    if build is None:
+        return 0
+    stored = set(store.list(INIT_DIR))
+    todo = [label for label in labels if init_origins_path(label) not in stored]
+    teacher.eval()
+    for label in todo:
+        plan = build(data, teacher, spec, runtime, seed, [label])
+        pixels = (plan.pixels[0].clamp(0, 1) * 255).round().to(torch.uint8)
+        buffer = io.BytesIO()
+        torch.save(pixels.contiguous(), buffer)
+        store.write_bytes(init_pixels_path(label), buffer.getvalue())
+        store.write_json(init_origins_path(label), [o.to_dict() for o in plan.origins[0]])
+    return len(todo)
 
 
-def load_origins(store: ArtifactStore) -> list[list[dict]] | None:
-    return store.read_json(ORIGINS_PATH) if store.exists(ORIGINS_PATH) else None
+def init_planned(store: ArtifactStore) -> bool:
+    return store.exists(INIT_DONE)
+
+
+def mark_init_planned(store: ArtifactStore, spec: RecoverSpec, classes: int) -> None:
+    """Recorded by the driver once every class slice is planned: a resumed run plans nothing again."""
+    store.write_json(INIT_DONE, {"init": spec.init, "classes": classes, "ipc": spec.ipc})
 
 
 def init_reader(store: ArtifactStore, init: str) -> "InitReader | None":
@@ -73,26 +85,27 @@ def init_reader(store: ArtifactStore, init: str) -> "InitReader | None":
 
 
 class InitReader:
-    """Reads the stored initial pixels of a run, keeping the last round read (units run round by round)."""
+    """Reads the stored initial pixels of a run class by class, keeping the classes read (a worker reads those
+    of its own slice: units run round by round over the same classes)."""
 
     def __init__(self, store: ArtifactStore):
         self.store = store
-        self._round: int | None = None
-        self._pixels: torch.Tensor | None = None
-        self._origins: list[list[dict]] | None = None
+        self._pixels: dict[int, torch.Tensor] = {}
+        self._origins: dict[int, list[dict]] = {}
 
     def origin(self, label: int, round_index: int) -> dict:
         """The provenance of the initial image of class position `label` in round `round_index`."""
-        if self._origins is None:
-            self._origins = load_origins(self.store)
-            if self._origins is None:
-                raise FileNotFoundError(f"{self.store.url_of(ORIGINS_PATH)} is missing: the run's initialisation was never planned")
+        if label not in self._origins:
+            path = init_origins_path(label)
+            if not self.store.exists(path):
+                raise FileNotFoundError(f"{self.store.url_of(path)} is missing: the run's initialisation was never planned")
+            self._origins[label] = self.store.read_json(path)
         return self._origins[label][round_index]
 
     def pixels(self, round_index: int, labels: tuple[int, ...]) -> torch.Tensor:
         """(n, C, S, S) initial pixels in [0, 1] of `labels` (class positions) in round `round_index`."""
-        if self._round != round_index:
-            data = self.store.read_bytes(init_round_path(round_index))
-            self._pixels = torch.load(io.BytesIO(data), weights_only=True)
-            self._round = round_index
-        return self._pixels[list(labels)].float().div(255)
+        for label in labels:
+            if label not in self._pixels:
+                data = self.store.read_bytes(init_pixels_path(label))
+                self._pixels[label] = torch.load(io.BytesIO(data), weights_only=True)
+        return torch.stack([self._pixels[label][round_index] for label in labels]).float().div(255)
