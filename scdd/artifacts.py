@@ -68,11 +68,14 @@ def read_distilled(store: ArtifactStore, entries: list[dict], info: DatasetInfo,
     """The written PNGs of `entries` (manifest order) read back from the store, what a user gets: all of them,
     or `shard`'s part (every world_size-th from its rank), as uint8. Nothing else is read."""
     mine = entries if shard is None else entries[shard.rank::shard.world_size]
+    pixels = torch.empty(len(mine), info.channels, info.image_size, info.image_size, dtype=torch.uint8)
+
+    def read(i: int) -> None:  # each image decoded straight into its row: no second copy of the shard
+        pixels[i] = decode_png(store.read_bytes(mine[i]["path"]), info.channels)
+
     with ThreadPoolExecutor(max(1, threads)) as pool:
-        pixels = list(pool.map(lambda e: decode_png(store.read_bytes(e["path"]), info.channels), mine))
-    stacked = torch.stack(pixels) if pixels else torch.empty(0, info.channels, info.image_size, info.image_size,
-                                                              dtype=torch.uint8)
-    return PixelSet(stacked, torch.tensor([e["label"] for e in mine], dtype=torch.long), info.mean, info.std,
+        list(pool.map(read, range(len(mine))))
+    return PixelSet(pixels, torch.tensor([e["label"] for e in mine], dtype=torch.long), info.mean, info.std,
                     None if shard is None else len(entries))
 
 

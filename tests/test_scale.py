@@ -70,7 +70,7 @@ def test_a_1000_class_job_on_2_workers_completes_without_the_driver_touching_ima
         "dataset": {"name": "imagefolder", "root": str(thousand_classes), "image_size": 8},
         "teacher": {"arch": "convnet_d1_w32", "checkpoint": str(checkpoint)},
         "recover": {"init": "noise", "ipc": 2, "iterations": 1, "batch_size": 250},
-        "validate": {"enabled": True, "epochs": 1, "student_arch": "convnet_d1_w32", "baseline": True},
+        "validate": {"enabled": True, "epochs": 1, "student_arch": "convnet_d1_w32", "baseline": False},
         "resources": {**quick_resources(), "workers": 2, "threads": 1},
         "output": {"url": str(tmp_path / "run"), "grid_per_class": 2},
     })
@@ -83,7 +83,7 @@ def test_a_1000_class_job_on_2_workers_completes_without_the_driver_touching_ima
     assert {e["worker"] for e in manifest["images"]} == {0, 1}
     report = outcome.report
     assert report.teacher.total == CLASSES  # counted on the workers, one validation image per class
-    assert report.validate_.student.total == CLASSES and report.validate_.baseline.images == 2 * CLASSES
+    assert report.validate_.student.total == CLASSES  # each rank read its shard of the 2000 images from the store
     with Image.open(tmp_path / "run/grid.png") as grid:  # 100 of the 1000 classes, 2 images each
         assert grid.height == 100 * (64 + 2)
 

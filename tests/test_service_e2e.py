@@ -119,8 +119,8 @@ def test_cancel_a_running_job_releases_its_workers(stack, fmnist_root, fmnist_te
     job = stack.client.post("/v1/jobs", json=spec(fmnist_root, fmnist_teacher_ckpt, iterations=3000,
                                                    workers=2, threads=1)).json()
     wait_until(lambda: stack.client.get(f"/v1/jobs/{job['id']}").json()["stage"] == "recover", 180, "recover")
-    time.sleep(2)  # the two recover actors are busy
-    assert ray_local.available_resources().get("CPU", 0) == 0
+    # the two recover actors hold both CPUs (forming the group can take seconds on a loaded machine)
+    wait_until(lambda: ray_local.available_resources().get("CPU", 0) == 0, 60, "the recover actors to start")
     answer = stack.client.post(f"/v1/jobs/{job['id']}/cancel")
     assert answer.status_code == 202 and answer.json()["cancel_requested"]
     asked = time.time()
