@@ -102,12 +102,13 @@ class LocalBackend:
     def fit_student(self, run: StudentRun, spec: JobSpec, data: RealData, runtime: Runtime,
                     progress: Progress, store: ArtifactStore) -> StudentScore:
         info = data.info
-        images = student_images(run.source, spec, data, store, workers=decode_workers(spec.resources.threads))
+        workers = decode_workers(spec.resources.threads)
+        images = student_images(run.source, spec, data, store, workers=workers)
         torch.manual_seed(spec.seed)  # every student of a job starts from the same weights
         student = create_model(run.protocol.student_arch, info.num_classes, info.channels, info.image_size)
         teacher = run.relabel.model if run.relabel is not None else None
         train_student(student, images, run.protocol, teacher, runtime, spec.seed, progress, run.stage)
-        accuracy = evaluate(student, data.test, runtime, workers=decode_workers(spec.resources.threads))
+        accuracy = evaluate(student, data.test, runtime, workers=workers)
         return StudentScore(**accuracy.to_dict())
 
     def run_pass(self, fn: PassFn, spec: JobSpec, store: ArtifactStore, runtime: Runtime, data: RealData, *args: Any,

@@ -160,12 +160,10 @@ def run_distillation(
             with clock.stage("squeeze"):
                 relabel = relabel_teacher(spec, data, recovery, cache, runtime, progress, backend.trainers)
                 freeze(relabel.model, runtime)
-                relabel_path = TEACHER_PATH
+                relabel_path, accuracy = TEACHER_PATH, None
                 if relabel is not recovery:
                     relabel_path = RELABEL_PATH
                     save_teacher(store, relabel_path, relabel, spec, data)
-                accuracy = None
-                if relabel is not recovery:
                     accuracy = accuracy_on_workers(backend, spec, store, runtime, data, relabel_path)[0]
             relabel_info = relabel_facts(relabel, recovery, accuracy)
 
