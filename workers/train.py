@@ -48,7 +48,7 @@ from scdd.squeeze.supervised import train_supervised
 from scdd.store import ArtifactStore
 from scdd.validate import Protocol, train_student
 from scdd.validate.student_images import SOURCE_OF_STAGE, student_images
-from workers.cluster import connect, wants_gpus
+from workers.cluster import DEFAULT_PLACEMENT_TIMEOUT_S, connect, wait_for_placement, wants_gpus
 from workers.control import RemoteProgress
 
 STATE_FILE = "state.pt"
@@ -237,7 +237,7 @@ class RayTraining:
 
     def __init__(self, spec: JobSpec, store: ArtifactStore, max_failures: int = 2, fault: TrainFault | None = None,
                  control: Any = None, check_s: float = 0.5, checkpoint_every_s: float = 30.0,
-                 placement_timeout_s: float = 600.0):
+                 placement_timeout_s: float = DEFAULT_PLACEMENT_TIMEOUT_S):
         """`placement_timeout_s`: how long a stage waits for the cluster to place its workers before it fails
         (`RayOptions.placement_timeout_s`)."""
         self.spec, self.store, self.max_failures = spec, store, max_failures
@@ -254,8 +254,6 @@ class RayTraining:
         per_worker = {"CPU": resources.threads or 1, **({"GPU": 1} if use_gpu else {})}
         # Ray Train waits for its workers' placement without end: wait here, bounded, for the same bundles
         # (an autoscaler starts the nodes meanwhile), release them, and fail with the fixes when they never come.
-        from workers.cluster import wait_for_placement
-
         wait_for_placement([dict(per_worker) for _ in range(resources.workers)], self.placement_timeout_s,
                            f"{stage} (Ray Train)")
         trainer = TorchTrainer(
