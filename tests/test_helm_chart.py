@@ -4,7 +4,9 @@ Renders go through the real Helm engine (helm-python-sdk embeds Helm's Go SDK: n
 every built-in Kubernetes object is validated with kubernetes-validate (strict: unknown fields
 fail) against the oldest Kubernetes the chart supports and the newest the package ships; the
 RayCluster's pod templates are validated the same way as v1 PodTemplates, and its own fields are
-checked against KubeRay's ray.io/v1 types here.
+checked against KubeRay's ray.io/v1 types here. The job bounds the chart derives from its GPU group are
+checked where they act: the service's Settings built from the rendered environment, its admission, and
+(for 64 GPUs) the API under uvicorn against a real redis-server.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import pytest
 import yaml
 from kubernetes_validate.utils import all_versions
 
-from service.auth import ApiKeys
+from service.auth import ApiKeys, Limits
 from service.settings import Settings
 
 CHART = Path(__file__).resolve().parents[1] / "helm" / "scdd"
@@ -86,6 +88,9 @@ VALUE_SETS: dict[str, dict] = {
                                  "networkPolicy": {"enabled": False}, "tests": {"enabled": False},
                                  "gc": {"enabled": False}},
 }
+# The sizes docs/deployment.md works through, as the files users pass with -f: 8 GPUs (8 pods x 1, 1 x 8), 64 (8 x 8).
+EXAMPLES = {path.stem: path for path in sorted((CHART / "examples").glob("*.yaml"))}
+VALUE_SETS.update({name: yaml.safe_load(path.read_text()) for name, path in EXAMPLES.items()})
 
 
 @pytest.fixture(scope="module")
@@ -196,6 +201,12 @@ def test_chart_metadata(chart):
      "at '/apiKeys/extraTenants/team/keys_sha256/0'"),
     ({"ray": {"clusterName": "c" * 45}}, "at '/ray/clusterName': maxLength"),  # "<name>-head-svc" must fit
     ({"ray": {"clusterName": "1ray"}}, "at '/ray/clusterName'"),  # KubeRay wants a DNS-1035 label
+    ({"ray": {"maxRestarts": -1}}, "at '/ray/maxRestarts': minimum: got -1, want 0"),
+    ({"ray": {"head": {"sizing": {"memoryPerJob": "3Gi"}}}},
+     "at '/ray/head/sizing': additional properties 'memoryPerJob' not allowed"),
+    ({"config": {"maxWorkers": 0}}, "at '/config/maxWorkers': minimum: got 0, want 1"),
+    ({"apiKeys": {"extraTenants": {"team": {"keys_sha256": [], "limits": {"max_gpus": 2}}}}},
+     "at '/apiKeys/extraTenants/team/limits': additional properties 'max_gpus' not allowed"),
 ])
 def test_schema_rejects_bad_values(chart, values, message):
     with pytest.raises(helm.HelmValuesError) as caught:
@@ -214,6 +225,10 @@ def test_schema_rejects_bad_values(chart, values, message):
     ({"api": {"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}}},
      "api.autoscaling.minReplicas (5) must not exceed api.autoscaling.maxReplicas (2)"),
     ({"fullnameOverride": "9lives"}, 'the RayCluster name "9lives-ray" is not a DNS-1035 label'),
+    ({"ray": {"workers": {"gpus": 8, "resources": {"requests": {"cpu": "7500m", "memory": "64Gi"}}}}},
+     'ray worker group "gpu": 8 GPUs per pod but 7500m CPUs (resources.requests.cpu): each job worker asks for 1 CPU'),
+    ({"ray": {"additionalWorkerGroups": [{"groupName": "h100", "minReplicas": 0, "maxReplicas": 1, "gpus": 4}]}},
+     'ray worker group "h100": 4 GPUs per pod but 2 CPUs'),  # the 2-CPU default of an additional group
 ])
 def test_inconsistent_values_fail_with_a_message(chart, values, message):
     with pytest.raises(helm.HelmRenderError, match="execution error") as caught:
@@ -298,7 +313,7 @@ def test_raycluster_fields(name):
 
 def test_gpu_worker_group_defaults():
     group = worker_groups("default")["gpu"]
-    assert (group["minReplicas"], group["maxReplicas"]) == (0, 4)  # scales to zero when idle
+    assert (group["minReplicas"], group["maxReplicas"]) == (0, 8)  # scales to zero when idle
     pod = group["template"]["spec"]
     assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
@@ -467,19 +482,144 @@ def test_service_settings_parse_from_the_rendered_environment(name, monkeypatch)
     assert api["SCDD_API_KEYS_FILE"]["value"] == "/etc/scdd/api-keys/api-keys.yaml"
 
 
-@pytest.mark.parametrize("name, gpus", [("default", "4"), ("gpu-max-8", "16"), ("gpu-max-0", "0"),
-                                       ("no-gpu-group-no-policies", "0")])
-def test_max_gpus_defaults_to_the_gpu_groups_size(name, gpus):
-    """SCDD_MAX_GPUS = the GPU worker group's maxReplicas x gpus (what the cluster can ever hold), unless set."""
-    for deployment in ("api", "dispatcher"):
-        assert env_of(container(name, "Deployment", f"{FULLNAME}-{deployment}"))["SCDD_MAX_GPUS"]["value"] == gpus
+@pytest.mark.parametrize("name, gpus, workers", [
+    ("default", "8", "8"), ("gpu-max-8", "16", "16"), ("gpus-8x1", "8", "8"), ("gpus-1x8", "8", "8"),
+    ("gpus-64", "64", "64"), ("gpu-max-0", "0", "8"), ("no-gpu-group-no-policies", "0", "8"),
+    ("existing-secrets-static-ray", "2", "2")])
+def test_job_bounds_default_to_the_gpu_groups_size(name, gpus, workers):
+    """SCDD_MAX_GPUS = the worker groups' gpus x maxReplicas (what the cluster can ever hold), and SCDD_MAX_WORKERS
+    the same (8 without GPUs), unless set; every scdd pod gets the same values."""
+    users = [container(name, "Deployment", f"{FULLNAME}-{d}") for d in ("api", "dispatcher")]
+    users += [t["spec"]["containers"][0] for _, t in ray_pod_templates(name)]
+    for c in users:
+        env = env_of(c)
+        assert (env["SCDD_MAX_GPUS"]["value"], env["SCDD_MAX_WORKERS"]["value"]) == (gpus, workers)
 
 
-def test_max_gpus_set_in_config_wins(chart):
-    files = chart.render({"config": {"maxGpus": 3}}, name=RELEASE, namespace=NAMESPACE)
-    dispatcher = next(doc for path, text in files.items() if path.endswith("dispatcher.yaml")
-                      for doc in yaml.safe_load_all(text) if doc and doc["kind"] == "Deployment")
-    assert env_of(dispatcher["spec"]["template"]["spec"]["containers"][0])["SCDD_MAX_GPUS"]["value"] == "3"
+def _render_values(chart, values: dict) -> dict[str, list[dict]]:
+    kinds: dict[str, list[dict]] = {}
+    for path, text in chart.render(values, name=RELEASE, namespace=NAMESPACE).items():
+        for doc in ([] if path.endswith("NOTES.txt") else yaml.safe_load_all(text)):
+            if doc:
+                kinds.setdefault(doc["kind"], []).append(doc)
+    return kinds
+
+
+def _dispatcher_env(kinds: dict[str, list[dict]]) -> dict[str, dict]:
+    (dispatcher,) = [d for d in kinds["Deployment"] if d["metadata"]["name"] == f"{FULLNAME}-dispatcher"]
+    return env_of(dispatcher["spec"]["template"]["spec"]["containers"][0])
+
+
+def test_job_bounds_set_in_config_win_and_additional_gpu_groups_count(chart):
+    env = _dispatcher_env(_render_values(chart, {"config": {"maxGpus": 3}}))
+    assert (env["SCDD_MAX_GPUS"]["value"], env["SCDD_MAX_WORKERS"]["value"]) == ("3", "3")
+    env = _dispatcher_env(_render_values(chart, {"config": {"maxGpus": 0, "maxWorkers": 12}}))
+    assert (env["SCDD_MAX_GPUS"]["value"], env["SCDD_MAX_WORKERS"]["value"]) == ("0", "12")
+    h100 = {"groupName": "h100", "minReplicas": 0, "maxReplicas": 2, "gpus": 8,
+            "resources": {"requests": {"cpu": "64", "memory": "512Gi"}, "limits": {"memory": "512Gi"}}}
+    env = _dispatcher_env(_render_values(chart, {"ray": {"additionalWorkerGroups": [h100]}}))
+    assert (env["SCDD_MAX_GPUS"]["value"], env["SCDD_MAX_WORKERS"]["value"]) == ("24", "24")  # 8 x 1 + 2 x 8
+
+
+@pytest.mark.parametrize("name, cpu, memory", [("default", "2", "11Gi"), ("gpus-8x1", "3", "18Gi"),
+                                              ("gpus-1x8", "2", "11Gi"), ("gpus-64", "5", "32Gi")])
+def test_head_is_sized_for_the_jobs_it_hosts(name, cpu, memory):
+    """Without ray.head.resources the head gets 1 CPU + 0.5 per running job, 4Gi + 3.5Gi per running job
+    (config.maxRunning): its GCS and dashboard, and each job's driver with its Ray Train controller."""
+    head = raycluster(name)["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert head["resources"] == {"requests": {"cpu": cpu, "memory": memory}, "limits": {"memory": memory}}
+
+
+def test_head_resources_set_in_values_win(chart):
+    mine = {"requests": {"cpu": "3", "memory": "6Gi"}, "limits": {"memory": "12Gi"}}
+    (cluster,) = _render_values(chart, {"ray": {"head": {"resources": mine}}})["RayCluster"]
+    assert cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["resources"] == mine
+    sized = {"ray": {"head": {"sizing": {"memoryPerJobMi": 1536, "milliCpuPerJob": 250}}}, "config": {"maxRunning": 3}}
+    (cluster,) = _render_values(chart, sized)["RayCluster"]
+    assert cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["resources"] == {
+        "requests": {"cpu": "1750m", "memory": "8704Mi"}, "limits": {"memory": "8704Mi"}}
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_each_example_says_what_follows_from_it_and_the_manual_shows_it(name):
+    """The example files' headers state the derived bounds and the head's size; docs/deployment.md shows each file."""
+    text = EXAMPLES[name].read_text()
+    env = env_of(container(name, "Deployment", f"{FULLNAME}-api"))
+    gpus, workers = env["SCDD_MAX_GPUS"]["value"], env["SCDD_MAX_WORKERS"]["value"]
+    assert f"Derived: SCDD_MAX_GPUS {gpus}, SCDD_MAX_WORKERS {workers} (a job of {workers} workers is admitted, " \
+           f"{int(workers) + 1} refused)" in text
+    head = raycluster(name)["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["resources"]
+    assert f"the Ray head {head['requests']['cpu']} CPUs / {head['limits']['memory']}" in text
+    manual = (CHART.parents[1] / "docs" / "deployment.md").read_text()
+    assert text in manual, f"docs/deployment.md does not show helm/scdd/examples/{name}.yaml as it is"
+
+
+def _settings_of(name: str, monkeypatch, **overrides) -> Settings:
+    return _settings_from(container(name, "Deployment", f"{FULLNAME}-api"), monkeypatch).model_copy(update=overrides)
+
+
+def _job(workers: int = 1, ipc: int = 1, iterations: int = 2, **fields) -> dict:
+    """An ImageNet-1K job spec (the root is under the chart's data root, config.dataRoots)."""
+    dataset = {"name": "imagefolder", "root": "/usr/share/datasets/imagenet", "classes": list(range(1000))}
+    return {"method": "sre2l", "dataset": dataset, "recover": {"ipc": ipc, "iterations": iterations},
+            "resources": {"workers": workers}, **fields}
+
+
+@pytest.mark.parametrize("name, most", [("gpus-8x1", 8), ("gpus-1x8", 8), ("gpus-64", 64)])
+def test_the_rendered_bounds_admit_a_job_on_every_gpu_and_refuse_one_more(name, most, monkeypatch, tmp_path):
+    from api_schema import JobSpec
+    from service.admission import AdmissionError, admit
+    from service.auth import Tenant
+
+    settings = _settings_of(name, monkeypatch, artifacts=str(tmp_path))
+    tenant = Tenant("acme", settings.max_active_jobs, settings.default_limits)
+    for workers in (8, most):
+        admit(JobSpec.model_validate(_job(workers)), tenant, "j-1", settings)
+    with pytest.raises(AdmissionError) as refused:
+        admit(JobSpec.model_validate(_job(most + 1)), tenant, "j-2", settings)
+    assert f"over the limit of {most} per job" in str(refused.value) and "SCDD_MAX_WORKERS" in str(refused.value)
+    assert f"(SCDD_MAX_GPUS={most})" in str(refused.value)
+
+
+@pytest.mark.parametrize("method, iterations", [("sre2l", 4000), ("scdd", 1000)])
+def test_the_default_budgets_admit_the_papers_imagenet_runs(method, iterations, monkeypatch, tmp_path):
+    """SRe2L ImageNet-1K: IPC 50 x 1000 classes x 4000 iterations = 2e8 image-iterations; SC-DD: 1000 iterations.
+    The chart's defaults admit them (with room: 1e9), and give a job days, not one."""
+    from api_schema import JobSpec
+    from service.admission import admit
+    from service.auth import Tenant
+
+    settings = _settings_of("gpus-64", monkeypatch, artifacts=str(tmp_path))
+    tenant = Tenant("acme", settings.max_active_jobs, settings.default_limits)
+    spec = _job(64, ipc=50, iterations=iterations, method=method)
+    assert admit(JobSpec.model_validate(spec), tenant, "j-1", settings)["recover"]["iterations"] == iterations
+    assert settings.max_image_iterations >= 5 * 50 * 1000 * 4000
+    assert settings.job_timeout_s >= 3 * 86400
+
+
+def test_the_api_built_from_the_64_gpu_chart_admits_64_workers_and_refuses_65(redis_server, monkeypatch, tmp_path):
+    """The real API (uvicorn, redis-server) with the settings the chart renders for 64 GPUs: 202, then a 422 naming
+    the bounds."""
+    from service.api.main import create_app
+    from tests.services import ApiServer
+
+    settings = _settings_of("gpus-64", monkeypatch, redis_url=redis_server.url, ray_address=None,
+                            api_keys="acme=key-acme", api_keys_file=None, artifacts=str(tmp_path / "artifacts"))
+    assert (settings.max_workers, settings.max_gpus) == (64, 64)
+    server = ApiServer(create_app(settings)).start()
+    try:
+        with server.client("key-acme") as acme:
+            accepted = acme.post("/v1/jobs", json=_job(64))
+            assert accepted.status_code == 202, accepted.text
+            assert accepted.json()["spec"]["resources"]["workers"] == 64
+            refused = acme.post("/v1/jobs", json=_job(65))
+            assert refused.status_code == 422, refused.text
+            message = refused.json()["message"]
+            assert "resources.workers: 65 workers asked, over the limit of 64 per job for tenant 'acme' " \
+                   "(limits.max_workers in the API key file, else SCDD_MAX_WORKERS)" in message
+            assert "hold 65 GPUs, more than this service runs at once (SCDD_MAX_GPUS=64)" in message
+    finally:
+        server.stop()
 
 
 @pytest.mark.parametrize("name, device", [("default", "cuda"), ("gpu-max-0", "cuda"),
@@ -492,21 +632,28 @@ def test_worker_device_and_placement_wait_come_from_the_chart(name, device, monk
     for where, template in ray_pod_templates(name):
         env = env_of(template["spec"]["containers"][0])
         assert env["SCDD_WORKER_DEVICE"]["value"] == device, where
-        assert env["SCDD_PLACEMENT_TIMEOUT_S"]["value"] == "600", where
+        assert env["SCDD_PLACEMENT_TIMEOUT_S"]["value"] == "900", where
+        assert env["SCDD_MAX_RESTARTS"]["value"] == "3", where
         monkeypatch.setenv("SCDD_PLACEMENT_TIMEOUT_S", env["SCDD_PLACEMENT_TIMEOUT_S"]["value"])
-        assert placement_timeout_from_env() == 600.0
+        assert placement_timeout_from_env() == 900.0
         assert decide_device("auto", env["SCDD_WORKER_DEVICE"]["value"], local_cluster=False,
                              local_cuda=False).gpus is (device == "cuda")
+    dispatcher_env = env_of(container(name, "Deployment", f"{FULLNAME}-dispatcher"))
+    assert dispatcher_env["SCDD_MAX_RESTARTS"]["value"] == "3"
     dispatcher = _settings_from(container(name, "Deployment", f"{FULLNAME}-dispatcher"), monkeypatch)
-    assert (dispatcher.worker_device, dispatcher.placement_timeout_s) == (device, 600.0)
+    # the dispatcher passes them on in each Ray job's environment
+    assert (dispatcher.worker_device, dispatcher.placement_timeout_s, dispatcher.max_restarts) == (device, 900.0, 3)
 
 
 def test_worker_device_and_placement_wait_set_in_values_win(chart):
-    files = chart.render({"ray": {"workerDevice": "cpu", "placementTimeoutS": 1800}}, name=RELEASE, namespace=NAMESPACE)
-    (cluster,) = [doc for path, text in files.items() if path.endswith("raycluster.yaml")
-                  for doc in yaml.safe_load_all(text) if doc]
-    head = env_of(cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0])
-    assert (head["SCDD_WORKER_DEVICE"]["value"], head["SCDD_PLACEMENT_TIMEOUT_S"]["value"]) == ("cpu", "1800")
+    kinds = _render_values(chart, {"ray": {"workerDevice": "cpu", "placementTimeoutS": 1800, "maxRestarts": 0}})
+    (cluster,) = kinds["RayCluster"]
+    for env in [env_of(cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]), _dispatcher_env(kinds)]:
+        assert (env["SCDD_WORKER_DEVICE"]["value"], env["SCDD_PLACEMENT_TIMEOUT_S"]["value"],
+                env["SCDD_MAX_RESTARTS"]["value"]) == ("cpu", "1800", "0")
+    users = [container("gpus-64", "Deployment", f"{FULLNAME}-dispatcher")]  # eight 8-GPU nodes from zero: 1200 s
+    users += [t["spec"]["containers"][0] for _, t in ray_pod_templates("gpus-64")]
+    assert {env_of(c)["SCDD_PLACEMENT_TIMEOUT_S"]["value"] for c in users} == {"1200"}
     with pytest.raises(Exception, match="workerDevice"):
         chart.render({"ray": {"workerDevice": "gpu"}}, name=RELEASE, namespace=NAMESPACE)
 
@@ -535,9 +682,11 @@ def test_generated_api_key_is_accepted_by_the_service(tmp_path, monkeypatch):
 
 def test_extra_tenants_join_the_generated_key_file(chart, tmp_path):
     digest = "ab" * 32
+    limits = {"max_workers": 2, "max_image_iterations": 10**7, "max_epochs": 50, "max_wall_clock_s": 3600}
     files = chart.render({"apiKeys": {"generatedTenant": "ops", "extraTenants": {
         "vision-team": {"keys_sha256": [digest], "max_active_jobs": 4},
-        "ops": {"keys_sha256": ["cd" * 32], "max_active_jobs": 2}}}}, name=RELEASE, namespace=NAMESPACE)
+        "ops": {"keys_sha256": ["cd" * 32], "max_active_jobs": 2, "limits": limits}}}},
+        name=RELEASE, namespace=NAMESPACE)
     secret = next(d for d in yaml.safe_load_all(files["scdd/templates/secrets.yaml"])
                   if d["metadata"]["name"].endswith("api-keys"))
     keys_file = tmp_path / "keys.yaml"
@@ -546,8 +695,9 @@ def test_extra_tenants_join_the_generated_key_file(chart, tmp_path):
     tenants = yaml.safe_load(keys_file.read_text())["tenants"]
     assert tenants["vision-team"] == {"keys_sha256": [digest], "max_active_jobs": 4}
     assert tenants["ops"]["keys_sha256"] == [hashlib.sha256(key.encode()).hexdigest(), "cd" * 32]
-    keys = ApiKeys.load(None, str(keys_file), default_quota=8)
+    keys = ApiKeys.load(None, str(keys_file), default_quota=8, default_limits=Limits(64, 10**9, 1000, 604800))
     assert keys.tenant_for(key).max_active_jobs == 2 and len(keys) == 3
+    assert keys.tenant_for(key).limits == Limits(**limits)  # the tenant's own limits win over the config.max* ones
 
 
 def test_existing_api_key_secret_is_mounted_and_none_generated():
@@ -823,3 +973,6 @@ def test_notes():
     assert (f"export SCDD_API_KEY=$(kubectl -n {NAMESPACE} get secret {FULLNAME}-api-keys "
             "-o jsonpath='{.data.api-key}' | base64 -d)") in notes
     assert "scdd-keys" in _render("existing-secrets-static-ray")[1]
+    assert "Job bounds (a tenant's limits in the API key file win): 8 workers per job (SCDD_MAX_WORKERS),\n" \
+           "8 GPUs held by running jobs at once (SCDD_MAX_GPUS), 2 jobs running at once;" in notes
+    assert "CPU request 5, memory limit 32Gi." in _render("gpus-64")[1]

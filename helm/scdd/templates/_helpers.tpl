@@ -163,16 +163,70 @@ fresh value). Call with (dict "root" $ "name" <secret> "key" <key> "length" <n> 
 {{- end }}
 {{- end }}
 
-{{/* The service settings (SCDD_*), HOME on the writable /tmp, and extraEnv. */}}
-{{/* SCDD_MAX_GPUS: config.maxGpus, else the GPU worker group's maxReplicas x gpus (0 without it). */}}
+{{/*
+Job bounds derived from the worker groups (docs/deployment.md, "Sizing the chart for 8 and 64 GPUs").
+The GPUs the worker groups can ever hold: gpus x maxReplicas of ray.workers (when enabled) plus those of
+every additional group.
+*/}}
+{{- define "scdd.groupGpus" -}}
+{{- $ray := .Values.ray -}}
+{{- $total := 0 -}}
+{{- if $ray.workers.enabled -}}
+{{- $total = add $total (mul ($ray.workers.maxReplicas | int64) ($ray.workers.gpus | int64)) -}}
+{{- end -}}
+{{- range $ray.additionalWorkerGroups -}}
+{{- $total = add $total (mul (.maxReplicas | int64) (.gpus | default 0 | int64)) -}}
+{{- end -}}
+{{- $total -}}
+{{- end -}}
+
+{{/* SCDD_MAX_GPUS: config.maxGpus, else the worker groups' GPUs (scdd.groupGpus; 0, no bound, without GPUs). */}}
 {{- define "scdd.maxGpus" -}}
-{{- $w := .Values.ray.workers -}}
 {{- if not (kindIs "invalid" .Values.config.maxGpus) -}}
 {{- .Values.config.maxGpus | int64 -}}
-{{- else if $w.enabled -}}
-{{- mul ($w.maxReplicas | int64) ($w.gpus | int64) -}}
 {{- else -}}
-0
+{{- include "scdd.groupGpus" . -}}
+{{- end -}}
+{{- end -}}
+
+{{/* SCDD_MAX_WORKERS: config.maxWorkers, else SCDD_MAX_GPUS (a job may use every GPU the service runs), else 8
+(no GPU bound: the service's own default). */}}
+{{- define "scdd.maxWorkers" -}}
+{{- if not (kindIs "invalid" .Values.config.maxWorkers) -}}
+{{- .Values.config.maxWorkers | int64 -}}
+{{- else -}}
+{{- $gpus := include "scdd.maxGpus" . | int64 -}}
+{{- if gt $gpus 0 }}{{ $gpus }}{{ else }}8{{ end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* A CPU quantity ("8", 8, "0.5", "7500m") in millicores. */}}
+{{- define "scdd.milliCpu" -}}
+{{- $q := toString . -}}
+{{- if hasSuffix "m" $q -}}
+{{- trimSuffix "m" $q | int64 -}}
+{{- else -}}
+{{- mulf (float64 $q) 1000 | int64 -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The Ray head's container resources: ray.head.resources when set, else derived from config.maxRunning
+(ray.head.sizing): memory base + maxRunning x per job (request = limit), CPU base + maxRunning x per job
+(request only), for its GCS / dashboard and the drivers (with their Ray Train controllers) it hosts.
+*/}}
+{{- define "scdd.headResources" -}}
+{{- $head := .Values.ray.head -}}
+{{- if $head.resources -}}
+{{- toYaml $head.resources -}}
+{{- else -}}
+{{- $s := $head.sizing -}}
+{{- $jobs := .Values.config.maxRunning | int64 -}}
+{{- $mem := add ($s.baseMemoryMi | int64) (mul $jobs ($s.memoryPerJobMi | int64)) -}}
+{{- $cpu := add ($s.baseMilliCpu | int64) (mul $jobs ($s.milliCpuPerJob | int64)) -}}
+{{- $memory := ternary (printf "%dGi" (div $mem 1024)) (printf "%dMi" $mem) (eq (mod $mem 1024) 0) -}}
+{{- $cpus := ternary (printf "%d" (div $cpu 1000)) (printf "%dm" $cpu) (eq (mod $cpu 1000) 0) -}}
+{{- toYaml (dict "requests" (dict "cpu" $cpus "memory" $memory) "limits" (dict "memory" $memory)) -}}
 {{- end -}}
 {{- end -}}
 
@@ -192,12 +246,15 @@ replicas: device auto then waits for a GPU node instead of running on CPUs), els
 {{- $ray.workerDevice | default $device -}}
 {{- end -}}
 
+{{/* The service settings (SCDD_*), HOME on the writable /tmp, and extraEnv. */}}
 {{- define "scdd.env.settings" -}}
 {{- $c := .Values.config }}
 - name: SCDD_WORKER_DEVICE
   value: {{ include "scdd.workerDevice" . | quote }}
 - name: SCDD_PLACEMENT_TIMEOUT_S
   value: {{ .Values.ray.placementTimeoutS | toString | quote }}
+- name: SCDD_MAX_RESTARTS
+  value: {{ .Values.ray.maxRestarts | int64 | quote }}
 - name: SCDD_REDIS_PREFIX
   value: {{ $c.redisPrefix | quote }}
 - name: SCDD_ARTIFACTS
@@ -231,7 +288,7 @@ replicas: device auto then waits for a GPU node instead of running on CPUs), els
 - name: SCDD_POLL_S
   value: {{ $c.pollS | toString | quote }}
 - name: SCDD_MAX_WORKERS
-  value: {{ $c.maxWorkers | int64 | quote }}
+  value: {{ include "scdd.maxWorkers" . | quote }}
 - name: SCDD_MAX_IMAGE_ITERATIONS
   value: {{ $c.maxImageIterations | int64 | quote }}
 - name: SCDD_MAX_EPOCHS
