@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import yaml
 from service.serve import child_env
 from tests.services import free_port, wait_until
 from tests.test_data import make_imagefolder
+from tests.test_service_artifacts import fabricate_job
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,6 +80,19 @@ def serve(tmp_path, ray_head):
 
 def api(url: str, key: str) -> httpx.Client:
     return httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+
+
+def big_finished_job(url: str) -> str:
+    """A job of acme's with the artifacts of a 1000-class IPC-5 run: a job submitted and cancelled at once (its
+    driver, had one started, long gone), then its folder made as scdd writes it (tests/test_service_artifacts)."""
+    with api(url, "key-acme") as acme:
+        job = acme.post("/v1/jobs", json={"dataset": {"classes": [0, 1]}, "resources": QUICK}).json()
+        acme.post(f"/v1/jobs/{job['id']}/cancel")
+        wait_until(lambda: acme.get(f"/v1/jobs/{job['id']}").json()["state"] in FINAL, 60, "the cancel")
+    folder = Path(job["spec"]["output"]["url"])
+    shutil.rmtree(folder, ignore_errors=True)
+    fabricate_job(folder, classes=1000, ipc=5)
+    return job["id"]
 
 
 def test_the_console_signs_in_submits_follows_shows_and_cancels_jobs_of_one_tenant(serve, tmp_path, fmnist_root):
@@ -194,7 +209,7 @@ def test_the_console_signs_in_submits_follows_shows_and_cancels_jobs_of_one_tena
         assert all(img.get_property("naturalWidth") > 0
                    for img in browser.find_elements(By.CSS_SELECTOR, "#class-images img"))
         shot("job")
-        browser.find_element(By.ID, "download").click()  # the whole set as one zip, fetched with the key
+        browser.find_element(By.ID, "download").click()  # the whole set as one zip, saved from a signed link
         archive = downloads / f"{mine}.zip"
         wait_until(lambda: archive.exists() and zipfile.is_zipfile(archive), 30, "the zip download")
         names = zipfile.ZipFile(archive).namelist()
@@ -206,10 +221,54 @@ def test_the_console_signs_in_submits_follows_shows_and_cancels_jobs_of_one_tena
             assert again.status_code == 202, again.text
             acme.post(f"/v1/jobs/{again.json()['id']}/cancel")
 
+        # a 1000-class job: the page lists the class folders only, a class's images come when it is opened (not
+        # grid.png, not the other 999 classes), and Download all saves the zip from a link, not a fetched blob
+        big = big_finished_job(serve)
+        fetched = "return performance.getEntriesByType('resource').filter(e => e.initiatorType === 'fetch')" \
+                  ".map(e => e.name)"
+        browser.execute_script("performance.setResourceTimingBufferSize(10000); performance.clearResourceTimings()")
+        browser.get(f"{serve}/ui/#/jobs/{big}")
+        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, ".class-button")) == 1000)
+        listings = [url for url in browser.execute_script(fetched) if "/artifacts?" in url]
+        assert listings and all("delimiter=%2F" in url for url in listings), listings  # never the 5000 images
+        browser.execute_script("performance.clearResourceTimings()")
+        browser.find_element(By.CSS_SELECTOR, '.class-button[data-class="n00000777"]').click()
+        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#class-images img")) == 5)
+        assert all(img.get_property("naturalWidth") > 0
+                   for img in browser.find_elements(By.CSS_SELECTOR, "#class-images img"))
+        urls = browser.execute_script(fetched)
+        assert not [url for url in urls if "grid.png" in url], urls
+        assert sorted(url.split(f"/v1/jobs/{big}/")[1] for url in urls if f"/v1/jobs/{big}/artifacts" in url) == [
+            "artifacts/images/n00000777/777_0000.png", "artifacts/images/n00000777/777_0001.png",
+            "artifacts/images/n00000777/777_0002.png", "artifacts/images/n00000777/777_0003.png",
+            "artifacts/images/n00000777/777_0004.png", "artifacts?prefix=images%2Fn00000777%2F&limit=5000"]
+        browser.execute_script("performance.clearResourceTimings()")
+        browser.find_element(By.ID, "download").click()
+        big_zip = downloads / f"{big}.zip"
+        wait_until(lambda: big_zip.exists() and zipfile.is_zipfile(big_zip), 30, "the 1000-class zip download")
+        assert len(zipfile.ZipFile(big_zip).namelist()) == 5000 + 4  # images, manifest, report, grid, teacher
+        assert [url.split(f"/v1/jobs/{big}/")[1] for url in browser.execute_script(fetched) if "/archive" in url] == [
+            "archive-link"]  # the zip itself was the browser's download, not a fetch()
+        shot("job-1000-classes")
+
         # the hostile class name is text, and no script ran
         browser.get(f"{serve}/ui/#/jobs/{evil}")  # a new hash, not a new page: wait for this job's buttons
         wait.until(lambda b: EVIL in [e.text for e in b.find_elements(By.CSS_SELECTOR, ".class-button")])
         browser.execute_script("window.__alerts = 0; window.alert = () => { window.__alerts += 1; };")
+        # a finished job's curves come from GET .../curves, and the replayed events add no point twice
+        with api(serve, "key-acme") as acme:
+            curves = acme.get(f"/v1/jobs/{evil}/curves").json()["curves"]
+        drawn = {f"{c['stage']}/{c['loop']}": len(c["points"]) for c in curves
+                 if any(m in p["values"] for p in c["points"] for m in ("ce", "bn", "loss"))}
+
+        def charts(b) -> dict[str, int]:
+            return {c.get_attribute("data-curve"): int(c.get_attribute("data-points"))
+                    for c in b.find_elements(By.CSS_SELECTOR, ".chart")}
+
+        assert drawn, curves
+        wait.until(lambda b: charts(b) == drawn)
+        time.sleep(0.5)  # the event stream's replay has come and gone
+        assert charts(browser) == drawn
         browser.find_element(By.CSS_SELECTOR, f'.class-button[data-class="{EVIL}"]').click()
         wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#class-images img"))
         assert text("#class-title").startswith(f"Class {EVIL}")

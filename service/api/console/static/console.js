@@ -1,7 +1,8 @@
 // The scdd web console: one page, no framework, no build step. Every string from the service (job fields,
 // class names, error messages, spec values) is put into the page as text (textContent, text nodes,
 // attribute values), never parsed as HTML. The API key lives in sessionStorage only and travels in the
-// Authorization header of fetch(); images and the zip are fetched with it and shown through blob: URLs.
+// Authorization header of fetch(); images are fetched with it and shown through blob: URLs. The zip is not held
+// in memory: the browser downloads it to disk from a short-lived signed link (POST .../archive-link).
 "use strict";
 
 (() => {
@@ -311,37 +312,67 @@
     return factList(rows);
   }
 
+  const jobPath = (jobId) => `/v1/jobs/${encodeURIComponent(jobId)}`;
+  const artifactUrl = (jobId, path) => `${jobPath(jobId)}/artifacts/${path.split("/").map(encodeURIComponent).join("/")}`;
+
+  // Every page of a listing (files and, with delimiter "/", folders), 5000 entries a request.
+  async function listing(jobId, query) {
+    const found = { files: [], folders: [] };
+    let cursor = null;
+    do {
+      const params = new URLSearchParams({ ...query, limit: "5000" });
+      if (cursor) params.set("cursor", cursor);
+      const page = await getJSON(`${jobPath(jobId)}/artifacts?${params}`);
+      found.files.push(...page.files);
+      found.folders.push(...(page.folders || []));
+      cursor = page.next_cursor;
+    } while (cursor);
+    return found;
+  }
+
+  // The grid preview (at most 100 class rows, whatever the set's size) and a class browser that lists the class
+  // folders only, then one class's images when it is opened: a 1000-class job is never listed or fetched whole.
   async function imagesView(jobId, container) {
-    const files = (await getJSON(`/v1/jobs/${encodeURIComponent(jobId)}/artifacts`)).files.map((f) => f.path);
+    const [top, classes] = await Promise.all([listing(jobId, { delimiter: "/" }),
+      listing(jobId, { prefix: "images/", delimiter: "/" })]);
     const parts = [];
-    if (files.includes("grid.png")) {
+    if (top.files.some((f) => f.path === "grid.png")) {
       parts.push(h("img", { class: "grid", id: "grid", alt: "grid of the distilled images",
-        src: await blobUrl(`/v1/jobs/${encodeURIComponent(jobId)}/artifacts/grid.png`) }));
+        src: await blobUrl(artifactUrl(jobId, "grid.png")) }));
     }
-    const byClass = new Map();
-    for (const path of files) {
-      const segments = path.split("/");
-      if (segments.length === 3 && segments[0] === "images") {
-        if (!byClass.has(segments[1])) byClass.set(segments[1], []);
-        byClass.get(segments[1]).push(path);
-      }
-    }
+    const names = classes.folders.map((folder) => folder.slice("images/".length, -1));
     const shown = h("div", { class: "class-images", id: "class-images" });
     const title = h("h3", { id: "class-title" });
-    const buttons = [...byClass.keys()].map((name) => h("button", {
+    let shownUrls = []; // the open class's blob: URLs, given back when another class is opened
+    let opening = 0;
+    async function openClass(name) {
+      const mine = ++opening;
+      title.textContent = `Class ${name}: loading…`;
+      const files = (await listing(jobId, { prefix: `images/${name}/` })).files;
+      const images = await Promise.all(files.map(async (file) => h("img", {
+        src: URL.createObjectURL(await (await api(artifactUrl(jobId, file.path))).blob()),
+        alt: file.path.split("/").pop(), title: file.path })));
+      const urls = images.map((img) => img.src);
+      if (mine !== opening) { urls.forEach((url) => URL.revokeObjectURL(url)); return; } // another class was opened
+      shownUrls.forEach((url) => URL.revokeObjectURL(url));
+      shownUrls = urls;
+      title.textContent = `Class ${name}: ${files.length} images`;
+      shown.replaceChildren(...images);
+    }
+    leave.push(() => shownUrls.forEach((url) => URL.revokeObjectURL(url)));
+    const buttons = names.map((name) => h("button", {
       type: "button", class: "class-button", "data-class": name,
-      onclick: async () => {
-        title.textContent = `Class ${name}: ${byClass.get(name).length} images`;
-        const images = [];
-        for (const path of byClass.get(name)) {
-          const src = await blobUrl(`/v1/jobs/${encodeURIComponent(jobId)}/artifacts/${path.split("/").map(encodeURIComponent).join("/")}`);
-          images.push(h("img", { src, alt: path.split("/").pop(), title: path }));
-        }
-        shown.replaceChildren(...images);
-      },
+      onclick: () => openClass(name).catch((error) => handle(error, container)),
     }, name));
-    if (buttons.length) parts.push(h("p", { class: "muted" }, "Classes (click one to see its images):"),
-      h("div", { class: "classes", id: "classes" }, buttons), title, shown);
+    if (buttons.length) {
+      const filter = h("input", { id: "class-filter", type: "search", placeholder: "filter classes" });
+      filter.addEventListener("input", () => {
+        const text = filter.value.trim().toLowerCase();
+        buttons.forEach((b) => { b.hidden = Boolean(text) && !b.dataset.class.toLowerCase().includes(text); });
+      });
+      parts.push(h("p", { class: "muted" }, `${names.length} classes (click one to see its images):`), filter,
+        h("div", { class: "classes", id: "classes" }, buttons), title, shown);
+    }
     container.replaceChildren(...(parts.length ? parts : [h("p", { class: "muted" }, "No images yet.")]));
   }
 
@@ -390,33 +421,69 @@
       return stageBars.get(stage);
     }
 
-    const plots = new Map(); // `${stage}/${loop}` -> {plot, data, metrics, box}
+    const plots = new Map(); // `${stage}/${loop}` (earlier attempts: `${attempt}/...`) -> {plot, data, metrics, box}
     leave.push(() => plots.forEach((p) => p.plot.destroy()));
-    function addPoint(event) {
-      const metrics = CURVE_METRICS.filter((m) => typeof event[m] === "number");
-      if (!metrics.length || typeof event.done !== "number") return;
-      const name = `${event.stage}/${event.loop}`;
-      let chart = plots.get(name);
-      if (!chart) {
-        const box = h("div", { class: "chart", "data-curve": name, "data-points": 0 }, h("h3", {}, `${event.stage} — ${event.loop}`));
+    function chart(name, title, unit, metrics) {
+      if (!plots.has(name)) {
+        const box = h("div", { class: "chart", "data-curve": name, "data-points": 0 }, h("h3", {}, title));
         charts.append(box);
         const data = [[], ...metrics.map(() => [])];
         // one y scale per metric (recover's BN loss is ~100x its CE), the second one's axis on the right
         const plot = new uPlot({
           width: 380, height: 200, scales: { x: { time: false } },
-          series: [{ label: event.unit || "step" },
+          series: [{ label: unit },
             ...metrics.map((m) => ({ label: m, stroke: COLOURS[m], width: 1.5, scale: m }))],
-          axes: [{ label: event.unit || "step" },
+          axes: [{ label: unit },
             ...metrics.slice(0, 2).map((m, i) => ({ scale: m, side: i ? 1 : 3, stroke: COLOURS[m],
               grid: { show: i === 0 } }))],
         }, data, box);
-        chart = { plot, data, metrics, box };
-        plots.set(name, chart);
+        plots.set(name, { plot, data, metrics, box });
       }
-      chart.data[0].push(event.done);
-      chart.metrics.forEach((m, i) => chart.data[i + 1].push(typeof event[m] === "number" ? event[m] : null));
-      chart.plot.setData(chart.data);
-      chart.box.dataset.points = String(chart.data[0].length);
+      return plots.get(name);
+    }
+
+    function plotPoints(name, title, unit, points) { // points: [{x, values: {ce, bn, loss, ...}}]
+      const metrics = CURVE_METRICS.filter((m) => points.some((p) => typeof p.values[m] === "number"));
+      if (!metrics.length) return;
+      const c = chart(name, title, unit, metrics);
+      for (const p of points) {
+        c.data[0].push(p.x);
+        c.metrics.forEach((m, i) => c.data[i + 1].push(typeof p.values[m] === "number" ? p.values[m] : null));
+      }
+      c.plot.setData(c.data);
+      c.box.dataset.points = String(c.data[0].length);
+    }
+
+    // What GET .../curves drew: the last x of each of the current attempt's curves (events up to it are in the
+    // curve, or were thinned out of it), and the attempt (an earlier attempt's events are in its own charts).
+    const drawnUntil = new Map();
+    let curvesAttempt = 0;
+    function addPoint(event) {
+      const name = `${event.stage}/${event.loop}`;
+      if (typeof event.done !== "number" || (typeof event.attempt === "number" && event.attempt < curvesAttempt) ||
+          event.done <= (drawnUntil.has(name) ? drawnUntil.get(name) : -Infinity)) return;
+      plotPoints(name, `${event.stage} — ${event.loop}`, event.unit || "step", [{ x: event.done, values: event }]);
+    }
+
+    // The whole run's curves, downsampled by the service (the event stream keeps only the latest events); the
+    // live events then add what comes after. Without the curves route (an older service: 404) the events'
+    // replay draws them, as far as the stream still holds them.
+    async function loadCurves() {
+      let answer;
+      try {
+        answer = await getJSON(`${jobPath(jobId)}/curves`);
+      } catch (error) {
+        if (error instanceof ApiError && error.status === 404) return;
+        throw error;
+      }
+      if (abort.signal.aborted) return;
+      curvesAttempt = Math.max(job.attempt || 1, ...answer.curves.map((c) => c.attempt));
+      for (const c of answer.curves) {
+        const earlier = c.attempt !== curvesAttempt;
+        const name = earlier ? `${c.attempt}/${c.stage}/${c.loop}` : `${c.stage}/${c.loop}`;
+        plotPoints(name, `${c.stage} — ${c.loop}${earlier ? ` (attempt ${c.attempt})` : ""}`, "done", c.points);
+        if (!earlier && c.points.length) drawnUntil.set(name, c.points[c.points.length - 1].x);
+      }
     }
 
     let shownFinal = false;
@@ -458,8 +525,9 @@
       } catch (error) { handle(error); }
     });
     download.addEventListener("click", async () => {
-      try {
-        const link = h("a", { href: await blobUrl(`/v1/jobs/${encodeURIComponent(jobId)}/archive`), download: `${jobId}.zip` });
+      try { // the browser streams the zip to disk from a signed link: nothing of it is held in this page
+        const { url } = await (await api(`${jobPath(jobId)}/archive-link`, { method: "POST" })).json();
+        const link = h("a", { href: url, download: `${jobId}.zip` });
         document.body.append(link);
         link.click();
         link.remove();
@@ -475,7 +543,7 @@
       }
     });
 
-    follow(jobId, abort.signal, (kind, event) => {
+    loadCurves().catch((error) => handle(error)).then(() => follow(jobId, abort.signal, (kind, event) => {
       if (kind === "stage_started") stageBar(event.stage);
       else if (kind === "stage_finished") {
         const s = stageBar(event.stage);
@@ -494,7 +562,7 @@
       } else if (kind === "job_finished") {
         refresh();
       }
-    }, (note) => { noteEl.textContent = note; });
+    }, (note) => { noteEl.textContent = note; }));
   }
 
   // -- the submit page: a form made from the job spec's JSON Schema ------------------------------------
