@@ -571,19 +571,40 @@ class JobSpec(_Spec):
             data.pop("ensemble")
         return data
 
+    def images_depend_on_workers(self) -> bool:
+        """Whether the worker count changes the synthetic images (the rule a resume on other workers follows).
+
+        With optimisation steps (recover.iterations > 0) it does: W workers cut the classes into W slices, a unit
+        holds one batch of every slice, each worker's share draws its noise and augmentation from its own seed,
+        and (bn_sync global) the statistics matched are those of the W shares together. Without steps
+        (iterations 0: a real-pixel init kept as it is) every image is its class's planned initial image, drawn
+        per class whatever the slicing (scdd/recover/init), so any worker count makes the same bytes."""
+        return self.recover.iterations > 0
+
     def recover_digest(self) -> str:
-        """Hash of what determines the synthetic images; a resumed run must match it. The worker
-        count cuts the classes into slices, so it counts when above 1 (and bn_sync only then)."""
+        """Hash of what determines the synthetic images; a resumed run must match it. The worker count
+        counts exactly where it changes the images (`images_depend_on_workers`), when above 1 (and bn_sync
+        only then)."""
         data = {key: self.to_dict()[key] for key in ("method", "recover", "seed")}
         data["teacher"] = self.teacher_section()
         data["dataset"] = self.training_data()
         if not self.recover.stat_momentum:
             data["recover"].pop("stat_momentum")  # the field's default, added later: earlier job ids stay
-        if self.resources.workers > 1:
+        if self.resources.workers > 1 and self.images_depend_on_workers():
             data["workers"] = self.resources.workers
         else:
             data["recover"].pop("bn_sync")
         return self.hash_of(data)
+
+    def resume_refusal(self, workers: int) -> str | None:
+        """Why this job's output cannot be resumed with `workers` workers (None: it can). The rule of
+        `images_depend_on_workers`: another worker count is refused exactly where it would change the images."""
+        if workers == self.resources.workers or not self.images_depend_on_workers():
+            return None
+        return (f"this job's images depend on its worker count (recover.iterations {self.recover.iterations} > 0: "
+                f"the classes are cut into one slice per worker, each share is seeded per worker, and the BatchNorm "
+                f"statistics are those of all workers' batches), so only {self.resources.workers} workers can resume "
+                f"it; a job with recover.iterations 0 resumes on any worker count")
 
     def job_id(self) -> str:
         return f"{self.dataset.name}-{self.method}-ipc{self.recover.ipc}-{self.recover_digest()}"

@@ -30,7 +30,9 @@ With RAY_ADDRESS set, every `ray::` process on this machine counts as a worker o
 
     python bench/scale.py                          # 1000 classes, 50 + 5 images each, 32 px; IPC 10 and 50
     python bench/scale.py --classes 100            # a medium size
-    python bench/scale.py --smoke --out /tmp/s.json  # seconds: 20 classes at 8 px, IPC 1 and 2 (the suite runs it)
+    python bench/scale.py --smoke --out /tmp/s.json  # seconds: 20 classes at 8 px, IPC 1 and 2
+    python bench/scale.py --ipc 50 --serve-only    # the IPC 50 job through `scdd serve`: artifact listing pages,
+                                                   # the archive's rate, the API's memory (bench/scale_serve.py)
 
 Run it alone on the cores. The driver's torch uses one thread (OMP_NUM_THREADS=1 unless set), each worker
 `resources.threads` = 1.
@@ -584,6 +586,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the JSON results (default bench/results/scale-<date>.json; with --smoke "
                         "scale-smoke-<date>.json)")
     parser.add_argument("--print-spec", action="store_true", help="print the first run's full job spec and exit")
+    parser.add_argument("--serve", action="store_true",
+                        help="also run the largest IPC's job through `scdd serve` (its own redis-server and Ray head) "
+                        "and time the artifact listing per page, the archive's rate and the API's memory while it "
+                        "streams (bench/scale_serve.py)")
+    parser.add_argument("--serve-only", action="store_true", help="only the --serve run (no driver runs of this bench)")
+    parser.add_argument("--page", type=int, default=1000, help="--serve: files per listing page (the API's limit)")
     args = parser.parse_args(argv)
     if args.smoke:
         defaults = {a.dest: a.default for a in parser._actions}
@@ -610,20 +618,29 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="scdd-scale-runs-"))
     work.mkdir(parents=True, exist_ok=True)
     runs = []
-    for ipc in args.ipcs:
+    for ipc in ([] if args.serve_only else args.ipcs):
         runs.append(run_one(args, data, ipc, work) if args.in_process else run_in_fresh_driver(args, data, ipc, work))
     rows = growth(runs) if len(runs) > 1 else []
     print_growth(rows)
+    served = None
+    if args.serve or args.serve_only:
+        from scale_serve import print_serve, run_through_serve
+
+        ipc = args.ipcs[-1]
+        spec = job_spec(args, data["root"], ipc, "<service>", "<service>")
+        served = run_through_serve(args, data, ipc, work, spec, class_dir(0))
+        print_serve(served)
     if args.work is None and not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     today = datetime.date.today().isoformat()
-    out = args.out or RESULTS / f"scale-{'smoke-' if args.smoke else ''}{today}.json"
+    kind = "scale-serve" if args.serve_only else "scale"
+    out = args.out or RESULTS / f"{kind}-{'smoke-' if args.smoke else ''}{today}.json"
     document = {
         "bench": "scale", "date": today, **git_state(), "smoke": args.smoke,
         "host": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "driver_process": "in-process" if args.in_process else "a fresh spawned driver per run",
-        "data": data, "runs": runs, "growth": rows, "seconds": round(time.perf_counter() - started, 1),
+        "data": data, "runs": runs, "growth": rows, "serve": served, "seconds": round(time.perf_counter() - started, 1),
     }
     try:
         import ray

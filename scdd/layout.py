@@ -12,6 +12,7 @@ What a run keeps to resume (`state/`):
 - `state/spec.json`                                  the spec's recover digest: a different spec is refused
 - `state/init/c<class>.pt`, `state/init/c<class>.json`  real-pixel initial images of a class and their provenance
 - `state/init/planned.json`                          every class's initialisation is planned
+- `state/plan.json`                                  the worker count the recover units are cut for (its first recover)
 - `state/units/r<round>-b<batch>.json`               one record per finished recover unit
 - `state/parts/r<round>-b<batch>-w<rank>.json`       a distributed recover worker's share of a unit
 - `state/train/<stage>/...`                          Ray Train stages: initial and final weights, checkpoints, result
@@ -32,6 +33,7 @@ RELABEL_PATH = "teacher/relabel.pt"
 SPEC_RECORD = "state/spec.json"
 INIT_DIR = "state/init"
 INIT_DONE = f"{INIT_DIR}/planned.json"
+PLAN_RECORD = "state/plan.json"
 UNITS_DIR = "state/units"
 PARTS_DIR = "state/parts"
 TRAIN_DIR = "state/train"

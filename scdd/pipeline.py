@@ -21,7 +21,7 @@ from scdd.layout import IMAGES_DIR, MANIFEST, RELABEL_PATH, REPORT, SPEC_RECORD,
 from scdd.models import checkpoint_bytes, model_metadata
 from scdd.passes import accuracy_counts, combine_accuracy, plan_init_slice, write_grid
 from scdd.progress import Progress, SilentProgress, StageClock, StageListener
-from scdd.recover import RecoverResult, collect_result, freeze, plan_units
+from scdd.recover import RecoverResult, collect_result, freeze, recover_plan
 from scdd.recover.init import INITS, init_planned, mark_init_planned
 from scdd.report import dataset_facts, recover_facts, relabel_facts, squeeze_schedule, teacher_facts
 from scdd.runtime import Runtime
@@ -142,7 +142,7 @@ def run_distillation(
             result = backend.recover(recovery.model, info, spec.recover, runtime, store, spec.seed, progress,
                                      max_units=max_units)
         except JobCancelled:  # keep what was made, marked partial, and stop
-            units = plan_units(info.num_classes, spec.recover.ipc, spec.recover.batch_size, spec.resources.workers)
+            units = recover_plan(store, info.num_classes, spec.recover, spec.resources.workers)
             write_manifest(store, spec, data, collect_result(store, units, 0, 0.0, 0), complete=False)
             raise
     complete = len(result.entries) == info.num_classes * spec.recover.ipc

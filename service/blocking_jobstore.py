@@ -11,7 +11,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from service import records
+from service import curves, records
 from service.records import Keys
 
 
@@ -19,8 +19,10 @@ class BlockingJobStore:
     def __init__(self, client: redis.Redis, prefix: str = "scdd", events_maxlen: int = 10000):
         self.redis, self.keys, self.events_maxlen = client, Keys(prefix), events_maxlen
         self._transition = client.register_script(records.TRANSITION)
+        self._claim = client.register_script(records.CLAIM)
         self._reserve = client.register_script(records.RESERVE)
         self._expire = client.register_script(records.EXPIRE_FINISHED)
+        self._write_curves = client.register_script(curves.WRITE)
 
     @classmethod
     def connect(cls, url: str, prefix: str = "scdd", events_maxlen: int = 10000) -> "BlockingJobStore":
@@ -41,6 +43,13 @@ class BlockingJobStore:
             self.keys.prefix, to, ",".join(allowed), f"{time.time():.3f}", self.events_maxlen,
             (event or {}).get("type", ""), records.event_json(event) if event else "", *flat])
         return moved == 1, state
+
+    def claim(self, job_id: str, attempt: int) -> tuple[int, str]:
+        """The driver of `attempt` takes the job: queued/dispatched -> running (records.CLAIM). (1, previous state),
+        (0, current state: not claimable), (-1, '') no job, (-2, current attempt) a newer attempt owns it."""
+        claimed, value = self._claim(keys=[self.keys.job(job_id)],
+                                     args=[self.keys.prefix, f"{time.time():.3f}", str(attempt)])
+        return int(claimed), value
 
     def finish(self, job_id: str, status: str, allowed: tuple[str, ...], error: Optional[str] = None,
                event: Optional[dict[str, Any]] = None, **fields: Any) -> tuple[bool, str]:
@@ -68,6 +77,17 @@ class BlockingJobStore:
                       maxlen=self.events_maxlen, approximate=True)
             pipe.hset(self.keys.job(job_id), mapping={"updated_at": f"{time.time():.3f}", **fields})
             pipe.execute()
+
+    def curves(self, job_id: str) -> dict[str, str]:
+        """The job's stored curves: `<attempt>/<stage>/<loop>` -> curve JSON (service/curves.py)."""
+        return self.redis.hgetall(self.keys.curves(job_id))
+
+    def write_curves(self, job_id: str, fields: dict[str, str]) -> bool:
+        """Store these curves of the job, unless its record is gone (ended and expired). True when written."""
+        if not fields:
+            return False
+        flat = [part for pair in fields.items() for part in pair]
+        return self._write_curves(keys=[self.keys.job(job_id), self.keys.curves(job_id)], args=flat) == 1
 
     def record_submit_failure(self, job_id: str, error: str) -> None:
         """Count a failed submit to Ray and keep its error (the dispatcher dead-letters after too many)."""

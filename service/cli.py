@@ -1,5 +1,5 @@
 """The job service's part of the `scdd` command line: `serve` and the client commands (submit, status,
-wait, cancel, download, jobs); scdd_cli composes them with the other layers' commands. The commands
+wait, cancel, resume, download, jobs); scdd_cli composes them with the other layers' commands. The commands
 themselves run in service/serve.py and service/commands.py, imported when one runs."""
 
 from __future__ import annotations
@@ -47,6 +47,11 @@ def add_client(sub: argparse._SubParsersAction) -> None:
     add("wait", "follow a job's progress until it ends", WAIT_EPILOG).add_argument("job_id", metavar="ID")
     add("cancel", "cancel a job (a queued one at once, a running one at its next check)").add_argument(
         "job_id", metavar="ID")
+    parser = add("resume", "run a failed or cancelled job again on its own output, keeping what it made")
+    parser.add_argument("job_id", metavar="ID")
+    parser.add_argument("--workers", type=_positive, metavar="N", help="run it on N workers (accepted only where that "
+                        "leaves its images the same: recover.iterations 0; else the server names the count that can)")
+    parser.add_argument("--wait", action="store_true", help="then follow it as `scdd wait` does (same exit codes)")
     parser = add("download", "download a job's artifacts and check the images against manifest.json")
     parser.add_argument("job_id", metavar="ID")
     parser.add_argument("dir", metavar="DIR", help="destination folder (files there with the same size are kept)")

@@ -146,6 +146,12 @@ class JobClient:
     def cancel(self, job_id: str) -> dict:
         return self._request("POST", f"{self._job(job_id)}/cancel").json()
 
+    def resume(self, job_id: str, workers: Optional[int] = None) -> dict:
+        """Queue a failed or cancelled job again on its own output (its next attempt), on `workers` workers when
+        given (refused where that would change its images)."""
+        body = {"workers": workers} if workers is not None else {}
+        return self._request("POST", f"{self._job(job_id)}/resume", json=body).json()
+
     # -- events ----------------------------------------------------------------------------------
     def _event_stream(self, job_id: str, last_event_id: Optional[str]) -> Iterator[Event]:
         headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
@@ -167,18 +173,20 @@ class JobClient:
                 frame = {}
 
     def events(self, job_id: str, last_event_id: Optional[str] = None) -> Iterator[Event]:
-        """The job's events as (id, type, event), from the first (or after `last_event_id`) until `job_finished`.
-        A connection lost mid-stream is resumed once with Last-Event-ID; a second loss with no event
-        in between raises ClientError."""
+        """The job's events as (id, type, event), from the first (or after `last_event_id`) until its last attempt's
+        `job_finished` (the server ends the stream there; a resumed job's earlier ones pass). A connection lost
+        mid-stream is resumed once with Last-Event-ID; a second loss with no event in between raises ClientError."""
         retried = False
         while True:
             lost: Optional[httpx.TransportError] = None
+            finished = False
             try:
                 for event in self._event_stream(job_id, last_event_id):
                     last_event_id, retried = event[0], False
+                    finished = event[1] == "job_finished"
                     yield event
-                    if event[1] == "job_finished":
-                        return
+                if finished:
+                    return
             except httpx.TransportError as exc:
                 lost = exc
             if retried:
@@ -188,9 +196,18 @@ class JobClient:
             retried = True
 
     # -- artifacts -------------------------------------------------------------------------------
-    def list_artifacts(self, job_id: str) -> list[dict]:
-        """[{path, size}] of every file the job has written so far."""
-        return self._request("GET", f"{self._job(job_id)}/artifacts").json()["files"]
+    def list_artifacts(self, job_id: str, prefix: Optional[str] = None, page_size: int = 5000) -> list[dict]:
+        """[{path, size}] of every file the job has written so far (under `prefix`), following `next_cursor` page
+        by page."""
+        found: list[dict] = []
+        cursor = None
+        while True:
+            params = {"limit": page_size, **({"prefix": prefix} if prefix else {}), **({"cursor": cursor} if cursor else {})}
+            page = self._request("GET", f"{self._job(job_id)}/artifacts", params=params).json()
+            found += page["files"]
+            cursor = page.get("next_cursor")
+            if not cursor:
+                return found
 
     def _fetch(self, job_id: str, rel: str, target: Path) -> int:
         target.parent.mkdir(parents=True, exist_ok=True)

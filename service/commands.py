@@ -106,6 +106,8 @@ def describe(job: dict) -> str:
     lines = [f"job       {job['id']}", f"state     {job['state']}" + ("  (cancel requested)" if cancelling else ""),
              f"stage     {job['stage'] or '-'}", f"progress  {100 * job['progress']:.1f}%",
              f"created   {_when(job['created_at'])}"]
+    if job.get("attempt", 1) > 1:
+        lines.insert(2, f"attempt   {job['attempt']} (resumed)")
     if job.get("finished_at"):
         lines.append(f"finished  {_when(job['finished_at'])}")
     if job.get("error"):
@@ -182,6 +184,13 @@ def cancel(client: JobClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def resume(client: JobClient, args: argparse.Namespace) -> int:
+    job = client.resume(args.job_id, args.workers)
+    print(f"{job['id']} {job['state']} (attempt {job['attempt']}, {job['spec']['resources']['workers']} workers)",
+          flush=True)
+    return follow(client, job["id"]) if args.wait else 0
+
+
 def download(client: JobClient, args: argparse.Namespace) -> int:
     result = client.download(args.job_id, args.dir)
     print(f"{result['downloaded']} files downloaded ({result['bytes'] / 1e6:.1f} MB), "
@@ -203,4 +212,5 @@ def jobs(client: JobClient, args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"submit": submit, "status": status, "wait": wait, "cancel": cancel, "download": download, "jobs": jobs}
+COMMANDS = {"submit": submit, "status": status, "wait": wait, "cancel": cancel, "resume": resume, "download": download,
+            "jobs": jobs}

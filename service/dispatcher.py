@@ -4,8 +4,10 @@ until they end. Run slots are shared fairly: round-robin between the tenants wit
 in first out within a tenant (records.RESERVE).
 
 Delivery is at-least-once (a Redis Stream with the consumer group `dispatchers`); a run is
-exactly-once because the Ray job's submission id is the job id (Ray refuses a second submit of the
-same id, and the entrypoint claims the job record only once). A message is acknowledged when its
+exactly-once because the Ray job's submission id is the job id and its attempt (records.submission_id:
+Ray refuses a second submit of the same id, and the entrypoint claims the job record only once, only
+for the current attempt). A resumed job (POST /v1/jobs/{id}/resume) is queued again as its next attempt,
+submitted once the previous attempt's Ray job has ended. A message is acknowledged when its
 job has ended, so a dispatcher's pending messages are the jobs it follows: it touches them every
 tick (XCLAIM, idle 0), and another dispatcher takes over those of a dispatcher silent for
 SCDD_RECLAIM_AFTER_S (XAUTOCLAIM). A message delivered, or failing to submit, SCDD_MAX_DELIVERIES
@@ -33,6 +35,7 @@ from api_schema import FINAL_STATES
 from service.blocking_jobstore import BlockingJobStore
 from service.budget import gpus_of
 from service.job_queue import JobQueue
+from service.records import attempt_of, submission_id
 from service.settings import Settings
 
 log = logging.getLogger("scdd.dispatcher")
@@ -65,37 +68,38 @@ class RayJobs:
             self._client = JobSubmissionClient(self.address)
         return self._client
 
-    def submit(self, job_id: str, spec: dict, env: dict[str, str]) -> bool:
-        """True when this call started the Ray job, False when Ray already had it."""
+    def submit(self, job_id: str, attempt: int, spec: dict, env: dict[str, str]) -> bool:
+        """True when this call started the Ray job of the job's `attempt`, False when Ray already had it."""
         resources = spec.get("resources", {})
         single = resources.get("workers", 1) == 1
+        submission = submission_id(job_id, attempt)
         try:
             self.client.submit_job(
-                entrypoint=f"{self.python} -m service.entrypoint {job_id}",
-                submission_id=job_id,
+                entrypoint=f"{self.python} -m service.entrypoint {job_id} {attempt}",
+                submission_id=submission,
                 runtime_env={"env_vars": env},
                 entrypoint_num_cpus=(resources.get("threads") or 1) if single else 0,
                 entrypoint_num_gpus=1 if single and runs_on_gpus(resources, env.get("SCDD_WORKER_DEVICE")) else 0,
-                metadata={"scdd_job": job_id},
+                metadata={"scdd_job": job_id, "scdd_attempt": str(attempt)},
             )
             return True
         except Exception:
-            if self.status(job_id)[0] is not None:
+            if self.status(submission)[0] is not None:
                 return False
             raise
 
-    def status(self, job_id: str) -> tuple[Optional[str], str]:
+    def status(self, submission: str) -> tuple[Optional[str], str]:
         """(PENDING | RUNNING | SUCCEEDED | FAILED | STOPPED, message), or (None, '') when Ray has no such job."""
         try:
-            info = self.client.get_job_info(job_id)
+            info = self.client.get_job_info(submission)
         except RuntimeError as exc:
             if "does not exist" in str(exc) or "404" in str(exc):
                 return None, ""
             raise
         return str(getattr(info.status, "value", info.status)), info.message or ""
 
-    def stop(self, job_id: str) -> None:
-        self.client.stop_job(job_id)
+    def stop(self, submission: str) -> None:
+        self.client.stop_job(submission)
 
 
 class Dispatcher:
@@ -194,9 +198,13 @@ class Dispatcher:
         if not reserved:
             self.waiting[job_id] = message_id
             return why
+        attempt = attempt_of(record)
+        if record["state"] == "queued" and attempt > 1 and not self.previous_attempt_ended(job_id, attempt):
+            self.waiting[job_id] = message_id  # its slot held: the previous attempt's driver is still stopping
+            return "previous"
         if record["state"] == "queued":
             try:
-                started = self.ray.submit(job_id, spec, self.job_env())
+                started = self.ray.submit(job_id, attempt, spec, self.job_env())
             except Exception as exc:  # Ray unreachable or refusing: count it, retry on a later tick
                 self.store.record_submit_failure(job_id, f"{type(exc).__name__}: {str(exc)[:500]}")
                 log.warning("job %s: submitting to Ray failed (%s); will retry", job_id, exc)
@@ -204,22 +212,38 @@ class Dispatcher:
                 return "retry"
             self.store.transition(job_id, "dispatched", ("queued",), dispatched_at=f"{time.time():.3f}")
             log.info("job %s of %s %s Ray job %s", job_id, record["tenant"],
-                     "submitted as" if started else "already was", job_id)
+                     "submitted as" if started else "already was", submission_id(job_id, attempt))
         self.waiting.pop(job_id, None)
         self.following[job_id] = message_id
         return "following"
+
+    def previous_attempt_ended(self, job_id: str, attempt: int) -> bool:
+        """Whether the Ray job of the attempt before `attempt` has ended (or Ray has none), so the resumed attempt is
+        the only driver writing the job's output. One still running (a forced stop in flight) is stopped again."""
+        previous = submission_id(job_id, attempt - 1)
+        status, _ = self.ray.status(previous)
+        if status is None or status in TERMINAL:
+            return True
+        log.info("job %s attempt %d waits for the Ray job %s of its previous attempt to end (%s)", job_id, attempt,
+                 previous, status)
+        self.ray.stop(previous)
+        return False
 
     def job_env(self) -> dict[str, str]:
         """The Ray job's environment: REDIS_URL only with SCDD_JOBS_REDIS_URL=pass (a runtime_env is readable by
         anyone with the Ray Jobs API or dashboard, so a password in it is exposed there)."""
         s = self.settings
         env = {"SCDD_REDIS_PREFIX": s.redis_prefix, "SCDD_EVENTS_MAXLEN": str(s.events_maxlen)}
-        # the cluster's worker device and placement wait, when configured here (the chart sets both on the Ray
+        # the cluster's worker device, placement wait and restarts, when configured here (the chart sets both on the Ray
         # pods too): the driver decides resources.device auto and how long a stage waits for its workers by them
         if s.worker_device is not None:
             env["SCDD_WORKER_DEVICE"] = s.worker_device
         if s.placement_timeout_s is not None:
             env["SCDD_PLACEMENT_TIMEOUT_S"] = f"{s.placement_timeout_s:g}"
+        if s.max_restarts is not None:
+            env["SCDD_MAX_RESTARTS"] = str(s.max_restarts)
+        if s.curve_points != Settings.model_fields["curve_points"].default:  # the drivers record the curves
+            env["SCDD_CURVE_POINTS"] = str(s.curve_points)
         return {"REDIS_URL": s.redis_url, **env} if s.jobs_redis_url == "pass" else env
 
     def follow(self) -> None:
@@ -236,7 +260,7 @@ class Dispatcher:
         if not limit or not since or record["state"] in FINAL_STATES or time.time() - since <= limit:
             return False
         log.warning("job %s ran past its limit of %g s; stopping its Ray job", job_id, limit)
-        self.ray.stop(job_id)
+        self.ray.stop(submission_id(job_id, attempt_of(record)))
         self.store.finish(job_id, "failed", ("queued", "dispatched", "running"),
                           error=f"timeout: still running {limit:g} s after dispatch, its wall-clock limit "
                                 f"(limits.max_wall_clock_s / SCDD_JOB_TIMEOUT_S)")
@@ -246,7 +270,8 @@ class Dispatcher:
         record = self.store.get(job_id)
         if record is None:
             return self.ack(message_id, job_id)
-        status, message = self.ray.status(job_id)
+        submission = submission_id(job_id, attempt_of(record))
+        status, message = self.ray.status(submission)
         active = ("queued", "dispatched", "running")
         if status is None:
             if record["state"] in ("queued", "dispatched"):  # Ray lost it before it ran (cluster restart)
@@ -276,12 +301,12 @@ class Dispatcher:
         if not requested or record["state"] in FINAL_STATES:
             return
         if status == "PENDING":  # its driver has not started, so it cannot see the flag: stop it now
-            self.ray.stop(job_id)
+            self.ray.stop(submission)
             self.store.finish(job_id, "cancelled", active, error="cancelled before its driver started")
         elif time.time() - requested > self.settings.cancel_grace_s:
             log.warning("job %s did not stop within %.0f s of the cancel; stopping its Ray job", job_id,
                         self.settings.cancel_grace_s)
-            self.ray.stop(job_id)
+            self.ray.stop(submission)
             self.store.finish(job_id, "cancelled", active,
                               error=f"stopped by force {self.settings.cancel_grace_s:.0f} s after the cancel request")
 

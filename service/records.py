@@ -5,6 +5,8 @@ atomically, and how a job record reads back. No I/O here: the job stores run the
 Keys (prefix `scdd` by default; one Redis instance, not Redis Cluster: scripts derive keys):
 - `<p>:job:<id>`                 hash: the job record (state, stage, progress, times, spec JSON, ...)
 - `<p>:job:<id>:events`          stream: the job's events, trimmed to about SCDD_EVENTS_MAXLEN
+- `<p>:job:<id>:curves`          hash: `<attempt>/<stage>/<loop>` -> that loop's downsampled metric curve as JSON
+                                 (at most SCDD_CURVE_POINTS points, over the whole run: service/curves.py)
 - `<p>:tenant:<t>:jobs`          sorted set (score 0): the tenant's job ids; ids sort by creation time
 - `<p>:tenant:<t>:state:<s>`     sorted set: the tenant's jobs in state s (listing by state, quotas)
 - `<p>:idem:<t>:<sha256(key)>`   hash {job, body}: Idempotency-Key -> job, expires
@@ -45,6 +47,9 @@ class Keys:
 
     def events(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}:events"
+
+    def curves(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}:curves"
 
     def tenant_jobs(self, tenant: str) -> str:
         return f"{self.prefix}:tenant:{tenant}:jobs"
@@ -89,6 +94,17 @@ class Keys:
     @property
     def expired(self) -> str:
         return f"{self.prefix}:expired"
+
+
+def attempt_of(record: Mapping[str, str]) -> int:
+    """The job's attempt: 1, then one more per resume (`RESUME`)."""
+    return int(record.get("attempt") or 1)
+
+
+def submission_id(job_id: str, attempt: int) -> str:
+    """The Ray job of one attempt: the job id for the first (as before resumes existed), `<id>-a<n>` after, since
+    Ray refuses a second submission with the same id."""
+    return job_id if attempt == 1 else f"{job_id}-a{attempt}"
 
 
 def new_job_id() -> str:
@@ -190,8 +206,49 @@ end
 return {'requested', cur}
 """
 
+# KEYS: job, tenant queued, tenant dispatched, tenant running, queue. ARGV: prefix, now, events maxlen, the
+# `job_resumed` event JSON (without its attempt), the tenant's active-job quota, the spec JSON to run ('' keeps it).
+# Puts a failed or cancelled job back in the queue as its next attempt (`attempt` + 1) on the same record and
+# output: its end (error, finish time, summary, cancel flag) is cleared, it leaves `finished` (retention), and the
+# event history goes on with `job_resumed`. Returns {'queued', attempt} or {'state', current state} when it is not
+# failed or cancelled, {'quota', active count}, {'missing', ''}.
+RESUME = _MOVE + """
+local cur = redis.call('HGET', KEYS[1], 'state')
+if not cur then return {'missing', ''} end
+if cur ~= 'failed' and cur ~= 'cancelled' then return {'state', cur} end
+local active = redis.call('ZCARD', KEYS[2]) + redis.call('ZCARD', KEYS[3]) + redis.call('ZCARD', KEYS[4])
+if active >= tonumber(ARGV[5]) then return {'quota', tostring(active)} end
+local id = redis.call('HGET', KEYS[1], 'id')
+local attempt = tonumber(redis.call('HGET', KEYS[1], 'attempt') or '1') + 1
+move(ARGV[1], KEYS[1], cur, 'queued', ARGV[2])
+redis.call('ZREM', ARGV[1] .. ':finished', id)
+redis.call('HDEL', KEYS[1], 'error', 'finished_at', 'dispatched_at', 'started_at', 'summary', 'stage',
+  'cancel_requested_at', 'last_error')
+redis.call('HSET', KEYS[1], 'attempt', tostring(attempt), 'cancel_requested', '0', 'attempts', '0', 'progress', '0')
+if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'spec', ARGV[6]) end
+local resumed = cjson.decode(ARGV[4])
+resumed['attempt'] = attempt
+event(KEYS[1], ARGV[3], 'job_resumed', cjson.encode(resumed))
+redis.call('XADD', KEYS[5], '*', 'job', id)
+return {'queued', tostring(attempt)}
+"""
+
+# KEYS: job. ARGV: prefix, now, the attempt the claiming driver belongs to. The Ray entrypoint's claim: queued or
+# dispatched -> running, only for the job's current attempt (a driver of an earlier attempt that Ray starts late
+# never runs). Returns {1, previous state}, {0, current state}, {-1, ''} (no job) or {-2, current attempt}.
+CLAIM = _MOVE + """
+local cur = redis.call('HGET', KEYS[1], 'state')
+if not cur then return {-1, ''} end
+local attempt = redis.call('HGET', KEYS[1], 'attempt') or '1'
+if attempt ~= ARGV[3] then return {-2, attempt} end
+if cur ~= 'queued' and cur ~= 'dispatched' then return {0, cur} end
+move(ARGV[1], KEYS[1], cur, 'running', ARGV[2])
+redis.call('HSET', KEYS[1], 'started_at', ARGV[2])
+return {1, cur}
+"""
+
 # Retention. KEYS: finished, expired, counts. ARGV: prefix, cutoff (finish time), now, at most this many jobs.
-# Deletes each job finished before the cutoff: its record, its events and its index entries; its
+# Deletes each job finished before the cutoff: its record, its events, its curves and its index entries; its
 # `<tenant>/<id>` goes to `expired` for the artifact GC. Returns the number of jobs expired.
 EXPIRE_FINISHED = """
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[2], 'LIMIT', 0, tonumber(ARGV[4]))
@@ -203,7 +260,7 @@ for _, id in ipairs(ids) do
     redis.call('ZREM', ARGV[1] .. ':tenant:' .. tenant .. ':jobs', id)
     redis.call('ZREM', ARGV[1] .. ':tenant:' .. tenant .. ':state:' .. state, id)
     redis.call('HINCRBY', KEYS[3], state, -1)
-    redis.call('DEL', job_key, job_key .. ':events')
+    redis.call('DEL', job_key, job_key .. ':events', job_key .. ':curves')
     redis.call('ZADD', KEYS[2], ARGV[3], tenant .. '/' .. id)
   end
   redis.call('ZREM', KEYS[1], id)
@@ -282,6 +339,7 @@ def job_out(record: Mapping[str, str]) -> JobOut:
         started_at=_number(record.get("started_at")),
         finished_at=_number(record.get("finished_at")),
         cancel_requested=record.get("cancel_requested") == "1",
+        attempt=attempt_of(record),
         error=record.get("error") or None,
         summary=json.loads(summary) if summary else None,
         spec=json.loads(record["spec"]),

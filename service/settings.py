@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Literal, Optional
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:
@@ -38,6 +38,9 @@ class Settings(BaseSettings):
                           "holds resources.workers GPUs unless its device is cpu); 0: only max_running bounds them. "
                           "A job asking for more is refused at submission.")
     events_maxlen: int = Field(10000, ge=100, description="Events kept per job (older ones are trimmed).")
+    curve_points: int = Field(256, ge=8, le=100_000, description="Points kept per metric curve of a job (one per "
+                              "attempt, stage and loop; downsampled over the whole run, GET /v1/jobs/{id}/curves). "
+                              "Read by the job's driver.")
     idempotency_ttl_s: int = Field(86400, ge=60, description="How long an Idempotency-Key is remembered.")
     cancel_grace_s: float = Field(30.0, ge=0, description="Cooperative cancel time before the Ray job is stopped.")
     reclaim_after_s: float = Field(60.0, gt=0, description="A dispatcher silent this long loses its messages to another.")
@@ -45,16 +48,24 @@ class Settings(BaseSettings):
     poll_s: float = Field(1.0, gt=0, description="How often the dispatcher polls Ray and the queue.")
     max_workers: int = Field(8, ge=1, description="Workers (and so GPUs) one job may ask for; a tenant's own limit "
                              "in the key file wins.")
-    max_image_iterations: int = Field(100_000_000, ge=1, description="Recover work one job may ask for: images "
-                                      "(IPC x classes) x iterations; a tenant's own limit wins.")
+    max_image_iterations: int = Field(1_000_000_000, ge=1, description="Recover work one job may ask for: images "
+                                      "(IPC x classes) x iterations (SRe2L's ImageNet recipe: 50 000 images x 4 000 "
+                                      "= 2e8); a tenant's own limit wins.")
     max_epochs: int = Field(1000, ge=1, description="Epochs of any one training schedule of a job (teacher, SSL, "
                             "probe, student, full data); a tenant's own limit wins.")
-    job_timeout_s: float = Field(86400.0, ge=0, description="A job still running this long after dispatch is stopped "
+    job_timeout_s: float = Field(604800.0, ge=0, description="A job still running this long after dispatch is stopped "
                                  "and fails with 'timeout'; 0: no limit; a tenant's max_wall_clock_s wins.")
     max_streams_per_tenant: int = Field(20, ge=1, description="Event streams one tenant may hold open on one API "
                                         "process; more get 429.")
     max_streams_per_process: int = Field(1000, ge=1, description="Event streams one API process holds open at most "
                                          "(they share one Redis reader; each costs a task and a queue); more get 429.")
+    max_archives_per_tenant: int = Field(2, ge=1, description="Zip downloads (GET /v1/jobs/{id}/archive) one tenant "
+                                         "may have running at once on one API process; more get 429.")
+    archive_link_ttl_s: int = Field(300, ge=10, le=86400, description="How long a download link from POST "
+                                    "/v1/jobs/{id}/archive-link stays valid (seconds).")
+    link_secret: Optional[SecretStr] = Field(None, description="Key that signs download links (HMAC-SHA256); every "
+                                             "API replica needs the same. None: one is made once and kept in Redis "
+                                             "(<redis_prefix>:link-secret).")
     submit_rate: float = Field(60.0, ge=0, description="Jobs a tenant may submit per minute, on average (token "
                                "bucket; 0: no limit); faster submissions get 429 with Retry-After.")
     submit_burst: int = Field(20, ge=1, description="Submissions a tenant may make at once before submit_rate applies.")
@@ -77,6 +88,13 @@ class Settings(BaseSettings):
         None, gt=0, description="Seconds a job's worker group (recover, each Ray Train stage) waits for the cluster "
         "to place its workers (a GPU node's cold start) before the stage fails with the fixes. Read by the job's "
         "driver (the chart sets it on the Ray pods; the dispatcher passes it on when set). None: 600.")
+
+    max_restarts: Optional[int] = Field(
+        None, ge=0, le=100, description="How often a job's stage re-forms its workers after losing one (a node gone, "
+        "a process killed) before the job fails: per recover unit (going on from the last unit made) and per Ray "
+        "Train stage (from its last checkpoint); each re-formed group waits up to the placement timeout for a "
+        "replacement node. Read by the job's driver (the chart sets it on the Ray pods; the dispatcher passes it "
+        "on when set). None: 3.")
 
     @field_validator("artifacts", "teacher_cache")
     @classmethod

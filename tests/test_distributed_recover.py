@@ -226,10 +226,12 @@ def test_cli_workers_flag_joins_the_cluster_at_ray_address(ray_local, tmp_path, 
     assert events[0]["type"] == "job_started" and events[-1]["status"] == "succeeded"
 
 
-def test_resuming_with_another_worker_count_is_refused(global_run, fmnist_root, four_class_teacher):
+def test_resuming_a_run_with_recover_steps_on_another_worker_count_is_refused(global_run, fmnist_root,
+                                                                             four_class_teacher):
     out, _ = global_run
     spec = distributed_job(fmnist_root, out, four_class_teacher).to_dict()
-    spec["resources"]["workers"] = 1  # other slices and batches: the stored units cannot be continued
+    assert spec["recover"]["iterations"] > 0  # the images depend on the worker count (JobSpec.resume_refusal)
+    spec["resources"]["workers"] = 1  # other slices, seeds and shared statistics: the stored units cannot go on
     with pytest.raises(OutputConflictError, match="holds a run of a different spec"):
         run_distillation(JobSpec.model_validate(spec))
 

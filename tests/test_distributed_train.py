@@ -59,34 +59,6 @@ def job(fmnist_root, out, teacher, **recover) -> JobSpec:
     ))
 
 
-def test_run_job_with_two_workers_reports_events_in_order(ray_local, tmp_path, fmnist_root, fmnist_teacher_ckpt):
-    sink = ListSink()
-    result = run_job(job(fmnist_root, tmp_path / "run", fmnist_teacher_ckpt), sink)
-    assert result.status == "succeeded" and result.error is None
-    report = result.report
-    assert report.complete and report.recover.workers == 2
-
-    events = sink.events
-    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
-    assert events[0]["type"] == "job_started" and events[-1]["type"] == "job_finished"
-    assert events[-1]["status"] == "succeeded" and events[-1]["summary"]["images"] == 9
-    stages = [e["stage"] for e in events if e["type"] == "stage_started"]
-    assert stages == ["load", "squeeze", "recover", "write", "squeeze", "validate", "baseline"]
-    fractions = [e["job_fraction"] for e in events if e["type"] == "progress"]
-    assert fractions == sorted(fractions) and fractions[-1] <= 1
-    recover_events = [e for e in events if e["type"] == "progress" and e["stage"] == "recover"]
-    assert recover_events[-1]["fraction"] == 1 and {"round", "images_written", "ce", "bn"} <= set(recover_events[-1])
-    assert any(e["type"] == "progress" and e["stage"] == "validate" and "loss" in e for e in events)
-
-    # KD validation on 2 DDP workers: per-epoch losses reported, loss falls, accuracy above chance (3 classes).
-    student = report.validate_.student
-    assert student.workers == 2 and [h.epoch for h in student.epochs] == list(range(1, 13))
-    losses = [h.loss for h in student.epochs]
-    assert sum(losses[-3:]) < sum(losses[:3])
-    assert student.top1 > 40 and student.total == 3 * TEST_LIMIT
-    assert report.validate_.baseline.workers == 2
-
-
 def test_killed_training_worker_resumes_from_its_checkpoint(ray_local, tmp_path, fmnist_root, fmnist_teacher_ckpt):
     spec = job(fmnist_root, tmp_path / "run", fmnist_teacher_ckpt)
     spec = JobSpec.model_validate({**spec.to_dict(), "validate": {**spec.to_dict()["validate"], "baseline": False}})
@@ -147,23 +119,47 @@ def test_a_failing_stage_ends_the_job_with_the_stage_unit_and_cause(ray_local, t
     assert (tmp_path / "run/state/units/r00000-b00000.json").exists()  # what was written stays
 
 
-def test_run_job_squeezes_on_ray_train_with_two_workers(ray_local, tmp_path, fmnist_root):
-    """SC-DD's MoCo pretraining, and a G-VBSM ensemble as the relabel teacher: each member trains on Ray Train, and
-    the validation workers load the ensemble from the store."""
+def test_run_job_with_two_workers_squeezes_on_ray_train_and_reports_events_in_order(ray_local, tmp_path, fmnist_root):
+    """One whole 2-worker job (one Ray job's cost for what were two tests): SC-DD's MoCo pretraining and a G-VBSM
+    ensemble as the relabel teacher train on Ray Train, the validation workers load the ensemble from the store,
+    KD validation and the baseline run on 2 DDP workers, and the events come in order."""
     spec = tiny_job(fmnist_root, tmp_path / "run", None, resources={"workers": 2, "threads": 1},
-                    validate={"enabled": True, "epochs": 2, "baseline": False, "relabel_teacher": "ensemble"}, method="scdd",
-                    output={"url": str(tmp_path / "run"), "teacher_cache": str(tmp_path / "cache")})
+                    validate={"enabled": True, "epochs": 12, "baseline": True, "relabel_teacher": "ensemble"},
+                    method="scdd", output={"url": str(tmp_path / "run"), "teacher_cache": str(tmp_path / "cache")})
     spec["teacher"] = {"epochs": 2, "batch_size": 64, "probe": {"epochs": 5}, "ensemble": ["convnet_d1_w32"],
                        "ssl": {"epochs": 2, "batch_size": 64, "queue_size": 256}}
-    result = run_job(JobSpec.model_validate(spec), ListSink())
-    assert result.status == "succeeded", result.error
-    teacher = result.report.teacher
+    sink = ListSink()
+    result = run_job(JobSpec.model_validate(spec), sink)
+    assert result.status == "succeeded" and result.error is None, result.error
+    report = result.report
+    assert report.complete and report.recover.workers == 2
+    teacher = report.teacher
     # MoCo v2 pretraining ran on 2 DDP workers, then the probe here: the teacher separates 3 classes.
     assert teacher.ssl.workers == 2 and len(teacher.ssl.epoch_losses) == 2
     assert teacher.top1 > 60
     # The relabel ensemble's member trained there too, as a run of its architecture (one member keeps this test short).
-    for stage in ("squeeze-ssl", "squeeze-supervised-convnet_d1_w32", "validate"):
+    for stage, epochs in (("squeeze-ssl", 2), ("squeeze-supervised-convnet_d1_w32", 2), ("validate", 12)):
         outcome = json.loads((tmp_path / f"run/state/train/{stage}/result.json").read_text())
-        assert outcome["status"] == "done" and len(outcome["history"]) == 2
-    relabel = result.report.validate_.relabel_teacher
+        assert outcome["status"] == "done" and len(outcome["history"]) == epochs
+    relabel = report.validate_.relabel_teacher
     assert relabel.members == ["convnet_d1_w32"] and relabel.top1 > 45, relabel
+
+    events = sink.events
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    assert events[0]["type"] == "job_started" and events[-1]["type"] == "job_finished"
+    assert events[-1]["status"] == "succeeded" and events[-1]["summary"]["images"] == 9
+    stages = [e["stage"] for e in events if e["type"] == "stage_started"]
+    assert stages == ["load", "squeeze", "recover", "write", "squeeze", "validate", "baseline"]
+    fractions = [e["job_fraction"] for e in events if e["type"] == "progress"]
+    assert fractions == sorted(fractions) and fractions[-1] <= 1
+    recover_events = [e for e in events if e["type"] == "progress" and e["stage"] == "recover"]
+    assert recover_events[-1]["fraction"] == 1 and {"round", "images_written", "ce", "bn"} <= set(recover_events[-1])
+    assert any(e["type"] == "progress" and e["stage"] == "validate" and "loss" in e for e in events)
+
+    # KD validation on 2 DDP workers: per-epoch losses reported, loss falls, accuracy above chance (3 classes).
+    student = report.validate_.student
+    assert student.workers == 2 and [h.epoch for h in student.epochs] == list(range(1, 13))
+    losses = [h.loss for h in student.epochs]
+    assert sum(losses[-3:]) < sum(losses[:3])
+    assert student.top1 > 40 and student.total == 3 * TEST_LIMIT
+    assert report.validate_.baseline.workers == 2

@@ -17,7 +17,7 @@ from scdd.runtime import Runtime
 from tests.conftest import cpus_free_soon, tiny_job, tiny_teacher
 from workers import cluster
 from workers.backend import RayBackend, RayOptions
-from workers.cluster import DEFAULT_PLACEMENT_TIMEOUT_S, decide_device, placement_timeout_from_env
+from workers.cluster import DEFAULT_PLACEMENT_TIMEOUT_S, decide_device, max_restarts_from_env, placement_timeout_from_env
 
 # --- the decision, pure -------------------------------------------------------------------------------------
 
@@ -100,6 +100,18 @@ def test_placement_timeout_defaults_to_minutes_and_is_set_by_the_environment(mon
             placement_timeout_from_env()
     monkeypatch.setenv("SCDD_PLACEMENT_TIMEOUT_S", "")
     assert placement_timeout_from_env() == 600.0
+
+
+def test_restarts_default_to_three_and_are_set_by_the_environment(monkeypatch):
+    monkeypatch.delenv("SCDD_MAX_RESTARTS", raising=False)
+    assert (RayOptions.from_env().recover_retries, RayOptions.from_env().train_failures) == (3, 3)
+    monkeypatch.setenv("SCDD_MAX_RESTARTS", "10")
+    assert (RayOptions.from_env().recover_retries, RayOptions.from_env().train_failures) == (10, 10)
+    assert RayOptions().recover_retries == 3  # tests' explicit options do not read it
+    for bad in ("-1", "many", "2.5"):
+        monkeypatch.setenv("SCDD_MAX_RESTARTS", bad)
+        with pytest.raises(ResourceError, match="SCDD_MAX_RESTARTS=.* is not a whole number >= 0"):
+            max_restarts_from_env()
 
 
 # --- on a real Ray cluster without a GPU ------------------------------------------------------------------

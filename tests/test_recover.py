@@ -7,7 +7,7 @@ import torch
 from torchvision.datasets import ImageFolder
 
 from api_schema import JobSpec, RecoverSpec
-from scdd.errors import OutputConflictError
+from scdd.errors import OutputConflictError, SpecError
 from scdd.models import create_model, load_weights
 from scdd.pipeline import run_distillation
 from scdd.recover import BNStatLoss, freeze, plan_units, prepare_teacher, synthesize
@@ -185,3 +185,37 @@ def test_an_empty_share_without_collectives_makes_nothing(cpu, tmp_path):
         record = run_share(unit, 1, teacher, info, RecoverSpec(init="noise", iterations=2), cpu, 0, bn, SilentProgress(),
                            ArtifactStore(str(tmp_path)))
     assert record["entries"] == [] and record["rank"] == 1
+
+
+def test_without_steps_a_cut_for_two_workers_resumes_here_with_the_same_bytes(tmp_path, fmnist_root,
+                                                                               fmnist_teacher_ckpt):
+    """recover.iterations 0 (a real-pixel init kept as it is): the images do not depend on the worker count, so the
+    recover digest leaves it out and an output whose units were cut for 2 workers (state/plan.json) resumes in one
+    process, making every share of each unit: the same files, byte for byte, as an uninterrupted run."""
+    recover = {"init": "real", "iterations": 0}
+    whole = JobSpec.model_validate(tiny_job(fmnist_root, tmp_path / "whole", fmnist_teacher_ckpt, recover=recover))
+    assert whole.recover_digest() == whole.model_copy(update={"resources": whole.resources.model_copy(
+        update={"workers": 2})}).recover_digest()
+    run_distillation(whole)
+    cut = tmp_path / "cut"
+    (cut / "state").mkdir(parents=True)
+    (cut / "state" / "plan.json").write_text(json.dumps({"workers": 2}))  # as a 2-worker first attempt leaves it
+    spec = JobSpec.model_validate(tiny_job(fmnist_root, cut, fmnist_teacher_ckpt, recover=recover))
+    first = run_distillation(spec, max_units=1)
+    assert first.recover.images == 3  # unit r0-b0 of the 2-worker cut: classes 0, 1 (share 0) and 2 (share 1)
+    second = run_distillation(spec)
+    assert second.complete and second.recover.units_resumed == 1
+
+    def images(root):
+        return {p.relative_to(root).as_posix(): p.read_bytes() for p in (root / "images").rglob("*.png")}
+
+    assert images(cut) == images(tmp_path / "whole") and len(images(cut)) == 9
+
+
+def test_with_steps_units_cut_for_other_workers_are_refused(tmp_path, fmnist_root, fmnist_teacher_ckpt):
+    out = tmp_path / "run"
+    (out / "state").mkdir(parents=True)
+    (out / "state" / "plan.json").write_text(json.dumps({"workers": 2}))
+    spec = JobSpec.model_validate(tiny_job(fmnist_root, out, fmnist_teacher_ckpt))
+    with pytest.raises(SpecError, match="cut for 2 workers.*resume with 2 workers"):
+        run_distillation(spec)

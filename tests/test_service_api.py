@@ -327,6 +327,56 @@ def test_cancel_a_queued_job_then_409_and_its_events_end(acme):
     assert acme.get(f"/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": "yesterday"}).status_code == 400
 
 
+def test_resume_queues_a_cancelled_job_again_as_its_next_attempt_by_the_worker_count_rule(acme, api, redis_server):
+    r = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    job = submit(acme, {**SPEC, "resources": {"workers": 2}}).json()
+    assert acme.post(f"/v1/jobs/{job['id']}/resume").status_code == 409  # queued: nothing to resume
+    acme.post(f"/v1/jobs/{job['id']}/cancel")
+    assert r.zscore("scdd:finished", job["id"]) is not None
+    messages = r.xlen("scdd:queue")
+
+    refused = acme.post(f"/v1/jobs/{job['id']}/resume", json={"workers": 1})  # iterations 2: the images depend on it
+    assert refused.status_code == 422, refused.text
+    assert refused.json()["detail"][0]["loc"] == ["body", "workers"]
+    assert "only 2 workers can resume it" in refused.json()["message"]
+    assert acme.post(f"/v1/jobs/{job['id']}/resume", json={"workers": 0}).status_code == 422
+    assert acme.post(f"/v1/jobs/{job['id']}/resume", json={"gpus": 2}).status_code == 422  # only workers may change
+    with api.client("key-globex") as globex:
+        assert globex.post(f"/v1/jobs/{job['id']}/resume").status_code == 404
+
+    resumed = acme.post(f"/v1/jobs/{job['id']}/resume")
+    assert resumed.status_code == 202, resumed.text
+    again = resumed.json()
+    assert again["state"] == "queued" and again["attempt"] == 2 and again["error"] is None
+    assert not again["cancel_requested"] and again["finished_at"] is None and again["spec"] == job["spec"]
+    assert r.xlen("scdd:queue") == messages + 1 and r.zscore("scdd:finished", job["id"]) is None
+    assert acme.get("/v1/jobs", params={"state": "queued"}).json()["jobs"][0]["id"] == job["id"]
+    assert acme.post(f"/v1/jobs/{job['id']}/resume").status_code == 409  # queued again
+    acme.post(f"/v1/jobs/{job['id']}/cancel")  # cancelled again while queued: its events end there
+    events = sse_events(acme, job["id"])
+    assert [kind for _, kind, _ in events] == ["job_finished", "job_resumed", "job_finished"]
+    assert events[1][2]["attempt"] == 2 and events[1][2]["previous_state"] == "cancelled"
+
+
+def test_a_job_without_recover_steps_resumes_on_another_worker_count_within_the_limits(acme):
+    steps_free = {**SPEC, "recover": {"ipc": 1, "iterations": 0, "init": "real"}, "resources": {"workers": 2}}
+    job = submit(acme, steps_free).json()
+    acme.post(f"/v1/jobs/{job['id']}/cancel")
+    over = acme.post(f"/v1/jobs/{job['id']}/resume", json={"workers": 9})  # max_workers 8
+    assert over.status_code == 422 and "over the limit of 8" in over.json()["message"], over.text
+    resumed = acme.post(f"/v1/jobs/{job['id']}/resume", json={"workers": 1})
+    assert resumed.status_code == 202 and resumed.json()["spec"]["resources"]["workers"] == 1
+
+
+def test_a_resume_over_the_active_job_quota_is_429(acme):
+    ids = [submit(acme).json()["id"] for _ in range(4)]
+    acme.post(f"/v1/jobs/{ids[0]}/cancel")
+    submit(acme)  # the quota (4) is full again
+    refused = acme.post(f"/v1/jobs/{ids[0]}/resume")
+    assert refused.status_code == 429 and "limit is 4" in refused.json()["detail"]
+    assert acme.get(f"/v1/jobs/{ids[0]}").json()["state"] == "cancelled"
+
+
 @pytest.mark.parametrize("path", ["..%2F..%2F..%2Fetc%2Fpasswd", "%2e%2e/%2e%2e/secret", "images/../../globex/x",
                                   "%2Fetc%2Fpasswd", "images%5C..%5C..%5Cx", "%252e%252e/%252e%252e/x",
                                   "images//0.png", "images/%2E/0.png", "a%00b"])

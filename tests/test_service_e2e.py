@@ -114,13 +114,22 @@ def test_submit_stream_events_succeed_and_download_an_imagefolder(stack, fmnist_
     assert len(dataset) == 9 and len(dataset.classes) == 3
 
 
-def test_cancel_a_running_job_releases_its_workers(stack, fmnist_root, fmnist_teacher_ckpt, ray_local):
+def images_of(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in (folder / "images").rglob("*.png")}
+
+
+def test_a_job_cancelled_mid_recover_releases_its_workers_and_resumes_to_the_same_images(
+        stack, fmnist_root, fmnist_teacher_ckpt, ray_local):
+    """Cancel mid-recover (cooperative, within the grace; the workers freed), then POST .../resume: the next attempt
+    runs on the same output, makes only the units still missing, and its images are byte-identical to an
+    uninterrupted run's. Another worker count is refused (the images depend on it with iterations > 0)."""
     stack.dispatcher()
-    job = stack.client.post("/v1/jobs", json=spec(fmnist_root, fmnist_teacher_ckpt, iterations=3000,
-                                                   workers=2, threads=1)).json()
-    wait_until(lambda: stack.client.get(f"/v1/jobs/{job['id']}").json()["stage"] == "recover", 180, "recover")
-    # the two recover actors hold both CPUs (forming the group can take seconds on a loaded machine)
-    wait_until(lambda: ray_local.available_resources().get("CPU", 0) == 0, 60, "the recover actors to start")
+    job_spec = spec(fmnist_root, fmnist_teacher_ckpt, iterations=120, workers=2, threads=1)
+    job_spec["recover"]["ipc"] = 4  # 4 units (a round each: 3 classes in 2 slices)
+    job = stack.client.post("/v1/jobs", json=job_spec).json()
+    out = stack.tmp / "artifacts" / "acme" / job["id"]
+    units = out / "state" / "units"
+    wait_until(lambda: units.is_dir() and any(units.iterdir()), 180, "a first recover unit")
     answer = stack.client.post(f"/v1/jobs/{job['id']}/cancel")
     assert answer.status_code == 202 and answer.json()["cancel_requested"]
     asked = time.time()
@@ -128,7 +137,42 @@ def test_cancel_a_running_job_releases_its_workers(stack, fmnist_root, fmnist_te
     assert done["state"] == "cancelled" and time.time() - asked < 20, done  # cooperatively, within the grace
     assert cpus_free_soon(ray_local, 30) == 2
     assert stack.client.post(f"/v1/jobs/{job['id']}/cancel").status_code == 409
-    assert stack.client.post(f"/v1/jobs/{job['id']}/cancel").json()["detail"].endswith("nothing to cancel")
+    made = {p.name: p.stat().st_mtime_ns for p in units.iterdir()}
+    before = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (out / "images").rglob("*.png")}
+    assert 1 <= len(made) < 4, made
+
+    refused = stack.client.post(f"/v1/jobs/{job['id']}/resume", json={"workers": 1})
+    assert refused.status_code == 422 and "only 2 workers can resume it" in refused.json()["message"], refused.json()
+    resumed = stack.client.post(f"/v1/jobs/{job['id']}/resume")
+    assert resumed.status_code == 202 and resumed.json()["attempt"] == 2 and resumed.json()["state"] == "queued"
+    assert stack.client.post(f"/v1/jobs/{job['id']}/resume").status_code == 409  # queued already
+    done = wait_state(stack.client, job["id"], {"succeeded", "failed", "cancelled"})
+    assert done["state"] == "succeeded" and done["attempt"] == 2 and done["error"] is None, done
+    report = json.loads((out / "report.json").read_text())
+    assert report["recover"]["units_resumed"] == len(made) and report["recover"]["units_run"] == 4 - len(made)
+    assert {p.name: p.stat().st_mtime_ns for p in units.iterdir() if p.name in made} == made  # each unit made once
+    assert all((p.stat().st_ino, p.stat().st_mtime_ns) == state for p, state in before.items())
+    kinds = [kind for _, kind, _ in sse_events(stack.client, job["id"])]  # both attempts, in order
+    assert kinds.count("job_started") == 2 and kinds.count("job_finished") == 2 and kinds[-1] == "job_finished"
+    assert kinds.index("job_resumed") == kinds.index("job_finished") + 1, kinds
+
+    whole = stack.client.post("/v1/jobs", json=job_spec).json()  # the same spec, uninterrupted
+    assert wait_state(stack.client, whole["id"], {"succeeded", "failed", "cancelled"})["state"] == "succeeded"
+    assert images_of(out) == images_of(stack.tmp / "artifacts" / "acme" / whole["id"]) and len(images_of(out)) == 12
+
+
+def test_a_job_without_recover_steps_resumes_on_another_worker_count(stack, fmnist_root, fmnist_teacher_ckpt):
+    """recover.iterations 0: the images do not depend on the worker count, so a resume may change it."""
+    job_spec = spec(fmnist_root, fmnist_teacher_ckpt, iterations=0, workers=2, threads=1)
+    job_spec["recover"]["init"] = "real"
+    job = stack.client.post("/v1/jobs", json=job_spec).json()
+    assert stack.client.post(f"/v1/jobs/{job['id']}/cancel").json()["state"] == "cancelled"  # still queued
+    resumed = stack.client.post(f"/v1/jobs/{job['id']}/resume", json={"workers": 1})
+    assert resumed.status_code == 202 and resumed.json()["spec"]["resources"]["workers"] == 1
+    stack.dispatcher()
+    done = wait_state(stack.client, job["id"], {"succeeded", "failed", "cancelled"})
+    assert done["state"] == "succeeded" and done["summary"]["images"] == 9, done
+    assert stack.client.post(f"/v1/jobs/{job['id']}/resume").status_code == 409  # it succeeded
 
 
 def test_a_dispatcher_killed_mid_job_is_taken_over_and_the_job_runs_once(stack, fmnist_root, fmnist_teacher_ckpt, ray_head):
@@ -203,6 +247,28 @@ def test_a_jobs_runtime_env_holds_the_redis_url_only_when_the_cluster_lacks_it(r
     kept = Dispatcher(Settings(redis_url=url, redis_prefix="env-test", jobs_redis_url="cluster"), store,
                       ray_jobs=None).job_env()
     assert kept == {"SCDD_REDIS_PREFIX": "env-test", "SCDD_EVENTS_MAXLEN": "10000"}
+    faults = Dispatcher(Settings(redis_url=url, redis_prefix="env-test", jobs_redis_url="cluster",
+                                 placement_timeout_s=1800, max_restarts=8, curve_points=64), store,
+                        ray_jobs=None).job_env()
+    assert faults == {**kept, "SCDD_PLACEMENT_TIMEOUT_S": "1800", "SCDD_MAX_RESTARTS": "8", "SCDD_CURVE_POINTS": "64"}
+
+
+def test_only_the_current_attempts_driver_claims_a_job(redis_server):
+    """A Ray job of an earlier attempt that Ray starts late (it was pending when the job was cancelled and resumed)
+    finds a newer attempt and does not run; the current attempt's driver claims the job once."""
+    from service import records
+    from service.blocking_jobstore import BlockingJobStore
+    from service.entrypoint import run
+
+    store = BlockingJobStore.connect(redis_server.url, "claim-test")
+    job_id = records.new_job_id()
+    store.redis.hset(store.keys.job(job_id), mapping={"id": job_id, "tenant": "acme", "state": "queued",
+                                                      "attempt": "2", "spec": "{}"})
+    settings = Settings(redis_url=redis_server.url, redis_prefix="claim-test")
+    assert run(job_id, settings, attempt=1) == 1 and store.get(job_id)["state"] == "queued"
+    assert store.claim(job_id, 2) == (1, "queued") and store.get(job_id)["state"] == "running"
+    assert store.claim(job_id, 2) == (0, "running")  # once
+    assert records.submission_id(job_id, 1) == job_id and records.submission_id(job_id, 2) == f"{job_id}-a2"
 
 
 def test_a_job_past_its_wall_clock_limit_fails_with_timeout_and_frees_its_workers(stack, fmnist_root,

@@ -25,7 +25,13 @@ from scdd.recover import RecoverResult
 from scdd.runtime import Runtime, resolve_runtime
 from scdd.squeeze.methods import Trainers
 from scdd.store import ArtifactStore
-from workers.cluster import DEFAULT_PLACEMENT_TIMEOUT_S, placement_timeout_from_env, wants_gpus
+from workers.cluster import (
+    DEFAULT_MAX_RESTARTS,
+    DEFAULT_PLACEMENT_TIMEOUT_S,
+    max_restarts_from_env,
+    placement_timeout_from_env,
+    wants_gpus,
+)
 from workers.passes import RayPasses
 from workers.recover import FaultInjection, RayRecover
 from workers.train import RayTraining, TrainFault
@@ -35,12 +41,12 @@ from workers.train import RayTraining, TrainFault
 class RayOptions:
     """How the Ray stages run. The defaults are the production ones."""
 
-    recover_retries: int = 3  # a recover unit whose worker group failed more often fails the job
+    recover_retries: int = DEFAULT_MAX_RESTARTS  # a recover unit whose worker group failed more often fails the job
     collective_timeout_s: float = 1800.0  # recover workers' process-group timeout
     # how long a recover worker group or a Ray Train stage waits for the cluster to place its workers (a GPU
     # node's cold start under an autoscaler takes minutes); then the stage fails with a ResourceError
     placement_timeout_s: float = DEFAULT_PLACEMENT_TIMEOUT_S
-    train_failures: int = 2  # Ray Train restarts of a training stage
+    train_failures: int = DEFAULT_MAX_RESTARTS  # Ray Train restarts of a training stage
     check_s: float = 0.5  # how often a remote worker asks whether the job is cancelled
     checkpoint_every_s: float = 30.0  # Ray Train: report and checkpoint at most this often
     recover_fault: FaultInjection | None = None  # tests: a recover worker kills itself
@@ -48,9 +54,11 @@ class RayOptions:
 
     @classmethod
     def from_env(cls) -> "RayOptions":
-        """The options of a real job: the defaults, with placement_timeout_s from $SCDD_PLACEMENT_TIMEOUT_S when it
-        is set (the Helm chart sets it from ray.placementTimeoutS; `scdd distill --workers` reads it too)."""
-        return cls(placement_timeout_s=placement_timeout_from_env())
+        """The options of a real job: the defaults, with placement_timeout_s from $SCDD_PLACEMENT_TIMEOUT_S and both
+        restart counts from $SCDD_MAX_RESTARTS when set (the Helm chart sets them from ray.placementTimeoutS and
+        ray.maxRestarts; the dispatcher passes its own settings on; `scdd distill --workers` reads them too)."""
+        restarts = max_restarts_from_env()
+        return cls(placement_timeout_s=placement_timeout_from_env(), recover_retries=restarts, train_failures=restarts)
 
 
 class RayBackend:

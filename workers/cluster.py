@@ -167,6 +167,22 @@ def placement_timeout_from_env(default: float = DEFAULT_PLACEMENT_TIMEOUT_S) -> 
     return seconds
 
 
+MAX_RESTARTS_ENV = "SCDD_MAX_RESTARTS"
+DEFAULT_MAX_RESTARTS = 3
+
+
+def max_restarts_from_env(default: int = DEFAULT_MAX_RESTARTS) -> int:
+    """$SCDD_MAX_RESTARTS (an integer >= 0: how often a stage re-forms its worker group after losing a worker, per
+    recover unit and per Ray Train stage), else `default`."""
+    value = os.environ.get(MAX_RESTARTS_ENV, "").strip()
+    if not value:
+        return default
+    if not value.isdigit():
+        raise ResourceError(f"{MAX_RESTARTS_ENV}={value!r} is not a whole number >= 0: set it to how often a stage may "
+                            f"re-form its workers after losing one (default {default}), or unset it")
+    return int(value)
+
+
 def placement_fixes(bundle: dict[str, float]) -> str:
     """What a user can do when a group of workers found no placement in time."""
     gpus = bool(bundle.get("GPU"))

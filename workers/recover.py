@@ -50,10 +50,12 @@ from scdd.recover import (
     RecoverResult,
     Unit,
     collect_result,
+    merge_shares,
     pending_units,
-    plan_units,
     prepare_teacher,
+    recover_plan,
     run_share,
+    shares_of,
 )
 from scdd.recover.init import init_reader
 from scdd.runtime import Runtime, resolve_runtime
@@ -92,6 +94,7 @@ class WorkerJob:
     resources: ResourcesSpec
     seed: int
     use_gpu: bool
+    cut: int  # the worker count the units are cut for (scdd.recover.recover_plan): this run's, or its first's
 
     def threads(self) -> int:
         return self.resources.threads or 1
@@ -123,21 +126,26 @@ class RecoverWorker:
             update={"device": "cuda" if job.use_gpu else "cpu", "threads": job.threads()}))
         data = job.store.read_bytes(job.teacher_path)
         teacher, _ = model_from_checkpoint(data, job.store.url_of(job.teacher_path))
-        share = min(job.recover.batch_size, math.ceil(job.info.num_classes / self.world_size))  # a worker's batch
+        share = min(job.recover.batch_size, math.ceil(job.info.num_classes / job.cut))  # a share's batch
         self.runner: nn.Module | list[nn.Module] = prepare_teacher(teacher, self.runtime, share * job.recover.iterations)
-        synced = job.recover.bn_sync == "global" and self.world_size > 1
+        synced = is_synced(job.recover, self.world_size, job.cut)
         self.objective = RecoverObjective(teacher, job.recover.first_bn_multiplier,
                                           GlobalScope() if synced else LocalScope(), job.recover.stat_momentum)
         self.objective.__enter__()
         self.init = init_reader(job.store, job.recover.init)
         return {"rank": self.rank, "backend": backend, "pid": os.getpid(), **self.runtime.describe()}
 
-    def run_unit(self, unit: Unit) -> dict:
+    def run_unit(self, unit: Unit) -> list[dict]:
+        """The records of this worker's shares of `unit` (its own share, or several on a resume with fewer
+        workers than the cut: `shares_of`)."""
         if self.fault is not None and self.units_started >= self.fault.after_units:
             os.kill(os.getpid(), signal.SIGKILL)
         self.units_started += 1
-        job, path = self.job, part_record_path(unit.name, self.rank)
-        args = (unit, self.rank, self.runner, job.info, job.recover, self.runtime, job.seed, self.objective, self.progress)
+        return [self._run_share(unit, share) for share in shares_of(unit, self.rank, self.world_size)]
+
+    def _run_share(self, unit: Unit, share: int) -> dict:
+        job, path = self.job, part_record_path(unit.name, share)
+        args = (unit, share, self.runner, job.info, job.recover, self.runtime, job.seed, self.objective, self.progress)
         if job.store.exists(path):
             if isinstance(self.objective.scope, GlobalScope):
                 run_share(*args, store=None, init=self.init)  # the peers need this rank in every collective
@@ -201,16 +209,10 @@ def death_among(waiting: list[ray.ObjectRef], refs: list[ray.ObjectRef], grace_s
     return None
 
 
-def merge_parts(unit: Unit, parts: list[dict], synced: bool) -> dict:
-    """The unit record from its workers' part records."""
-    entries = sorted((e for part in parts for e in part["entries"]), key=lambda e: (e["label"], e["round"]))
-    if synced:  # every rank reports the losses of the whole batch
-        losses = {key: parts[0][key] for key in ("ce", "bn", "total")}
-    else:  # each rank's own batch: weigh by its images
-        sizes = [len(share) for share in unit.shares]
-        losses = {key: sum(p[key] * n for p, n in zip(parts, sizes)) / sum(sizes) for key in ("ce", "bn", "total")}
-    return {"round": unit.round, "batch": unit.batch, "workers": len(parts), "bn_sync": "global" if synced else "local",
-            "entries": entries, **losses, "seconds": max(p["seconds"] for p in parts)}
+def is_synced(spec: RecoverSpec, world_size: int, cut: int) -> bool:
+    """Whether the workers share BatchNorm statistics: bn_sync global, several workers, each with its own share
+    (a resume on another worker count than the cut has no optimisation steps, so nothing to share)."""
+    return spec.bn_sync == "global" and world_size > 1 and cut == world_size
 
 
 class RayRecover:
@@ -237,14 +239,18 @@ class RayRecover:
         self.groups_formed, self.restarts = 0, []
         connect()
         world_size = self.resources.workers
-        units = plan_units(info.num_classes, spec.ipc, spec.batch_size, world_size)
+        units = recover_plan(store, info.num_classes, spec, world_size)
         pending = pending_units(store, units)
         if max_units is not None:
             pending = pending[:max_units]
         use_gpu = wants_gpus(self.resources.device)
-        job = WorkerJob(store, self.teacher_path, info, spec, self.resources, seed, use_gpu)
+        cut = len(units[0].shares) if units else world_size
+        job = WorkerJob(store, self.teacher_path, info, spec, self.resources, seed, use_gpu, cut)
         placement = Placement(world_size, job.threads(), 1 if use_gpu else 0)
-        synced = spec.bn_sync == "global" and world_size > 1
+        synced = is_synced(spec, world_size, cut)
+        if cut != world_size:
+            log.info("recover: the units are cut for %d workers (this output's first recover); %d workers make "
+                     "them now (no optimisation steps: the same images)", cut, world_size)
         log.info("recover: %d workers on %s (%s), bn_sync %s, %d units to run", world_size,
                  "one GPU each" if use_gpu else f"{job.threads()} CPU thread(s) each", "nccl" if use_gpu else "gloo",
                  "global" if synced else "local", len(pending))
@@ -260,8 +266,9 @@ class RayRecover:
                 gather(group.call("setup", address, self.collective_timeout_s), check)
                 while pending:
                     unit = pending[0]
-                    parts = gather(group.call("run_unit", unit), check)
-                    record = merge_parts(unit, parts, synced)
+                    parts = sorted((part for shares in gather(group.call("run_unit", unit), check) for part in shares),
+                                   key=lambda part: part["rank"])
+                    record = merge_shares(unit, parts, synced)
                     store.write_json(unit.record_path, record)
                     pending.pop(0)
                     units_run += 1

@@ -8,10 +8,13 @@ from scdd.recover.rounds import (
     Unit,
     class_slices,
     collect_result,
+    merge_shares,
     pending_units,
     plan_units,
     recover_dataset,
+    recover_plan,
     run_share,
+    shares_of,
 )
 from scdd.recover.scope import BatchScope, GlobalScope, LocalScope, local_batch_stats
 from scdd.recover.synthesize import SynthesisResult, freeze, prepare_teacher, recover_loss, synthesize
@@ -30,11 +33,14 @@ __all__ = [
     "collect_result",
     "freeze",
     "local_batch_stats",
+    "merge_shares",
     "pending_units",
     "plan_units",
     "prepare_teacher",
     "recover_dataset",
     "recover_loss",
+    "recover_plan",
     "run_share",
+    "shares_of",
     "synthesize",
 ]

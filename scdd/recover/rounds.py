@@ -12,6 +12,11 @@ of a round holds the b-th run of `batch_size` classes of every slice: each worke
 batch of its own slice per unit (a share may be short or empty at the end of a round), so W workers do
 W times the work of one per step, and the BatchNorm statistics they share (bn_sync: global) are those of
 the W x batch_size images. With W = 1 this is the single-process plan.
+
+The cut is fixed by the first recover of an output (`state/plan.json`): a resume on another worker
+count (which the recover digest allows only where the images do not depend on it: no optimisation
+steps, `JobSpec.images_depend_on_workers`) finds the same units, and each worker then makes every
+share whose index is its rank modulo the worker count.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from torch import nn
 from scdd.artifacts import ImageEntry, encode_png, entry_for
 from scdd.data.base import DatasetInfo
 from scdd.errors import SpecError
-from scdd.layout import UNITS_DIR, unit_record_path
+from scdd.layout import PLAN_RECORD, UNITS_DIR, unit_record_path
 from scdd.progress import Progress, SilentProgress
 from scdd.recover.objective import RecoverObjective
 from scdd.recover.init import InitReader, init_reader
@@ -87,6 +92,46 @@ def plan_units(num_classes: int, ipc: int, batch_size: int, workers: int = 1) ->
         for r in range(ipc)
         for b in range(batches)
     ]
+
+
+def plan_cut(store: ArtifactStore, workers: int) -> int:
+    """The worker count the output's units are cut for: the one recorded by its first recover, else `workers`
+    (recorded now). An output from before the record has the cut of its spec's worker count, which the recover
+    digest kept equal to `workers` wherever the cut mattered."""
+    if store.exists(PLAN_RECORD):
+        return int(store.read_json(PLAN_RECORD)["workers"])
+    store.write_json(PLAN_RECORD, {"workers": workers})
+    return workers
+
+
+def recover_plan(store: ArtifactStore, num_classes: int, spec: RecoverSpec, workers: int) -> list[Unit]:
+    """Every unit of the run in `store`, cut as its first recover cut them (`plan_cut`), for `workers` workers
+    now. A cut for another worker count is run only without optimisation steps: with steps, each share's
+    seed and the statistics it shares depend on its worker (the recover digest refuses such a resume)."""
+    cut = plan_cut(store, workers)
+    if cut != workers and spec.iterations > 0:
+        raise SpecError(f"output {store.url} holds recover units cut for {cut} workers, and with recover.iterations "
+                        f"{spec.iterations} > 0 the images depend on the worker count: resume with {cut} workers")
+    return plan_units(num_classes, spec.ipc, spec.batch_size, cut)
+
+
+def shares_of(unit: Unit, rank: int, workers: int) -> list[int]:
+    """The share indices worker `rank` of `workers` makes: its own (the cut's worker count is `workers`), or every
+    `workers`-th share from `rank` on (a resume on another worker count)."""
+    return list(range(rank, len(unit.shares), workers))
+
+
+def merge_shares(unit: Unit, parts: list[dict], synced: bool) -> dict:
+    """The unit record from the records of its shares (one per share, in share order)."""
+    entries = sorted((e for part in parts for e in part["entries"]), key=lambda e: (e["label"], e["round"]))
+    if synced:  # every share reports the losses of the whole batch
+        losses = {key: parts[0][key] for key in ("ce", "bn", "total")}
+    else:  # each share's own batch: weigh by its images
+        sizes = [len(share) for share in unit.shares]
+        images = max(1, sum(sizes))
+        losses = {key: sum(p[key] * n for p, n in zip(parts, sizes)) / images for key in ("ce", "bn", "total")}
+    return {"round": unit.round, "batch": unit.batch, "workers": len(parts), "bn_sync": "global" if synced else "local",
+            "entries": entries, **losses, "seconds": max(p["seconds"] for p in parts)}
 
 
 @dataclass
@@ -197,7 +242,7 @@ def recover_dataset(
     for tests and time-boxed runs) and return the entries of all recorded units. `teacher` is
     frozen here."""
     progress = progress or SilentProgress()
-    units = plan_units(info.num_classes, spec.ipc, spec.batch_size)
+    units = recover_plan(store, info.num_classes, spec, 1)
     pending = pending_units(store, units)
     if max_units is not None:
         pending = pending[:max_units]
@@ -209,7 +254,12 @@ def recover_dataset(
         init = init_reader(store, spec.init)
         with RecoverObjective(teacher, spec.first_bn_multiplier, momentum=spec.stat_momentum) as objective:
             for unit in pending:
-                record = run_share(unit, 0, runner, info, spec, runtime, seed, objective, progress, store, init)
+                if len(unit.shares) == 1:  # the single-process cut: its record as it always was
+                    record = run_share(unit, 0, runner, info, spec, runtime, seed, objective, progress, store, init)
+                else:  # a resume of a multi-worker cut (no optimisation steps): every share here
+                    record = merge_shares(unit, [run_share(unit, share, runner, info, spec, runtime, seed, objective,
+                                                           progress, store, init)
+                                                 for share in range(len(unit.shares))], synced=False)
                 store.write_json(unit.record_path, record)
                 image_iterations += len(unit.labels) * spec.iterations
                 progress.advance(0, ce=record["ce"], bn=record["bn"])

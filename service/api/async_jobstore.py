@@ -22,6 +22,7 @@ class AsyncJobStore:
         self.events_maxlen, self.idempotency_ttl_s = events_maxlen, idempotency_ttl_s
         self._create = client.register_script(records.CREATE)
         self._cancel = client.register_script(records.CANCEL)
+        self._resume = client.register_script(records.RESUME)
         self._take_token = client.register_script(records.TAKE_TOKEN)
 
     async def create(self, job_id: str, tenant: str, spec: dict[str, Any], quota: int,
@@ -44,6 +45,10 @@ class AsyncJobStore:
         record = await self.redis.hgetall(self.keys.job(job_id))
         return record if record and record.get("tenant") == tenant else None
 
+    async def curves(self, job_id: str) -> dict[str, str]:
+        """The job's stored curves: `<attempt>/<stage>/<loop>` -> curve JSON (service/curves.py)."""
+        return await self.redis.hgetall(self.keys.curves(job_id))
+
     async def ping(self) -> bool:
         return bool(await self.redis.ping())
 
@@ -65,6 +70,17 @@ class AsyncJobStore:
         outcome, state = await self._cancel(keys=[self.keys.job(job_id)],
                                             args=[self.keys.prefix, f"{time.time():.3f}", self.events_maxlen, event])
         return outcome, state
+
+    async def resume(self, job_id: str, tenant: str, quota: int, spec: Optional[dict[str, Any]],
+                     event: dict[str, Any]) -> tuple[str, str]:
+        """Queue a failed or cancelled job again as its next attempt (records.RESUME), with `spec` when it changes.
+        ('queued', attempt) | ('state', current state) | ('quota', active count) | ('missing', '')."""
+        k = self.keys
+        outcome, value = await self._resume(
+            keys=[k.job(job_id), *(k.tenant_state(tenant, s) for s in ("queued", "dispatched", "running")), k.queue],
+            args=[k.prefix, f"{time.time():.3f}", self.events_maxlen, records.event_json(event), quota,
+                  json.dumps(spec, sort_keys=True) if spec is not None else ""])
+        return outcome, value
 
     async def take_submit_token(self, tenant: str, per_minute: float, burst: int) -> tuple[bool, int]:
         """(True, 0) when the tenant may submit now, else (False, seconds to wait)."""

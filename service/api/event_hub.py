@@ -184,6 +184,10 @@ class EventHub:
         finally:
             self._unsubscribe(subscriber)
 
+    async def has_after(self, job_id: str, after: str) -> bool:
+        """Whether Redis holds an entry after `after` (a `job_finished` followed by a resume's entries)."""
+        return bool(await self.store.xrange(self.keys.events(job_id), f"({after}", "+", count=1))
+
     async def rest(self, job_id: str, after: str) -> list[Entry]:
         """Every entry after `after` now in Redis (a finished job's last ones)."""
         return await self._read(job_id, after)

@@ -19,7 +19,7 @@ from service.api import console
 from service.api.event_hub import EventHub
 from service.api.streams import StreamSlots
 from service.api.middleware import BodyLimit, Metrics, RequestMetrics
-from service.api.routes import artifacts, events, health, jobs
+from service.api.routes import artifacts, curves, events, health, jobs
 from service.auth import ApiKeys
 from service.records import Keys
 from service.settings import Settings
@@ -83,11 +83,12 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     app = FastAPI(title="scdd job service", version=_version(), description=DESCRIPTION, lifespan=lifespan)
     app.state.settings, app.state.keys, app.state.metrics = settings, keys, Metrics()
     app.state.stream_slots = StreamSlots(settings.max_streams_per_tenant, settings.max_streams_per_process)
+    app.state.archive_slots = artifacts.ArchiveSlots(settings.max_archives_per_tenant)
     app.add_exception_handler(RequestValidationError, _validation_error)
     for error in (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
         app.add_exception_handler(error, _store_unavailable)
     app.add_exception_handler(redis.exceptions.OutOfMemoryError, _store_full)
-    for module in (jobs, events, artifacts, health):
+    for module in (jobs, events, curves, artifacts, health):
         app.include_router(module.router)
     if settings.console:
         console.mount(app)

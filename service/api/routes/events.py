@@ -50,10 +50,16 @@ async def _frames(hub: EventHub, store: AsyncJobStore, request: Request, job_id:
                 continue
             after, kind, data = entry
             yield _frame(after, kind, data)
-            if kind == "job_finished":
+            if kind == "job_finished" and not await _resumed(hub, store, job_id, after):
                 return
     finally:
         await entries.aclose()
+
+
+async def _resumed(hub: EventHub, store: AsyncJobStore, job_id: str, after: str) -> bool:
+    """Whether the job goes on past the `job_finished` at `after`: a resume followed it (entries after it), or is
+    queued (its `job_resumed` about to arrive)."""
+    return await hub.has_after(job_id, after) or await store.state(job_id) not in FINAL_STATES
 
 
 @router.get("/{job_id}/events", responses={200: {"content": {"text/event-stream": {}}}, 401: {"model": ErrorOut},
@@ -61,9 +67,9 @@ async def _frames(hub: EventHub, store: AsyncJobStore, request: Request, job_id:
                                            429: {"model": ErrorOut}})
 async def job_events(job: JobDep, tenant: TenantDep, request: Request,
                      last_event_id: Annotated[Optional[str], Header(max_length=45)] = None) -> StreamingResponse:
-    """Server-Sent Events: `job_started`, `stage_started`, `progress`, `stage_finished`, `error`, `job_finished`
-    (each `data:` is the event as JSON, each `id:` its position). Send `Last-Event-ID` to resume after an event;
-    the stream ends after `job_finished`; a quiet stream gets a `: keep-alive` comment every 10 s. Open streams are
+    """Server-Sent Events: `job_started`, `stage_started`, `progress`, `stage_finished`, `error`, `job_finished`,
+    `job_resumed` (each `data:` is the event as JSON, each `id:` its position). Send `Last-Event-ID` to resume after
+    an event; the stream ends after the last attempt's `job_finished` (a resumed job's earlier ones pass); a quiet stream gets a `: keep-alive` comment every 10 s. Open streams are
     bounded per tenant and per API process (429)."""
     after = last_event_id or "0-0"
     if not STREAM_ID.match(after):

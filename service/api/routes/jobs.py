@@ -6,12 +6,17 @@ import hashlib
 import json
 from typing import Annotated, Optional
 
-from fastapi import APIRouter, Header, HTTPException, Query, Response
+from fastapi import APIRouter, Body, Header, HTTPException, Query, Response
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 
-from api_schema import ErrorOut, JobList, JobOut, JobSpec, JobState
+from api_schema import ErrorOut, JobList, JobOut, JobSpec, JobState, ResumeIn
 from service import records
 from service.admission import AdmissionError, admit
+from service.auth import Tenant
+from service.budget import over_budget
+from service.settings import Settings
 from service.api.deps import JobDep, SettingsDep, StoreDep, TenantDep
 from service.api.async_jobstore import JOB_ID
 
@@ -89,4 +94,53 @@ async def cancel_job(job: JobDep, store: StoreDep, tenant: TenantDep) -> JobOut:
     outcome, state = await store.cancel(job["id"])
     if outcome == "final":
         raise HTTPException(409, f"job {job['id']} already {state}: nothing to cancel")
+    return records.job_out(await store.get(job["id"], tenant.name) or job)
+
+
+def _refuse(loc: tuple[str, ...], message: str) -> RequestValidationError:
+    return RequestValidationError([{"loc": loc, "msg": message, "type": "value_error"}])
+
+
+def _resumed_spec(job: dict, workers: Optional[int], tenant: Tenant, settings: Settings) -> tuple[Optional[dict], int]:
+    """The spec a resume runs (None: the job's own) and its worker count; RequestValidationError when the new worker
+    count would change the images (`JobSpec.resume_refusal`) or exceeds the tenant's bounds. Blocking (a budget check
+    may count the class folders of the dataset root): run in a thread."""
+    spec = JobSpec.model_validate(json.loads(job["spec"]))
+    if workers is None or workers == spec.resources.workers:
+        return None, spec.resources.workers
+    refusal = spec.resume_refusal(workers)
+    if refusal is not None:
+        raise _refuse(("body", "workers"), refusal)
+    data = spec.to_dict()
+    data["resources"]["workers"] = workers
+    try:
+        resumed = JobSpec.model_validate(data)
+    except ValidationError as exc:
+        raise _refuse(("body", "workers"), "; ".join(e["msg"] for e in exc.errors())) from None
+    errors = over_budget(resumed, tenant, max_gpus=settings.max_gpus)
+    if errors:
+        raise RequestValidationError([{"loc": loc, "msg": msg, "type": "value_error"} for loc, msg in errors])
+    return resumed.to_dict(), workers
+
+
+@router.post("/{job_id}/resume", status_code=202, response_model=JobOut,
+             responses={**ERRORS, 409: {"model": ErrorOut}, 422: {"model": ErrorOut}, 429: {"model": ErrorOut}})
+async def resume_job(job: JobDep, store: StoreDep, tenant: TenantDep, settings: SettingsDep,
+                     body: Annotated[Optional[ResumeIn], Body()] = None) -> JobOut:
+    """Run a failed, cancelled or timed-out job again on its own output as its next `attempt`: the teacher, the
+    recover units and the training checkpoints already made are kept, the rest is made. The event history goes on
+    with a `job_resumed` event. `workers` may change only where it leaves the images the same (422 otherwise)."""
+    state = job["state"]
+    if state not in ("failed", "cancelled"):
+        what = "it succeeded: nothing to resume" if state == "succeeded" else f"it is {state}: cancel it first, or wait"
+        raise HTTPException(409, f"job {job['id']} cannot be resumed: {what}")
+    spec, workers = await run_in_threadpool(_resumed_spec, job, body.workers if body else None, tenant, settings)
+    event = {"type": "job_resumed", "job_id": job["id"], "workers": workers, "previous_state": state,
+             "previous_error": job.get("error") or None}
+    outcome, value = await store.resume(job["id"], tenant.name, tenant.max_active_jobs, spec, event)
+    if outcome == "quota":
+        raise HTTPException(429, f"tenant {tenant.name!r} has {value} jobs queued or running, its limit is "
+                                 f"{tenant.max_active_jobs}: wait for one to finish or cancel one")
+    if outcome != "queued":
+        raise HTTPException(409, f"job {job['id']} cannot be resumed: it is {value or 'gone'} now")
     return records.job_out(await store.get(job["id"], tenant.name) or job)
