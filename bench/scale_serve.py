@@ -37,20 +37,27 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def rss_of(pid: int) -> int:
+    """Resident memory of a process in bytes (Linux: /proc/<pid>/status)."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
 class RssPeak:
     """The peak resident memory of one process while the block runs, sampled every `interval` s."""
 
     def __init__(self, pid: int, interval: float = 0.1):
-        import psutil
-
-        self.process, self.interval = psutil.Process(pid), interval
-        self.before = self.peak = self.process.memory_info().rss
+        self.pid, self.interval = pid, interval
+        self.before = self.peak = rss_of(pid)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, self.process.memory_info().rss)
+            self.peak = max(self.peak, rss_of(self.pid))
 
     def __enter__(self) -> "RssPeak":
         self._thread.start()
@@ -59,7 +66,7 @@ class RssPeak:
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, self.process.memory_info().rss)
+        self.peak = max(self.peak, rss_of(self.pid))
 
 
 def percentiles(seconds: list[float]) -> dict[str, float]:

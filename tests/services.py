@@ -85,13 +85,20 @@ class RayHead:
             raise
         return self
 
-    def stop(self) -> None:
+    def stop(self, grace_s: float = 10.0) -> None:
+        """SIGTERM, then after `grace_s` SIGKILL to the head's whole process group (its raylet, GCS and workers):
+        `ray start --block` took 30 s here to stop a head that served the suite, for nothing a test reads."""
         if self.process and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
-                self.process.wait(60)
+                self.process.wait(grace_s)
             except subprocess.TimeoutExpired:
+                pass
+            try:
                 os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.process.wait(30)
             forget_ray_head(self.port)  # as `scdd serve` does: no record of a head that is gone
 
 

@@ -282,6 +282,12 @@ def test_the_console_signs_in_submits_follows_shows_and_cancels_jobs_of_one_tena
         wait.until(lambda b: text("h1") == f"Job {second}" and b.find_element(By.ID, "cancel").is_enabled())
         browser.find_element(By.ID, "cancel").click()
         waiting(120, 0.2).until(lambda b: text("#job-state") == "cancelled")
+        browser.find_element(By.ID, "resume").click()  # its next attempt, on its own output; the page follows it
+        wait.until(lambda b: "(attempt 2)" in text("#job-stage") and text("#job-state") not in FINAL)
+        assert not browser.find_element(By.ID, "resume").is_displayed()
+        with api(serve, "key-acme") as acme:
+            acme.post(f"/v1/jobs/{second}/cancel")
+        waiting(120, 0.2).until(lambda b: text("#job-state") == "cancelled")
 
         # the jobs page: filter by state, page with the cursor (25 more cancelled jobs: two pages of 20)
         with api(serve, "key-acme") as acme:

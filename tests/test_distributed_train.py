@@ -61,14 +61,15 @@ def job(fmnist_root, out, teacher, **recover) -> JobSpec:
 
 def test_killed_training_worker_resumes_from_its_checkpoint(ray_local, tmp_path, fmnist_root, fmnist_teacher_ckpt):
     spec = job(fmnist_root, tmp_path / "run", fmnist_teacher_ckpt)
-    spec = JobSpec.model_validate({**spec.to_dict(), "validate": {**spec.to_dict()["validate"], "baseline": False}})
-    options = RayOptions(train_fault=TrainFault(rank=1, epoch=4, step=1), checkpoint_every_s=0)
+    spec = JobSpec.model_validate({**spec.to_dict(), "validate": {**spec.to_dict()["validate"], "baseline": False,
+                                                                   "epochs": 6}})
+    options = RayOptions(train_fault=TrainFault(rank=1, epoch=3, step=1), checkpoint_every_s=0)
     result = run_job(spec, ListSink(), options=options)
     assert result.status == "succeeded", result.error
     student = result.report.validate_.student
-    assert json.loads((tmp_path / "run/state/train/validate/fault-fired.json").read_text())["epoch"] == 4
-    assert student.resumed_at_epoch == 4  # the restarted group went on after the 4th epoch's checkpoint
-    assert [h.epoch for h in student.epochs] == list(range(1, 13))
+    assert json.loads((tmp_path / "run/state/train/validate/fault-fired.json").read_text())["epoch"] == 3
+    assert student.resumed_at_epoch == 3  # the restarted group went on after the 3rd epoch's checkpoint
+    assert [h.epoch for h in student.epochs] == list(range(1, 7))
 
 
 def test_cancel_mid_recover_stops_quickly_and_releases_everything(ray_local, tmp_path, fmnist_root, fmnist_teacher_ckpt):

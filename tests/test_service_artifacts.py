@@ -22,7 +22,7 @@ import pytest
 import redis
 
 from service.api.main import create_app
-from service.api.routes.artifacts import sign_link
+from service.api.archive_links import sign_link
 from service.artifacts import MANIFESTS
 from tests.services import ApiServer, RedisServer, api_settings, wait_until
 from tests.test_store_s3 import BUCKET, aws_env, fresh_prefix, s3_client, s3_endpoint  # noqa: F401 (fixtures)
@@ -147,9 +147,8 @@ def test_a_50000_image_job_pages_in_path_order_fast_without_state(acme, big_job)
     assert all(f["size"] == len(tiny_png()) for f in files if f["path"].startswith("images/"))
     p50, p99 = statistics.median(seconds), statistics.quantiles(seconds, n=100)[98]
     print(f"\n{len(seconds)} pages of 1000: p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms, max "
-          f"{max(seconds) * 1000:.1f} ms; first page with the manifest parse {cold * 1000:.0f} ms")
-    assert p99 < 0.2, seconds
-    assert cold < 3
+          f"{max(seconds) * 1000:.1f} ms; the first page {cold * 1000:.0f} ms")
+    assert p99 < 0.2 and cold < 0.2, (cold, seconds)
 
 
 def test_prefix_delimiter_and_cursor_select_what_a_class_browser_needs(acme, big_job):
@@ -185,7 +184,6 @@ def test_state_is_never_downloadable(acme, big_job):
 
 def test_the_archive_of_50000_images_is_a_stored_zip_made_in_bounded_memory(acme, big_job, tmp_path):
     job_id, _, images = big_job
-    acme.get(f"/v1/jobs/{job_id}/artifacts", params={"limit": 1})  # the manifest is cached, as after any listing
     path = tmp_path / "all.zip"
     tracemalloc.start()
     try:
@@ -248,12 +246,12 @@ def test_a_signed_link_downloads_without_the_key_for_its_job_until_it_expires(se
                          (f"{link['url'][:-3]}abc", "not valid for job"), (f"{link['url']}.x", "not valid for job"),
                          (f"/v1/jobs/{other_id}/archive?token=garbage", "not valid for job")):
             refused = anonymous.get(url)
-            assert refused.status_code == 403 and why in refused.json()["detail"], url
+            assert refused.status_code == 401 and why in refused.json()["detail"], url
             assert "ask for a new one: POST /v1/jobs/{id}/archive-link" in refused.json()["detail"]
         secret = redis.Redis.from_url(service.redis_url).get("scdd:link-secret")
         expired = sign_link(secret, "acme", other_id, int(time.time()) - 5)
         refused = anonymous.get(f"/v1/jobs/{other_id}/archive?token={expired}")
-        assert refused.status_code == 403 and "expired" in refused.json()["detail"]
+        assert refused.status_code == 401 and "expired" in refused.json()["detail"]
         assert anonymous.get(f"/v1/jobs/{other_id}/archive").status_code == 401  # neither key nor token
         assert globex.post(f"/v1/jobs/{other_id}/archive-link").status_code == 404  # not globex's job
     # another replica on the same Redis shares the key: its links work here and the other way round
@@ -288,26 +286,16 @@ def test_a_running_job_lists_its_folder_and_names_it_cannot_serve_are_skipped_in
     skipped = archive.read(f"{job_id}/SKIPPED.txt").decode()
     assert "'images/a%b/0.png'" in skipped and "'images/c\\\\d/0.png'" in skipped and "refuses" in skipped
 
-    # the manifest, once written, is what lists the images (and a rewrite is seen at once); a file that is not
-    # one (half written by some other tool) leaves the listing to the folder
-    (prefix / "manifest.json").write_text('{"images": [{"path"')
+    # a local folder lists what it holds, whatever its manifest says (object stores list from it: the s3 test)
+    (prefix / "manifest.json").write_text(json.dumps({"images": [{"path": images[0], "bytes": len(png)}]}))
     files, _, _ = all_pages(acme, job_id, prefix="images/")
     assert [f["path"] for f in files] == sorted(images + ["images/a%b/0.png", "images/c\\d/0.png"])
-    listed_images = [p for p in images if not p.endswith("_0003.png")]
-    (prefix / "manifest.json").write_text(json.dumps({"images": [{"path": p, "bytes": len(png)}
-                                                                 for p in listed_images]}))
-    files, _, _ = all_pages(acme, job_id, prefix="images/")
-    assert [f["path"] for f in files] == listed_images
-    (prefix / "manifest.json").write_text(json.dumps({"images": [{"path": p, "bytes": len(png)} for p in images]}))
-    os.utime(prefix / "manifest.json", ns=(time.time_ns() + 10**9,) * 2)  # a new version even on a coarse clock
-    files, _, _ = all_pages(acme, job_id, prefix="images/")
-    assert [f["path"] for f in files] == images
     empty_id, _ = new_job(acme, service.folder)
     assert acme.get(f"/v1/jobs/{empty_id}/archive").status_code == 404  # nothing written yet
 
 
 def test_the_zip_writer_goes_zip64_past_65535_entries_and_4_gib_entries():
-    from service.artifacts import ZipWriter
+    from service.archive import ZipWriter
 
     writer, out = ZipWriter(), io.BytesIO()
     for i in range(66000):
@@ -322,7 +310,8 @@ def test_the_zip_writer_goes_zip64_past_65535_entries_and_4_gib_entries():
 def test_an_object_store_job_lists_from_its_manifest_and_zips_with_one_get_per_file(aws_env, monkeypatch):
     """The s3 path (moto's server): listings by folder while running (state/ not even listed), from the manifest
     after; the zip reads each file with GETs only (ranged for a large one), never a HEAD per file."""
-    from service.artifacts import JobArtifacts, StoreReader, zip_stream
+    from service.archive import StoreReader, zip_stream
+    from service.artifacts import JobArtifacts
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", aws_env)
     monkeypatch.setattr(StoreReader, "CHUNK", 1 << 20)  # the teacher below is read in 3 ranged GETs

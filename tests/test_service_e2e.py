@@ -119,12 +119,13 @@ def images_of(folder: Path) -> dict[str, bytes]:
 
 
 def test_a_job_cancelled_mid_recover_releases_its_workers_and_resumes_to_the_same_images(
-        stack, fmnist_root, fmnist_teacher_ckpt, ray_local):
+        stack, fmnist_root, fmnist_teacher_ckpt, ray_local, ray_head):
     """Cancel mid-recover (cooperative, within the grace; the workers freed), then POST .../resume: the next attempt
     runs on the same output, makes only the units still missing, and its images are byte-identical to an
-    uninterrupted run's. Another worker count is refused (the images depend on it with iterations > 0)."""
-    stack.dispatcher()
-    job_spec = spec(fmnist_root, fmnist_teacher_ckpt, iterations=120, workers=2, threads=1)
+    uninterrupted run's. Another worker count is refused (the images depend on it with iterations > 0). The
+    uninterrupted run also loses its dispatcher (kill -9) while it runs: another takes it over and it runs once."""
+    first_dispatcher = stack.dispatcher()
+    job_spec = spec(fmnist_root, fmnist_teacher_ckpt, iterations=80, workers=2, threads=1)
     job_spec["recover"]["ipc"] = 4  # 4 units (a round each: 3 classes in 2 slices)
     job = stack.client.post("/v1/jobs", json=job_spec).json()
     out = stack.tmp / "artifacts" / "acme" / job["id"]
@@ -156,49 +157,39 @@ def test_a_job_cancelled_mid_recover_releases_its_workers_and_resumes_to_the_sam
     assert kinds.count("job_started") == 2 and kinds.count("job_finished") == 2 and kinds[-1] == "job_finished"
     assert kinds.index("job_resumed") == kinds.index("job_finished") + 1, kinds
 
+    assert len(ray_jobs_named(ray_head, job["id"])) == len(ray_jobs_named(ray_head, f"{job['id']}-a2")) == 1
+
     whole = stack.client.post("/v1/jobs", json=job_spec).json()  # the same spec, uninterrupted
+    wait_state(stack.client, whole["id"], {"running"}, 120)
+    first_dispatcher.kill()
+    stack.dispatcher()
     assert wait_state(stack.client, whole["id"], {"succeeded", "failed", "cancelled"})["state"] == "succeeded"
     assert images_of(out) == images_of(stack.tmp / "artifacts" / "acme" / whole["id"]) and len(images_of(out)) == 12
-
-
-def test_a_job_without_recover_steps_resumes_on_another_worker_count(stack, fmnist_root, fmnist_teacher_ckpt):
-    """recover.iterations 0: the images do not depend on the worker count, so a resume may change it."""
-    job_spec = spec(fmnist_root, fmnist_teacher_ckpt, iterations=0, workers=2, threads=1)
-    job_spec["recover"]["init"] = "real"
-    job = stack.client.post("/v1/jobs", json=job_spec).json()
-    assert stack.client.post(f"/v1/jobs/{job['id']}/cancel").json()["state"] == "cancelled"  # still queued
-    resumed = stack.client.post(f"/v1/jobs/{job['id']}/resume", json={"workers": 1})
-    assert resumed.status_code == 202 and resumed.json()["spec"]["resources"]["workers"] == 1
-    stack.dispatcher()
-    done = wait_state(stack.client, job["id"], {"succeeded", "failed", "cancelled"})
-    assert done["state"] == "succeeded" and done["summary"]["images"] == 9, done
-    assert stack.client.post(f"/v1/jobs/{job['id']}/resume").status_code == 409  # it succeeded
-
-
-def test_a_dispatcher_killed_mid_job_is_taken_over_and_the_job_runs_once(stack, fmnist_root, fmnist_teacher_ckpt, ray_head):
-    first = stack.dispatcher()
-    job = stack.client.post("/v1/jobs", json=spec(fmnist_root, fmnist_teacher_ckpt, iterations=300)).json()
-    wait_state(stack.client, job["id"], {"running"}, 120)
-    first.kill()
-    stack.dispatcher()
-    done = wait_state(stack.client, job["id"], {"succeeded", "failed", "cancelled"})
-    assert done["state"] == "succeeded", done
-    events = sse_events(stack.client, job["id"])
-    assert [kind for _, kind, _ in events].count("job_started") == 1
-    assert len(ray_jobs_named(ray_head, job["id"])) == 1
+    assert [kind for _, kind, _ in sse_events(stack.client, whole["id"])].count("job_started") == 1
+    assert len(ray_jobs_named(ray_head, whole["id"])) == 1
     r = redis.Redis.from_url(stack.redis.url, decode_responses=True)
     # the new dispatcher acknowledges it once Ray reports the driver process ended
     wait_until(lambda: r.xpending("scdd:queue", "dispatchers")["pending"] == 0, 30, "the message to be acknowledged")
     assert r.hlen("scdd:slots") == 0
 
 
-def test_a_job_submitted_before_a_redis_restart_still_runs(stack, fmnist_root, fmnist_teacher_ckpt):
-    job = stack.client.post("/v1/jobs", json=spec(fmnist_root, fmnist_teacher_ckpt)).json()
-    stack.redis.restart()  # no dispatcher yet: the job exists only in Redis's append-only file
-    assert stack.client.get(f"/v1/jobs/{job['id']}").json()["state"] == "queued"
+def test_a_job_resumed_on_another_worker_count_before_a_redis_restart_still_runs(stack, fmnist_root,
+                                                                                 fmnist_teacher_ckpt):
+    """recover.iterations 0: the images do not depend on the worker count, so a resume may change it. The resumed
+    job is queued only in Redis's append-only file when Redis restarts (no dispatcher yet): it still runs."""
+    job_spec = spec(fmnist_root, fmnist_teacher_ckpt, iterations=0, workers=2, threads=1)
+    job_spec["recover"]["init"] = "real"
+    job = stack.client.post("/v1/jobs", json=job_spec).json()
+    assert stack.client.post(f"/v1/jobs/{job['id']}/cancel").json()["state"] == "cancelled"  # still queued
+    resumed = stack.client.post(f"/v1/jobs/{job['id']}/resume", json={"workers": 1})
+    assert resumed.status_code == 202 and resumed.json()["spec"]["resources"]["workers"] == 1
+    stack.redis.restart()
+    again = stack.client.get(f"/v1/jobs/{job['id']}").json()
+    assert (again["state"], again["attempt"]) == ("queued", 2)
     stack.dispatcher()
     done = wait_state(stack.client, job["id"], {"succeeded", "failed", "cancelled"})
-    assert done["state"] == "succeeded", done
+    assert done["state"] == "succeeded" and done["summary"]["images"] == 9, done
+    assert stack.client.post(f"/v1/jobs/{job['id']}/resume").status_code == 409  # it succeeded
 
 
 def test_a_job_that_cannot_be_submitted_is_dead_lettered(stack, fmnist_root, fmnist_teacher_ckpt):

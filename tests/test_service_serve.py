@@ -85,20 +85,11 @@ def test_serve_starts_redis_and_ray_runs_a_job_and_cleans_up(tmp_path, fmnist_ro
     text = (tmp_path / "serve.log").read_text()
     for line in ("started redis-server", "started a Ray head", "created an API key", "started the dispatcher"):
         assert line in text
-    # Ray's record of the "current cluster" does not name the stopped head, and a local multi-worker run after
-    # it starts its own Ray rather than waiting on the dead one.
+    # Ray's record of the "current cluster" does not name the stopped head (a local multi-worker run would try to
+    # join it; that a run starts its own Ray whatever the record says is test_distributed_recover.py's)
     head_port = re.search(r"started a Ray head: cluster 127\.0\.0\.1:(\d+)", text).group(1)
     record = ray_bootstrap_record()
     assert not record.exists() or record.read_text().strip().rsplit(":", 1)[-1] != head_port
-    local = subprocess.run(
-        [sys.executable, "-m", "scdd_cli", "distill", "--data-dir", str(fmnist_root), "--classes", "0,1,2",
-         "--train-limit", "20", "--method", "sre2l", "--teacher-checkpoint", str(fmnist_teacher_ckpt), "--ipc", "1",
-         "--iterations", "2",
-         "--no-validate", "--device", "cpu", "--amp", "off", "--workers", "2", "--threads", "1",
-         "--out", str(tmp_path / "local")],
-        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, capture_output=True, text=True, timeout=400)
-    assert local.returncode == 0, local.stderr[-2000:]
-    assert "started a local Ray cluster" in local.stderr
 
     again = start_serve(data_dir, port, log)
     try:

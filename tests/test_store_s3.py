@@ -61,6 +61,11 @@ def s3_endpoint():
             yield endpoint
         finally:
             server.stop()
+            # fsspec keeps one S3FileSystem per set of arguments, and one made from the environment (no endpoint
+            # argument) would point the next module's tests at this stopped server
+            from s3fs import S3FileSystem
+
+            S3FileSystem.clear_instance_cache()
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
+from service.api.archive_links import ArchiveSlots
 from service.api.async_jobstore import AsyncJobStore
 from service.api import console
 from service.api.event_hub import EventHub
@@ -83,7 +84,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
     app = FastAPI(title="scdd job service", version=_version(), description=DESCRIPTION, lifespan=lifespan)
     app.state.settings, app.state.keys, app.state.metrics = settings, keys, Metrics()
     app.state.stream_slots = StreamSlots(settings.max_streams_per_tenant, settings.max_streams_per_process)
-    app.state.archive_slots = artifacts.ArchiveSlots(settings.max_archives_per_tenant)
+    app.state.archive_slots = ArchiveSlots(settings.max_archives_per_tenant)
     app.add_exception_handler(RequestValidationError, _validation_error)
     for error in (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
         app.add_exception_handler(error, _store_unavailable)

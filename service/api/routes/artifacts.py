@@ -1,24 +1,12 @@
-"""List and download a job's artifacts: paged listings, one file, the whole set as a zip, and signed links to it.
-
-A browser cannot put an Authorization header on its own downloads, so the console asks for a short-lived link
-(`POST .../archive-link`) and lets the browser download to disk from it, instead of holding the zip in memory.
-The link's token is an HMAC-SHA256 over (tenant, job id, expiry) with a key every API replica shares: the
-setting SCDD_LINK_SECRET, else a random one made once and kept in Redis (SET NX: the first replica wins).
-"""
+"""List and download a job's artifacts: paged listings, one file, the whole set as a zip, and signed links to it
+(service/api/archive_links.py)."""
 
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
-import hashlib
-import hmac
 import json
-import secrets
-import threading
 import time
 import weakref
-from collections import Counter
 from collections.abc import Generator
 from itertools import chain
 from typing import Annotated, Literal, Optional
@@ -31,13 +19,14 @@ from fastapi.security import HTTPAuthorizationCredentials
 from api_schema import ArtifactList, ArtifactOut, ErrorOut
 from api_schema.service import ArchiveLinkOut
 from service.api.deps import JobDep, SettingsDep, StoreDep, TenantDep, _bearer, get_tenant
+from service.api.archive_links import link_secret, sign_link, verify_link
 from service.api.streams import Slot
-from service.artifacts import BadCursor, JobArtifacts, UnsafePath, check_prefix, zip_stream
+from service.archive import zip_stream
+from service.artifacts import BadCursor, JobArtifacts, UnsafePath, check_prefix
 
 router = APIRouter(prefix="/v1/jobs", tags=["artifacts"])
 
 ERRORS = {401: {"model": ErrorOut}, 404: {"model": ErrorOut}}
-NEW_LINK = "ask for a new one: POST /v1/jobs/{id}/archive-link (the console's Download all does)"
 
 
 def _artifacts(job: dict) -> JobArtifacts:
@@ -72,88 +61,24 @@ async def list_artifacts(
 
 
 # -- the archive and its links ------------------------------------------------------------------------------
-class ArchiveSlots:
-    """Zip downloads open per tenant on this API process: each holds a client connection and reads the store for
-    as long as the download takes, so one tenant cannot take all of the process's threads and bandwidth."""
-
-    def __init__(self, per_tenant: int):
-        self.per_tenant = per_tenant
-        self.open: Counter[str] = Counter()
-        self._lock = threading.Lock()  # released from the server's worker threads, taken on the event loop
-
-    def take(self, tenant: str) -> Slot:
-        with self._lock:
-            if self.open[tenant] >= self.per_tenant:
-                raise HTTPException(429, f"tenant {tenant!r} has {self.open[tenant]} archive downloads running, its "
-                                         "limit (SCDD_MAX_ARCHIVES_PER_TENANT): wait for one to finish",
-                                    headers={"Retry-After": "10"})
-            self.open[tenant] += 1
-        return Slot(self, tenant)
-
-    def _give_back(self, tenant: str) -> None:
-        with self._lock:
-            self.open[tenant] -= 1
-            if self.open[tenant] <= 0:
-                del self.open[tenant]
-
-
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).decode().rstrip("=")
-
-
-def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
-def sign_link(secret: bytes, tenant: str, job_id: str, expires: int) -> str:
-    """`<payload>.<mac>`: the payload (tenant, expiry) travels in the token, the job id is the URL's."""
-    payload = _b64(json.dumps([tenant, expires]).encode())
-    mac = hmac.new(secret, f"{tenant}\n{job_id}\n{expires}".encode(), hashlib.sha256).digest()
-    return f"{payload}.{_b64(mac)}"
-
-
-def verify_link(secret: bytes, token: str, job_id: str, now: float) -> str:
-    """The tenant a token was made for, or 403 saying to ask for a new link (forged, for another job, expired)."""
-    try:
-        payload, mac = token.split(".")
-        tenant, expires = json.loads(_unb64(payload))
-        want = hmac.new(secret, f"{tenant}\n{job_id}\n{int(expires)}".encode(), hashlib.sha256).digest()
-        valid = hmac.compare_digest(want, _unb64(mac))
-    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
-        valid = False
-    if not valid:
-        raise HTTPException(403, f"this download link is not valid for job {job_id!r}: {NEW_LINK}")
-    if expires < now:
-        raise HTTPException(403, f"this download link expired {now - expires:.0f} s ago: {NEW_LINK}")
-    return tenant
-
-
-async def link_secret(request: Request) -> bytes:
-    """The links' key: SCDD_LINK_SECRET, else the one in Redis (made by whichever replica asked first)."""
-    settings = request.app.state.settings
-    if settings.link_secret is not None:
-        return settings.link_secret.get_secret_value().encode()
-    store = request.app.state.store
-    key = f"{store.keys.prefix}:link-secret"
-    secret = await store.redis.get(key)
-    if secret is None:
-        await store.redis.set(key, secrets.token_hex(32), nx=True)
-        secret = await store.redis.get(key)
-    return secret.encode()
+async def archive_caller(
+    request: Request, credentials: Annotated[Optional[HTTPAuthorizationCredentials], Depends(_bearer)],
+    token: Annotated[Optional[str], Query(description="From POST .../archive-link, instead of the Authorization "
+                                          "header.")] = None,
+) -> str:
+    """The caller's tenant, from a link's token (for the job in the URL, read unvalidated: the token is checked
+    against it) or else from the API key. A sub-dependency, so a caller without credentials gets 401 before any
+    parameter of the route is validated, as on every other job route."""
+    if token is not None:
+        return verify_link(await link_secret(request), token, str(request.path_params.get("job_id", "")), time.time())
+    return get_tenant(request, credentials).name
 
 
 async def archive_access(
-    request: Request, store: StoreDep,
+    store: StoreDep, tenant: Annotated[str, Depends(archive_caller)],
     job_id: Annotated[str, Path(max_length=64, description="Job id, e.g. j-0192f0c1a2b3c4d5e6f7.")],
-    credentials: Annotated[Optional[HTTPAuthorizationCredentials], Depends(_bearer)],
-    token: Annotated[Optional[str], Query(max_length=1024, description="From POST .../archive-link, instead of "
-                                          "the Authorization header.")] = None,
 ) -> tuple[dict, str]:
-    """(the job, its tenant) from a link's token, else from the API key."""
-    if token is not None:
-        tenant = verify_link(await link_secret(request), token, job_id, time.time())
-    else:
-        tenant = get_tenant(request, credentials).name
+    """(the job, its tenant) for an archive download."""
     record = await store.get(job_id, tenant)
     if record is None:
         raise HTTPException(404, f"no job {job_id!r}: list yours with GET /v1/jobs")
@@ -181,7 +106,7 @@ class ArchiveResponse(StreamingResponse):
 
 
 @router.get("/{job_id}/archive", responses={200: {"content": {"application/zip": {}}}, **ERRORS,
-                                            403: {"model": ErrorOut}, 429: {"model": ErrorOut}})
+                                            429: {"model": ErrorOut}})
 async def download_archive(request: Request,
                            access: Annotated[tuple[dict, str], Depends(archive_access)]) -> StreamingResponse:
     """The job's images/, manifest.json, report.json, grid.png and teacher/ as one zip (entries under `<job id>/`,

@@ -397,12 +397,13 @@
     const reportEl = h("div", { id: "report" }, h("p", { class: "muted" }, "When the job has succeeded."));
     const imagesEl = h("div", { id: "images" }, h("p", { class: "muted" }, "When the job has written them."));
     const cancel = h("button", { id: "cancel", type: "button", class: "danger" }, "Cancel");
+    const resume = h("button", { id: "resume", type: "button", title: "Run it again on its own output, keeping what it made" }, "Resume");
     const download = h("button", { id: "download", type: "button" }, "Download all (zip)");
     const yaml = `${toYaml(specForResubmit(job.spec), "").trimStart()}\n`;
     const specEl = h("pre", { id: "spec-yaml" }, yaml);
     const copy = h("button", { id: "copy-yaml", type: "button" }, "Copy as YAML");
     main.replaceChildren(h("h1", {}, `Job ${jobId}`),
-      h("div", { class: "toolbar" }, "State:", stateEl, stageEl, cancel, download), errorEl,
+      h("div", { class: "toolbar" }, "State:", stateEl, stageEl, cancel, resume, download), errorEl,
       h("h2", {}, "Progress"), progress, noteEl, stages,
       h("h2", {}, "Curves"), charts,
       h("h2", {}, "Report"), reportEl,
@@ -509,6 +510,8 @@
       errorEl.textContent = record.error || "";
       setBar(progress, record.progress, record.state === "succeeded");
       cancel.disabled = FINAL.has(record.state) || record.cancel_requested;
+      resume.hidden = record.state !== "failed" && record.state !== "cancelled";
+      stageEl.textContent += record.attempt > 1 ? ` (attempt ${record.attempt})` : "";
       download.disabled = record.state === "queued";
       if (FINAL.has(record.state)) showResult(record.state);
     }
@@ -523,6 +526,13 @@
       try {
         update(await (await api(`/v1/jobs/${encodeURIComponent(jobId)}/cancel`, { method: "POST" })).json());
       } catch (error) { handle(error); }
+    });
+    resume.addEventListener("click", async () => {
+      resume.disabled = true;
+      try { // the next attempt: this page follows it from the start again (its history holds both)
+        await api(`${jobPath(jobId)}/resume`, { method: "POST" });
+        route();
+      } catch (error) { resume.disabled = false; handle(error); }
     });
     download.addEventListener("click", async () => {
       try { // the browser streams the zip to disk from a signed link: nothing of it is held in this page

@@ -1,0 +1,95 @@
+"""Access to a job's archive beyond the API key: short-lived signed links, and the per-tenant bound on downloads.
+
+A browser cannot put an Authorization header on its own downloads, so the console asks for a short-lived link
+(`POST .../archive-link`) and lets the browser download to disk from it, instead of holding the zip in memory.
+The link's token is an HMAC-SHA256 over (tenant, job id, expiry) with a key every API replica shares: the
+setting SCDD_LINK_SECRET, else a random one made once and kept in Redis (SET NX: the first replica wins).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import secrets
+import threading
+from collections import Counter
+
+from fastapi import HTTPException, Request
+
+from service.api.streams import Slot
+
+NEW_LINK = "ask for a new one: POST /v1/jobs/{id}/archive-link (the console's Download all does)"
+
+
+class ArchiveSlots:
+    """Zip downloads open per tenant on this API process: each holds a client connection and reads the store for
+    as long as the download takes, so one tenant cannot take all of the process's threads and bandwidth."""
+
+    def __init__(self, per_tenant: int):
+        self.per_tenant = per_tenant
+        self.open: Counter[str] = Counter()
+        self._lock = threading.Lock()  # released from the server's worker threads, taken on the event loop
+
+    def take(self, tenant: str) -> Slot:
+        with self._lock:
+            if self.open[tenant] >= self.per_tenant:
+                raise HTTPException(429, f"tenant {tenant!r} has {self.open[tenant]} archive downloads running, its "
+                                         "limit (SCDD_MAX_ARCHIVES_PER_TENANT): wait for one to finish",
+                                    headers={"Retry-After": "10"})
+            self.open[tenant] += 1
+        return Slot(self, tenant)
+
+    def _give_back(self, tenant: str) -> None:
+        with self._lock:
+            self.open[tenant] -= 1
+            if self.open[tenant] <= 0:
+                del self.open[tenant]
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def sign_link(secret: bytes, tenant: str, job_id: str, expires: int) -> str:
+    """`<payload>.<mac>`: the payload (tenant, expiry) travels in the token, the job id is the URL's."""
+    payload = _b64(json.dumps([tenant, expires]).encode())
+    mac = hmac.new(secret, f"{tenant}\n{job_id}\n{expires}".encode(), hashlib.sha256).digest()
+    return f"{payload}.{_b64(mac)}"
+
+
+def verify_link(secret: bytes, token: str, job_id: str, now: float) -> str:
+    """The tenant a token was made for, or 401 saying to ask for a new link (forged, for another job, expired: the
+    request then carries no valid credentials, as with a wrong API key)."""
+    try:
+        payload, mac = token.split(".")
+        tenant, expires = json.loads(_unb64(payload))
+        want = hmac.new(secret, f"{tenant}\n{job_id}\n{int(expires)}".encode(), hashlib.sha256).digest()
+        valid = hmac.compare_digest(want, _unb64(mac))
+    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
+        valid = False
+    if not valid:
+        raise HTTPException(401, f"this download link is not valid for job {job_id!r}: {NEW_LINK}")
+    if expires < now:
+        raise HTTPException(401, f"this download link expired {now - expires:.0f} s ago: {NEW_LINK}")
+    return tenant
+
+
+async def link_secret(request: Request) -> bytes:
+    """The links' key: SCDD_LINK_SECRET, else the one in Redis (made by whichever replica asked first)."""
+    settings = request.app.state.settings
+    if settings.link_secret is not None:
+        return settings.link_secret.get_secret_value().encode()
+    store = request.app.state.store
+    key = f"{store.keys.prefix}:link-secret"
+    secret = await store.redis.get(key)
+    if secret is None:
+        await store.redis.set(key, secrets.token_hex(32), nx=True)
+        secret = await store.redis.get(key)
+    return secret.encode()
