@@ -100,6 +100,22 @@ def test_cancel_then_wait_ends_at_once_with_130_and_a_second_cancel_is_an_error(
     assert list(client.events(job_id, last_event_id=events[-1][0])) == []  # resumed after the last one
 
 
+def test_resume_queues_the_next_attempt_and_wait_follows_it_past_the_first_attempts_end(client, cli):
+    job_id = client.submit({**SPEC, "resources": {"workers": 2}})["id"]
+    cli("cancel", job_id)
+    code, _, err = cli("resume", job_id, "--workers", "1")  # recover steps: the images depend on the worker count
+    assert code == 2 and "only 2 workers can resume it" in err
+    code, out, _ = cli("resume", job_id)
+    assert code == 0 and out.strip() == f"{job_id} queued (attempt 2, 2 workers)"
+    code, out, _ = cli("status", job_id)
+    assert "attempt   2 (resumed)" in out and "state     queued" in out
+    client.cancel(job_id)  # the second attempt ends too: wait reads past the first attempt's job_finished
+    code, out, _ = cli("wait", job_id)
+    assert code == 130 and "state     cancelled" in out
+    kinds = [kind for _, kind, _ in client.events(job_id)]
+    assert kinds == ["job_finished", "job_resumed", "job_finished"]
+
+
 def test_submit_wait_follows_the_live_stream_until_the_job_is_cancelled(api, cli, tmp_path):
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(SPEC))
 
