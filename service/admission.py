@@ -12,7 +12,7 @@ import os
 from typing import Optional
 
 from api_schema import JobSpec
-from service.artifacts import UnsafePath, check_relative
+from service.artifacts import UnsafePath, check_relative, within
 from service.auth import Tenant
 from service.budget import over_budget
 from service.settings import Settings
@@ -38,7 +38,7 @@ def _readable(path: str, roots: list[str], tenant_root: str) -> bool:
         except UnsafePath:
             return False
     real = os.path.realpath(path)
-    return any(real == root or real.startswith(root.rstrip("/") + "/") for root in roots + [tenant_root])
+    return any(within(real, root) for root in roots + [tenant_root])
 
 
 def admit(spec: JobSpec, tenant: Tenant, job_id: str, settings: Settings) -> dict:

@@ -18,7 +18,7 @@ from collections.abc import Generator, Iterable, Iterator
 from itertools import chain
 from typing import Optional
 
-from service.artifacts import Entry, JobArtifacts, UnsafePath, check_relative
+from service.artifacts import Entry, JobArtifacts, UnsafePath, check_relative, within
 
 
 class LocalReader:
@@ -36,7 +36,7 @@ class LocalReader:
         folder = posixpath.dirname(rel)
         if self._folder[0] != folder:
             real = os.path.realpath(os.path.join(self.root, folder))
-            inside = real == self.root or real.startswith(self.root + os.sep)
+            inside = within(real, self.root)
             self._folder = (folder, real if inside else None)
         return self._folder[1]
 

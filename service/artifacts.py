@@ -67,6 +67,12 @@ def check_relative(path: str) -> str:
     return path
 
 
+def within(real: str, root: str) -> bool:
+    """Whether resolved path `real` is folder `root` or lies below it (the one containment check of the service:
+    artifact reads, the zip's folders, admission's data roots)."""
+    return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
+
+
 def check_prefix(prefix: str) -> str:
     """A listing prefix is a path (checked as one) that may end in "/" or stop inside a name ("images/3" also
     selects images/30/); "" selects everything."""
@@ -369,7 +375,7 @@ class JobArtifacts:
             return None
         if self.local:
             real, root = os.path.realpath(full), os.path.realpath(self.root)
-            if not real.startswith(root + os.sep) or not os.path.isfile(real):
+            if not within(real, root) or not os.path.isfile(real):
                 return None
             return real
         self._fresh(full)

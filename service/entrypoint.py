@@ -60,11 +60,10 @@ class RedisEventSink:
 
 def run(job_id: str, settings: Settings, attempt: int = 1) -> int:
     store = BlockingJobStore.connect(settings.redis_url, settings.redis_prefix, settings.events_maxlen)
-    record = store.get(job_id)
-    if record is None:
+    claimed, state = store.claim(job_id, attempt)
+    if claimed == -1:
         print(f"scdd: no job {job_id} in Redis at {settings.redis_url} (prefix {settings.redis_prefix})", file=sys.stderr)
         return 2
-    claimed, state = store.claim(job_id, attempt)
     if claimed == -2:
         print(f"scdd: job {job_id} is at attempt {state}, this driver belongs to attempt {attempt}; not starting",
               file=sys.stderr)
@@ -72,8 +71,7 @@ def run(job_id: str, settings: Settings, attempt: int = 1) -> int:
     if claimed != 1:
         print(f"scdd: job {job_id} is {state}; not starting it again", file=sys.stderr)
         return 0 if state == "succeeded" else 1
-    record = store.get(job_id) or record  # as claimed: a resume may have changed its spec since the first read
-    spec = JobSpec.model_validate(json.loads(record["spec"]))
+    spec = JobSpec.model_validate(json.loads(store.get(job_id)["spec"]))  # as claimed (a resume may change it)
     sink = FanOut(RedisEventSink(store, job_id, settings.curve_points, attempt), HumanSink(sys.stdout))
     outcome = run_job(spec, sink, should_cancel=lambda: store.cancel_requested(job_id))
     return 0 if outcome.status == "succeeded" else 1
