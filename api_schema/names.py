@@ -10,6 +10,8 @@ DatasetName = Literal["fashion-mnist", "imagefolder"]
 MethodName = Literal["gvbsm", "scdd", "sre2l"]
 InitName = Literal["herding", "kmeans", "noise", "real", "selected"]
 SSLMethodName = Literal["moco_v2"]
+JobKind = Literal["distill", "evaluate"]
+RecipeName = Literal["scdd-cifar100", "scdd-imagenet", "sre2l-cifar", "sre2l-imagenet", "sre2l-tiny-imagenet"]
 SSLCheckpointFormat = Literal["auto", "moco_v2", "moco_v3", "dino", "swav", "torchvision"]
 ModelName = Literal[
     "convnet",
@@ -30,4 +32,5 @@ DATASETS: frozenset[str] = frozenset(get_args(DatasetName))
 METHODS: frozenset[str] = frozenset(get_args(MethodName))
 INITS: frozenset[str] = frozenset(get_args(InitName))
 MODELS: frozenset[str] = frozenset(get_args(ModelName))
+RECIPES: frozenset[str] = frozenset(get_args(RecipeName))
 SSL_METHODS: frozenset[str] = frozenset(get_args(SSLMethodName))

@@ -47,6 +47,11 @@ class DatasetFacts(_Part):
     test_images: int
     test_limit: Optional[int] = Field(
         None, description="Set when accuracies are on at most this many test images per class (dataset.test_limit).")
+    mean: Optional[list[float]] = Field(None, description="The per-channel mean every model saw (dataset.normalization).")
+    std: Optional[list[float]] = Field(None, description="The per-channel std every model saw.")
+    normalization: Optional[str] = Field(None, description="default, measured or given.")
+    test_resize_ratio: Optional[float] = Field(None, description="Set when test images were resized by this ratio, "
+                                               "then centre-cropped.")
 
 
 class RuntimeFacts(_Part):
@@ -152,6 +157,14 @@ class StudentProtocol(_Part):
     crop_scale: tuple[float, float]
     ema_decay: float
     schedule_span: float
+    crop: str = "resized"
+    crop_padding: Optional[int] = None  # crop padded
+    momentum: Optional[float] = None  # optimizer sgd
+    nesterov: Optional[bool] = None  # optimizer sgd
+    decay_norm_and_bias: bool = True
+    warmup_epochs: int = 0
+    schedule_unit: str = "step"
+    temperature_squared: Optional[bool] = None  # kd
 
 
 class EpochLoss(_Part):
@@ -185,6 +198,45 @@ class RelabelTeacherFacts(_Part):
     total: Optional[int] = None
 
 
+class CrossArchScore(_Part):
+    """One student architecture trained on the set (validate.students), beside its random-real baseline."""
+
+    arch: str
+    top1: float
+    top5: float
+    total: int
+    baseline_top1: Optional[float] = None
+    ior: Optional[float] = None  # top1 minus baseline_top1, in points
+
+
+class SoftLabelFacts(_Part):
+    """Soft labels written with the set (validate.store_soft_labels; the format: docs/output-and-s3.md)."""
+
+    path: str  # folder in the output
+    epochs: int
+    batches: int
+    images: int  # labelled (augmented) images in all
+    topk: Optional[int] = None
+    bytes: int
+    format_version: int
+
+
+class RecipeFacts(_Part):
+    """The named recipe (spec `recipe`) and what it set."""
+
+    name: str
+    set: dict[str, Any]  # dotted spec field -> the recipe's value, where the job uses it
+    overridden: dict[str, Any] = Field(default_factory=dict)  # dotted field -> the spec's value, where it differs
+
+
+class EvaluatedSet(_Part):
+    """kind evaluate: the set that was judged."""
+
+    images_url: str
+    images: int
+    classes: int
+
+
 class DDRanking(_Part):
     """DD-Ranking's scores (IOR, HLR, LRS) and the hard-label runs behind them."""
 
@@ -208,6 +260,8 @@ class ValidateReport(_Part):
     ior: Optional[float] = None  # student minus baseline top-1, in points
     gain_top1: Optional[float] = None  # the old name of `ior`, kept for one release
     dd_ranking: Optional[DDRanking] = None
+    students: Optional[list[CrossArchScore]] = None  # validate.students: every architecture, the first is `student`
+    soft_labels: Optional[SoftLabelFacts] = None
 
 
 class Report(_Part):
@@ -220,8 +274,11 @@ class Report(_Part):
     method: str
     dataset: DatasetFacts
     runtime: RuntimeFacts
-    teacher: TeacherReport
-    recover: RecoverReport
+    teacher: Optional[TeacherReport] = None  # None: kind evaluate
+    recover: Optional[RecoverReport] = None  # None: kind evaluate
+    kind: str = "distill"
+    recipe: Optional[RecipeFacts] = None
+    evaluated: Optional[EvaluatedSet] = None  # kind evaluate
     validate_: Optional[ValidateReport] = Field(alias="validate")  # `validate` is a BaseModel method
     stage_seconds: dict[str, float]
     schedule: Optional[str]
@@ -236,8 +293,8 @@ class Report(_Part):
     def summary(self) -> JobSummary:
         validate = self.validate_
         return JobSummary(
-            teacher_top1=self.teacher.top1,
-            images=self.recover.images,
+            teacher_top1=self.teacher.top1 if self.teacher else None,
+            images=self.recover.images if self.recover else (self.evaluated.images if self.evaluated else None),
             student_top1=validate.student.top1 if validate else None,
             baseline_top1=validate.baseline.top1 if validate and validate.baseline else None,
             ior=validate.ior if validate else None,

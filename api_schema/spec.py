@@ -18,8 +18,10 @@ from api_schema.names import (
     MODELS_WITHOUT_BATCHNORM,
     DatasetName,
     InitName,
+    JobKind,
     MethodName,
     ModelName,
+    RecipeName,
     SSLCheckpointFormat,
     SSLMethodName,
 )
@@ -89,6 +91,34 @@ class DatasetSpec(_Spec):
         description="Test images per class every accuracy is measured on (a seeded random pick). None: the whole "
         "test split, as published numbers need; a limit makes quick checks cheaper and their accuracies noisier.",
     )
+    normalization: Literal["default", "measured", "given"] = Field(
+        "default",
+        description="Per-channel mean/std every model sees. default: the dataset's (Fashion-MNIST: its 60 000 training "
+        "images; imagefolder: ImageNet's); measured: measured on the training images the job uses (at most 10 000, a "
+        "seeded pick), stored with the teacher and in the report (CIFAR and Tiny-ImageNet teachers were trained with "
+        "their own); given: `mean` and `std`.",
+    )
+    mean: Optional[tuple[Annotated[float, Field(ge=0, le=1)], ...]] = Field(
+        None, min_length=1, max_length=4, description="normalization given: the per-channel mean of pixels in [0, 1].")
+    std: Optional[tuple[Annotated[float, Field(gt=0, le=1)], ...]] = Field(
+        None, min_length=1, max_length=4, description="normalization given: the per-channel std of pixels in [0, 1].")
+    test_resize_ratio: float = Field(
+        1.0, ge=1, le=4,
+        description="Test images are resized to round(image_size x ratio) (shorter side), then centre-cropped to "
+        "image_size: 256 / 224 = 1.142857 is ImageNet's Resize(256) + CenterCrop(224). 1: resized to image_size.",
+    )
+
+    @model_validator(mode="after")
+    def _normalization_values(self) -> "DatasetSpec":
+        given = self.mean is not None or self.std is not None
+        if self.normalization == "given":
+            if self.mean is None or self.std is None or len(self.mean) != len(self.std):
+                raise ValueError("dataset.normalization 'given' needs dataset.mean and dataset.std, one value per channel "
+                                 "each (e.g. mean [0.5071, 0.4865, 0.4409], std [0.2673, 0.2564, 0.2762] for CIFAR-100)")
+        elif given:
+            raise ValueError(f"dataset.mean / dataset.std are used only with dataset.normalization 'given' (it is "
+                             f"{self.normalization!r}); set both, or drop mean and std")
+        return self
 
 
 class SSLSpec(_Spec):
@@ -183,7 +213,7 @@ class TeacherSpec(_Spec):
 
 
 class AugmentSpec(_Spec):
-    """Augmentations applied to the synthetic batch on every recover step, drawn per image."""
+    """Augmentations applied to the synthetic batch on every recover step, drawn per image or once per batch."""
 
     crop: bool = Field(True, description="Random-resized-crop, resized back to the image size.")
     crop_scale: AreaRange = Field((0.08, 1.0), description="Area fraction range of the random-resized-crop.")
@@ -194,6 +224,16 @@ class AugmentSpec(_Spec):
         ge=0,
         le=512,
         description="Maximum random roll in pixels along each axis. None: image_size // 8.",
+    )
+    jitter_direction: Literal["both", "forward"] = Field(
+        "both",
+        description="both: roll by -jitter..jitter; forward: by 0..jitter (the SRe2L / SC-DD reference's torch.roll "
+        "by randint(0, jitter)).",
+    )
+    per: Literal["image", "batch"] = Field(
+        "image",
+        description="image: every image draws its own crop box, flip and roll; batch: one draw shared by the whole "
+        "batch of a step (the reference's RandomResizedCrop and roll applied to the batch tensor).",
     )
 
 
@@ -333,6 +373,40 @@ class ValidateSpec(_Spec):
     )
     mix_alpha: float = Field(1.0, gt=0, le=100, description="Beta(alpha, alpha) of the mixing ratio.")
     crop_scale: AreaRange = Field((0.5, 1.0), description="Random-resized-crop area range of the student's batches.")
+    crop: Literal["resized", "padded"] = Field(
+        "resized",
+        description="The student's crop: resized (random-resized-crop of crop_scale, then flip) or padded (pad by "
+        "crop_padding pixels with zeros, random crop back to the image size, then flip: the CIFAR protocol).",
+    )
+    crop_padding: int = Field(4, ge=0, le=256, description="crop padded: pixels of zero padding on each side.")
+    momentum: float = Field(0.9, ge=0, lt=1, description="optimizer sgd: the momentum.")
+    nesterov: bool = Field(True, description="optimizer sgd: Nesterov momentum (false: plain momentum SGD, as the "
+                           "reference's torch.optim.SGD).")
+    decay_norm_and_bias: bool = Field(
+        True, description="false: weight decay only on weights of two or more dimensions (convolutions, linear layers), "
+        "none on BatchNorm parameters and biases (SC-DD's ImageNet student).")
+    warmup_epochs: int = Field(0, ge=0, le=10_000, description="Epochs of linear learning-rate warm-up before the cosine.")
+    schedule_unit: Literal["step", "epoch"] = Field(
+        "step", description="The cosine (and warm-up) is stepped every batch (step) or once per epoch (epoch, as the "
+        "reference scripts' LambdaLR).")
+    temperature_squared: bool = Field(
+        True, description="kd: multiply the KL loss by T^2 (Hinton et al.); false: the KL alone (the SRe2L / SC-DD "
+        "scripts).")
+    students: tuple[ModelName, ...] = Field(
+        (),
+        max_length=16,
+        description="Several student architectures trained on the same set under the same protocol (a cross-"
+        "architecture table in the report, each beside its own random-real baseline when baseline is on). The first is "
+        "the validation student of the report's `student`. Empty: student_arch alone.",
+    )
+    store_soft_labels: int = Field(
+        0, ge=0, le=10_000,
+        description="Also write the soft labels of this many epochs of the validation student's augmented batches "
+        "(crop boxes, flips, mix parameters, fp16 teacher logits; docs/output-and-s3.md) under soft_labels/; a "
+        "student trained from them needs no teacher. 0: none.",
+    )
+    soft_label_topk: Optional[int] = Field(
+        None, ge=1, le=100_000, description="store_soft_labels: keep only the top-k logits of each image (None: all).")
     relabel_teacher: Literal["supervised", "recover", "ensemble"] = Field(
         "recover",
         description="Teacher giving soft labels (kd): the recovery teacher itself (recover; for sre2l that is the "
@@ -353,6 +427,11 @@ class ValidateSpec(_Spec):
         description="With relabel_teacher ensemble: the members, as checkpoints scdd saved (a run's teacher.pt, of any "
         "architecture, or a whole ensemble) or bare state dicts of teacher.arch; the soft labels are their mean "
         "logits. Empty: the gvbsm ensemble of teacher.ensemble.",
+    )
+    relabel_arch: Optional[ModelName] = Field(
+        None,
+        description="The architecture of relabel_checkpoint where the file does not name it (a bare state dict, a "
+        "torchvision reference-script or MoCo linear-eval checkpoint). None: the name in the file, else teacher.arch.",
     )
     baseline: bool = Field(True, description="Also train on a random real subset of the same size (IPC per class).")
     dd_ranking: bool = Field(
@@ -376,10 +455,21 @@ class ValidateSpec(_Spec):
         return self
 
     @model_validator(mode="after")
+    def _soft_labels_need_kd(self) -> "ValidateSpec":
+        if self.store_soft_labels and self.mode != "kd":
+            raise ValueError("validate.store_soft_labels stores the relabel teacher's soft labels, which only mode kd "
+                             "uses; set validate.mode: kd or store_soft_labels: 0")
+        if len(set(self.students)) != len(self.students):
+            raise ValueError("validate.students names an architecture twice; list each student once")
+        return self
+
+    @model_validator(mode="after")
     def _checkpoint_needs_supervised(self) -> "ValidateSpec":
         if self.relabel_checkpoint and self.relabel_teacher != "supervised":
             raise ValueError("validate.relabel_checkpoint is used only with validate.relabel_teacher: supervised "
                              "(with recover the recovery teacher gives the soft labels); set both")
+        if self.relabel_arch and not self.relabel_checkpoint:
+            raise ValueError("validate.relabel_arch names the architecture of validate.relabel_checkpoint; set that too")
         if self.relabel_checkpoints and self.relabel_teacher != "ensemble":
             raise ValueError("validate.relabel_checkpoints is used only with validate.relabel_teacher: ensemble; set both "
                              "(or relabel_checkpoint, singular, with relabel_teacher: supervised)")
@@ -466,6 +556,12 @@ class OutputSpec(_Spec):
         "Running again with the same URL resumes the run.",
     )
     grid_per_class: int = Field(8, ge=1, le=100, description="Images per class shown in grid.png.")
+    image_format: Literal["png", "jpeg"] = Field(
+        "png",
+        description="How the distilled images are written: png (lossless) or jpeg (as the SRe2L / SC-DD reference "
+        "saves them; students then train on the decoded JPEGs, as theirs do).",
+    )
+    jpeg_quality: int = Field(75, ge=1, le=100, description="image_format jpeg: the quality (75: PIL's default, the reference's).")
     teacher_cache: Optional[str] = Field(
         None,
         max_length=4096,
@@ -478,6 +574,19 @@ class OutputSpec(_Spec):
     )
 
 
+class EvaluateSpec(_Spec):
+    """kind evaluate: judge a distilled set that exists (made by an earlier run, released by a paper's authors, a
+    colleague's) without squeeze or recover: its students train on it and are tested on the dataset's test split."""
+
+    images: Optional[str] = Field(
+        None,
+        max_length=4096,
+        description="The distilled set: a folder or fsspec URL (s3://...) holding one sub-folder per class (an "
+        "ImageFolder; the class folders are matched to the dataset's classes by name, else in sorted order), or a scdd "
+        "output (its images/ and manifest.json).",
+    )
+
+
 # Recover settings a method sets when the spec leaves them out: G-VBSM weighs its (many more) statistic terms
 # at 0.01 and smooths the batch statistics by an EMA of momentum 0.8 (its and EDC's published scripts).
 METHOD_RECOVER_DEFAULTS: dict[str, dict[str, float]] = {"gvbsm": {"r_bn": 0.01, "stat_momentum": 0.8}}
@@ -486,6 +595,18 @@ METHOD_RECOVER_DEFAULTS: dict[str, dict[str, float]] = {"gvbsm": {"r_bn": 0.01, 
 class JobSpec(_Spec):
     """A whole distillation job: squeeze -> recover -> validate -> report."""
 
+    recipe: Optional[RecipeName] = Field(
+        None,
+        description="A published recipe (api_schema/recipes.py; the docs' recipe table names each value's source): it sets "
+        "every field of recover, augmentation, precision, output format and student protocol to the reference "
+        "scripts' values; fields this spec also sets override it. The report lists the values it set.",
+    )
+    kind: JobKind = Field(
+        "distill",
+        description="distill: squeeze, recover, validate. evaluate: train and test students on the existing set at "
+        "evaluate.images (no recover; the relabel teacher from validate.relabel_checkpoint, else trained).",
+    )
+    evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec, description="kind evaluate: the set to judge.")
     dataset: DatasetSpec = Field(default_factory=DatasetSpec, description="The real dataset.")
     method: MethodName = Field(
         "scdd", description="scdd: self-supervised backbone + linear probe teacher; sre2l: supervised teacher; gvbsm: "
@@ -502,6 +623,26 @@ class JobSpec(_Spec):
     output: OutputSpec = Field(default_factory=OutputSpec, description="Artifact output.")
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_recipe(cls, data):
+        """A named recipe's values under the ones the spec gives (api_schema/recipes.py)."""
+        if isinstance(data, dict) and data.get("recipe") is not None:
+            from api_schema.recipes import with_recipe
+            return with_recipe(data)
+        return data
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> "JobSpec":
+        if self.kind == "evaluate":
+            if not self.evaluate.images:
+                raise ValueError("kind evaluate needs evaluate.images: the folder or URL of the distilled set to judge")
+            if not self.validate_.enabled:
+                raise ValueError("kind evaluate trains students: validate.enabled must be true")
+        elif self.evaluate.images:
+            raise ValueError("evaluate.images is used only with kind: evaluate (kind distill makes its own images)")
+        return self
 
     @model_validator(mode="after")
     def _method_defaults(self) -> "JobSpec":
@@ -538,10 +679,13 @@ class JobSpec(_Spec):
         return hashlib.sha256(blob).hexdigest()[:12]
 
     def training_data(self) -> dict:
-        """The dataset section without what only picks test images: teachers and images do not depend on it,
-        so a digest of it stays the same when only the test split is cut (dataset.test_limit)."""
+        """The dataset section without what only picks or shapes test images: teachers and images do not depend on
+        it, so a digest of it stays the same when only the test split is cut (dataset.test_limit) or resized.
+        Normalisation fields added later count only when set, so earlier digests stay."""
         data = self.to_dict()["dataset"]
-        data.pop("test_limit")
+        for key in ("test_limit", "test_resize_ratio"):
+            data.pop(key)
+        _drop_defaults(data, DatasetSpec, ("normalization", "mean", "std"))
         return data
 
     def supervised_teacher_digest(self) -> str:
@@ -590,6 +734,9 @@ class JobSpec(_Spec):
         data["dataset"] = self.training_data()
         if not self.recover.stat_momentum:
             data["recover"].pop("stat_momentum")  # the field's default, added later: earlier job ids stay
+        _drop_defaults(data["recover"]["augment"], AugmentSpec, ("jitter_direction", "per"))
+        if self.output.image_format != "png":  # the bytes written, and what the students read back
+            data["image_format"] = {"format": self.output.image_format, "quality": self.output.jpeg_quality}
         if self.resources.workers > 1 and self.images_depend_on_workers():
             data["workers"] = self.resources.workers
         else:
@@ -606,5 +753,21 @@ class JobSpec(_Spec):
                 f"statistics are those of all workers' batches), so only {self.resources.workers} workers can resume "
                 f"it; a job with recover.iterations 0 resumes on any worker count")
 
+    def evaluation_digest(self) -> str:
+        """Hash of what an evaluate job judges and how: the set, the data, the students and their teacher."""
+        data = self.to_dict()
+        return self.hash_of({"images": self.evaluate.images, "dataset": data["dataset"], "validate": data["validate"],
+                             "teacher": self.teacher_section(), "seed": self.seed})
+
     def job_id(self) -> str:
+        if self.kind == "evaluate":
+            return f"{self.dataset.name}-evaluate-{self.evaluation_digest()}"
         return f"{self.dataset.name}-{self.method}-ipc{self.recover.ipc}-{self.recover_digest()}"
+
+
+def _drop_defaults(data: dict, model: type[BaseModel], names: tuple[str, ...]) -> None:
+    """Remove from a section's dict the named fields that are at their defaults (fields added after job ids were
+    published: a spec that does not set them keeps its id)."""
+    for name in names:
+        if data.get(name) == model.model_fields[name].default:
+            data.pop(name, None)

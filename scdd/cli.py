@@ -18,6 +18,9 @@ if TYPE_CHECKING:
 
 # flag -> (dotted spec path, type, help). Every flag overrides the config file.
 DISTILL_FLAGS: dict[str, tuple[str, Any, str]] = {
+    "--recipe": ("recipe", str, "a published recipe: scdd-imagenet, scdd-cifar100, sre2l-imagenet, sre2l-tiny-imagenet or "
+                 "sre2l-cifar (every recover, augmentation, precision, output and student value of the reference "
+                 "scripts; other flags override it)"),
     "--dataset": ("dataset.name", str, "dataset from the registry: fashion-mnist (default) or imagefolder"),
     "--data-dir": ("dataset.root", str, "data folder: the Fashion-MNIST IDX files, or an ImageFolder root with train/ and val/"),
     "--classes": ("dataset.classes", "list", "comma-separated subset of classes, by index or name (e.g. 0,1,2 or Bag,Coat)"),
@@ -26,6 +29,12 @@ DISTILL_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--test-limit": ("dataset.test_limit", "limit", "test images per class accuracies are measured on (seeded random "
                      "pick; default 'all', the whole test split; a limit is cheaper and noisier)"),
     "--image-size": ("dataset.image_size", int, "resize images to this side length (default: native size)"),
+    "--normalization": ("dataset.normalization", str, "per-channel mean/std: default (the dataset's), measured (on the "
+                        "training images; stored with the teacher) or given (--mean, --std)"),
+    "--mean": ("dataset.mean", "floats", "with --normalization given: comma-separated per-channel mean"),
+    "--std": ("dataset.std", "floats", "with --normalization given: comma-separated per-channel std"),
+    "--test-resize-ratio": ("dataset.test_resize_ratio", float, "resize test images to image size x this, then centre-crop "
+                            "(1.142857: ImageNet's Resize(256) + CenterCrop(224))"),
     "--method": ("method", str, "scdd (self-supervised backbone + linear probe, default), sre2l (supervised teacher) or "
                  "gvbsm (an ensemble of supervised backbones, BatchNorm + convolution statistics)"),
     "--teacher-arch": ("teacher.arch", str, "teacher architecture from the model registry (default convnet)"),
@@ -48,6 +57,13 @@ DISTILL_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--lr": ("recover.lr", float, "recover learning rate (Adam, cosine decay)"),
     "--r-bn": ("recover.r_bn", float, "weight of the BatchNorm-statistic loss (default: by --init)"),
     "--first-bn-multiplier": ("recover.first_bn_multiplier", float, "extra weight of the first BatchNorm layer"),
+    "--jitter": ("recover.augment.jitter", int, "recover: the largest roll in pixels (default image size / 8)"),
+    "--jitter-direction": ("recover.augment.jitter_direction", str, "recover: roll both ways (default) or forward "
+                           "(0..jitter, the reference's)"),
+    "--augment-per": ("recover.augment.per", str, "recover: draw crop, flip and roll per image (default) or once per batch "
+                      "(the reference's)"),
+    "--image-format": ("output.image_format", str, "write the distilled images as png (default) or jpeg"),
+    "--jpeg-quality": ("output.jpeg_quality", int, "with --image-format jpeg: the quality (default 75, PIL's)"),
     "--validate-mode": ("validate.mode", str, "kd (soft labels from the relabel teacher) or hard (class labels)"),
     "--preset": ("validate.preset", str, "student protocol: quick (default; kd 100 epochs) or long (300 epochs, EMA)"),
     "--dd-ranking": ("validate.dd_ranking", "bool", "true: also DD-Ranking's hard-label runs (HLR, LRS)"),
@@ -55,6 +71,13 @@ DISTILL_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--validate-epochs": ("validate.epochs", int, "student training epochs (default: by mode and preset)"),
     "--temperature": ("validate.temperature", float, "knowledge-distillation temperature"),
     "--mix": ("validate.mix", str, "batch mixing in validation: none, cutmix or mixup (default cutmix for kd)"),
+    "--students": ("validate.students", "list", "comma-separated student architectures trained on the same set (a "
+                   "cross-architecture table in the report; the first is the validation student)"),
+    "--student-crop": ("validate.crop", str, "student crop: resized (random-resized-crop) or padded (pad + random crop, CIFAR)"),
+    "--warmup-epochs": ("validate.warmup_epochs", int, "student: epochs of linear warm-up before the cosine"),
+    "--store-soft-labels": ("validate.store_soft_labels", int, "write the soft labels of this many epochs of the student's "
+                            "augmented batches under soft_labels/ (FKD-style; 0: none)"),
+    "--relabel-arch": ("validate.relabel_arch", str, "architecture of --relabel-checkpoint where the file does not name it"),
     "--relabel-teacher": ("validate.relabel_teacher", str, "recover (the recovery teacher, default), supervised (the same for "
                           "every method) or ensemble (mean logits of the gvbsm ensemble or of --relabel-checkpoints)"),
     "--relabel-checkpoints": ("validate.relabel_checkpoints", "list", "with --relabel-teacher ensemble: comma-separated "
@@ -100,7 +123,7 @@ def add_distill(sub: argparse._SubParsersAction, run_on_ray: RayRunner | None = 
     )
     parser.add_argument("--config", help="YAML job spec (the same fields as the API's job spec)")
     for flag, (dotted, kind, text) in DISTILL_FLAGS.items():
-        parser.add_argument(flag, dest=dotted, type=str if kind in ("list", "bool", "limit") else kind, default=None,
+        parser.add_argument(flag, dest=dotted, type=str if kind in ("list", "bool", "limit", "floats") else kind, default=None,
                             help=text)
     parser.add_argument("--no-validate", action="store_true", help="skip the validation stage")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -118,6 +141,8 @@ def spec_overrides(args: argparse.Namespace) -> dict[str, Any]:
         if value is not None:
             if kind == "list":
                 value = _parse_list(value)
+            elif kind == "floats":
+                value = [part.strip() for part in value.split(",") if part.strip()]  # pydantic parses the numbers
             elif kind == "limit":
                 value = None if value.lower() == "all" else value  # pydantic parses the number
             overrides[dotted] = value  # and "bool" text
