@@ -18,11 +18,17 @@ ModelName = Literal[
     "convnet_d1_w32",
     "convnet_d2_w32",
     "convnet_in",
+    "densenet121",
+    "efficientnet_b0",
     "mobilenet_v2",
+    "mobilenet_v2_small",
+    "regnet_y_400mf",
+    "resnet101",
     "resnet18",
     "resnet18_small",
     "resnet50",
     "resnet50_small",
+    "shufflenet_v2",
     "wrn16_2",
 ]
 # Registry models without a BatchNorm2d layer: they cannot be a backbone whose statistics recovery matches.

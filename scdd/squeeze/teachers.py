@@ -5,7 +5,8 @@ Trained teachers are cached under the hash of the spec fields that determine the
 second job with the same squeeze settings reuses them, and an sre2l job and an scdd job share their
 supervised teacher. Every model a squeeze trains with labels is cached alike (a gvbsm ensemble's
 members too), so the ensemble's member of teacher.arch is the sre2l teacher of the same settings.
-A cached or saved checkpoint names its model (`scdd.models.model_metadata`).
+A cached or saved checkpoint names its model (`scdd.models.model_metadata`) and the data it was made for
+(`shape_metadata`: shape and normalisation); the foreign files a user may pass are in scdd/models/checkpoint.py.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from api_schema import JobSpec, TeacherSpec
 from scdd.data import RealData
 from scdd.errors import CheckpointError
 from scdd.data.base import DatasetInfo
-from scdd.models import Ensemble, checkpoint_bytes, create_model, load_weights, model_from_checkpoint, model_metadata
-from scdd.models.checkpoint import read_checkpoint
+from scdd.models import Ensemble, checkpoint_bytes, create_model, model_metadata
+from scdd.models.checkpoint import is_scdd_checkpoint, load_foreign, read_checkpoint, scdd_model
 from scdd.progress import Progress
 from scdd.runtime import Runtime
 from scdd.squeeze.methods import LOCAL_TRAINERS, METHODS, Trainers
@@ -42,31 +43,57 @@ class Teacher:
     details: dict = field(default_factory=dict)
 
 
-def _blank(spec: JobSpec, data: RealData) -> nn.Module:
-    info = data.info
-    return create_model(spec.teacher.arch, info.num_classes, info.channels, info.image_size)
-
-
 def shape_metadata(info: DatasetInfo) -> dict:
-    return {"num_classes": info.num_classes, "in_channels": info.channels, "image_size": info.image_size}
+    """What a saved teacher records of the data it was made for: its shape and its normalisation."""
+    return {"num_classes": info.num_classes, "in_channels": info.channels, "image_size": info.image_size,
+            "mean": [float(v) for v in info.mean], "std": [float(v) for v in info.std]}
 
 
-def _load_model(raw: bytes, url: str, spec: JobSpec, data: RealData) -> tuple[nn.Module, dict]:
-    """The model in a checkpoint and its metadata: a checkpoint that names its model (one scdd saved: any
-    architecture, or an ensemble) is rebuilt as it says, after checking it was made for this dataset's
-    shape; a bare state dict is loaded into `teacher.arch`."""
-    meta = read_checkpoint(raw, url)
-    if "arch" not in meta:
-        model = _blank(spec, data)
-        return model, load_weights(model, raw, url)
+TEACHER_ARCH_FIELD = "teacher.arch (--teacher-arch)"
+RELABEL_ARCH_FIELD = "validate.relabel_arch (--relabel-arch)"
+
+
+def _check_normalisation(meta: dict, url: str, info: DatasetInfo) -> None:
+    """A checkpoint that records its normalisation (scdd's, since issue 26) must match the job's."""
+    if "mean" not in meta or "std" not in meta:
+        return  # older checkpoints: as before
+    made, job = (list(meta["mean"]), list(meta["std"])), (list(info.mean), list(info.std))
+    if all(len(a) == len(b) and all(abs(x - y) <= 1e-4 for x, y in zip(a, b)) for a, b in zip(made, job)):
+        return
+
+    def fmt(values: list) -> str:
+        return "[" + ", ".join(f"{float(v):.4f}" for v in values) + "]"
+
+    raise CheckpointError(
+        f"checkpoint {url} was made with pixels normalised by mean {fmt(made[0])}, std {fmt(made[1])}, but this job "
+        f"normalises by mean {fmt(job[0])}, std {fmt(job[1])}: set dataset.normalization: given with dataset.mean "
+        f"{fmt(made[0])} and dataset.std {fmt(made[1])} (the checkpoint's), or the normalization it was made with "
+        f"(default or measured)")
+
+
+def _load_model(obj: dict, url: str, spec: JobSpec, data: RealData, arch: str | None = None,
+                arch_field: str = TEACHER_ARCH_FIELD) -> tuple[nn.Module, dict]:
+    """The model in a checkpoint (read: `read_checkpoint`) and its metadata. One scdd saved (any architecture, or
+    an ensemble) is rebuilt as it says, after checking it was made for this dataset's shape and normalisation;
+    a foreign one (MoCo linear eval, torchvision's reference script, a bare state dict) is loaded, built for this
+    dataset, into `arch` (the spec's `arch_field`, validate.relabel_arch) where given and the weights fit it, else
+    the architecture the file names, else `teacher.arch` (tried after the file's name: it always has a value)."""
     info = data.info
-    shape = (meta.get("num_classes"), meta.get("in_channels"), meta.get("image_size"))
+    if not is_scdd_checkpoint(obj):
+        given = arch_field if arch else (TEACHER_ARCH_FIELD if arch_field == TEACHER_ARCH_FIELD
+                                         else f"teacher.arch, as {arch_field} is unset")
+        model, used = load_foreign(obj, url, lambda name: create_model(name, info.num_classes, info.channels,
+                                                                      info.image_size),
+                                   arch or spec.teacher.arch, given, job_first=arch is not None, fix_field=arch_field)
+        return model, {"arch": used}
+    shape = (obj.get("num_classes"), obj.get("in_channels"), obj.get("image_size"))
     if shape != (info.num_classes, info.channels, info.image_size):
         raise CheckpointError(
-            f"checkpoint {url} is a {meta['arch']} for {shape[0]} classes, {shape[1]} channels, {shape[2]} px, but the "
+            f"checkpoint {url} is a {obj['arch']} for {shape[0]} classes, {shape[1]} channels, {shape[2]} px, but the "
             f"dataset has {info.num_classes} classes, {info.channels} channels, {info.image_size} px: pass a teacher "
             f"trained on this dataset (the same classes and image size)")
-    return model_from_checkpoint(raw, url)
+    _check_normalisation(obj, url, info)
+    return scdd_model(obj, url)
 
 
 def load_stored_teacher(
@@ -75,9 +102,10 @@ def load_stored_teacher(
     """The teacher saved at `path` if it is there and was made for `digest`, else None."""
     if not store.exists(path):
         return None
-    model, meta = _load_model(store.read_bytes(path), store.url_of(path), spec, data)
-    if meta.get("digest") != digest:
+    obj = read_checkpoint(store.read_bytes(path), store.url_of(path))
+    if obj.get("digest") != digest:
         return None
+    model, meta = _load_model(obj, store.url_of(path), spec, data)
     return Teacher(model.eval(), source, digest, meta.get("details", {}))
 
 
@@ -93,9 +121,11 @@ class TeacherCache:
             model, digest=digest, details=details, **model_metadata(model), **shape_metadata(info)))
 
 
-def _from_checkpoint(spec: JobSpec, data: RealData, url: str) -> Teacher:
-    model, meta = _load_model(read_url(url), url, spec, data)
-    return Teacher(model.eval(), "checkpoint", None, {"checkpoint": url, **({"arch": meta["arch"]} if "arch" in meta else {})})
+def _from_checkpoint(spec: JobSpec, data: RealData, url: str, arch: str | None = None,
+                     arch_field: str = TEACHER_ARCH_FIELD) -> Teacher:
+    """A teacher from a checkpoint; `arch` is the architecture the spec's `arch_field` gives (see `_load_model`)."""
+    model, meta = _load_model(read_checkpoint(read_url(url), url), url, spec, data, arch, arch_field)
+    return Teacher(model.eval(), "checkpoint", None, {"checkpoint": url, "arch": meta["arch"]})
 
 
 def _ensemble_from_checkpoints(spec: JobSpec, data: RealData, urls: list[str]) -> Teacher:
@@ -103,7 +133,7 @@ def _ensemble_from_checkpoints(spec: JobSpec, data: RealData, urls: list[str]) -
     members, archs = [], []
     for i, url in enumerate(urls):
         try:
-            model, meta = _load_model(read_url(url), url, spec, data)
+            model, meta = _load_model(read_checkpoint(read_url(url), url), url, spec, data)
         except CheckpointError as exc:
             raise CheckpointError(f"relabel ensemble member {i + 1}: {exc}") from None
         if isinstance(model, Ensemble):
@@ -111,7 +141,7 @@ def _ensemble_from_checkpoints(spec: JobSpec, data: RealData, urls: list[str]) -
             archs += model.archs
         else:
             members.append(model)
-            archs.append(meta.get("arch", spec.teacher.arch))
+            archs.append(meta["arch"])
     return Teacher(Ensemble(members, archs).eval(), "checkpoint", None, {"checkpoints": list(urls)})
 
 
@@ -176,7 +206,7 @@ def relabel_teacher(
             return recovery
         return _cached_or_squeezed(spec, "gvbsm", spec.ensemble_teacher_digest(), data, cache, runtime, progress, trainers)
     if vspec.relabel_checkpoint:
-        return _from_checkpoint(spec, data, vspec.relabel_checkpoint)
+        return _from_checkpoint(spec, data, vspec.relabel_checkpoint, vspec.relabel_arch, RELABEL_ARCH_FIELD)
     if spec.method == "sre2l":
         return recovery  # sre2l's recovery teacher is the supervised teacher
     return _cached_or_squeezed(spec, "sre2l", spec.supervised_teacher_digest(), data, cache, runtime, progress, trainers)

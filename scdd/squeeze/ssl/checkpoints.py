@@ -5,7 +5,8 @@ Formats (detected from the file, or named in the spec):
   moco_v3      {"state_dict": {"module.base_encoder.<backbone key>": ...}}; momentum encoder and predictor ignored
   dino         {"teacher": {"backbone.<key>" | "module.backbone.<key>": ...}, "student": {...}}; the teacher is used
   swav         {"module.<key>": ...} or {"state_dict": ...}; "projection_head" and "prototypes" dropped
-  torchvision  a plain state dict (optionally under "state_dict", optionally with "module.")
+  torchvision  a plain state dict (optionally under "state_dict", or "model" as torchvision's reference script
+               saves it, optionally with "module."); a MoCo linear-eval file (main_lincls.py) reads as this
 Projection heads sit where the classifier was (e.g. MoCo's `fc` MLP) and are dropped with it.
 """
 
@@ -17,14 +18,16 @@ import torch
 from torch import nn
 
 from scdd.errors import CheckpointError
-from scdd.models.checkpoint import check_fits, read_checkpoint
+from scdd.models.checkpoint import check_fits, read_checkpoint, top_level_keys
 
 FORMATS = ("moco_v2", "moco_v3", "dino", "swav", "torchvision")
 
 
 def _tensors(obj: Any) -> dict[str, torch.Tensor]:
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)} if isinstance(obj, dict) else {}
 
 
@@ -67,8 +70,8 @@ def backbone_state(obj: dict, fmt: str, source: str) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"unknown checkpoint format {fmt!r}; use one of: auto, {', '.join(FORMATS)}")
     if not state:
         raise CheckpointError(
-            f"checkpoint {source} holds no backbone weights in the {fmt} layout; "
-            f"check the file or name its format (checkpoint_format: {', '.join(FORMATS)})"
+            f"checkpoint {source} holds no backbone weights in the {fmt} layout (its top-level keys: "
+            f"{top_level_keys(obj)}); check the file or name its format (checkpoint_format: {', '.join(FORMATS)})"
         )
     return state
 
