@@ -1,10 +1,12 @@
-"""What a run writes: PNG images in an ImageFolder layout, the manifest and the preview grid."""
+"""What a run writes: PNG (or JPEG: output.image_format) images in an ImageFolder layout, the manifest and the
+preview grid; and how they are read back (by file extension)."""
 
 from __future__ import annotations
 
 import hashlib
 import io
 import platform
+import posixpath
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Optional
@@ -36,8 +38,37 @@ class ImageEntry:
         return asdict(self)
 
 
-def image_path(info: DatasetInfo, label: int, round_index: int) -> str:
-    return f"{IMAGES_DIR}/{info.class_dirs[label]}/{info.source_indices[label]}_{round_index:04d}.png"
+@dataclass(frozen=True)
+class ImageFormat:
+    """How the distilled images are written (output.image_format, output.jpeg_quality)."""
+
+    format: str = "png"  # png | jpeg
+    quality: int = 75  # jpeg only
+
+    def __post_init__(self) -> None:
+        if self.format not in ("png", "jpeg"):
+            raise ValueError(f"image format must be 'png' or 'jpeg', not {self.format!r}")
+
+    @property
+    def extension(self) -> str:
+        return ".png" if self.format == "png" else ".jpg"
+
+    def encode(self, pixels: torch.Tensor) -> bytes:
+        """(C, H, W) pixels in [0, 1] -> the file's bytes."""
+        return encode_png(pixels) if self.format == "png" else encode_jpeg(pixels, self.quality)
+
+    @staticmethod
+    def of(spec: dict | None) -> "ImageFormat":
+        """The format of a job spec's dict (`JobSpec.to_dict()`, as state/spec.json records it): png when absent."""
+        output = (spec or {}).get("output") or {}
+        return ImageFormat(output.get("image_format", "png"), int(output.get("jpeg_quality", 75)))
+
+
+PNG = ImageFormat()
+
+
+def image_path(info: DatasetInfo, label: int, round_index: int, extension: str = ".png") -> str:
+    return f"{IMAGES_DIR}/{info.class_dirs[label]}/{info.source_indices[label]}_{round_index:04d}{extension}"
 
 
 def to_uint8(pixels: torch.Tensor) -> np.ndarray:
@@ -52,26 +83,45 @@ def encode_png(pixels: torch.Tensor) -> bytes:
     return buffer.getvalue()
 
 
-def decode_png(data: bytes, channels: int) -> torch.Tensor:
-    """PNG bytes -> (C, H, W) uint8."""
-    with Image.open(io.BytesIO(data)) as image:
+def encode_jpeg(pixels: torch.Tensor, quality: int = 75) -> bytes:
+    """(C, H, W) in [0, 1] -> JPEG bytes at `quality` (PIL's encoder, its default chroma subsampling: what the
+    reference scripts' `Image.save(... .jpg)` writes); one channel: a greyscale JPEG."""
+    buffer = io.BytesIO()
+    Image.fromarray(to_uint8(pixels)).save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+_FORMATS_BY_EXTENSION = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
+
+
+def decode_image(data: bytes, channels: int, path: str | None = None) -> torch.Tensor:
+    """Image bytes -> (C, H, W) uint8. `path`: the file's name; its extension (.png, .jpg, .jpeg) names the format
+    the bytes must be in (None or another extension: whatever PIL recognises)."""
+    known = _FORMATS_BY_EXTENSION.get(posixpath.splitext(path)[1].lower()) if path is not None else None
+    with Image.open(io.BytesIO(data), formats=[known] if known else None) as image:
         array = np.asarray(image.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
     tensor = torch.from_numpy(array.copy())
     return tensor[None] if channels == 1 else tensor.permute(2, 0, 1).contiguous()
 
 
-READ_THREADS = 8  # store reads and PNG decodes in flight per process (I/O bound on object stores)
+def decode_png(data: bytes, channels: int) -> torch.Tensor:
+    """PNG bytes -> (C, H, W) uint8."""
+    return decode_image(data, channels, "image.png")
+
+
+READ_THREADS = 8  # store reads and image decodes in flight per process (I/O bound on object stores)
 
 
 def read_distilled(store: ArtifactStore, entries: list[dict], info: DatasetInfo, shard: Shard | None = None,
                    threads: int = READ_THREADS) -> PixelSet:
-    """The written PNGs of `entries` (manifest order) read back from the store, what a user gets: all of them,
-    or `shard`'s part (every world_size-th from its rank), as uint8. Nothing else is read."""
+    """The written images of `entries` (manifest order) read back from the store, what a user gets: all of them,
+    or `shard`'s part (every world_size-th from its rank), as uint8, decoded by extension (PNG or JPEG: students
+    train on the decoded JPEGs). Nothing else is read."""
     mine = entries if shard is None else entries[shard.rank::shard.world_size]
     pixels = torch.empty(len(mine), info.channels, info.image_size, info.image_size, dtype=torch.uint8)
 
     def read(i: int) -> None:  # each image decoded straight into its row: no second copy of the shard
-        pixels[i] = decode_png(store.read_bytes(mine[i]["path"]), info.channels)
+        pixels[i] = decode_image(store.read_bytes(mine[i]["path"]), info.channels, mine[i]["path"])
 
     with ThreadPoolExecutor(max(1, threads)) as pool:
         list(pool.map(read, range(len(mine))))
@@ -80,9 +130,9 @@ def read_distilled(store: ArtifactStore, entries: list[dict], info: DatasetInfo,
 
 
 def entry_for(info: DatasetInfo, label: int, round_index: int, data: bytes, worker: int = 0,
-              origin: Optional[dict] = None) -> ImageEntry:
+              origin: Optional[dict] = None, image_format: ImageFormat = PNG) -> ImageEntry:
     return ImageEntry(
-        path=image_path(info, label, round_index),
+        path=image_path(info, label, round_index, image_format.extension),
         class_name=info.class_names[label],
         class_dir=info.class_dirs[label],
         class_index=info.source_indices[label],
@@ -129,8 +179,8 @@ def render_grid(store: ArtifactStore, entries: list[dict], info: DatasetInfo, pe
         row = chosen.setdefault(entry["label"], []) if entry["label"] in shown else None
         if row is not None and len(row) < per_class:
             row.append(entry)
-    pixels = {label: [decode_png(store.read_bytes(e["path"]), info.channels).float().div(255) for e in row]
-              for label, row in chosen.items()}
+    pixels = {label: [decode_image(store.read_bytes(e["path"]), info.channels, e["path"]).float().div(255)
+                      for e in row] for label, row in chosen.items()}
     return grid_png(pixels, info, per_class)
 
 

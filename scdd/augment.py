@@ -1,12 +1,20 @@
-"""Per-image random-resized-crop, horizontal flip and roll of a batch, in one differentiable op.
+"""Random-resized-crop, horizontal flip and roll of a batch, in one differentiable op.
 
-Every image in the batch gets its own crop box, flip and roll (the SRe2L reference draws one crop
-for the whole batch). All three are folded into one sampling grid, so the batch is resampled by a
-single `grid_sample` call (bilinear, align_corners=False) and gradients flow back to the pixels.
+By default every image in the batch gets its own crop box, flip and roll (`per="image"`); `per="batch"`
+draws one box, one flip and one roll and gives them to every image, as the SRe2L / SC-DD reference
+scripts do (torchvision's RandomResizedCrop and RandomHorizontalFlip applied to the batch tensor, then
+one `torch.roll`). All three are folded into one sampling grid, so the batch is resampled by a single
+`grid_sample` call (bilinear, align_corners=False) and gradients flow back to the pixels.
+
+The order is the reference's: crop (resized back to the image size), then flip, then roll. Rolls are
+drawn in -jitter..jitter (`jitter_direction="both"`) or 0..jitter (`"forward"`, the reference's
+`random.randint(0, jitter)`), a positive roll shifting content right / down as `torch.roll` does.
 
 Crop boxes follow torchvision's RandomResizedCrop: up to 10 tries of area fraction ~ U(scale) and
 log aspect ratio ~ U(log ratio), the first box that fits is used, otherwise the whole image
-clipped to the ratio bounds. Boxes are continuous rather than rounded to whole pixels.
+clipped to the ratio bounds. Boxes are continuous rather than rounded to whole pixels (the reference's
+are whole pixels, resized with antialiasing). A transform that is off (crop, flip false; jitter 0)
+draws nothing from the generator.
 """
 
 from __future__ import annotations
@@ -20,7 +28,8 @@ import torch.nn.functional as F
 
 @dataclass(frozen=True)
 class AugmentParams:
-    """Per-image draws, all (N,) tensors: crop box in pixels, flip flags and roll offsets."""
+    """The draws of a batch, all (N,) tensors: crop box in pixels, flip flags and roll offsets (per image, or one
+    draw repeated N times)."""
 
     x0: torch.Tensor
     y0: torch.Tensor
@@ -78,18 +87,33 @@ def sample_params(
     flip: bool,
     jitter: int,
     generator: torch.Generator | None,
+    per: str = "image",
+    jitter_direction: str = "both",
 ) -> AugmentParams:
+    """The draws for a batch of `n` (size x size) images. per "image": each image its own; "batch": one draw
+    (crop box, flip, roll) repeated for every image. jitter_direction "both": rolls in -jitter..jitter; "forward":
+    in 0..jitter. A transform that is off draws nothing, so turning one off leaves the others' draws as they were."""
+    if per not in ("image", "batch"):
+        raise ValueError(f"per must be 'image' or 'batch', not {per!r}")
+    if jitter_direction not in ("both", "forward"):
+        raise ValueError(f"jitter_direction must be 'both' or 'forward', not {jitter_direction!r}")
+    draws = n if per == "image" else min(n, 1)
     if crop:
-        x0, y0, w, h = sample_crop_boxes(n, size, size, scale, ratio, generator)
+        x0, y0, w, h = sample_crop_boxes(draws, size, size, scale, ratio, generator)
     else:
-        x0 = y0 = torch.zeros(n)
-        w = h = torch.full((n,), float(size))
-    flips = torch.rand(n, generator=generator) < 0.5 if flip else torch.zeros(n, dtype=torch.bool)
+        x0 = y0 = torch.zeros(draws)
+        w = h = torch.full((draws,), float(size))
+    flips = torch.rand(draws, generator=generator) < 0.5 if flip else torch.zeros(draws, dtype=torch.bool)
     if jitter > 0:
-        rolls = torch.randint(-jitter, jitter + 1, (2, n), generator=generator)
+        low = -jitter if jitter_direction == "both" else 0
+        rolls = torch.randint(low, jitter + 1, (2, draws), generator=generator)
     else:
-        rolls = torch.zeros(2, n, dtype=torch.long)
-    return AugmentParams(x0, y0, w, h, flips, rolls[0], rolls[1])
+        rolls = torch.zeros(2, draws, dtype=torch.long)
+    params = AugmentParams(x0, y0, w, h, flips, rolls[0], rolls[1])
+    if draws == n:
+        return params
+    return AugmentParams(*(v.expand(n).clone() for v in (params.x0, params.y0, params.w, params.h, params.flip,
+                                                         params.roll_x, params.roll_y)))
 
 
 def apply(images: torch.Tensor, params: AugmentParams) -> torch.Tensor:

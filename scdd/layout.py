@@ -2,7 +2,8 @@
 library and the Ray workers alike.
 
 What a user gets:
-- `images/<class dir>/<source index>_<round>.png`   the distilled set, a torchvision ImageFolder
+- `images/<class dir>/<source index>_<round>.png`   the distilled set, a torchvision ImageFolder (`.jpg` with
+                                                     output.image_format jpeg)
 - `manifest.json`                                    every image (class, round, sha256, size, origin)
 - `report.json`                                      the report (`api_schema.Report`)
 - `grid.png`                                         a preview, one row per class

@@ -15,11 +15,16 @@ from scdd.squeeze import Teacher, bn_variance_summary
 
 
 def dataset_facts(data: RealData, test_limit: int | None) -> DatasetFacts:
-    """Counts only: the splits' lengths come from the dataset's index."""
+    """Counts (the splits' lengths come from the dataset's index) and how every model saw the images: the
+    normalisation (its kind and per-channel mean/std) and, where the test split was resized first, the ratio."""
     info = data.info
     limited = {} if test_limit is None else {"test_limit": test_limit}  # the key only where the test split is cut
+    if info.test_resize_ratio != 1:
+        limited["test_resize_ratio"] = info.test_resize_ratio
     return DatasetFacts(name=info.name, classes=info.num_classes, image_size=info.image_size, channels=info.channels,
-                        train_images=len(data.train), test_images=len(data.test), **limited)
+                        train_images=len(data.train), test_images=len(data.test),
+                        mean=[round(float(m), 6) for m in info.mean], std=[round(float(s), 6) for s in info.std],
+                        normalization=info.normalization, **limited)
 
 
 def teacher_facts(teacher: Teacher, spec: JobSpec, accuracy: list[Accuracy]) -> TeacherReport:

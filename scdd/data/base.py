@@ -6,14 +6,19 @@ Splits yield `(image, label)` with `image` a normalised float tensor of shape (C
 
 from __future__ import annotations
 
+import math
 import re
-from dataclasses import dataclass
-from typing import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from torch.utils.data import Dataset
 
-from scdd.errors import DataError
+from scdd.errors import DataError, SpecError
+
+if TYPE_CHECKING:  # annotations only: the compute path imports without pydantic (bench/gpu_check.py)
+    from api_schema import DatasetSpec
 
 
 @dataclass(frozen=True)
@@ -26,6 +31,8 @@ class DatasetInfo:
     image_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    normalization: str = "default"  # where mean/std come from: default, measured or given (dataset.normalization)
+    test_resize_ratio: float = 1.0  # test images: resized to round(image_size x ratio), centre-cropped to image_size
 
     @property
     def num_classes(self) -> int:
@@ -134,6 +141,10 @@ class TensorImageDataset(Dataset):
         images, labels = self.batch(torch.tensor([i]))
         return images[0], int(labels[0])
 
+    def with_stats(self, mean: Sequence[float], std: Sequence[float]) -> "TensorImageDataset":
+        """The same images, normalised with (mean, std)."""
+        return TensorImageDataset(self.images, self.labels, mean, std, self.source_index)
+
 
 def slug(name: str) -> str:
     """A class name made safe as a folder name."""
@@ -182,3 +193,79 @@ def limit_per_class(labels: torch.Tensor, limit: int | None, seed: int) -> torch
         pick = torch.randperm(len(members[label]), generator=generator)[:limit]
         keep.append(members[label][pick])
     return torch.cat(keep).sort().values
+
+
+MEASURE_LIMIT = 10_000  # normalization measured: at most this many training images, a seeded pick
+MEASURE_CHUNK = 64  # images decoded per task
+MEASURE_THREADS = 8  # decodes in flight (file-decoding datasets: PIL releases the GIL)
+
+
+Stats = tuple[tuple[float, ...], tuple[float, ...]]  # (mean, std), one value per channel
+
+
+def measure_mean_std(train: Dataset, seed: int, limit: int = MEASURE_LIMIT) -> Stats:
+    """Per-channel mean and std of the pixels, in [0, 1], of at most `limit` images of `train` (a seeded random pick
+    when it holds more; all of them otherwise): only those are decoded, through the dataset's `pixels(index)`. The
+    std is the population std over every pixel of the picked images."""
+    if not hasattr(train, "pixels"):
+        raise DataError(f"dataset.normalization 'measured' needs a dataset that gives its pixels; "
+                        f"{type(train).__name__} does not: use normalization 'given' with dataset.mean and dataset.std")
+    n = len(train)
+    if n == 0:
+        raise DataError("dataset.normalization 'measured' found no training images to measure; check dataset.classes "
+                        "and dataset.train_limit, or use normalization 'given'")
+    if n > limit:
+        pick = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit].sort().values
+    else:
+        pick = torch.arange(n)
+
+    def sums(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        pixels = train.pixels(index)[0].to(torch.float64).div_(255)  # (b, C, H, W)
+        flat = pixels.transpose(0, 1).reshape(pixels.shape[1], -1)
+        return flat.sum(1), flat.square().sum(1), flat.shape[1]
+
+    chunks = list(torch.split(pick, MEASURE_CHUNK))
+    with ThreadPoolExecutor(min(MEASURE_THREADS, len(chunks))) as pool:
+        parts = list(pool.map(sums, chunks))
+    count = sum(part[2] for part in parts)
+    total = torch.stack([part[0] for part in parts]).sum(0)
+    squares = torch.stack([part[1] for part in parts]).sum(0)
+    mean = total / count
+    var = (squares / count - mean.square()).clamp_min(0)
+    return tuple(float(m) for m in mean), tuple(max(float(math.sqrt(v)), 1e-6) for v in var)
+
+
+def normalization_stats(spec: DatasetSpec, data: RealData, seed: int) -> Stats:
+    """The (mean, std) every model of the job sees: dataset.normalization default (the dataset's own values), given
+    (dataset.mean / dataset.std, one per image channel) or measured (`measure_mean_std` on the training split)."""
+    how = getattr(spec, "normalization", "default")
+    info = data.info
+    if how == "default":
+        return info.mean, info.std
+    if how == "given":
+        mean, std = tuple(spec.mean or ()), tuple(spec.std or ())
+        if len(mean) != info.channels or len(std) != info.channels:
+            plural = "s" if info.channels != 1 else ""
+            raise SpecError(f"dataset.mean and dataset.std give {len(mean)} and {len(std)} values, but {info.name} "
+                            f"images have {info.channels} channel{plural}: give one value per channel in each")
+        return tuple(float(m) for m in mean), tuple(float(v) for v in std)
+    if how == "measured":
+        return measure_mean_std(data.train, seed)
+    raise SpecError(f"dataset.normalization {how!r} is unknown; use default, measured or given")
+
+
+def apply_normalization(spec: DatasetSpec, data: RealData, seed: int) -> RealData:
+    """`data` with the job's normalisation (`normalization_stats`) in its info and both splits, and the info's record
+    of it (normalization, test_resize_ratio). Default normalisation returns the splits as they are."""
+    how = getattr(spec, "normalization", "default")
+    info = replace(data.info, normalization=how, test_resize_ratio=float(getattr(spec, "test_resize_ratio", 1.0)))
+    if how == "default":
+        return RealData(info, data.train, data.test)
+    mean, std = normalization_stats(spec, data, seed)
+    splits = []
+    for split in (data.train, data.test):
+        if not hasattr(split, "with_stats"):
+            raise DataError(f"dataset {info.name!r} cannot change its normalisation ({type(split).__name__} has no "
+                            "with_stats); use dataset.normalization 'default'")
+        splits.append(split.with_stats(mean, std))
+    return RealData(replace(info, mean=mean, std=std), splits[0], splits[1])

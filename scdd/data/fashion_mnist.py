@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision.transforms.functional as TF
 
 from scdd.data.base import DatasetInfo, RealData, TensorImageDataset, limit_per_class, select_classes, slug
 from scdd.data.registry import register_dataset
@@ -72,6 +73,13 @@ def _split(root: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
 
 
+def resize_center_crop(images: torch.Tensor, size: int, ratio: float) -> torch.Tensor:
+    """(N, C, H, W) uint8 -> resized to round(size x ratio) (antialiased bilinear), centre-cropped to (size, size):
+    the test split's Resize + CenterCrop (dataset.test_resize_ratio), once when the split is built."""
+    resized = TF.resize(images, [round(size * ratio)] * 2, antialias=True)
+    return TF.center_crop(resized, [size, size]).contiguous()
+
+
 @register_dataset("fashion-mnist")
 def fashion_mnist(spec: DatasetSpec, seed: int) -> RealData:
     root = Path(spec.root or DEFAULT_ROOT)
@@ -84,13 +92,16 @@ def fashion_mnist(spec: DatasetSpec, seed: int) -> RealData:
     remap = torch.full((len(CLASS_NAMES),), -1, dtype=torch.long)
     remap[chosen] = torch.arange(len(chosen))
     size = spec.image_size or 28
+    ratio = float(getattr(spec, "test_resize_ratio", 1.0))
 
     def load(split: str, limit: int | None) -> TensorImageDataset:
         images, labels = _split(root, split)
         keep = (remap[labels] >= 0).nonzero().flatten()
         keep = keep[limit_per_class(labels[keep], limit, seed)]
         images, labels = images[keep], remap[labels[keep]]
-        if size != 28:
+        if split == "test" and ratio != 1:
+            images = resize_center_crop(images, size, ratio)
+        elif size != 28:
             images = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True)
             images = images.round().clamp(0, 255).to(torch.uint8)
         return TensorImageDataset(images, labels, MEAN, STD, source_index=keep)

@@ -53,12 +53,18 @@ def load_rgb(path: Path) -> Image.Image:
 
 
 class ImageFileDataset(Dataset):
-    """(path, label) samples -> (normalised (3, S, S) tensor, label): resize shorter side, centre crop."""
+    """(path, label) samples -> (normalised (3, S, S) tensor, label): resize shorter side to `resize` (default S),
+    centre crop to S."""
 
-    def __init__(self, samples: list[tuple[Path, int]], size: int, mean, std):
+    def __init__(self, samples: list[tuple[Path, int]], size: int, mean, std, resize: int | None = None):
         self.samples = samples
         self.size = size
+        self.resize = size if resize is None else resize  # the test split: round(S x dataset.test_resize_ratio)
         self.mean, self.std = tuple(mean), tuple(std)
+
+    def with_stats(self, mean, std) -> "ImageFileDataset":
+        """The same samples, normalised with (mean, std)."""
+        return ImageFileDataset(self.samples, self.size, mean, std, self.resize)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -71,9 +77,10 @@ class ImageFileDataset(Dataset):
         return torch.tensor([label for _path, label in self.samples], dtype=torch.long)
 
     def pixel(self, i: int) -> torch.Tensor:
-        """Sample i decoded, shorter side resized to S, centre-cropped: (3, S, S) uint8."""
+        """Sample i decoded, shorter side resized to `resize` (S unless the test split's ratio says more),
+        centre-cropped to S: (3, S, S) uint8."""
         image = load_rgb(self.samples[i][0])
-        image = TF.center_crop(TF.resize(image, self.size, antialias=True), [self.size, self.size])
+        image = TF.center_crop(TF.resize(image, self.resize, antialias=True), [self.size, self.size])
         return TF.pil_to_tensor(image)
 
     def pixels(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -315,5 +322,6 @@ def imagefolder(spec: DatasetSpec, seed: int) -> RealData:
     return RealData(
         info=info,
         train=ImageFileDataset(train_samples, size, IMAGENET_MEAN, IMAGENET_STD),
-        test=ImageFileDataset(val_samples, size, IMAGENET_MEAN, IMAGENET_STD),
+        test=ImageFileDataset(val_samples, size, IMAGENET_MEAN, IMAGENET_STD,
+                              round(size * float(getattr(spec, "test_resize_ratio", 1.0)))),
     )

@@ -13,6 +13,12 @@ batch of its own slice per unit (a share may be short or empty at the end of a r
 W times the work of one per step, and the BatchNorm statistics they share (bn_sync: global) are those of
 the W x batch_size images. With W = 1 this is the single-process plan.
 
+Images are written as PNG, or as JPEG where the job's output.image_format says so (`image_format_of`: the spec the
+output records in `state/spec.json`, so a distributed worker that only gets the recover spec writes the same files).
+With recover.augment.per "batch" every step draws one crop, flip and roll for the whole batch from a generator of its
+own, seeded per unit and not per worker (`Unit.augment_seed`): every worker's share of a batch sees the same draw,
+as the reference's single-process batch does.
+
 The cut is fixed by the first recover of an output (`state/plan.json`): a resume on another worker
 count (which the recover digest allows only where the images do not depend on it: no optimisation
 steps, `JobSpec.images_depend_on_workers`) finds the same units, and each worker then makes every
@@ -30,10 +36,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from scdd.artifacts import ImageEntry, encode_png, entry_for
+from scdd.artifacts import PNG, ImageEntry, ImageFormat, entry_for
 from scdd.data.base import DatasetInfo
 from scdd.errors import SpecError
-from scdd.layout import PLAN_RECORD, UNITS_DIR, unit_record_path
+from scdd.layout import PLAN_RECORD, SPEC_RECORD, UNITS_DIR, unit_record_path
 from scdd.progress import Progress, SilentProgress
 from scdd.recover.objective import RecoverObjective
 from scdd.recover.init import InitReader, init_reader
@@ -67,6 +73,11 @@ class Unit:
         """Seed of one worker's share (rank 0's is the single-process unit seed)."""
         key = f"{base_seed}:{self.round}:{self.batch}" + (f":{rank}" if rank else "")
         digest = hashlib.sha256(key.encode()).digest()
+        return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+    def augment_seed(self, base_seed: int) -> int:
+        """Seed of the unit's per-batch augmentation draws (recover.augment.per batch), the same on every worker."""
+        digest = hashlib.sha256(f"{base_seed}:{self.round}:{self.batch}:augment".encode()).digest()
         return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
@@ -113,6 +124,14 @@ def recover_plan(store: ArtifactStore, num_classes: int, spec: RecoverSpec, work
         raise SpecError(f"output {store.url} holds recover units cut for {cut} workers, and with recover.iterations "
                         f"{spec.iterations} > 0 the images depend on the worker count: resume with {cut} workers")
     return plan_units(num_classes, spec.ipc, spec.batch_size, cut)
+
+
+def image_format_of(store: ArtifactStore | None) -> ImageFormat:
+    """The image format of the job whose output `store` is: its spec as `state/spec.json` records it (png where the
+    record is absent or does not say)."""
+    if store is None or not store.exists(SPEC_RECORD):
+        return PNG
+    return ImageFormat.of(store.read_json(SPEC_RECORD).get("spec"))
 
 
 def shares_of(unit: Unit, rank: int, workers: int) -> list[int]:
@@ -162,11 +181,13 @@ def run_share(
     progress: Progress,
     store: ArtifactStore | None,
     init: InitReader | None = None,
+    image_format: ImageFormat | None = None,
 ) -> dict:
     """Synthesise worker `rank`'s share of one unit and write its images to `store` (None: compute
     only, for a worker whose share is already stored but whose peers need it in the collectives).
-    `init` reads the run's stored initial images (real-pixel inits; None: noise). Returns the
-    share's record: manifest entries (with each image's origin) and the batch's last-step losses."""
+    `init` reads the run's stored initial images (real-pixel inits; None: noise). `image_format`: how the
+    images are written (None: `image_format_of(store)`). Returns the share's record: manifest entries (with
+    each image's origin) and the batch's last-step losses."""
     started = time.perf_counter()
     labels = unit.shares[rank]
     if not labels and not objective.scope.collective:  # nothing to make, and no peer waits for this rank
@@ -174,6 +195,8 @@ def run_share(
                 "ce": 0.0, "bn": 0.0, "total": 0.0, "seconds": 0.0}
     generator = torch.Generator().manual_seed(unit.seed(seed, rank))
     start = info.normalize(init.pixels(unit.round, labels)) if init is not None and labels else None
+    shared = spec.augment.per == "batch"  # one draw per step for the whole batch, whichever worker holds a share
+    augment_generator = torch.Generator().manual_seed(unit.augment_seed(seed)) if shared else None
     result = synthesize(
         teacher,
         torch.tensor(labels, dtype=torch.long),
@@ -185,13 +208,15 @@ def run_share(
         objective,
         on_step=lambda step: progress.advance(1),
         start=start,
+        augment_generator=augment_generator,
     )
     entries = []
     if store is not None:
+        image_format = image_format or image_format_of(store)
         for label, image in zip(labels, info.denormalize(result.images)):
-            data = encode_png(image)
+            data = image_format.encode(image)
             origin = init.origin(label, unit.round) if init is not None else None
-            entry = entry_for(info, label, unit.round, data, rank, origin)
+            entry = entry_for(info, label, unit.round, data, rank, origin, image_format)
             store.write_bytes(entry.path, data)
             entries.append(entry.to_dict())
     return {
@@ -237,10 +262,11 @@ def recover_dataset(
     seed: int,
     progress: Progress | None = None,
     max_units: int | None = None,
+    image_format: ImageFormat | None = None,
 ) -> RecoverResult:
     """Run, in this process, every unit not yet recorded in `store` (at most `max_units` of them,
     for tests and time-boxed runs) and return the entries of all recorded units. `teacher` is
-    frozen here."""
+    frozen here. `image_format`: how the images are written (None: the job's, `image_format_of(store)`)."""
     progress = progress or SilentProgress()
     units = recover_plan(store, info.num_classes, spec, 1)
     pending = pending_units(store, units)
@@ -252,13 +278,15 @@ def recover_dataset(
     if pending:
         runner = prepare_teacher(teacher, runtime, len(pending[0].labels) * spec.iterations)
         init = init_reader(store, spec.init)
+        image_format = image_format or image_format_of(store)
         with RecoverObjective(teacher, spec.first_bn_multiplier, momentum=spec.stat_momentum) as objective:
             for unit in pending:
                 if len(unit.shares) == 1:  # the single-process cut: its record as it always was
-                    record = run_share(unit, 0, runner, info, spec, runtime, seed, objective, progress, store, init)
+                    record = run_share(unit, 0, runner, info, spec, runtime, seed, objective, progress, store, init,
+                                       image_format)
                 else:  # a resume of a multi-worker cut (no optimisation steps): every share here
                     record = merge_shares(unit, [run_share(unit, share, runner, info, spec, runtime, seed, objective,
-                                                           progress, store, init)
+                                                           progress, store, init, image_format)
                                                  for share in range(len(unit.shares))], synced=False)
                 store.write_json(unit.record_path, record)
                 image_iterations += len(unit.labels) * spec.iterations

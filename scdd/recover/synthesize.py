@@ -1,10 +1,11 @@
 """Optimise one batch of synthetic images against a frozen teacher (the SRe2L/SC-DD recover step).
 
 Images start as Gaussian noise in normalised space and are optimised by Adam (betas 0.5, 0.9)
-under a cosine learning rate without warm-up. Every step draws a fresh per-image augmentation,
-computes CE(teacher(aug(x)), targets) + r_bn * statistic loss (+ priors), steps, and clips
-pixels to the valid normalised range. The last iterate is returned. With an ensemble teacher each
-step runs one backbone, in rotation, with its own statistics (objective.py).
+under a cosine learning rate without warm-up. Every step draws a fresh augmentation (per image, or
+one shared by the batch: recover.augment.per; scdd/augment.py), computes CE(teacher(aug(x)), targets)
++ r_bn * statistic loss (+ priors), steps, and clips pixels to the valid normalised range. The last
+iterate is returned. With an ensemble teacher each step runs one backbone, in rotation, with its own
+statistics (objective.py).
 
 In a distributed recover each worker holds a share of the batch (possibly none) and the BN
 statistics are those of the whole batch; `recover_loss` splits the loss so that every worker's
@@ -100,13 +101,16 @@ def synthesize(
     objective: RecoverObjective,
     on_step: Callable[[int], None] | None = None,
     start: torch.Tensor | None = None,
+    augment_generator: torch.Generator | None = None,
 ) -> SynthesisResult:
     """`teacher` must be in eval mode with frozen parameters (see `prepare_teacher`; an ensemble's
     members: a sequence, one runner per backbone), `objective` an entered RecoverObjective (or a single
     StatisticLoss) hooked on it; `targets` (N,) are class positions (N may be 0 for a worker
     of a distributed batch). `start` (N, C, S, S), normalised: the initial images (real-pixel
     inits); None: Gaussian noise drawn from `generator`. Reported losses are those of the scope's
-    whole batch (none when `spec.iterations` is 0: the images stay as they start)."""
+    whole batch (none when `spec.iterations` is 0: the images stay as they start). `augment_generator`: where the
+    augmentation is drawn from (None: `generator`); a distributed recover with augment.per "batch" gives every
+    worker of a batch the same one, so all its shares see the same crop, flip and roll."""
     device = runtime.device
     channels, size, _ = image_shape
     n = len(targets)
@@ -128,7 +132,8 @@ def synthesize(
         if n:
             params = augment.sample_params(
                 n, size, crop=aug.crop, scale=aug.crop_scale, ratio=aug.crop_ratio,
-                flip=aug.flip, jitter=jitter, generator=generator,
+                flip=aug.flip, jitter=jitter, generator=generator if augment_generator is None else augment_generator,
+                per=aug.per, jitter_direction=aug.jitter_direction,
             )
             views = augment.apply(inputs, params)
         runner = runners[objective.select(step)]
