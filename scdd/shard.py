@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DistributedSampler
 
-from scdd.optim import cosine_schedule
+from scdd.optim import lr_schedule
 from scdd.progress import Progress
 
 
@@ -76,17 +76,18 @@ class TrainHooks:
     losses: list[float] = field(default_factory=list)  # this rank's epoch losses so far (with on_epoch_end)
 
     def schedule(self, optimizer: torch.optim.Optimizer, n: int, batch_size: int, epochs: int,
-                 span: float = 1.0, min_rank_batch: int = 1) -> tuple[int, int, Any]:
-        """This rank's batch size, its steps per epoch over n samples, and the per-step cosine schedule
-        (`span`: see `cosine_factor`). Data-parallel, a step's global batch is the single-process one
-        (ceil(batch_size / W) per rank), except that a rank's batch never falls below `min_rank_batch` while
-        its part of the set holds at least 4 such batches (many ranks on a large set: the global batch then
-        grows to W x min_rank_batch, see `rank_batch`)."""
+                 span: float = 1.0, min_rank_batch: int = 1, warmup_epochs: int = 0,
+                 unit: str = "step") -> tuple[int, int, Any]:
+        """This rank's batch size, its steps per epoch over n samples, and the schedule stepped per batch
+        (`span`: see `cosine_factor`; `warmup_epochs` and `unit`: see `scdd.optim.lr_schedule`). Data-parallel,
+        a step's global batch is the single-process one (ceil(batch_size / W) per rank), except that a rank's
+        batch never falls below `min_rank_batch` while its part of the set holds at least 4 such batches (many
+        ranks on a large set: the global batch then grows to W x min_rank_batch, see `rank_batch`)."""
         if self.shard is not None:
             batch_size = rank_batch(batch_size, n, self.shard.world_size, min_rank_batch)
             n = len(DistributedSampler(range(n), self.shard.world_size, self.shard.rank))
         steps_per_epoch = math.ceil(n / batch_size)
-        return batch_size, steps_per_epoch, cosine_schedule(optimizer, epochs * steps_per_epoch, span)
+        return batch_size, steps_per_epoch, lr_schedule(optimizer, epochs, steps_per_epoch, span, warmup_epochs, unit)
 
     def begin(self, progress: Progress, stage: str, epochs: int, steps_per_epoch: int, *stateful: Any) -> int:
         """Resume the loop's stateful objects when resuming, start its progress; the first epoch to run."""

@@ -41,6 +41,11 @@ PRESETS = {
 }
 
 
+# Fields added after reports and cache keys were published: dropped from `Protocol.to_dict` at these values.
+NEW_FIELD_DEFAULTS = dict(crop="resized", momentum=0.9, nesterov=True, decay_norm_and_bias=True,
+                          warmup_epochs=0, schedule_unit="step", temperature_squared=True)
+
+
 def batch_for_set(images: int) -> int:
     """RDED's batch sizes by set size: half the set, at least 10 and at most 100 (10 / 50 / 100 for a
     10-class set at IPC 1 / 10 / 50)."""
@@ -63,11 +68,32 @@ class Protocol:
     crop_scale: tuple[float, float]
     ema_decay: float  # 0: the last weights are tested
     schedule_span: float  # 1: cosine to 0; 2: cosine to half the peak (see scdd.optim.cosine_factor)
+    crop: str = "resized"  # resized (random-resized-crop) or padded (zero-pad, random crop); then flip
+    crop_padding: int = 4  # crop padded: pixels of zero padding on each side
+    momentum: float = 0.9  # optimizer sgd
+    nesterov: bool = True  # optimizer sgd
+    decay_norm_and_bias: bool = True  # false: no weight decay on parameters of fewer than 2 dims (norms, biases)
+    warmup_epochs: int = 0  # linear warm-up before the cosine
+    schedule_unit: str = "step"  # the schedule is stepped per batch (step) or per epoch (epoch)
+    temperature_squared: bool = True  # kd: the KL times T^2
 
     def to_dict(self) -> dict:
+        """The protocol as the report's StudentProtocol. Fields that do not apply are dropped (temperature and
+        temperature_squared in hard mode, momentum/nesterov unless sgd, crop_padding unless padded), and so are
+        the fields added with issue 26 where they are at their defaults: the dict of a protocol that does not set
+        them is the one it always was (DD-Ranking's full-data cache key hashes it)."""
         data = asdict(self)
         if self.mode == "hard":
             data.pop("temperature")
+            data.pop("temperature_squared")
+        if self.optimizer != "sgd":
+            data.pop("momentum")
+            data.pop("nesterov")
+        if self.crop != "padded":
+            data.pop("crop_padding")
+        for name, default in NEW_FIELD_DEFAULTS.items():
+            if name in data and data[name] == default:
+                data.pop(name)
         return data
 
 
@@ -91,4 +117,7 @@ def resolve_protocol(spec: ValidateSpec, images: int, image_size: int | None = N
     if chosen["batch_size"] == BY_SET_SIZE:
         chosen["batch_size"] = batch_for_set(images)
     return Protocol(mode=spec.mode, preset=spec.preset, temperature=spec.temperature, mix_alpha=spec.mix_alpha,
-                    crop_scale=tuple(spec.crop_scale), **chosen)
+                    crop_scale=tuple(spec.crop_scale), crop=spec.crop, crop_padding=spec.crop_padding,
+                    momentum=spec.momentum, nesterov=spec.nesterov, decay_norm_and_bias=spec.decay_norm_and_bias,
+                    warmup_epochs=spec.warmup_epochs, schedule_unit=spec.schedule_unit,
+                    temperature_squared=spec.temperature_squared, **chosen)
