@@ -430,8 +430,9 @@ class ValidateSpec(_Spec):
     )
     relabel_arch: Optional[ModelName] = Field(
         None,
-        description="The architecture of relabel_checkpoint where the file does not name it (a bare state dict, a "
-        "torchvision reference-script or MoCo linear-eval checkpoint). None: the name in the file, else teacher.arch.",
+        description="The architecture of relabel_checkpoint (a bare state dict, a torchvision reference-script or MoCo "
+        "linear-eval checkpoint of another architecture than teacher.arch): tried first where set, then the name in "
+        "the file, then teacher.arch.",
     )
     baseline: bool = Field(True, description="Also train on a random real subset of the same size (IPC per class).")
     dd_ranking: bool = Field(

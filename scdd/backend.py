@@ -33,7 +33,8 @@ from scdd.squeeze import Teacher
 from scdd.squeeze.methods import LOCAL_TRAINERS, Trainers
 from scdd.store import ArtifactStore
 from scdd.validate import Protocol, train_student
-from scdd.validate.student_images import SOURCE_OF_STAGE, student_images
+from scdd.validate.soft_labels import SoftLabelRequest, SoftLabelWriter, write_index
+from scdd.validate.student_images import SOURCE_OF_STAGE, source_of, student_images
 
 
 @dataclass(frozen=True)
@@ -43,16 +44,24 @@ class StudentRun:
     `stage` names the run (validate, baseline, validate-hard, full-data), which names the images it trains on
     (scdd/validate/student_images.py: the distilled set, the random real subset, the whole training split),
     read where it trains. In KD, `relabel` gives the soft labels, and `relabel_path` is where it is saved in
-    the output (remote workers load it from there)."""
+    the output (remote workers load it from there). `variant` tells apart runs of one stage (validate.students:
+    each further architecture's run is named `<stage>-<arch>`)."""
 
     stage: str
     protocol: Protocol
     relabel: Teacher | None = None
     relabel_path: str | None = None
+    variant: str | None = None
+    soft_labels: SoftLabelRequest | None = None  # store the relabel teacher's soft labels (validate/soft_labels.py)
 
     @property
     def source(self) -> str:
         return SOURCE_OF_STAGE[self.stage]
+
+    @property
+    def name(self) -> str:
+        """The run's name: its stage, or `<stage>-<variant>` (its progress loop; its folder on Ray Train)."""
+        return self.stage if self.variant is None else f"{self.stage}-{self.variant}"
 
 
 class Backend(typing.Protocol):
@@ -76,6 +85,12 @@ class Backend(typing.Protocol):
 
     def fit_student(self, run: StudentRun, spec: JobSpec, data: RealData, runtime: Runtime,
                     progress: Progress, store: ArtifactStore) -> StudentScore: ...
+
+    def fit_students(self, runs: list[StudentRun], spec: JobSpec, data: RealData, runtime: Runtime,
+                     progress: Progress, store: ArtifactStore) -> list[StudentScore]:
+        """Several independent runs (validate.students), their scores in order: one after another here, side by
+        side where the backend has workers to share among them."""
+        ...
 
     def run_pass(self, fn: PassFn, spec: JobSpec, store: ArtifactStore, runtime: Runtime, data: RealData, *args: Any,
                  ranks: int | None = None) -> list[Any]:
@@ -103,13 +118,21 @@ class LocalBackend:
                     progress: Progress, store: ArtifactStore) -> StudentScore:
         info = data.info
         workers = decode_workers(spec.resources.threads)
-        images = student_images(run.source, spec, data, store, workers=workers)
+        images = student_images(source_of(run.stage, spec), spec, data, store, workers=workers)
         torch.manual_seed(spec.seed)  # every student of a job starts from the same weights
         student = create_model(run.protocol.student_arch, info.num_classes, info.channels, info.image_size)
         teacher = run.relabel.model if run.relabel is not None else None
-        train_student(student, images, run.protocol, teacher, runtime, spec.seed, progress, run.stage)
+        writer = SoftLabelWriter(store, run.soft_labels.epochs, run.soft_labels.topk) if run.soft_labels else None
+        train_student(student, images, run.protocol, teacher, runtime, spec.seed, progress, run.name,
+                      soft_labels=writer)
+        if writer is not None:
+            run.soft_labels.facts = write_index(store, writer.topk, 1, run.protocol.to_dict())
         accuracy = evaluate(student, data.test, runtime, workers=workers)
         return StudentScore(**accuracy.to_dict())
+
+    def fit_students(self, runs: list[StudentRun], spec: JobSpec, data: RealData, runtime: Runtime,
+                     progress: Progress, store: ArtifactStore) -> list[StudentScore]:
+        return [self.fit_student(run, spec, data, runtime, progress, store) for run in runs]
 
     def run_pass(self, fn: PassFn, spec: JobSpec, store: ArtifactStore, runtime: Runtime, data: RealData, *args: Any,
                  ranks: int | None = None) -> list[Any]:

@@ -121,16 +121,24 @@ def add_distill(sub: argparse._SubParsersAction, run_on_ray: RayRunner | None = 
         "(recover), train a student on them and test it on real data (validate). With no flags it runs the "
         "Fashion-MNIST demo. Flags override the config file.",
     )
+    add_spec_flags(parser)
+    parser.add_argument("--no-validate", action="store_true", help="skip the validation stage")
+    parser.set_defaults(handler=functools.partial(distill, run_on_ray=run_on_ray))
+
+
+def add_spec_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """--config, a flag per spec field (DISTILL_FLAGS, less the dotted paths starting with `skip`) and the run's
+    output flags: what `scdd distill` and `scdd evaluate` share."""
     parser.add_argument("--config", help="YAML job spec (the same fields as the API's job spec)")
     for flag, (dotted, kind, text) in DISTILL_FLAGS.items():
-        parser.add_argument(flag, dest=dotted, type=str if kind in ("list", "bool", "limit", "floats") else kind, default=None,
-                            help=text)
-    parser.add_argument("--no-validate", action="store_true", help="skip the validation stage")
+        if skip and dotted.startswith(skip):
+            continue
+        parser.add_argument(flag, dest=dotted, type=str if kind in ("list", "bool", "limit", "floats") else kind,
+                            default=None, help=text)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--print-spec", action="store_true", help="print the resolved job spec as YAML and exit")
     parser.add_argument("--events", metavar="FILE", help="run through the Ray job driver and append its events to FILE "
                         "as JSON lines (always the path with --workers > 1)")
-    parser.set_defaults(handler=functools.partial(distill, run_on_ray=run_on_ray))
 
 
 def spec_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -152,18 +160,24 @@ def spec_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def distill(args: argparse.Namespace, run_on_ray: RayRunner | None) -> int:
+    return run_job_command(args, run_on_ray, spec_overrides(args))
+
+
+def run_job_command(args: argparse.Namespace, run_on_ray: RayRunner | None, overrides: dict[str, Any]) -> int:
+    """Build the spec from --config and `overrides`, then print it (--print-spec) or run it here or through the Ray
+    job driver and print the report's numbers. A user error is one line and exit status 2."""
     from scdd.errors import ScddError
 
     # torch.compile on a CPU-only machine logs that it found no CUDA runtime: true, and no news.
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     try:
-        return _distill(args, run_on_ray)
+        return _run_job(args, run_on_ray, overrides)
     except ScddError as exc:
         print(f"scdd: error: {exc}", file=sys.stderr)
         return 2
 
 
-def _distill(args: argparse.Namespace, run_on_ray: RayRunner | None) -> int:
+def _run_job(args: argparse.Namespace, run_on_ray: RayRunner | None, overrides: dict[str, Any]) -> int:
     import yaml
 
     from scdd.config import build_spec
@@ -171,7 +185,7 @@ def _distill(args: argparse.Namespace, run_on_ray: RayRunner | None) -> int:
     from scdd.pipeline import run_distillation
     from scdd.progress import ConsoleProgress, SilentProgress
 
-    spec = build_spec(args.config, spec_overrides(args))
+    spec = build_spec(args.config, overrides)
     if args.print_spec:
         print(yaml.safe_dump(spec.to_dict(), sort_keys=False), end="")
         return 0
@@ -193,20 +207,28 @@ def describe_report(report: Report) -> str:
                  else f"{data.test_images} real test images (dataset.test_limit {data.test_limit} per class)")
     lines = [
         "",
-        f"scdd distill: {report.job_id}  (method {report.method})" + ("  (resumed)" if report.resumed else ""),
+        f"scdd {report.kind}: {report.job_id}" + (f"  (method {report.method})" if teacher else "")
+        + ("  (resumed)" if report.resumed else ""),
         f"  dataset   {data.name}: {data.classes} classes, {data.train_images} train / {data.test_images} test images",
-        f"  teacher   {teacher.arch} ({teacher.source}): top-1 {teacher.top1:.2f}% on {tested_on}"
-        + (f"; {teacher.ssl.method or teacher.ssl.source} backbone + linear probe" if teacher.ssl else "")
-        + ("; members " + ", ".join(f"{m.arch} {m.top1:.2f}%" for m in teacher.members) if teacher.members else ""),
-        f"  recover   {rec.images}/{rec.expected_images} images from {rec.init}"
-        + (" (real training images)" if rec.init != "noise" else "")
-        + (f", {rec.iterations} iterations, {rec.image_iterations_per_second:.0f} image-it/s, "
-           f"final CE {rec.final_ce:.3f}, {'+'.join(rec.statistics)} statistics {rec.final_bn:.3f}"
-           + (f" (EMA {rec.stat_momentum:g})" if rec.stat_momentum else "")
-           + (f", {rec.backbones} backbones in rotation" if rec.backbones > 1 else "")
-           if rec.iterations else ", kept as they are")
-        + (f"; {rec.workers} workers, bn_sync {rec.bn_sync}" if rec.workers > 1 else ""),
     ]
+    if report.evaluated:
+        ev = report.evaluated
+        lines.append(f"  set       {ev.images} images of {ev.classes} classes from {ev.images_url}")
+    if teacher:
+        lines.append(
+            f"  teacher   {teacher.arch} ({teacher.source}): top-1 {teacher.top1:.2f}% on {tested_on}"
+            + (f"; {teacher.ssl.method or teacher.ssl.source} backbone + linear probe" if teacher.ssl else "")
+            + ("; members " + ", ".join(f"{m.arch} {m.top1:.2f}%" for m in teacher.members) if teacher.members else ""))
+    if rec:
+        lines.append(
+            f"  recover   {rec.images}/{rec.expected_images} images from {rec.init}"
+            + (" (real training images)" if rec.init != "noise" else "")
+            + (f", {rec.iterations} iterations, {rec.image_iterations_per_second:.0f} image-it/s, "
+               f"final CE {rec.final_ce:.3f}, {'+'.join(rec.statistics)} statistics {rec.final_bn:.3f}"
+               + (f" (EMA {rec.stat_momentum:g})" if rec.stat_momentum else "")
+               + (f", {rec.backbones} backbones in rotation" if rec.backbones > 1 else "")
+               if rec.iterations else ", kept as they are")
+            + (f"; {rec.workers} workers, bn_sync {rec.bn_sync}" if rec.workers > 1 else ""))
     if report.schedule:
         lines.append(f"  schedule  {report.schedule}")
     if val:
@@ -221,6 +243,11 @@ def describe_report(report: Report) -> str:
                 f"  baseline  same protocol on {val.baseline.images} random real images: top-1 {val.baseline.top1:.2f}% "
                 f"-> IOR {val.ior:+.2f} points (distilled minus random real)"
             )
+        if val.students:
+            lines.append("  students  arch            top-1    top-5   random real   IOR")
+            lines += [f"            {row.arch:<14} {row.top1:6.2f}%  {row.top5:6.2f}%"
+                      + (f"   {row.baseline_top1:6.2f}%    {row.ior:+6.2f}" if row.baseline_top1 is not None else "")
+                      for row in val.students]
         if val.dd_ranking:
             rank = val.dd_ranking
             lines.append(
@@ -231,5 +258,6 @@ def describe_report(report: Report) -> str:
     elif report.partial:
         lines.append("  validate  skipped: the distilled set is incomplete (rerun with the same --out to resume)")
     stages = ", ".join(f"{name} {sec:.1f}s" for name, sec in report.stage_seconds.items())
-    lines += [f"  time      {stages}", f"  output    {report.output}  (images/, manifest.json, report.json, grid.png)"]
+    written = "images/, manifest.json, report.json, grid.png" if rec else "report.json"
+    lines += [f"  time      {stages}", f"  output    {report.output}  ({written})"]
     return "\n".join(lines)

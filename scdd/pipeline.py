@@ -8,10 +8,13 @@ passes (scdd/backend.py); the output's layout is scdd/layout.py.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
-from api_schema import JobSpec, Report
-from api_schema.report import StudentScore
+from api_schema import JobSpec, Report, ValidateReport
+from api_schema.recipes import recipe_facts
+from api_schema.report import EvaluatedSet, StudentScore
 from scdd.artifacts import library_versions
 from scdd.backend import Backend, LocalBackend, StudentRun
 from scdd.data import RealData, load_dataset
@@ -26,9 +29,11 @@ from scdd.recover.init import INITS, init_planned, mark_init_planned
 from scdd.report import dataset_facts, recover_facts, relabel_facts, squeeze_schedule, teacher_facts
 from scdd.runtime import Runtime
 from scdd.squeeze import Teacher, TeacherCache, load_stored_teacher, recovery_teacher, relabel_teacher
+from scdd.squeeze.methods import Trainers
 from scdd.squeeze.teachers import shape_metadata
 from scdd.store import ArtifactStore, open_store
 from scdd.validate import resolve_protocol
+from scdd.validate.external_set import index_external_set
 from scdd.validate.stage import validate_stage
 
 
@@ -92,6 +97,48 @@ def save_teacher(store: ArtifactStore, path: str, teacher: Teacher, spec: JobSpe
     ))
 
 
+def student_fits(backend: Backend, spec: JobSpec, data: RealData, runtime: Runtime, progress: Progress,
+                 store: ArtifactStore) -> tuple[Callable[[StudentRun], StudentScore],
+                                                Callable[[list[StudentRun]], list[StudentScore]]]:
+    """The validate stage's student runs on `backend`: one, and several side by side (validate.students)."""
+    def fit(run: StudentRun) -> StudentScore:
+        return backend.fit_student(run, spec, data, runtime, progress, store)
+
+    def fit_many(runs: list[StudentRun]) -> list[StudentScore]:
+        return backend.fit_students(runs, spec, data, runtime, progress, store)
+
+    return fit, fit_many
+
+
+def recipe_of(spec: JobSpec) -> dict:
+    """The report's `recipe` (the named recipe and the values it set), where the spec names one."""
+    return {"recipe": recipe_facts(spec.recipe, spec.to_dict())} if spec.recipe else {}
+
+
+def validate_images(
+    spec: JobSpec, data: RealData, images: int, relabel_of: Callable[[], Teacher], recovery: Teacher | None,
+    backend: Backend, store: ArtifactStore, cache: TeacherCache, runtime: Runtime, progress: Progress, clock: StageClock,
+) -> ValidateReport:
+    """The validate stage for a set of `images` images in `store` (made by recover, or judged by kind evaluate): in kd
+    the relabel teacher `relabel_of()` (saved in the output and tested unless it is the `recovery` teacher, saved
+    already), then the students."""
+    protocol = resolve_protocol(spec.validate_, images, data.info.image_size)
+    relabel = relabel_path = relabel_info = None
+    if protocol.mode == "kd":
+        with clock.stage("squeeze"):
+            relabel = relabel_of()
+            freeze(relabel.model, runtime)
+            relabel_path, accuracy = TEACHER_PATH, None
+            if relabel is not recovery:
+                relabel_path = RELABEL_PATH  # where the students' workers load it
+                save_teacher(store, relabel_path, relabel, spec, data)
+                accuracy = accuracy_on_workers(backend, spec, store, runtime, data, relabel_path)[0]
+        relabel_info = relabel_facts(relabel, recovery, accuracy)
+    fit, fit_many = student_fits(backend, spec, data, runtime, progress, store)
+    return validate_stage(spec, data, images, protocol, relabel, relabel_path, relabel_info, fit, clock, cache.store,
+                          fit_many)
+
+
 def run_distillation(
     spec: JobSpec, progress: Progress | None = None, backend: Backend | None = None, *, max_units: int | None = None,
     on_stage: StageListener | None = None,
@@ -111,6 +158,8 @@ def run_distillation(
             )
         backend = LocalBackend()
     progress = progress or SilentProgress()
+    if spec.kind == "evaluate":
+        return run_evaluation(spec, progress, backend, on_stage=on_stage)
     clock = StageClock(listener=on_stage)
     runtime = backend.driver_runtime(spec.resources)
     torch.manual_seed(spec.seed)
@@ -153,25 +202,10 @@ def run_distillation(
 
     validation = None
     if spec.validate_.enabled and complete:
-        images = len(result.entries)
-        protocol = resolve_protocol(spec.validate_, images, info.image_size)
-        relabel = relabel_path = relabel_info = None
-        if protocol.mode == "kd":
-            with clock.stage("squeeze"):
-                relabel = relabel_teacher(spec, data, recovery, cache, runtime, progress, backend.trainers)
-                freeze(relabel.model, runtime)
-                relabel_path, accuracy = TEACHER_PATH, None
-                if relabel is not recovery:
-                    relabel_path = RELABEL_PATH
-                    save_teacher(store, relabel_path, relabel, spec, data)
-                    accuracy = accuracy_on_workers(backend, spec, store, runtime, data, relabel_path)[0]
-            relabel_info = relabel_facts(relabel, recovery, accuracy)
-
-        def fit(run: StudentRun) -> StudentScore:
-            return backend.fit_student(run, spec, data, runtime, progress, store)
-
-        validation = validate_stage(spec, data, images, protocol, relabel, relabel_path, relabel_info, fit, clock,
-                                    cache.store)
+        validation = validate_images(
+            spec, data, len(result.entries), lambda: relabel_teacher(spec, data, recovery, cache, runtime, progress,
+                                                                     backend.trainers),
+            recovery, backend, store, cache, runtime, progress, clock)
 
     report = Report(
         job_id=spec.job_id(),
@@ -186,6 +220,82 @@ def run_distillation(
         validate=validation,
         stage_seconds=clock.seconds,
         schedule=squeeze_schedule(spec, recovery),
+        **recipe_of(spec),
+    )
+    store.write_json(REPORT, report.to_json_dict())
+    return report
+
+
+# ---- kind evaluate: judge a set that exists ----------------------------------------------------------------------
+
+def claim_evaluation_output(store: ArtifactStore, spec: JobSpec) -> bool:
+    """Record an evaluate job's spec in its output, or check it matches the one there. True when one was there."""
+    if store.exists(SPEC_RECORD):
+        recorded = store.read_json(SPEC_RECORD)
+        if recorded.get("evaluation_digest") != spec.evaluation_digest():
+            raise OutputConflictError(
+                f"output {store.url} holds another run (not this evaluation of {spec.evaluate.images}); choose "
+                f"another --out, or delete that folder to start over")
+        return True
+    if store.list(IMAGES_DIR) or store.exists(REPORT):
+        raise OutputConflictError(f"output {store.url} already holds a run or a set; an evaluation writes its report "
+                                  f"to a folder of its own: choose another --out")
+    store.write_json(SPEC_RECORD, {"evaluation_digest": spec.evaluation_digest(), "spec": spec.to_dict()})
+    return False
+
+
+def evaluation_teacher(spec: JobSpec, data: RealData, cache: TeacherCache, runtime: Runtime, progress: Progress,
+                       trainers: Trainers) -> Teacher:
+    """The KD relabel teacher of an evaluate job, obtained as a distill job of the same spec obtains it:
+    validate.relabel_checkpoint, an ensemble, the supervised teacher, or (relabel_teacher recover) the recovery
+    teacher of `method` (trained, or from the teacher cache where a distill run left it)."""
+    vspec = spec.validate_
+    needs_recovery = (vspec.relabel_teacher == "recover"
+                      or (vspec.relabel_teacher == "supervised" and not vspec.relabel_checkpoint and spec.method == "sre2l")
+                      or (vspec.relabel_teacher == "ensemble" and not vspec.relabel_checkpoints and spec.method == "gvbsm"))
+    if needs_recovery:
+        recovery = recovery_teacher(spec, data, cache, runtime, progress, trainers)
+    else:  # relabel_teacher does not look at it for this spec
+        recovery = Teacher(model=None, source="unused", digest=None)  # type: ignore[arg-type]
+    return relabel_teacher(spec, data, recovery, cache, runtime, progress, trainers)
+
+
+def run_evaluation(spec: JobSpec, progress: Progress, backend: Backend, *,
+                   on_stage: StageListener | None = None) -> Report:
+    """kind evaluate: the students of the validate stage (validate.students, each beside its random-real baseline
+    of the same count per class) trained on the set at evaluate.images and tested on the real test split; no
+    squeeze of a recovery teacher unless the relabel teacher is that teacher, no recover. Writes report.json and
+    (kd) the relabel teacher to the output."""
+    clock = StageClock(listener=on_stage)
+    runtime = backend.driver_runtime(spec.resources)
+    torch.manual_seed(spec.seed)
+    store = open_output(spec)
+    cache = TeacherCache(spec.output.teacher_cache)
+
+    with clock.stage("load"):
+        data = load_dataset(spec.dataset, spec.seed)
+        resuming = claim_evaluation_output(store, spec)
+        found = index_external_set(spec.evaluate.images, data.info, spec)  # a listing: no image is read here
+    images = len(found)
+    validation = validate_images(
+        spec, data, images, lambda: evaluation_teacher(spec, data, cache, runtime, progress, backend.trainers), None,
+        backend, store, cache, runtime, progress, clock)
+    report = Report(
+        job_id=spec.job_id(),
+        output=store.url,
+        complete=True,
+        resumed=resuming,
+        method=spec.method,
+        kind="evaluate",
+        evaluated=EvaluatedSet(images_url=spec.evaluate.images, images=images, classes=data.info.num_classes),
+        dataset=dataset_facts(data, spec.dataset.test_limit),
+        runtime=backend.describe_runtime(runtime),
+        teacher=None,
+        recover=None,
+        validate=validation,
+        stage_seconds=clock.seconds,
+        schedule=None,
+        **recipe_of(spec),
     )
     store.write_json(REPORT, report.to_json_dict())
     return report

@@ -14,6 +14,8 @@ from typing import Sequence
 
 import scdd
 from scdd.cli import add_distill
+from scdd.relabel_cli import add_relabel
+from scdd.evaluate_cli import add_evaluate
 from service.cli import add_client, add_serve
 from workers.cli import distill_on_ray
 
@@ -23,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"scdd {scdd.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     add_distill(sub, run_on_ray=distill_on_ray)
+    add_relabel(sub)
+    add_evaluate(sub, run_on_ray=distill_on_ray)
     add_client(sub)
     add_serve(sub)
     return parser

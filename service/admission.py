@@ -2,7 +2,7 @@
 
 The service chooses the output: every job writes under `<artifacts>/<tenant>/<job id>` and caches
 teachers under `<teacher cache>/<tenant>`, so `output.url`, `output.teacher_cache` and `output.s3`
-are not for requests. Paths a job reads (dataset root, checkpoints) must lie under one of the
+are not for requests. Paths a job reads (dataset root, checkpoints, the set an evaluate job judges) must lie under one of the
 service's data roots (SCDD_DATA_ROOTS) or the tenant's own artifacts.
 """
 
@@ -56,6 +56,7 @@ def admit(spec: JobSpec, tenant: Tenant, job_id: str, settings: Settings) -> dic
     roots = settings.data_root_list
     reads: list[tuple[tuple[str, ...], Optional[str]]] = [
         (("dataset", "root"), spec.dataset.root),
+        (("evaluate", "images"), spec.evaluate.images),  # kind evaluate: the set it judges
         (("teacher", "checkpoint"), spec.teacher.checkpoint),
         (("teacher", "ssl", "checkpoint"), spec.teacher.ssl.checkpoint),
         (("validate", "relabel_checkpoint"), spec.validate_.relabel_checkpoint),

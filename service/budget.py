@@ -19,6 +19,9 @@ DATASET_CLASSES = {"fashion-mnist": 10}
 # Validation epochs a spec leaves to its preset: at most this many (scdd/validate/protocol.py PRESETS; a test
 # keeps the two in step; the API does not import the compute packages).
 PRESET_EPOCHS_AT_MOST = 300
+# Student work of one job (validate.students, each beside its baseline): at most this many runs of the longest
+# schedule a tenant may ask for (max_epochs), all runs' epochs together.
+MAX_STUDENT_RUNS_AT_FULL_SCHEDULE = 8
 
 
 def classes_of(spec: JobSpec, look_in_root: bool = True) -> int | None:
@@ -64,7 +67,10 @@ def over_budget(spec: JobSpec, tenant: Tenant, look_in_root: bool = True,
                        f"resources.workers, or set resources.device to cpu"))
     classes = classes_of(spec, look_in_root)
     recover = spec.recover
-    if classes is None:
+    evaluate = spec.kind == "evaluate"  # no recover work: the set exists; its students are counted below
+    if evaluate:  # nothing to recover
+        pass
+    elif classes is None:
         if recover.iterations:
             errors.append((("body", "dataset", "classes"), "the service cannot count this dataset's classes to check "
                            "the job's size: list them in dataset.classes"))
@@ -75,8 +81,16 @@ def over_budget(spec: JobSpec, tenant: Tenant, look_in_root: bool = True,
     teacher, validate = spec.teacher, spec.validate_
     schedules = [(("teacher", "epochs"), teacher.epochs), (("teacher", "ssl", "epochs"), teacher.ssl.epochs),
                  (("teacher", "probe", "epochs"), teacher.probe.epochs)]
+    if evaluate and validate.relabel_checkpoint:
+        schedules = []  # the relabel teacher is given: no teacher trains
     if validate.enabled:
         schedules.append((("validate", "epochs"), validate.epochs or PRESET_EPOCHS_AT_MOST))
+        runs = max(1, len(validate.students)) * (2 if validate.baseline else 1)  # students, each with its baseline
+        epochs = validate.epochs or PRESET_EPOCHS_AT_MOST
+        if runs > 1 and runs * epochs > limits.max_epochs * MAX_STUDENT_RUNS_AT_FULL_SCHEDULE:
+            refuse(("validate", "students"), f"{runs} student runs of {epochs} epochs asked ({runs * epochs} epochs in "
+                   f"all)", f"{limits.max_epochs * MAX_STUDENT_RUNS_AT_FULL_SCHEDULE} epochs in all "
+                   f"({MAX_STUDENT_RUNS_AT_FULL_SCHEDULE} x max_epochs)", "max_epochs")
         if validate.dd_ranking:
             schedules.append((("validate", "full_data_epochs"), validate.full_data_epochs))
     for loc, epochs in schedules:

@@ -115,6 +115,15 @@ def test_service_owned_and_outside_paths_are_422(acme, tmp_path):
         assert path in message
     inside = submit(acme, {**SPEC, "teacher": {"checkpoint": str(tmp_path / "teacher.pt")}})
     assert inside.status_code == 202  # under a data root
+    # kind evaluate: the set it judges is a path it reads; an imagefolder job with no recover work needs no class count
+    evaluate = {"kind": "evaluate", "dataset": {"name": "imagefolder", "root": str(tmp_path)},
+                "validate": {"students": ["convnet", "resnet18_small"], "relabel_teacher": "supervised",
+                             "relabel_checkpoint": str(tmp_path / "teacher.pt")}}
+    outside = submit(acme, {**evaluate, "evaluate": {"images": "/etc"}})
+    assert outside.status_code == 422 and "evaluate.images: '/etc' is outside" in outside.json()["message"]
+    judged = submit(acme, {**evaluate, "evaluate": {"images": str(tmp_path / "set")}})
+    assert judged.status_code == 202, judged.text
+    assert judged.json()["spec"]["kind"] == "evaluate" and judged.json()["spec"]["evaluate"]["images"].endswith("set")
 
 
 def test_a_bad_gvbsm_ensemble_member_is_422_in_one_line(acme, tmp_path):

@@ -8,6 +8,7 @@ progress relay, workers/control.py) is given when the backend is built.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,7 @@ from scdd.passes import PassFn
 from scdd.recover import RecoverResult
 from scdd.runtime import Runtime, resolve_runtime
 from scdd.squeeze.methods import Trainers
+from scdd.validate.student_images import source_of
 from scdd.store import ArtifactStore
 from workers.cluster import (
     DEFAULT_MAX_RESTARTS,
@@ -101,4 +103,27 @@ class RayBackend:
     def fit_student(self, run: StudentRun, spec: JobSpec, data: RealData, runtime: Runtime,
                     progress: Progress, store: ArtifactStore) -> StudentScore:
         """The workers read the images themselves (the distilled ones from the store, real ones from disk)."""
-        return self.training.fit_student(run.stage, run.protocol, run.relabel_path)
+        return self.training.fit_student(run.name, run.protocol, run.relabel_path, source_of(run.stage, spec),
+                                         soft_labels=run.soft_labels)
+
+    def fit_students(self, runs: list[StudentRun], spec: JobSpec, data: RealData, runtime: Runtime,
+                     progress: Progress, store: ArtifactStore) -> list[StudentScore]:
+        """K runs side by side on the W workers: each a data-parallel run of max(1, W // K) ranks, min(K, W) of
+        them at a time (`share_workers`); one run takes all W, as `fit_student` does."""
+        ranks, at_once = share_workers(spec.resources.workers, len(runs))
+        if at_once <= 1:
+            return [self.fit_student(run, spec, data, runtime, progress, store) for run in runs]
+
+        def fit(run: StudentRun) -> StudentScore:
+            return self.training.fit_student(run.name, run.protocol, run.relabel_path, source_of(run.stage, spec),
+                                             workers=ranks, soft_labels=run.soft_labels)
+
+        with ThreadPoolExecutor(at_once, thread_name_prefix="scdd-students") as pool:
+            return list(pool.map(fit, runs))
+
+
+def share_workers(workers: int, runs: int) -> tuple[int, int]:
+    """(ranks per run, runs at once) for `runs` independent student runs on `workers` workers: W // K ranks each
+    when there are enough workers for all (the rest idle), else one rank each, W at a time."""
+    ranks = max(1, workers // max(1, runs))
+    return ranks, max(1, min(runs, workers // ranks))

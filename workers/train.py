@@ -47,6 +47,7 @@ from scdd.squeeze.ssl import SSL_METHODS
 from scdd.squeeze.supervised import train_supervised
 from scdd.store import ArtifactStore
 from scdd.validate import Protocol, train_student
+from scdd.validate.soft_labels import SoftLabelRequest, SoftLabelWriter, write_index
 from scdd.validate.student_images import SOURCE_OF_STAGE, student_images
 from workers.cluster import DEFAULT_PLACEMENT_TIMEOUT_S, connect, wait_for_placement, wants_gpus
 from workers.control import RemoteProgress
@@ -78,7 +79,9 @@ class TrainTask:
     store: ArtifactStore
     teacher: TeacherSpec | None = None  # supervised: what to train (a gvbsm member's arch); None: spec.teacher
     protocol: Protocol | None = None  # student
+    source: str | None = None  # student: the images it trains on (scdd/validate/student_images.py)
     relabel_path: str | None = None  # student, kd
+    soft_labels: SoftLabelRequest | None = None  # student, kd: store the teacher's soft labels (each rank its own)
     ssl_method: str | None = None  # ssl
     feature_dim: int | None = None  # ssl: the backbone's feature size
     fault: TrainFault | None = None
@@ -129,14 +132,20 @@ def run_student(task: TrainTask, data: RealData, runtime: Runtime, hooks: TrainH
     """One rank of a student run: it reads only its shard of the images (scdd/validate/student_images.py)."""
     spec, protocol, info = task.spec, task.protocol, data.info
     workers = decode_workers(spec.resources.threads)
-    images = student_images(SOURCE_OF_STAGE[task.stage], spec, data, task.store, hooks.shard, workers)
+    images = student_images(task.source or SOURCE_OF_STAGE[task.stage], spec, data, task.store, hooks.shard, workers)
     teacher = None
     if protocol.mode == "kd":
         teacher, _ = model_from_checkpoint(task.store.read_bytes(task.relabel_path), task.store.url_of(task.relabel_path))
         freeze(teacher, runtime)
     torch.manual_seed(spec.seed)  # the same initialisation as the single-process stage
     student = create_model(protocol.student_arch, info.num_classes, info.channels, info.image_size)
-    train_student(student, images, protocol, teacher, runtime, spec.seed, progress, task.stage, hooks)
+    writer = None
+    if task.soft_labels is not None:  # each rank writes its own files (scdd/validate/soft_labels.py)
+        parallel = hooks.shard is not None and hooks.shard.world_size > 1
+        writer = SoftLabelWriter(task.store, task.soft_labels.epochs, task.soft_labels.topk,
+                                 hooks.shard.rank if parallel else None, hooks.shard.world_size if parallel else 1)
+    train_student(student, images, protocol, teacher, runtime, spec.seed, progress, task.stage, hooks,
+                  soft_labels=writer)
     return evaluate(student, data.test, runtime, shard=hooks.shard, workers=workers).to_dict()
 
 
@@ -245,21 +254,24 @@ class RayTraining:
         self.checkpoint_every_s = checkpoint_every_s
         self.placement_timeout_s = placement_timeout_s
 
-    def run(self, kind: str, stage: str, **fields: Any) -> dict:
+    def run(self, kind: str, stage: str, workers: int | None = None, **fields: Any) -> dict:
+        """One run of `workers` ranks (None: resources.workers); several may run at once from threads (each
+        a run of its own name `stage`)."""
         connect()
         resources = self.spec.resources
+        workers = workers or resources.workers
         use_gpu = wants_gpus(resources.device)
         task = TrainTask(kind, stage, self.spec, self.store, fault=self.fault, control=self.control,
                          check_s=self.check_s, checkpoint_every_s=self.checkpoint_every_s, **fields)
         per_worker = {"CPU": resources.threads or 1, **({"GPU": 1} if use_gpu else {})}
         # Ray Train waits for its workers' placement without end: wait here, bounded, for the same bundles
         # (an autoscaler starts the nodes meanwhile), release them, and fail with the fixes when they never come.
-        wait_for_placement([dict(per_worker) for _ in range(resources.workers)], self.placement_timeout_s,
+        wait_for_placement([dict(per_worker) for _ in range(workers)], self.placement_timeout_s,
                            f"{stage} (Ray Train)")
         trainer = TorchTrainer(
             train_worker,
             train_loop_config={"task": task},
-            scaling_config=ScalingConfig(num_workers=resources.workers, use_gpu=use_gpu,
+            scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                          resources_per_worker=per_worker),
             run_config=RunConfig(name=stage, storage_path=checkpoint_root(self.store),
                                  failure_config=FailureConfig(max_failures=self.max_failures),
@@ -275,12 +287,18 @@ class RayTraining:
             raise JobCancelled(f"cancelled during {stage}")
         return outcome
 
-    def fit_student(self, stage: str, protocol: Protocol, relabel_path: str | None) -> StudentScore:
-        """A student of the validate stage (scdd/validate/stage.py): the workers read the images themselves
-        (the distilled ones from the store, real ones from disk) and, in KD, the relabel teacher at `relabel_path`."""
-        outcome = self.run("student", stage, protocol=protocol, relabel_path=relabel_path)
+    def fit_student(self, stage: str, protocol: Protocol, relabel_path: str | None, source: str | None = None,
+                    workers: int | None = None, soft_labels: SoftLabelRequest | None = None) -> StudentScore:
+        """A student of the validate stage (scdd/validate/stage.py), a run named `stage`, on `workers` ranks (None:
+        all): the workers read the images of `source` themselves (the distilled ones from the store, real ones from
+        disk) and, in KD, the relabel teacher at `relabel_path`."""
+        workers = workers or self.spec.resources.workers
+        outcome = self.run("student", stage, workers, protocol=protocol, relabel_path=relabel_path, source=source,
+                           soft_labels=soft_labels)
+        if soft_labels is not None:  # the ranks wrote their files: one index for all
+            soft_labels.facts = write_index(self.store, soft_labels.topk, workers, protocol.to_dict())
         return StudentScore(top1=outcome["top1"], top5=outcome["top5"], total=outcome["total"],
-                            workers=self.spec.resources.workers, epochs=outcome["history"],
+                            workers=workers, epochs=outcome["history"],
                             resumed_at_epoch=outcome["resumed_at_epoch"])
 
     def trainers(self) -> Trainers:

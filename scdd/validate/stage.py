@@ -14,8 +14,10 @@ from typing import Callable
 from api_schema import JobSpec
 from api_schema.report import (
     BaselineScore,
+    CrossArchScore,
     DDRanking,
     RelabelTeacherFacts,
+    SoftLabelFacts,
     StudentProtocol,
     StudentScore,
     ValidateReport,
@@ -29,10 +31,12 @@ from scdd.store import ArtifactStore
 from scdd.validate import ranking
 from scdd.validate.baseline import whole_split_supported
 from scdd.validate.protocol import Protocol, resolve_protocol
+from scdd.validate.soft_labels import request_for
 
 FULL_DATA_BATCH = 256  # the full-data hard-label run of DD-Ranking
 
 StudentFit = Callable[[StudentRun], StudentScore]
+StudentFits = Callable[[list[StudentRun]], list[StudentScore]]  # independent runs, side by side where it can
 
 
 def protocol_facts(protocol: Protocol) -> StudentProtocol:
@@ -42,23 +46,45 @@ def protocol_facts(protocol: Protocol) -> StudentProtocol:
 def validate_stage(
     spec: JobSpec, data: RealData, images: int, protocol: Protocol,
     relabel: Teacher | None, relabel_path: str | None, relabel_facts: RelabelTeacherFacts | None, fit: StudentFit,
-    clock: StageClock, cache: ArtifactStore,
+    clock: StageClock, cache: ArtifactStore, fit_many: StudentFits | None = None,
 ) -> ValidateReport:
     """The `validate` section of the report for a distilled set of `images` images (its students read the
-    images where they train). `relabel_facts` describe the KD relabel teacher."""
-    info = data.info
+    images where they train). `relabel_facts` describe the KD relabel teacher. With validate.students, every
+    architecture trains under `protocol` (its student_arch replaced) through `fit_many` (default: `fit` in
+    turn), each beside its own baseline; the first is the report's `student`."""
+    fit_many = fit_many or (lambda runs: [fit(run) for run in runs])
+    archs = spec.validate_.students
+    protocols = [replace(protocol, student_arch=arch) for arch in archs] or [protocol]
+    protocol = protocols[0]
+
+    def runs(stage: str) -> list[StudentRun]:  # the first keeps the stage's name, the others add their arch
+        return [StudentRun(stage, p, relabel, relabel_path, None if i == 0 else p.student_arch)
+                for i, p in enumerate(protocols)]
+
+    soft = request_for(spec.validate_, protocol)  # validate.store_soft_labels: the first student writes them
     with clock.stage("validate"):
-        student = fit(StudentRun("validate", protocol, relabel, relabel_path))
+        first, *others = runs("validate")
+        students = fit_many([replace(first, soft_labels=soft), *others])
+    student = students[0]
     fields: dict = {"protocol": protocol_facts(protocol), "images": images, "student": student}
+    if soft is not None and soft.facts is not None:
+        fields["soft_labels"] = SoftLabelFacts(**soft.facts)
     if relabel_facts is not None:
         fields["relabel_teacher"] = relabel_facts
+    baselines: list[StudentScore | None] = [None] * len(students)
     if spec.validate_.baseline:
         with clock.stage("baseline"):
-            score = fit(StudentRun("baseline", protocol, relabel, relabel_path))
-        fields["baseline"] = BaselineScore(kind="random real subset", images=info.num_classes * spec.recover.ipc,
+            baselines = fit_many(runs("baseline"))
+        score = baselines[0]
+        fields["baseline"] = BaselineScore(kind="random real subset", images=images,
                                            **score.model_dump(exclude_unset=True))
         fields["ior"] = ranking.ior(student.top1, score.top1)
         fields["gain_top1"] = fields["ior"]  # the key's old name, kept for one release
+    if archs:
+        fields["students"] = [CrossArchScore(
+            arch=p.student_arch, top1=s.top1, top5=s.top5, total=s.total,
+            **({} if b is None else {"baseline_top1": b.top1, "ior": ranking.ior(s.top1, b.top1)}))
+            for p, s, b in zip(protocols, students, baselines)]
     if spec.validate_.dd_ranking:
         with clock.stage("dd_ranking"):
             fields["dd_ranking"] = dd_ranking_scores(spec, data, images, protocol, fit, student, fields["ior"], cache)

@@ -293,11 +293,16 @@
 
   function reportView(report) {
     const v = report.validate || null;
+    const e = report.evaluated || null; // kind evaluate: the set judged; no teacher, no recover
     const rows = [
-      ["method", report.method],
+      ["kind", report.kind && report.kind !== "distill" ? report.kind : null],
+      ["method", report.teacher ? report.method : null],
       ["dataset", `${report.dataset.name}, ${report.dataset.classes} classes`],
-      ["images", report.recover.images],
-      ["teacher top-1", pct(report.teacher.top1)],
+      ["evaluated set", e ? `${e.images} images of ${e.classes} classes from ${e.images_url}` : null],
+      ["images", report.recover ? report.recover.images : null],
+      ["teacher top-1", report.teacher ? pct(report.teacher.top1) : null],
+      ["relabel teacher top-1", v && v.relabel_teacher && v.relabel_teacher.top1 !== undefined
+        && v.relabel_teacher.top1 !== null ? pct(v.relabel_teacher.top1) : null],
       ["student top-1", v ? pct(v.student.top1) : "validation was off"],
       ["student top-5", v ? pct(v.student.top5) : null],
       ["random real top-1", v && v.baseline ? pct(v.baseline.top1) : null],
@@ -307,9 +312,22 @@
       const d = v.dd_ranking;
       rows.push(["DD-Ranking IOR", signed(d.ior)], ["DD-Ranking HLR", signed(d.hlr)], ["DD-Ranking LRS", signed(d.lrs)]);
     }
-    rows.push(["recover", `${report.recover.seconds.toFixed(1)} s, final CE ${report.recover.final_ce.toFixed(3)}, ` +
-      `BN ${report.recover.final_bn.toFixed(3)}`]);
-    return factList(rows);
+    if (report.recover) {
+      rows.push(["recover", `${report.recover.seconds.toFixed(1)} s, final CE ${report.recover.final_ce.toFixed(3)}, ` +
+        `BN ${report.recover.final_bn.toFixed(3)}`]);
+    }
+    const facts = factList(rows);
+    if (!v || !v.students || !v.students.length) return facts;
+    // validate.students: every architecture on the same set, each beside its own random-real baseline
+    const table = h("table", { class: "students", id: "students" },
+      h("thead", {}, h("tr", {}, ["student", "top-1", "top-5", "random real top-1", "IOR"].map((t) => h("th", {}, t)))),
+      h("tbody", {}, v.students.map((row) => h("tr", {},
+        h("td", {}, row.arch),
+        h("td", { class: "num" }, pct(row.top1)),
+        h("td", { class: "num" }, pct(row.top5)),
+        h("td", { class: "num" }, pct(row.baseline_top1)),
+        h("td", { class: "num" }, signed(row.ior))))));
+    return h("div", {}, facts, h("h3", {}, "Cross-architecture"), table);
   }
 
   const jobPath = (jobId) => `/v1/jobs/${encodeURIComponent(jobId)}`;
