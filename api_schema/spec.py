@@ -430,9 +430,11 @@ class ValidateSpec(_Spec):
     )
     relabel_arch: Optional[ModelName] = Field(
         None,
-        description="The architecture of relabel_checkpoint (a bare state dict, a torchvision reference-script or MoCo "
-        "linear-eval checkpoint of another architecture than teacher.arch): tried first where set, then the name in "
-        "the file, then teacher.arch.",
+        description="relabel_teacher supervised: the relabel teacher's architecture where it differs from teacher.arch "
+        "(SC-DD's ImageNet students learn from a supervised ResNet-18, its images come from a ResNet-50). With "
+        "relabel_checkpoint (a bare state dict, a torchvision reference-script or MoCo linear-eval checkpoint) it is "
+        "tried first, then the name in the file, then teacher.arch; without, a supervised teacher of this "
+        "architecture is trained (and cached). None: teacher.arch.",
     )
     baseline: bool = Field(True, description="Also train on a random real subset of the same size (IPC per class).")
     dd_ranking: bool = Field(
@@ -469,8 +471,9 @@ class ValidateSpec(_Spec):
         if self.relabel_checkpoint and self.relabel_teacher != "supervised":
             raise ValueError("validate.relabel_checkpoint is used only with validate.relabel_teacher: supervised "
                              "(with recover the recovery teacher gives the soft labels); set both")
-        if self.relabel_arch and not self.relabel_checkpoint:
-            raise ValueError("validate.relabel_arch names the architecture of validate.relabel_checkpoint; set that too")
+        if self.relabel_arch and self.relabel_teacher != "supervised":
+            raise ValueError("validate.relabel_arch is the architecture of the supervised relabel teacher (its checkpoint's, "
+                             "or the one trained): set validate.relabel_teacher: supervised, or drop relabel_arch")
         if self.relabel_checkpoints and self.relabel_teacher != "ensemble":
             raise ValueError("validate.relabel_checkpoints is used only with validate.relabel_teacher: ensemble; set both "
                              "(or relabel_checkpoint, singular, with relabel_teacher: supervised)")

@@ -251,7 +251,8 @@ def evaluation_teacher(spec: JobSpec, data: RealData, cache: TeacherCache, runti
     teacher of `method` (trained, or from the teacher cache where a distill run left it)."""
     vspec = spec.validate_
     needs_recovery = (vspec.relabel_teacher == "recover"
-                      or (vspec.relabel_teacher == "supervised" and not vspec.relabel_checkpoint and spec.method == "sre2l")
+                      or (vspec.relabel_teacher == "supervised" and not vspec.relabel_checkpoint and spec.method == "sre2l"
+                          and vspec.relabel_arch in (None, spec.teacher.arch))
                       or (vspec.relabel_teacher == "ensemble" and not vspec.relabel_checkpoints and spec.method == "gvbsm"))
     if needs_recovery:
         recovery = recovery_teacher(spec, data, cache, runtime, progress, trainers)

@@ -154,6 +154,14 @@ def test_distill_with_a_refused_checkpoint_exits_2_with_one_line(tmp_path, fmnis
                           "--device", "cpu", "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("scdd: error: ") and "'vit_small'" in err[0]
+    # a file torch cannot read, and one that is not there: named, exit 2
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    for checkpoint, said in ((junk, f"cannot read checkpoint {junk}"), (tmp_path / "none.pt", "none.pt does not exist")):
+        code = scdd_cli.main(["distill", "--quiet", "--data-dir", str(fmnist_root), "--teacher-checkpoint",
+                              str(checkpoint), "--out", str(tmp_path / checkpoint.stem)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and said in err[0]
 
 
 @pytest.mark.parametrize("name", ["resnet101", "densenet121", "mobilenet_v2_small", "efficientnet_b0",

@@ -46,6 +46,14 @@ def test_spec_reference_page_is_generated_from_the_current_spec():
         "docs/reference/spec.md is stale: run .venv/bin/python scripts/gen_spec_docs.py")
 
 
+def test_recipe_page_is_generated_from_the_current_recipes():
+    spec = importlib.util.spec_from_file_location("gen_recipe_docs", ROOT / "scripts" / "gen_recipe_docs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert (ROOT / "docs" / "reference" / "recipes.md").read_text() == module.render(), (
+        "docs/reference/recipes.md is stale: run .venv/bin/python scripts/gen_recipe_docs.py")
+
+
 def test_spec_reference_lists_every_field_with_its_default():
     from api_schema import JobSpec
 

@@ -207,6 +207,8 @@ def relabel_teacher(
         return _cached_or_squeezed(spec, "gvbsm", spec.ensemble_teacher_digest(), data, cache, runtime, progress, trainers)
     if vspec.relabel_checkpoint:
         return _from_checkpoint(spec, data, vspec.relabel_checkpoint, vspec.relabel_arch, RELABEL_ARCH_FIELD)
-    if spec.method == "sre2l":
+    if vspec.relabel_arch and vspec.relabel_arch != spec.teacher.arch:  # a supervised teacher of another architecture
+        spec = spec.model_copy(update={"teacher": spec.teacher.model_copy(update={"arch": vspec.relabel_arch})})
+    elif spec.method == "sre2l":
         return recovery  # sre2l's recovery teacher is the supervised teacher
     return _cached_or_squeezed(spec, "sre2l", spec.supervised_teacher_digest(), data, cache, runtime, progress, trainers)
