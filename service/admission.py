@@ -3,7 +3,8 @@
 The service chooses the output: every job writes under `<artifacts>/<tenant>/<job id>` and caches
 teachers under `<teacher cache>/<tenant>`, so `output.url`, `output.teacher_cache` and `output.s3`
 are not for requests. Paths a job reads (dataset root, checkpoints, the set an evaluate job judges) must lie under one of the
-service's data roots (SCDD_DATA_ROOTS) or the tenant's own artifacts.
+service's data roots (SCDD_DATA_ROOTS) or the tenant's own artifacts. A local checkpoint file there is read (its
+pickle only, without torch: service/checkpoint_scan.py) and refused when the library's safe load would refuse it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from api_schema import JobSpec
 from service.artifacts import UnsafePath, check_relative, within
 from service.auth import Tenant
 from service.budget import over_budget
+from service.checkpoint_scan import checkpoint_refusal
 from service.settings import Settings
 
 
@@ -43,7 +45,8 @@ def _readable(path: str, roots: list[str], tenant_root: str) -> bool:
 
 def admit(spec: JobSpec, tenant: Tenant, job_id: str, settings: Settings) -> dict:
     """The spec the job will run (as a dict), or AdmissionError naming each refused field and each exceeded limit
-    of the tenant (service/budget.py)."""
+    of the tenant (service/budget.py). Blocking (it reads checkpoint files and may list the dataset root): call it
+    in a thread from async code."""
     errors: list[tuple[tuple[str, ...], str]] = []
     output = spec.output
     for field, value in (("url", output.url), ("teacher_cache", output.teacher_cache)):
@@ -54,18 +57,27 @@ def admit(spec: JobSpec, tenant: Tenant, job_id: str, settings: Settings) -> dic
         errors.append((("body", "output", "s3"), "the service's artifact store is configured by the operator: leave it out"))
     tenant_root = f"{settings.artifacts.rstrip('/')}/{tenant.name}"
     roots = settings.data_root_list
-    reads: list[tuple[tuple[str, ...], Optional[str]]] = [
-        (("dataset", "root"), spec.dataset.root),
-        (("evaluate", "images"), spec.evaluate.images),  # kind evaluate: the set it judges
+    checkpoints: list[tuple[tuple[str, ...], Optional[str]]] = [
         (("teacher", "checkpoint"), spec.teacher.checkpoint),
         (("teacher", "ssl", "checkpoint"), spec.teacher.ssl.checkpoint),
         (("validate", "relabel_checkpoint"), spec.validate_.relabel_checkpoint),
         *((("validate", "relabel_checkpoints", str(i)), path) for i, path in enumerate(spec.validate_.relabel_checkpoints)),
     ]
+    reads: list[tuple[tuple[str, ...], Optional[str]]] = [
+        (("dataset", "root"), spec.dataset.root),
+        (("evaluate", "images"), spec.evaluate.images),  # kind evaluate: the set it judges
+        *checkpoints,
+    ]
     for loc, path in reads:
-        if path is not None and not _readable(path, roots, tenant_root):
+        if path is None:
+            continue
+        if not _readable(path, roots, tenant_root):
             errors.append((("body", *loc), f"{path!r} is outside the folders this service reads from "
                                            f"({', '.join(roots)}, or your own job artifacts)"))
+        elif (loc, path) in checkpoints and "://" not in path:  # a URL is read (and judged) by the squeeze stage
+            refusal = checkpoint_refusal(path)
+            if refusal:
+                errors.append((("body", *loc), refusal))
     root_refused = any(loc == ("body", "dataset", "root") for loc, _ in errors)
     errors += over_budget(spec, tenant, look_in_root=not root_refused,  # never lists a folder it may not read
                           max_gpus=settings.max_gpus)

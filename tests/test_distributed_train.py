@@ -69,6 +69,7 @@ def test_killed_training_worker_resumes_from_its_checkpoint(ray_local, tmp_path,
     student = result.report.validate_.student
     assert json.loads((tmp_path / "run/state/train/validate/fault-fired.json").read_text())["epoch"] == 3
     assert student.resumed_at_epoch == 3  # the restarted group went on after the 3rd epoch's checkpoint
+    assert student.workers == 2  # a data-parallel (DDP) student
     assert [h.epoch for h in student.epochs] == list(range(1, 7))
 
 
@@ -123,9 +124,11 @@ def test_a_failing_stage_ends_the_job_with_the_stage_unit_and_cause(ray_local, t
 def test_run_job_with_two_workers_squeezes_on_ray_train_and_reports_events_in_order(ray_local, tmp_path, fmnist_root):
     """One whole 2-worker job (one Ray job's cost for what were two tests): SC-DD's MoCo pretraining and a G-VBSM
     ensemble as the relabel teacher train on Ray Train, the validation workers load the ensemble from the store,
-    KD validation and the baseline run on 2 DDP workers, and the events come in order."""
+    two student architectures (validate.students) and their baselines train side by side, one worker each, and
+    the events come in order."""
     spec = tiny_job(fmnist_root, tmp_path / "run", None, resources={"workers": 2, "threads": 1},
-                    validate={"enabled": True, "epochs": 12, "baseline": True, "relabel_teacher": "ensemble"},
+                    validate={"enabled": True, "epochs": 12, "baseline": True, "relabel_teacher": "ensemble",
+                              "students": ["convnet", "convnet_d1_w32"]},
                     method="scdd", output={"url": str(tmp_path / "run"), "teacher_cache": str(tmp_path / "cache")})
     spec["teacher"] = {"epochs": 2, "batch_size": 64, "probe": {"epochs": 5}, "ensemble": ["convnet_d1_w32"],
                        "ssl": {"epochs": 2, "batch_size": 64, "queue_size": 256}}
@@ -139,7 +142,8 @@ def test_run_job_with_two_workers_squeezes_on_ray_train_and_reports_events_in_or
     assert teacher.ssl.workers == 2 and len(teacher.ssl.epoch_losses) == 2
     assert teacher.top1 > 60
     # The relabel ensemble's member trained there too, as a run of its architecture (one member keeps this test short).
-    for stage, epochs in (("squeeze-ssl", 2), ("squeeze-supervised-convnet_d1_w32", 2), ("validate", 12)):
+    for stage, epochs in (("squeeze-ssl", 2), ("squeeze-supervised-convnet_d1_w32", 2), ("validate", 12),
+                          ("validate-convnet_d1_w32", 12), ("baseline-convnet_d1_w32", 12)):
         outcome = json.loads((tmp_path / f"run/state/train/{stage}/result.json").read_text())
         assert outcome["status"] == "done" and len(outcome["history"]) == epochs
     relabel = report.validate_.relabel_teacher
@@ -157,10 +161,14 @@ def test_run_job_with_two_workers_squeezes_on_ray_train_and_reports_events_in_or
     assert recover_events[-1]["fraction"] == 1 and {"round", "images_written", "ce", "bn"} <= set(recover_events[-1])
     assert any(e["type"] == "progress" and e["stage"] == "validate" and "loss" in e for e in events)
 
-    # KD validation on 2 DDP workers: per-epoch losses reported, loss falls, accuracy above chance (3 classes).
+    # KD validation, two students side by side on one worker each: per-epoch losses reported, loss falls,
+    # accuracy above chance (3 classes); the cross-architecture table holds both, each beside its baseline.
     student = report.validate_.student
-    assert student.workers == 2 and [h.epoch for h in student.epochs] == list(range(1, 13))
+    assert student.workers == 1 and [h.epoch for h in student.epochs] == list(range(1, 13))
     losses = [h.loss for h in student.epochs]
     assert sum(losses[-3:]) < sum(losses[:3])
     assert student.top1 > 40 and student.total == 3 * TEST_LIMIT
-    assert report.validate_.baseline.workers == 2
+    assert report.validate_.baseline.workers == 1
+    table = report.validate_.students
+    assert [row.arch for row in table] == ["convnet", "convnet_d1_w32"] and table[0].top1 == student.top1
+    assert all(row.baseline_top1 is not None and row.ior == round(row.top1 - row.baseline_top1, 2) for row in table)

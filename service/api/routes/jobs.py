@@ -44,7 +44,7 @@ async def submit_job(spec: JobSpec, response: Response, tenant: TenantDep, store
     for _ in range(ID_ATTEMPTS):  # a new id is unique but for a clash of its 32 random bits in one millisecond
         job_id = records.new_job_id()
         try:
-            effective = admit(spec, tenant, job_id, settings)
+            effective = await run_in_threadpool(admit, spec, tenant, job_id, settings)  # reads checkpoint files
         except AdmissionError as exc:
             raise RequestValidationError([{"loc": loc, "msg": msg, "type": "value_error"}
                                           for loc, msg in exc.errors]) from None

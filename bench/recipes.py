@@ -1,0 +1,165 @@
+"""The named recipes on Fashion-MNIST beside scdd's defaults and random real images, under each recipe's own student
+protocol and under the `long` preset (issue 26).
+
+For each seed and row (a recipe, or `defaults`: scdd's own spec), one job runs the row's recover and validates the
+set under the row's protocol beside random real images under the same protocol (the job's own IOR); then an
+evaluate job (`kind: evaluate`, no recover) trains the `long` preset's student on the same images, with soft labels
+from the same relabel teacher (the job's saved teacher file) and random real images beside it. Every run is
+appended to a JSON-lines log; the table gives mean ± half-range over seeds of the set's top-1, random real's, the IOR
+and each seed's IOR.
+
+What a CPU cannot afford is cut the same way for every row and printed with the table: the teacher's epochs
+(`--teacher-epochs`, a recipe's own 50-200 epochs of a ResNet-18 on 60 000 images would take a day on 2 cores) and
+the training images per class (`--train-limit`); `--recover-iterations` / `--student-epochs` cut those too where
+given (by default each recipe keeps its own). The ImageNet recipes run at Fashion-MNIST's 28 px.
+
+    python bench/recipes.py                                   # IPC 10, seeds 0 1 2, the CIFAR recipes + defaults
+    python bench/recipes.py --rows sre2l-cifar --seeds 0      # one row, one seed
+    python bench/recipes.py --smoke                           # seconds: 2 classes, IPC 1, every schedule cut to 1-2
+    python bench/recipes.py --table-from bench/results/recipes.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from api_schema import JobSpec
+from scdd.layout import RELABEL_PATH, TEACHER_PATH
+from scdd.pipeline import run_distillation
+
+DEFAULT_ROWS = ["sre2l-cifar", "scdd-cifar100", "defaults"]
+
+
+def distill_spec(row: str, seed: int, args, out: Path) -> dict:
+    """The job of `row` for `seed`: the recipe (or scdd's defaults) with the bench's cuts."""
+    spec: dict = {
+        "seed": seed,
+        "dataset": {"train_limit": args.train_limit, "image_size": 28, "test_limit": args.test_limit},
+        "teacher": {"epochs": args.teacher_epochs, "ssl": {"epochs": args.teacher_epochs}},
+        "recover": {"ipc": args.ipc},
+        "validate": {},
+        "resources": {"device": "cpu", "compile": "off"},
+        "output": {"url": str(out / f"{row}-ipc{args.ipc}-s{seed}"), "teacher_cache": str(out / "teachers")},
+    }
+    if row != "defaults":
+        spec["recipe"] = row
+    else:
+        spec["validate"]["preset"] = "long"  # scdd's defaults are judged under their own (the README's) protocol
+    if args.recover_iterations is not None and row != "defaults":
+        spec["recover"]["iterations"] = args.recover_iterations
+    if args.student_epochs is not None:
+        spec["validate"]["epochs"] = args.student_epochs
+    if args.classes:
+        spec["dataset"]["classes"] = args.classes
+    return spec
+
+
+def long_spec(job: JobSpec, output: Path, args) -> dict:
+    """The evaluate job: the `long` preset's student on the set `output` holds, soft labels from its relabel teacher."""
+    teacher = output / (RELABEL_PATH if (output / RELABEL_PATH).exists() else TEACHER_PATH)
+    data = job.to_dict()["dataset"]
+    validate = {"preset": "long", "relabel_teacher": "supervised", "relabel_checkpoint": str(teacher)}
+    if args.student_epochs is not None:
+        validate["epochs"] = args.student_epochs
+    return {"kind": "evaluate", "seed": job.seed, "dataset": data, "evaluate": {"images": str(output)},
+            "validate": validate, "resources": {"device": "cpu", "compile": "off"},
+            "output": {"url": str(output) + "-long", "teacher_cache": str(output.parent / "teachers")}}
+
+
+def record(report, row: str, protocol: str, seed: int, seconds: float) -> dict:
+    validate = report.validate_
+    return {"row": row, "protocol": protocol, "seed": seed, "ipc_images": validate.images,
+            "student": validate.protocol.student_arch, "epochs": validate.protocol.epochs,
+            "top1": validate.student.top1, "random_top1": validate.baseline.top1, "ior": validate.ior,
+            "recipe": report.recipe.name if report.recipe else None, "seconds": round(seconds, 1)}
+
+
+def run(args) -> list[dict]:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "recipes.jsonl"
+    results = []
+    for seed in args.seeds:
+        for row in args.rows:
+            spec = JobSpec.model_validate(distill_spec(row, seed, args, out))
+            start = time.perf_counter()
+            report = run_distillation(spec)
+            own = record(report, row, "recipe" if row != "defaults" else "long", seed, time.perf_counter() - start)
+            results.append(own)
+            runs = [own]
+            if row != "defaults":  # the defaults' own protocol is the long preset already
+                start = time.perf_counter()
+                evaluated = run_distillation(JobSpec.model_validate(long_spec(spec, Path(spec.output.url), args)))
+                runs.append(record(evaluated, row, "long", seed, time.perf_counter() - start))
+                results.append(runs[-1])
+            with log.open("a") as f:
+                for entry in runs:
+                    f.write(json.dumps({**entry, "cuts": cuts(args)}) + "\n")
+            for entry in runs:
+                print(f"  {row:20s} {entry['protocol']:6s} seed {seed}: top-1 {entry['top1']:.2f}, random real "
+                      f"{entry['random_top1']:.2f}, IOR {entry['ior']:+.2f} ({entry['seconds']:.0f} s)", flush=True)
+    return results
+
+
+def cuts(args) -> dict:
+    return {"teacher_epochs": args.teacher_epochs, "train_limit": args.train_limit, "test_limit": args.test_limit,
+            "recover_iterations": args.recover_iterations, "student_epochs": args.student_epochs, "ipc": args.ipc}
+
+
+def table(results: list[dict]) -> str:
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for entry in results:
+        groups[(entry["row"], entry["protocol"])].append(entry)
+
+    def spread(values: list[float]) -> str:
+        return f"{statistics.mean(values):.2f} ± {(max(values) - min(values)) / 2:.2f}"
+
+    lines = ["| row | student protocol | student | top-1 | random real | IOR | IOR per seed | s per run |",
+             "|---|---|---|---:|---:|---:|---|---:|"]
+    for (row, protocol), entries in sorted(groups.items()):
+        entries.sort(key=lambda e: e["seed"])
+        iors = [e["ior"] for e in entries]
+        name = f"{entries[0]['student']}, {entries[0]['epochs']} ep"
+        lines.append(f"| {row} | {protocol} | {name} | {spread([e['top1'] for e in entries])} | "
+                     f"{spread([e['random_top1'] for e in entries])} | {statistics.mean(iors):+.2f} | "
+                     f"{', '.join(f'{v:+.2f}' for v in iors)} (seeds {', '.join(str(e['seed']) for e in entries)}) | "
+                     f"{statistics.mean(e['seconds'] for e in entries):.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", nargs="+", default=DEFAULT_ROWS,
+                        help="recipes (scdd-imagenet, scdd-cifar100, sre2l-imagenet, sre2l-tiny-imagenet, sre2l-cifar) "
+                        "and/or defaults")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--ipc", type=int, default=10)
+    parser.add_argument("--teacher-epochs", type=int, default=3, help="every teacher's epochs (SSL too)")
+    parser.add_argument("--train-limit", type=int, default=2000, help="training images per class")
+    parser.add_argument("--test-limit", type=int, default=None, help="test images per class (default: all)")
+    parser.add_argument("--recover-iterations", type=int, default=None, help="cut every recipe's recover steps")
+    parser.add_argument("--student-epochs", type=int, default=None, help="cut every student's epochs")
+    parser.add_argument("--classes", nargs="+", type=int, default=None)
+    parser.add_argument("--out", default="bench-out/recipes")
+    parser.add_argument("--smoke", action="store_true", help="seconds: 2 classes, IPC 1, one seed, schedules of 1-2")
+    parser.add_argument("--table-from", help="print the table of a JSON-lines log and exit")
+    args = parser.parse_args()
+    if args.table_from:
+        print(table([json.loads(line) for line in Path(args.table_from).read_text().splitlines() if line.strip()]))
+        return
+    if args.smoke:
+        args.rows, args.seeds, args.ipc, args.classes = ["sre2l-cifar", "defaults"], [0], 1, [0, 1]
+        args.teacher_epochs, args.train_limit, args.test_limit = 1, 20, 20
+        args.recover_iterations, args.student_epochs = 2, 2
+    print(f"bench/recipes.py: rows {args.rows}, seeds {args.seeds}, IPC {args.ipc}; cuts {cuts(args)}", flush=True)
+    results = run(args)
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
