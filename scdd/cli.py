@@ -244,9 +244,10 @@ def describe_report(report: Report) -> str:
                 f"-> IOR {val.ior:+.2f} points (distilled minus random real)"
             )
         if val.students:
-            lines.append("  students  arch            top-1    top-5   random real   IOR")
-            lines += [f"            {row.arch:<14} {row.top1:6.2f}%  {row.top5:6.2f}%"
-                      + (f"   {row.baseline_top1:6.2f}%    {row.ior:+6.2f}" if row.baseline_top1 is not None else "")
+            width = max(len(row.arch) for row in val.students)
+            lines.append(f"  students  {'arch':<{width}}   top-1    top-5   random real    IOR")
+            lines += [f"            {row.arch:<{width}} {row.top1:6.2f}%  {row.top5:6.2f}%"
+                      + (f"     {row.baseline_top1:6.2f}%   {row.ior:+6.2f}" if row.baseline_top1 is not None else "")
                       for row in val.students]
         if val.dd_ranking:
             rank = val.dd_ranking

@@ -110,6 +110,16 @@ def student_fits(backend: Backend, spec: JobSpec, data: RealData, runtime: Runti
     return fit, fit_many
 
 
+def start_job(spec: JobSpec, backend: Backend, on_stage: StageListener | None
+              ) -> tuple[StageClock, Runtime, ArtifactStore, TeacherCache]:
+    """What every kind of job starts with: its stage clock, the driver's runtime, the global seed, its output and
+    the teacher cache."""
+    clock = StageClock(listener=on_stage)
+    runtime = backend.driver_runtime(spec.resources)
+    torch.manual_seed(spec.seed)
+    return clock, runtime, open_output(spec), TeacherCache(spec.output.teacher_cache)
+
+
 def recipe_of(spec: JobSpec) -> dict:
     """The report's `recipe` (the named recipe and the values it set), where the spec names one."""
     return {"recipe": recipe_facts(spec.recipe, spec.to_dict())} if spec.recipe else {}
@@ -160,11 +170,7 @@ def run_distillation(
     progress = progress or SilentProgress()
     if spec.kind == "evaluate":
         return run_evaluation(spec, progress, backend, on_stage=on_stage)
-    clock = StageClock(listener=on_stage)
-    runtime = backend.driver_runtime(spec.resources)
-    torch.manual_seed(spec.seed)
-    store = open_output(spec)
-    cache = TeacherCache(spec.output.teacher_cache)
+    clock, runtime, store, cache = start_job(spec, backend, on_stage)
 
     with clock.stage("load"):
         data = load_dataset(spec.dataset, spec.seed)
@@ -267,11 +273,7 @@ def run_evaluation(spec: JobSpec, progress: Progress, backend: Backend, *,
     of the same count per class) trained on the set at evaluate.images and tested on the real test split; no
     squeeze of a recovery teacher unless the relabel teacher is that teacher, no recover. Writes report.json and
     (kd) the relabel teacher to the output."""
-    clock = StageClock(listener=on_stage)
-    runtime = backend.driver_runtime(spec.resources)
-    torch.manual_seed(spec.seed)
-    store = open_output(spec)
-    cache = TeacherCache(spec.output.teacher_cache)
+    clock, runtime, store, cache = start_job(spec, backend, on_stage)
 
     with clock.stage("load"):
         data = load_dataset(spec.dataset, spec.seed)
