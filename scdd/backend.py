@@ -34,7 +34,7 @@ from scdd.squeeze.methods import LOCAL_TRAINERS, Trainers
 from scdd.store import ArtifactStore
 from scdd.validate import Protocol, train_student
 from scdd.validate.soft_labels import SoftLabelRequest, SoftLabelWriter, write_index
-from scdd.validate.student_images import SOURCE_OF_STAGE, source_of, student_images
+from scdd.validate.student_images import source_of, student_images
 
 
 @dataclass(frozen=True)
@@ -42,8 +42,8 @@ class StudentRun:
     """One student to train under `protocol` and test on the real test split (dataset.test_limit may cut it).
 
     `stage` names the run (validate, baseline, validate-hard, full-data), which names the images it trains on
-    (scdd/validate/student_images.py: the distilled set, the random real subset, the whole training split),
-    read where it trains. In KD, `relabel` gives the soft labels, and `relabel_path` is where it is saved in
+    (scdd/validate/student_images.py `source_of`: the distilled set, or for kind evaluate the set judged; the
+    random real subset; the whole training split), read where it trains. In KD, `relabel` gives the soft labels, and `relabel_path` is where it is saved in
     the output (remote workers load it from there). `variant` tells apart runs of one stage (validate.students:
     each further architecture's run is named `<stage>-<arch>`)."""
 
@@ -53,10 +53,6 @@ class StudentRun:
     relabel_path: str | None = None
     variant: str | None = None
     soft_labels: SoftLabelRequest | None = None  # store the relabel teacher's soft labels (validate/soft_labels.py)
-
-    @property
-    def source(self) -> str:
-        return SOURCE_OF_STAGE[self.stage]
 
     @property
     def name(self) -> str:

@@ -48,7 +48,7 @@ from scdd.squeeze.supervised import train_supervised
 from scdd.store import ArtifactStore
 from scdd.validate import Protocol, train_student
 from scdd.validate.soft_labels import SoftLabelRequest, SoftLabelWriter, write_index
-from scdd.validate.student_images import SOURCE_OF_STAGE, student_images
+from scdd.validate.student_images import student_images
 from workers.cluster import DEFAULT_PLACEMENT_TIMEOUT_S, connect, wait_for_placement, wants_gpus
 from workers.control import RemoteProgress
 
@@ -132,7 +132,7 @@ def run_student(task: TrainTask, data: RealData, runtime: Runtime, hooks: TrainH
     """One rank of a student run: it reads only its shard of the images (scdd/validate/student_images.py)."""
     spec, protocol, info = task.spec, task.protocol, data.info
     workers = decode_workers(spec.resources.threads)
-    images = student_images(task.source or SOURCE_OF_STAGE[task.stage], spec, data, task.store, hooks.shard, workers)
+    images = student_images(task.source, spec, data, task.store, hooks.shard, workers)
     teacher = None
     if protocol.mode == "kd":
         teacher, _ = model_from_checkpoint(task.store.read_bytes(task.relabel_path), task.store.url_of(task.relabel_path))
