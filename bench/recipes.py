@@ -17,6 +17,9 @@ given (by default each recipe keeps its own). The ImageNet recipes run at Fashio
     python bench/recipes.py --rows sre2l-cifar --seeds 0      # one row, one seed
     python bench/recipes.py --smoke                           # seconds: 2 classes, IPC 1, every schedule cut to 1-2
     python bench/recipes.py --table-from bench/results/recipes.jsonl
+
+Runs append to `--log` (bench/results/recipes.jsonl); a run the log already holds for the same row, seed and cuts is
+not run again, so the table can be built over several sessions, a seed at a time.
 """
 
 from __future__ import annotations
@@ -79,13 +82,31 @@ def record(report, row: str, protocol: str, seed: int, seconds: float) -> dict:
             "recipe": report.recipe.name if report.recipe else None, "seconds": round(seconds, 1)}
 
 
+def logged(log: Path, args) -> dict[tuple[str, int], list[dict]]:
+    """The runs `log` already holds under the same cuts, by (row, seed): a later invocation goes on from them, so the
+    table can be built a seed at a time (the log is committed with the results)."""
+    done: dict[tuple[str, int], list[dict]] = defaultdict(list)
+    if log.exists():
+        for line in log.read_text().splitlines():
+            entry = json.loads(line) if line.strip() else None
+            if entry and entry.get("cuts") == cuts(args):
+                done[(entry["row"], entry["seed"])].append(entry)
+    return done
+
+
 def run(args) -> list[dict]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    log = out / "recipes.jsonl"
+    log = Path(args.log)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    done = logged(log, args)
     results = []
     for seed in args.seeds:
         for row in args.rows:
+            if done.get((row, seed)):
+                results += done[(row, seed)]
+                print(f"  {row:20s} seed {seed}: in {log} already", flush=True)
+                continue
             spec = JobSpec.model_validate(distill_spec(row, seed, args, out))
             start = time.perf_counter()
             report = run_distillation(spec)
@@ -145,7 +166,9 @@ def main() -> None:
     parser.add_argument("--recover-iterations", type=int, default=None, help="cut every recipe's recover steps")
     parser.add_argument("--student-epochs", type=int, default=None, help="cut every student's epochs")
     parser.add_argument("--classes", nargs="+", type=int, default=None)
-    parser.add_argument("--out", default="bench-out/recipes")
+    parser.add_argument("--out", default="bench-out/recipes", help="where the jobs write (outputs, teachers)")
+    parser.add_argument("--log", default="bench/results/recipes.jsonl",
+                        help="every run, one JSON line; runs it holds (same cuts) are not run again")
     parser.add_argument("--smoke", action="store_true", help="seconds: 2 classes, IPC 1, one seed, schedules of 1-2")
     parser.add_argument("--table-from", help="print the table of a JSON-lines log and exit")
     args = parser.parse_args()
@@ -156,6 +179,7 @@ def main() -> None:
         args.rows, args.seeds, args.ipc, args.classes = ["sre2l-cifar", "defaults"], [0], 1, [0, 1]
         args.teacher_epochs, args.train_limit, args.test_limit = 1, 20, 20
         args.recover_iterations, args.student_epochs = 2, 2
+        args.log = str(Path(args.out) / "smoke.jsonl")
     print(f"bench/recipes.py: rows {args.rows}, seeds {args.seeds}, IPC {args.ipc}; cuts {cuts(args)}", flush=True)
     results = run(args)
     print(table(results))
