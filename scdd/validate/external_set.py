@@ -27,6 +27,7 @@ from PIL import Image, UnidentifiedImageError
 
 from scdd.artifacts import READ_THREADS, read_distilled
 from scdd.data.base import DatasetInfo, PixelSet, slug
+from scdd.data.imagefolder import IMAGE_EXTENSIONS
 from scdd.errors import CorruptImageError, DataError
 from scdd.layout import IMAGES_DIR, MANIFEST
 from scdd.shard import Shard
@@ -34,8 +35,6 @@ from scdd.store import ArtifactStore, open_store
 
 if TYPE_CHECKING:
     from api_schema import JobSpec
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 @dataclass(frozen=True)
