@@ -50,6 +50,7 @@ from scdd.recover import (
     RecoverResult,
     Unit,
     collect_result,
+    image_format_of,
     merge_shares,
     pending_units,
     prepare_teacher,
@@ -133,6 +134,7 @@ class RecoverWorker:
                                           GlobalScope() if synced else LocalScope(), job.recover.stat_momentum)
         self.objective.__enter__()
         self.init = init_reader(job.store, job.recover.init)
+        self.image_format = image_format_of(job.store)  # once: the job's spec record, not a read per share
         return {"rank": self.rank, "backend": backend, "pid": os.getpid(), **self.runtime.describe()}
 
     def run_unit(self, unit: Unit) -> list[dict]:
@@ -150,7 +152,7 @@ class RecoverWorker:
             if isinstance(self.objective.scope, GlobalScope):
                 run_share(*args, store=None, init=self.init)  # the peers need this rank in every collective
             return job.store.read_json(path)
-        record = run_share(*args, store=job.store, init=self.init)
+        record = run_share(*args, store=job.store, init=self.init, image_format=self.image_format)
         job.store.write_json(path, record)
         return record
 
