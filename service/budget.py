@@ -65,19 +65,18 @@ def over_budget(spec: JobSpec, tenant: Tenant, look_in_root: bool = True,
         errors.append((("body", "resources", "workers"), f"{workers} workers on device {spec.resources.device!r} hold "
                        f"{gpus} GPUs, more than this service runs at once (SCDD_MAX_GPUS={max_gpus}): lower "
                        f"resources.workers, or set resources.device to cpu"))
-    classes = classes_of(spec, look_in_root)
     recover = spec.recover
-    evaluate = spec.kind == "evaluate"  # no recover work: the set exists; its students are counted below
-    if evaluate:  # nothing to recover
-        pass
-    elif classes is None:
-        if recover.iterations:
-            errors.append((("body", "dataset", "classes"), "the service cannot count this dataset's classes to check "
-                           "the job's size: list them in dataset.classes"))
-    elif recover.ipc * classes * recover.iterations > limits.max_image_iterations:
-        work = recover.ipc * classes * recover.iterations
-        refuse(("recover", "iterations"), f"{work:,} image-iterations asked (ipc {recover.ipc} x {classes} classes x "
-               f"{recover.iterations} iterations)", f"{limits.max_image_iterations:,}", "max_image_iterations")
+    evaluate = spec.kind == "evaluate"  # no recover work (the set exists; its students are counted below)
+    if not evaluate:  # the recover size, from the classes (which may list the dataset root: only where needed)
+        classes = classes_of(spec, look_in_root)
+        if classes is None:
+            if recover.iterations:
+                errors.append((("body", "dataset", "classes"), "the service cannot count this dataset's classes to "
+                               "check the job's size: list them in dataset.classes"))
+        elif recover.ipc * classes * recover.iterations > limits.max_image_iterations:
+            work = recover.ipc * classes * recover.iterations
+            refuse(("recover", "iterations"), f"{work:,} image-iterations asked (ipc {recover.ipc} x {classes} classes "
+                   f"x {recover.iterations} iterations)", f"{limits.max_image_iterations:,}", "max_image_iterations")
     teacher, validate = spec.teacher, spec.validate_
     schedules = [(("teacher", "epochs"), teacher.epochs), (("teacher", "ssl", "epochs"), teacher.ssl.epochs),
                  (("teacher", "probe", "epochs"), teacher.probe.epochs)]
