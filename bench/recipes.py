@@ -46,7 +46,7 @@ def distill_spec(row: str, seed: int, args, out: Path) -> dict:
         "teacher": {"epochs": args.teacher_epochs, "ssl": {"epochs": args.teacher_epochs}},
         "recover": {"ipc": args.ipc},
         "validate": {},
-        "resources": {"device": "cpu", "compile": "off"},
+        "resources": {"device": "cpu", "compile": "off", "threads": args.threads},
         "output": {"url": str(out / f"{row}-ipc{args.ipc}-s{seed}"), "teacher_cache": str(out / "teachers")},
     }
     if row != "defaults":
@@ -70,7 +70,7 @@ def long_spec(job: JobSpec, output: Path, args) -> dict:
     if args.student_epochs is not None:
         validate["epochs"] = args.student_epochs
     return {"kind": "evaluate", "seed": job.seed, "dataset": data, "evaluate": {"images": str(output)},
-            "validate": validate, "resources": {"device": "cpu", "compile": "off"},
+            "validate": validate, "resources": {"device": "cpu", "compile": "off", "threads": args.threads},
             "output": {"url": str(output) + "-long", "teacher_cache": str(output.parent / "teachers")}}
 
 
@@ -120,7 +120,7 @@ def run(args) -> list[dict]:
                 results.append(runs[-1])
             with log.open("a") as f:
                 for entry in runs:
-                    f.write(json.dumps({**entry, "cuts": cuts(args)}) + "\n")
+                    f.write(json.dumps({**entry, "threads": args.threads, "cuts": cuts(args)}) + "\n")
             for entry in runs:
                 print(f"  {row:20s} {entry['protocol']:6s} seed {seed}: top-1 {entry['top1']:.2f}, random real "
                       f"{entry['random_top1']:.2f}, IOR {entry['ior']:+.2f} ({entry['seconds']:.0f} s)", flush=True)
@@ -166,6 +166,8 @@ def main() -> None:
     parser.add_argument("--recover-iterations", type=int, default=None, help="cut every recipe's recover steps")
     parser.add_argument("--student-epochs", type=int, default=None, help="cut every student's epochs")
     parser.add_argument("--classes", nargs="+", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads of every run (None: torch's default, all cores); recorded with its seconds")
     parser.add_argument("--out", default="bench-out/recipes", help="where the jobs write (outputs, teachers)")
     parser.add_argument("--log", default="bench/results/recipes.jsonl",
                         help="every run, one JSON line; runs it holds (same cuts) are not run again")
