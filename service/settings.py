@@ -53,6 +53,9 @@ class Settings(BaseSettings):
                                       "= 2e8); a tenant's own limit wins.")
     max_epochs: int = Field(1000, ge=1, description="Epochs of any one training schedule of a job (teacher, SSL, "
                             "probe, student, full data); a tenant's own limit wins.")
+    max_job_memory_gib: Optional[float] = Field(None, gt=0, description="Estimated peak memory (GiB) of any one "
+                                                "process of a job (service/budget.py estimates it from the spec); a "
+                                                "tenant's own limit wins. None: node_memory_gib bounds it.")
     job_timeout_s: float = Field(604800.0, ge=0, description="A job still running this long after dispatch is stopped "
                                  "and fails with 'timeout'; 0: no limit; a tenant's max_wall_clock_s wins.")
     max_streams_per_tenant: int = Field(20, ge=1, description="Event streams one tenant may hold open on one API "
@@ -71,6 +74,38 @@ class Settings(BaseSettings):
     submit_burst: int = Field(20, ge=1, description="Submissions a tenant may make at once before submit_rate applies.")
     retention_days: float = Field(30.0, ge=0, description="Finished jobs' records and events are deleted this long "
                                   "after they end (their artifacts when the GC runs: python -m service.gc); 0 keeps them.")
+    max_jobs_kept: int = Field(2000, ge=1, description="Jobs one tenant may have stored in Redis, finished ones "
+                               "included (until retention or DELETE /v1/jobs/{id} removes them); a submission past it "
+                               "gets 429 naming the bound; the tenant's own max_jobs_kept in the key file wins.")
+    max_stored_bytes: int = Field(64 * 1024 * 1024, ge=65536, description="Bytes of job specs one tenant may have "
+                                  "stored in Redis, finished jobs included; a submission past it gets 429; the "
+                                  "tenant's own max_stored_bytes in the key file wins.")
+    cancelled_queued_retention_s: float = Field(3600.0, ge=0, description="A job cancelled before it was dispatched "
+                                                "is deleted from Redis this long after (it never ran: nothing to "
+                                                "keep for retention_days).")
+    final_record_retry_s: float = Field(600.0, ge=0, description="How long a job's driver keeps trying to write its "
+                                        "final record (state, error, summary) while Redis is unreachable. Progress "
+                                        "events go through a bounded buffer and are dropped, oldest progress first, "
+                                        "while Redis is away. Read by the job's driver.")
+    event_buffer: int = Field(1000, ge=10, le=100_000, description="Events a job's driver holds while Redis is slow or "
+                              "away (progress events beyond it are dropped, stage and final events kept). Read by the "
+                              "job's driver.")
+    read_rate: float = Field(1200.0, ge=0, description="Read requests (GET) a tenant may make per minute, on average "
+                             "(token bucket in Redis; 0: no limit); faster ones get 429 with Retry-After.")
+    read_burst: int = Field(200, ge=1, description="Read requests a tenant may make at once before read_rate applies.")
+    max_archive_files: int = Field(200_000, ge=1, description="Files one zip download may hold (the zip writer keeps "
+                                   "an entry per file in memory); a larger output gets 413 naming the per-file route.")
+    archive_bytes_per_hour: int = Field(50 * 1024**3, ge=1, description="Bytes of zip downloads one tenant may start "
+                                        "per hour across all API processes (counted in Redis when a download "
+                                        "starts); past it 429 with Retry-After.")
+    node_cpus: Optional[int] = Field(None, ge=1, description="CPUs of the largest node a job's driver or worker can "
+                                     "land on: resources.threads above it is refused at submission (the Ray job could "
+                                     "never be placed). None: this machine's CPU count. The chart sets it from its "
+                                     "worker groups.")
+    node_memory_gib: Optional[float] = Field(None, gt=0, description="Memory (GiB) of the largest node a job's driver "
+                                             "or worker can land on: a job whose estimated peak memory "
+                                             "(service/budget.py) exceeds it is refused at submission. None: this "
+                                             "machine's memory. The chart sets it from its worker groups.")
     console: bool = Field(True, description="Serve the web console at /ui/ (static files; its data comes through the "
                           "authenticated /v1 routes).")
     jobs_redis_url: Literal["pass", "cluster"] = Field(
