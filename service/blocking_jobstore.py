@@ -21,6 +21,7 @@ class BlockingJobStore:
         self._transition = client.register_script(records.TRANSITION)
         self._claim = client.register_script(records.CLAIM)
         self._reserve = client.register_script(records.RESERVE)
+        self._sweep_slots = client.register_script(records.SWEEP_SLOTS)
         self._expire = client.register_script(records.EXPIRE_FINISHED)
         self._write_curves = client.register_script(curves.WRITE)
 
@@ -59,12 +60,17 @@ class BlockingJobStore:
                                **({"error": error} if error else {}), **fields)
 
     def reserve(self, job_id: str, tenant: str, gpus: int, max_running: int, max_gpus: int = 0) -> tuple[bool, str]:
-        """Take a run slot for the job (cluster-wide, fair between tenants: records.RESERVE), unless it holds one.
-        (True, 'held' | 'reserved') or (False, 'full' | 'gpus' | 'owed:<tenant>')."""
-        taken, why = self._reserve(keys=[self.keys.slots, self.keys.tenants, self.keys.served],
+        """Take a run slot for the job (cluster-wide, fair between tenants: records.RESERVE), unless it holds one;
+        only while the job is live. (True, 'held' | 'reserved') or (False, 'full' | 'gpus' | 'owed:<tenant>' | 'final' |
+        'missing')."""
+        taken, why = self._reserve(keys=[self.keys.slots, self.keys.tenants, self.keys.served, self.keys.job(job_id)],
                                    args=[self.keys.prefix, job_id, tenant, gpus, max_running, max_gpus,
                                          f"{time.time():.6f}"])
         return taken == 1, why
+
+    def sweep_slots(self) -> list[str]:
+        """Free the run slots of final or missing jobs (records.SWEEP_SLOTS); the job ids freed."""
+        return list(self._sweep_slots(keys=[self.keys.slots], args=[self.keys.prefix]))
 
     def active_count(self) -> int:
         """Jobs holding a run slot (dispatched, running, or being submitted)."""
@@ -96,12 +102,14 @@ class BlockingJobStore:
             pipe.hset(self.keys.job(job_id), "last_error", error)
             pipe.execute()
 
-    def expire_finished(self, retention_s: float, batch: int = 200) -> int:
-        """Delete up to `batch` jobs that finished more than `retention_s` ago (record, events, index entries);
-        their artifacts wait in `expired` for the GC (service/gc.py). Returns how many went."""
+    def expire_finished(self, retention_s: Optional[float], batch: int = 200) -> int:
+        """Delete up to `batch` jobs that finished more than `retention_s` ago (None: none by age) and up to `batch`
+        whose own expiry has come (cancelled while queued): record, events, index entries, stored bytes; their
+        artifacts wait in `expired` for the GC (service/gc.py). Returns how many went."""
         now = time.time()
-        return int(self._expire(keys=[self.keys.finished, self.keys.expired, self.keys.counts],
-                                args=[self.keys.prefix, f"{now - retention_s:.3f}", f"{now:.3f}", batch]))
+        cutoff = "" if retention_s is None else f"{now - retention_s:.3f}"
+        return int(self._expire(keys=[self.keys.finished, self.keys.expiring],
+                                args=[self.keys.prefix, cutoff, f"{now:.3f}", batch]))
 
     def expired_jobs(self, limit: int = 1000) -> list[tuple[str, str]]:
         """(tenant, job id) of expired jobs whose artifacts are still to be removed, oldest first."""

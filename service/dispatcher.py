@@ -10,8 +10,15 @@ for the current attempt). A resumed job (POST /v1/jobs/{id}/resume) is queued ag
 submitted once the previous attempt's Ray job has ended. A message is acknowledged when its
 job has ended, so a dispatcher's pending messages are the jobs it follows: it touches them every
 tick (XCLAIM, idle 0), and another dispatcher takes over those of a dispatcher silent for
-SCDD_RECLAIM_AFTER_S (XAUTOCLAIM). A message delivered, or failing to submit, SCDD_MAX_DELIVERIES
-times goes to the dead-letter stream and its job fails with the reason.
+SCDD_RECLAIM_AFTER_S (XAUTOCLAIM). A job whose submission to Ray fails SCDD_MAX_DELIVERIES times goes to
+the dead-letter stream and fails; takeovers are not counted (a job waiting its fair-share turn through
+dispatcher restarts has done nothing wrong).
+
+The dispatcher survives any Redis error (an outage, a full Redis refusing writes): it logs, waits and
+tries again, and recreates its consumer group when Redis comes back empty. Every tick it also frees the
+run slots of jobs that ended or vanished (records.SWEEP_SLOTS). What a tenant reads in a job's `error`
+is a fixed message with the Ray job id; Ray's own message (driver logs, tracebacks) goes to the
+dispatcher's log only, URLs redacted.
 
 Run it: `python -m service.dispatcher` (`scdd serve` starts one).
 """
@@ -36,12 +43,14 @@ from service.blocking_jobstore import BlockingJobStore
 from service.budget import gpus_of
 from service.job_queue import JobQueue
 from service.records import attempt_of, submission_id
+from service.redact import redact_text
 from service.settings import Settings
 
 log = logging.getLogger("scdd.dispatcher")
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 READ_BATCH = 200
+MAX_BACKOFF_S = 30.0
 
 
 def runs_on_gpus(resources: dict, worker_device: Optional[str]) -> bool:
@@ -112,21 +121,52 @@ class Dispatcher:
         self.stopped = threading.Event()
 
     def run(self) -> None:
-        self.queue.ensure_group()
+        self.start()
+        failures = 0
+        while not self.stopped.is_set():
+            try:
+                self.tick()
+                failures = 0
+            except Exception as exc:  # Redis away or full (OOM), Ray failing, a bug: never let the loop die
+                failures += 1
+                self.recover(exc, failures)
+
+    def start(self) -> None:
+        """Create the consumer group (waiting for Redis while it is unreachable) and log what this dispatcher does."""
+        failures = 0
+        while not self.stopped.is_set():
+            try:
+                self.queue.ensure_group()
+                break
+            except redis.RedisError as exc:
+                failures += 1
+                self.recover(exc, failures)
         log.info("dispatcher %s: queue %s, Ray Jobs API %s, at most %d jobs%s at once", self.name,
                  self.queue.keys.queue, self.ray.address, self.settings.max_running,
                  f" and {self.settings.max_gpus} GPUs" if self.settings.max_gpus else "")
         if self.settings.jobs_redis_url == "pass" and urlsplit(self.settings.redis_url).password:
             log.warning("REDIS_URL holds a password and goes into every Ray job's runtime_env, readable through the "
                         "Ray Jobs API and dashboard: give the Ray nodes REDIS_URL and set SCDD_JOBS_REDIS_URL=cluster")
-        while not self.stopped.is_set():
+
+    def recover(self, exc: Exception, failures: int) -> None:
+        """After a failed tick: recreate the consumer group when Redis lost it (it came back empty), then wait, longer
+        after each failure in a row (poll_s doubling, at most MAX_BACKOFF_S)."""
+        if isinstance(exc, redis.ResponseError) and "NOGROUP" in str(exc):
+            log.warning("the queue's consumer group is gone (Redis came back empty?); creating it again")
             try:
-                self.tick()
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                log.warning("Redis unreachable (%s); retrying", exc)
-                self.stopped.wait(self.settings.poll_s)
+                self.queue.ensure_group()
+            except redis.RedisError as again:
+                log.warning("creating the consumer group failed (%s); retrying", redact_text(str(again)))
+        elif isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
+            log.warning("Redis unreachable (%s); retrying", redact_text(str(exc)))
+        elif isinstance(exc, redis.RedisError):
+            log.warning("Redis refused a command (%s: %s); retrying", type(exc).__name__, redact_text(str(exc)))
+        else:
+            log.exception("dispatcher tick failed; retrying")
+        self.stopped.wait(min(MAX_BACKOFF_S, self.settings.poll_s * 2 ** min(failures - 1, 10)))
 
     def tick(self) -> None:
+        self.sweep()
         self.touch()
         self.reclaim()
         self.follow()
@@ -137,15 +177,22 @@ class Dispatcher:
     def dispatch_waiting(self) -> None:
         """Try the jobs waiting for a slot, oldest first (job ids sort by creation), until the slots are full."""
         for job_id, message_id in sorted(self.waiting.items()):
-            if self.handle(message_id, job_id, self.queue.deliveries(message_id)) == "full":
+            if self.handle(message_id, job_id) == "full":
                 return
 
+    def sweep(self) -> None:
+        """Free the run slots of jobs that ended or vanished without freeing theirs (records.SWEEP_SLOTS)."""
+        freed = self.store.sweep_slots()
+        if freed:
+            log.warning("freed the run slots of %d jobs no longer live: %s", len(freed), ", ".join(freed))
+
     def expire(self) -> None:
-        """Retention: delete the records and events of jobs finished more than SCDD_RETENTION_DAYS ago."""
-        if self.settings.retention_days > 0:
-            gone = self.store.expire_finished(self.settings.retention_days * 86400)
-            if gone:
-                log.info("expired %d finished jobs (older than %g days)", gone, self.settings.retention_days)
+        """Retention: delete the records and events of jobs finished more than SCDD_RETENTION_DAYS ago (0: kept), and
+        of jobs cancelled while queued once SCDD_CANCELLED_QUEUED_RETENTION_S has passed."""
+        days = self.settings.retention_days
+        gone = self.store.expire_finished(days * 86400 if days > 0 else None)
+        if gone:
+            log.info("expired %d finished jobs", gone)
 
     # -- the queue -------------------------------------------------------------------------------
     def touch(self) -> None:
@@ -155,7 +202,7 @@ class Dispatcher:
     def reclaim(self) -> None:
         for message_id, job_id in self.queue.take_over(int(self.settings.reclaim_after_s * 1000)):
             log.info("took over job %s (message %s) from a silent dispatcher", job_id, message_id)
-            self.handle(message_id, job_id, self.queue.deliveries(message_id))
+            self.handle(message_id, job_id)
 
     def read_new(self) -> None:
         """Take every new message (up to READ_BATCH a tick) into `waiting`: a fair choice needs to see the queued
@@ -168,15 +215,18 @@ class Dispatcher:
         self.following.pop(job_id, None)
         self.waiting.pop(job_id, None)
 
-    def dead_letter(self, message_id: str, job_id: str, reason: str) -> None:
+    def dead_letter(self, message_id: str, job_id: str, reason: str, error: Optional[str] = None) -> None:
+        """Dead-letter the message with `reason` (for operators) and fail its job with `error` (what the tenant reads;
+        default: `not dispatched: <reason>`)."""
         log.error("job %s dead-lettered: %s", job_id, reason)
         self.queue.dead_letter(message_id, job_id, reason)
         if job_id:
-            self.store.finish(job_id, "failed", ("queued", "dispatched", "running"), error=f"not dispatched: {reason}")
+            self.store.finish(job_id, "failed", ("queued", "dispatched", "running"),
+                              error=error or f"not dispatched: {reason}")
         self.ack(message_id, job_id)
 
     # -- one job ---------------------------------------------------------------------------------
-    def handle(self, message_id: str, job_id: str, deliveries: int) -> str:
+    def handle(self, message_id: str, job_id: str) -> str:
         """Dispatch (or keep following) the job of a message. Returns what became of it: 'done' (acknowledged or
         dead-lettered), 'following', 'retry' (submit failed) or why it waits: 'full', 'gpus', 'owed:<tenant>'."""
         record = self.store.get(job_id) if job_id else None
@@ -188,13 +238,19 @@ class Dispatcher:
             return "done"
         attempts = int(record.get("attempts") or 0)
         limit = self.settings.max_deliveries
-        if record["state"] == "queued" and (deliveries > limit or attempts >= limit):
-            self.dead_letter(message_id, job_id, f"delivered {deliveries} times, {attempts} failed submits "
-                                                 f"(limit {limit}); last error: {record.get('last_error', 'none')}")
+        if record["state"] == "queued" and attempts >= limit:
+            submission = submission_id(job_id, attempt_of(record))
+            self.dead_letter(message_id, job_id, f"{attempts} failed submits (limit {limit}); last error: "
+                                                 f"{redact_text(record.get('last_error', 'none'))}",
+                             error=f"not dispatched: submitting Ray job {submission} failed {attempts} times "
+                                   f"(SCDD_MAX_DELIVERIES {limit}); the operator has the errors in the dispatcher's log")
             return "done"
         spec = json.loads(record["spec"])
         reserved, why = self.store.reserve(job_id, record["tenant"], gpus_of(spec.get("resources", {})),
                                            self.settings.max_running, self.settings.max_gpus)
+        if why in ("final", "missing"):  # it ended (or went) between the read and the reserve: nothing to run
+            self.ack(message_id, job_id)
+            return "done"
         if not reserved:
             self.waiting[job_id] = message_id
             return why
@@ -206,8 +262,8 @@ class Dispatcher:
             try:
                 started = self.ray.submit(job_id, attempt, spec, self.job_env())
             except Exception as exc:  # Ray unreachable or refusing: count it, retry on a later tick
-                self.store.record_submit_failure(job_id, f"{type(exc).__name__}: {str(exc)[:500]}")
-                log.warning("job %s: submitting to Ray failed (%s); will retry", job_id, exc)
+                self.store.record_submit_failure(job_id, f"{type(exc).__name__}: {redact_text(str(exc))[:500]}")
+                log.warning("job %s: submitting to Ray failed (%s); will retry", job_id, redact_text(str(exc)))
                 self.waiting[job_id] = message_id
                 return "retry"
             self.store.transition(job_id, "dispatched", ("queued",), dispatched_at=f"{time.time():.3f}")
@@ -279,7 +335,8 @@ class Dispatcher:
                 self.following.pop(job_id, None)
                 self.waiting[job_id] = message_id
             else:
-                self.store.finish(job_id, "failed", active, error="the Ray cluster lost the job (restarted?)")
+                self.store.finish(job_id, "failed", active,
+                                  error=f"the Ray cluster lost its job {submission} (restarted?): resume the job")
                 self.ack(message_id, job_id)
             return
         if status == "PENDING" and record["state"] in FINAL_STATES:
@@ -292,8 +349,12 @@ class Dispatcher:
                     self.store.finish(job_id, "cancelled", active, error="stopped on request")
                 elif status == "SUCCEEDED":
                     self.store.finish(job_id, "failed", active, error="the job's driver exited without a result")
-                else:
-                    self.store.finish(job_id, "failed", active, error=f"the job's driver {status.lower()}: {message}")
+                else:  # Ray's message is the driver log's tail (tracebacks, paths, addresses): for operators only
+                    log.warning("job %s: Ray job %s %s: %s", job_id, submission, status.lower(),
+                                redact_text(message[-2000:]))
+                    self.store.finish(job_id, "failed", active,
+                                      error=f"the job's driver {status.lower()} (Ray job {submission}) without ending "
+                                            f"the job; the operator can read why with `ray job logs {submission}`")
             return self.ack(message_id, job_id)
         if self.timed_out(job_id, record):
             return

@@ -53,11 +53,6 @@ class JobQueue:
         return [(message_id, fields.get("job", ""))
                 for _stream, messages in answer or [] for message_id, fields in messages]
 
-    def deliveries(self, message_id: str) -> int:
-        """How often the message was delivered (1 when it is no longer pending)."""
-        pending = self.redis.xpending_range(self.keys.queue, GROUP, min=message_id, max=message_id, count=1)
-        return int(pending[0]["times_delivered"]) if pending else 1
-
     def ack(self, message_id: str) -> None:
         """Acknowledge the message and delete it: XACK alone keeps it in the stream forever."""
         with self.redis.pipeline(transaction=True) as pipe:

@@ -9,6 +9,8 @@ Keys (prefix `scdd` by default; one Redis instance, not Redis Cluster: scripts d
                                  (at most SCDD_CURVE_POINTS points, over the whole run: service/curves.py)
 - `<p>:tenant:<t>:jobs`          sorted set (score 0): the tenant's job ids; ids sort by creation time
 - `<p>:tenant:<t>:state:<s>`     sorted set: the tenant's jobs in state s (listing by state, quotas)
+- `<p>:tenant:<t>:bytes`         string: bytes of the tenant's stored job specs, finished jobs included (the storage
+                                 bound, with the number of ids in `<p>:tenant:<t>:jobs`)
 - `<p>:idem:<t>:<sha256(key)>`   hash {job, body}: Idempotency-Key -> job, expires
 - `<p>:rate:<t>`                 hash {tokens, at}: the tenant's submission token bucket, expires
 - `<p>:queue`                    stream (consumer group `dispatchers`): one message {job} per submission
@@ -19,6 +21,8 @@ Keys (prefix `scdd` by default; one Redis instance, not Redis Cluster: scripts d
 - `<p>:served`                   hash: tenant -> when it last got a run slot (round-robin between equals)
 - `<p>:counts`                   hash: state -> number of jobs (metrics)
 - `<p>:finished`                 sorted set: finished job ids by finish time (retention, `EXPIRE_FINISHED`)
+- `<p>:expiring`                 sorted set: job ids to delete at the score's time whatever the retention (jobs
+                                 cancelled before they were dispatched: `CANCEL`)
 - `<p>:expired`                  sorted set: `<tenant>/<id>` of expired jobs whose artifacts the GC has not
                                  removed yet (service/gc.py), by expiry time
 """
@@ -57,6 +61,9 @@ class Keys:
     def tenant_state(self, tenant: str, state: str) -> str:
         return f"{self.prefix}:tenant:{tenant}:state:{state}"
 
+    def tenant_bytes(self, tenant: str) -> str:
+        return f"{self.prefix}:tenant:{tenant}:bytes"
+
     def rate(self, tenant: str) -> str:
         return f"{self.prefix}:rate:{tenant}"
 
@@ -94,6 +101,10 @@ class Keys:
     @property
     def expired(self) -> str:
         return f"{self.prefix}:expired"
+
+    @property
+    def expiring(self) -> str:
+        return f"{self.prefix}:expiring"
 
 
 def attempt_of(record: Mapping[str, str]) -> int:
@@ -139,10 +150,12 @@ end
 """
 
 # KEYS: job, idempotency (or any name when unused), queue, tenant jobs, tenant queued, tenant
-# dispatched, tenant running, counts, tenants. ARGV: id, tenant, now, spec JSON, body hash, quota, idempotency
-# TTL, '1' when an idempotency key is given, the job's wall-clock limit in seconds after dispatch (0: none).
-# Returns {'created'|'existing'|'conflict'|'taken'|'quota', job id or active count}; 'taken': a record with this
-# id exists already (it is never overwritten).
+# dispatched, tenant running, counts, tenants, tenant bytes. ARGV: id, tenant, now, spec JSON, body hash, quota,
+# idempotency TTL, '1' when an idempotency key is given, the job's wall-clock limit in seconds after dispatch (0: none),
+# jobs the tenant may keep stored, spec bytes the tenant may keep stored.
+# Returns {'created'|'existing'|'conflict'|'taken'|'quota'|'stored', job id, active count, or for 'stored'
+# 'jobs <n>' / 'bytes <n>': what is stored already}; 'taken': a record with this id exists already (it is never
+# overwritten).
 CREATE = """
 if ARGV[8] == '1' then
   local prior = redis.call('HMGET', KEYS[2], 'job', 'body')
@@ -154,6 +167,11 @@ end
 if redis.call('EXISTS', KEYS[1]) == 1 then return {'taken', ARGV[1]} end
 local active = redis.call('ZCARD', KEYS[5]) + redis.call('ZCARD', KEYS[6]) + redis.call('ZCARD', KEYS[7])
 if active >= tonumber(ARGV[6]) then return {'quota', tostring(active)} end
+local kept = redis.call('ZCARD', KEYS[4])
+if kept >= tonumber(ARGV[10]) then return {'stored', 'jobs ' .. kept} end
+local stored = tonumber(redis.call('GET', KEYS[10]) or '0')
+if stored + #ARGV[4] > tonumber(ARGV[11]) then return {'stored', 'bytes ' .. stored} end
+redis.call('INCRBY', KEYS[10], #ARGV[4])
 redis.call('HSET', KEYS[1], 'id', ARGV[1], 'tenant', ARGV[2], 'state', 'queued', 'progress', '0',
   'created_at', ARGV[3], 'updated_at', ARGV[3], 'spec', ARGV[4], 'cancel_requested', '0', 'attempts', '0',
   'timeout_s', ARGV[9])
@@ -186,9 +204,11 @@ event(KEYS[1], ARGV[5], ARGV[6], ARGV[7])
 return {1, cur}
 """
 
-# KEYS: job. ARGV: prefix, now, events maxlen, job_finished event JSON (for a queued job).
-# A queued job is cancelled at once; a dispatched or running one gets the cancel flag (its driver
-# stops at its next check; the dispatcher stops the Ray job after the grace period).
+# KEYS: job, expiring. ARGV: prefix, now, events maxlen, job_finished event JSON (for a queued job), seconds a job
+# cancelled while queued is kept.
+# A queued job is cancelled at once (and deleted ARGV[5] seconds later: `expiring`, whatever the retention); a
+# dispatched or running one gets the cancel flag (its driver stops at its next check; the dispatcher stops the Ray
+# job after the grace period).
 # Returns {'cancelled'|'requested'|'final'|'missing', state}.
 CANCEL = _MOVE + """
 local cur = redis.call('HGET', KEYS[1], 'state')
@@ -200,14 +220,16 @@ end
 if cur == 'queued' then
   move(ARGV[1], KEYS[1], cur, 'cancelled', ARGV[2])
   redis.call('HSET', KEYS[1], 'error', 'cancelled before it was dispatched')
+  redis.call('ZADD', KEYS[2], tonumber(ARGV[2]) + tonumber(ARGV[5]), redis.call('HGET', KEYS[1], 'id'))
   event(KEYS[1], ARGV[3], 'job_finished', ARGV[4])
   return {'cancelled', 'cancelled'}
 end
 return {'requested', cur}
 """
 
-# KEYS: job, tenant queued, tenant dispatched, tenant running, queue. ARGV: prefix, now, events maxlen, the
-# `job_resumed` event JSON (without its attempt), the tenant's active-job quota, the spec JSON to run ('' keeps it).
+# KEYS: job, tenant queued, tenant dispatched, tenant running, queue, tenant bytes. ARGV: prefix, now, events maxlen,
+# the `job_resumed` event JSON (without its attempt), the tenant's active-job quota, the spec JSON to run ('' keeps
+# it).
 # Puts a failed or cancelled job back in the queue as its next attempt (`attempt` + 1) on the same record and
 # output: its end (error, finish time, summary, cancel flag) is cleared, it leaves `finished` (retention), and the
 # event history goes on with `job_resumed`. Returns {'queued', attempt} or {'state', current state} when it is not
@@ -222,10 +244,14 @@ local id = redis.call('HGET', KEYS[1], 'id')
 local attempt = tonumber(redis.call('HGET', KEYS[1], 'attempt') or '1') + 1
 move(ARGV[1], KEYS[1], cur, 'queued', ARGV[2])
 redis.call('ZREM', ARGV[1] .. ':finished', id)
+redis.call('ZREM', ARGV[1] .. ':expiring', id)
 redis.call('HDEL', KEYS[1], 'error', 'finished_at', 'dispatched_at', 'started_at', 'summary', 'stage',
   'cancel_requested_at', 'last_error')
 redis.call('HSET', KEYS[1], 'attempt', tostring(attempt), 'cancel_requested', '0', 'attempts', '0', 'progress', '0')
-if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'spec', ARGV[6]) end
+if ARGV[6] ~= '' then
+  redis.call('INCRBY', KEYS[6], #ARGV[6] - redis.call('HSTRLEN', KEYS[1], 'spec'))
+  redis.call('HSET', KEYS[1], 'spec', ARGV[6])
+end
 local resumed = cjson.decode(ARGV[4])
 resumed['attempt'] = attempt
 event(KEYS[1], ARGV[3], 'job_resumed', cjson.encode(resumed))
@@ -247,25 +273,49 @@ redis.call('HSET', KEYS[1], 'started_at', ARGV[2])
 return {1, cur}
 """
 
-# Retention. KEYS: finished, expired, counts. ARGV: prefix, cutoff (finish time), now, at most this many jobs.
-# Deletes each job finished before the cutoff: its record, its events, its curves and its index entries; its
-# `<tenant>/<id>` goes to `expired` for the artifact GC. Returns the number of jobs expired.
-EXPIRE_FINISHED = """
-local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[2], 'LIMIT', 0, tonumber(ARGV[4]))
-for _, id in ipairs(ids) do
-  local job_key = ARGV[1] .. ':job:' .. id
+# Deletes one job from Redis: its record, events, curves, index entries and stored bytes; its `<tenant>/<id>` goes to
+# `expired` for the artifact GC. Returns 1, or 0 when there is no such record.
+_FORGET = """
+local function forget(prefix, id, now)
+  local job_key = prefix .. ':job:' .. id
   local fields = redis.call('HMGET', job_key, 'tenant', 'state')
   local tenant, state = fields[1], fields[2]
-  if tenant then
-    redis.call('ZREM', ARGV[1] .. ':tenant:' .. tenant .. ':jobs', id)
-    redis.call('ZREM', ARGV[1] .. ':tenant:' .. tenant .. ':state:' .. state, id)
-    redis.call('HINCRBY', KEYS[3], state, -1)
-    redis.call('DEL', job_key, job_key .. ':events', job_key .. ':curves')
-    redis.call('ZADD', KEYS[2], ARGV[3], tenant .. '/' .. id)
-  end
-  redis.call('ZREM', KEYS[1], id)
+  redis.call('ZREM', prefix .. ':finished', id)
+  redis.call('ZREM', prefix .. ':expiring', id)
+  if not tenant then return 0 end
+  redis.call('ZREM', prefix .. ':tenant:' .. tenant .. ':jobs', id)
+  redis.call('ZREM', prefix .. ':tenant:' .. tenant .. ':state:' .. state, id)
+  redis.call('HINCRBY', prefix .. ':counts', state, -1)
+  local bytes_key = prefix .. ':tenant:' .. tenant .. ':bytes'
+  if redis.call('DECRBY', bytes_key, redis.call('HSTRLEN', job_key, 'spec')) <= 0 then redis.call('DEL', bytes_key) end
+  redis.call('DEL', job_key, job_key .. ':events', job_key .. ':curves')
+  redis.call('ZADD', prefix .. ':expired', now, tenant .. '/' .. id)
+  return 1
 end
-return #ids
+"""
+
+# Retention. KEYS: finished, expiring. ARGV: prefix, cutoff (finish time; '' when retention is off), now, at most
+# this many jobs. Deletes (`forget`) each job finished before the cutoff and each in `expiring` whose time has come.
+# Returns the number of jobs deleted.
+EXPIRE_FINISHED = _FORGET + """
+local gone = 0
+local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[3], 'LIMIT', 0, tonumber(ARGV[4]))
+for _, id in ipairs(due) do gone = gone + forget(ARGV[1], id, ARGV[3]) end
+if ARGV[2] ~= '' then
+  local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[2], 'LIMIT', 0, tonumber(ARGV[4]))
+  for _, id in ipairs(ids) do gone = gone + forget(ARGV[1], id, ARGV[3]) end
+end
+return gone
+"""
+
+# A tenant deletes a finished job (DELETE /v1/jobs/{id}). KEYS: job. ARGV: prefix, now, tenant.
+# Returns {'deleted', state} | {'active', state} (not finished: cancel it first) | {'missing', ''}.
+DELETE = _FORGET + """
+local fields = redis.call('HMGET', KEYS[1], 'state', 'tenant', 'id')
+if not fields[1] or fields[2] ~= ARGV[3] then return {'missing', ''} end
+if fields[1] ~= 'succeeded' and fields[1] ~= 'failed' and fields[1] ~= 'cancelled' then return {'active', fields[1]} end
+forget(ARGV[1], fields[3], ARGV[2])
+return {'deleted', fields[1]}
 """
 
 # Per-tenant submission rate: a token bucket. KEYS: the tenant's bucket. ARGV: now (s), tokens per second,
@@ -292,8 +342,17 @@ return {0, math.ceil((1 - tokens) / rate)}
 # first: one with fewer slots, or as many but served longer ago. So slots go round-robin between tenants
 # with queued jobs (max-min fairness on running jobs), and a tenant with 50 queued jobs cannot starve one
 # with 1. The owed tenant's job is held for even when it waits for GPUs (no small job overtakes it).
-# Returns {1, 'held'|'reserved'} or {0, 'full'|'gpus'|'owed:<tenant>'}.
+# KEYS: slots, tenants, served, the job. Only a live job (queued, dispatched or running) gets or keeps a slot: the
+# dispatcher reads a job before it reserves, and a cancel in between must not leave a slot to a finished job (a slot
+# of a final or missing job is freed here, and by SWEEP_SLOTS).
+# Returns {1, 'held'|'reserved'} or {0, 'full'|'gpus'|'owed:<tenant>'|'final'|'missing'}.
 RESERVE = """
+local state = redis.call('HGET', KEYS[4], 'state')
+if state ~= 'queued' and state ~= 'dispatched' and state ~= 'running' then
+  redis.call('HDEL', KEYS[1], ARGV[2])
+  if state then return {0, 'final'} end
+  return {0, 'missing'}
+end
 if redis.call('HEXISTS', KEYS[1], ARGV[2]) == 1 then return {1, 'held'} end
 local taken, gpus, per_tenant = 0, 0, {}
 for _, holder in ipairs(redis.call('HVALS', KEYS[1])) do
@@ -320,6 +379,20 @@ if max_gpus > 0 and gpus + tonumber(ARGV[4]) > max_gpus then return {0, 'gpus'} 
 redis.call('HSET', KEYS[1], ARGV[2], ARGV[3] .. ' ' .. ARGV[4])
 redis.call('HSET', KEYS[3], ARGV[3], ARGV[7])
 return {1, 'reserved'}
+"""
+
+# Frees the run slots of jobs that are final or gone (a slot left by a crash between steps, or by an older
+# version's RESERVE). KEYS: slots. ARGV: prefix. Returns the job ids freed.
+SWEEP_SLOTS = """
+local freed = {}
+for _, id in ipairs(redis.call('HKEYS', KEYS[1])) do
+  local state = redis.call('HGET', ARGV[1] .. ':job:' .. id, 'state')
+  if state ~= 'queued' and state ~= 'dispatched' and state ~= 'running' then
+    redis.call('HDEL', KEYS[1], id)
+    table.insert(freed, id)
+  end
+end
+return freed
 """
 
 def _number(value: str | None) -> float | None:

@@ -44,7 +44,8 @@ class Settings(BaseSettings):
     idempotency_ttl_s: int = Field(86400, ge=60, description="How long an Idempotency-Key is remembered.")
     cancel_grace_s: float = Field(30.0, ge=0, description="Cooperative cancel time before the Ray job is stopped.")
     reclaim_after_s: float = Field(60.0, gt=0, description="A dispatcher silent this long loses its messages to another.")
-    max_deliveries: int = Field(5, ge=1, description="Deliveries or submit failures before a message is dead-lettered.")
+    max_deliveries: int = Field(5, ge=1, description="Failed submits of a job to Ray before its message is "
+                                "dead-lettered and the job fails (a dispatcher's takeover of a message is not counted).")
     poll_s: float = Field(1.0, gt=0, description="How often the dispatcher polls Ray and the queue.")
     max_workers: int = Field(8, ge=1, description="Workers (and so GPUs) one job may ask for; a tenant's own limit "
                              "in the key file wins.")

@@ -24,18 +24,22 @@ class AsyncJobStore:
         self._cancel = client.register_script(records.CANCEL)
         self._resume = client.register_script(records.RESUME)
         self._take_token = client.register_script(records.TAKE_TOKEN)
+        self._delete = client.register_script(records.DELETE)
 
     async def create(self, job_id: str, tenant: str, spec: dict[str, Any], quota: int,
-                     idempotency_key_hash: Optional[str], body_hash: str, timeout_s: float = 0) -> tuple[str, str]:
-        """('created' | 'existing' | 'conflict' | 'taken', job id) or ('quota', active job count); 'taken' leaves the
-        record of that id as it was."""
+                     idempotency_key_hash: Optional[str], body_hash: str, timeout_s: float = 0,
+                     max_jobs_kept: int = 2000, max_stored_bytes: int = 64 * 1024 * 1024) -> tuple[str, str]:
+        """('created' | 'existing' | 'conflict' | 'taken', job id), ('quota', active job count) or ('stored',
+        'jobs <n>' | 'bytes <n>': the tenant's storage bound is reached); 'taken' leaves the record of that id as it
+        was."""
         k = self.keys
         idem = k.idempotency(tenant, idempotency_key_hash) if idempotency_key_hash else k.idempotency(tenant, "-")
         outcome, value = await self._create(
             keys=[k.job(job_id), idem, k.queue, k.tenant_jobs(tenant), *(k.tenant_state(tenant, s) for s in
-                  ("queued", "dispatched", "running")), k.counts, k.tenants],
+                  ("queued", "dispatched", "running")), k.counts, k.tenants, k.tenant_bytes(tenant)],
             args=[job_id, tenant, f"{time.time():.3f}", json.dumps(spec, sort_keys=True), body_hash, quota,
-                  self.idempotency_ttl_s, "1" if idempotency_key_hash else "0", f"{timeout_s:g}"])
+                  self.idempotency_ttl_s, "1" if idempotency_key_hash else "0", f"{timeout_s:g}", max_jobs_kept,
+                  max_stored_bytes])
         return outcome, value
 
     async def get(self, job_id: str, tenant: str) -> Optional[dict[str, str]]:
@@ -65,11 +69,27 @@ class AsyncJobStore:
             found = [record for record in await pipe.execute() if record]
         return found, (page[-1] if len(ids) > limit else None)
 
-    async def cancel(self, job_id: str) -> tuple[str, str]:
+    async def cancel(self, job_id: str, queued_kept_s: float = 3600.0) -> tuple[str, str]:
+        """records.CANCEL; a job cancelled while queued is deleted `queued_kept_s` later."""
         event = records.event_json(records.finished_event(job_id, "cancelled", "cancelled before it was dispatched"))
-        outcome, state = await self._cancel(keys=[self.keys.job(job_id)],
-                                            args=[self.keys.prefix, f"{time.time():.3f}", self.events_maxlen, event])
+        outcome, state = await self._cancel(keys=[self.keys.job(job_id), self.keys.expiring],
+                                            args=[self.keys.prefix, f"{time.time():.3f}", self.events_maxlen, event,
+                                                  f"{queued_kept_s:g}"])
         return outcome, state
+
+    async def delete(self, job_id: str, tenant: str) -> tuple[str, str]:
+        """records.DELETE: ('deleted', state) | ('active', state) | ('missing', '')."""
+        outcome, state = await self._delete(keys=[self.keys.job(job_id)],
+                                            args=[self.keys.prefix, f"{time.time():.3f}", tenant])
+        return outcome, state
+
+    async def stored(self, tenant: str) -> tuple[int, int]:
+        """(jobs, spec bytes) the tenant has stored, finished jobs included."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zcard(self.keys.tenant_jobs(tenant))
+            pipe.get(self.keys.tenant_bytes(tenant))
+            jobs, size = await pipe.execute()
+        return int(jobs), int(size or 0)
 
     async def resume(self, job_id: str, tenant: str, quota: int, spec: Optional[dict[str, Any]],
                      event: dict[str, Any]) -> tuple[str, str]:
@@ -77,7 +97,8 @@ class AsyncJobStore:
         ('queued', attempt) | ('state', current state) | ('quota', active count) | ('missing', '')."""
         k = self.keys
         outcome, value = await self._resume(
-            keys=[k.job(job_id), *(k.tenant_state(tenant, s) for s in ("queued", "dispatched", "running")), k.queue],
+            keys=[k.job(job_id), *(k.tenant_state(tenant, s) for s in ("queued", "dispatched", "running")), k.queue,
+                  k.tenant_bytes(tenant)],
             args=[k.prefix, f"{time.time():.3f}", self.events_maxlen, records.event_json(event), quota,
                   json.dumps(spec, sort_keys=True) if spec is not None else ""])
         return outcome, value

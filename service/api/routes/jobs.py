@@ -49,7 +49,9 @@ async def submit_job(spec: JobSpec, response: Response, tenant: TenantDep, store
             raise RequestValidationError([{"loc": loc, "msg": msg, "type": "value_error"}
                                           for loc, msg in exc.errors]) from None
         outcome, value = await store.create(job_id, tenant.name, effective, tenant.max_active_jobs, key_hash, body_hash,
-                                            timeout_s=tenant.limits.max_wall_clock_s)
+                                            timeout_s=tenant.limits.max_wall_clock_s,
+                                            max_jobs_kept=settings.max_jobs_kept,
+                                            max_stored_bytes=settings.max_stored_bytes)
         if outcome != "taken":
             break
     else:
@@ -57,6 +59,13 @@ async def submit_job(spec: JobSpec, response: Response, tenant: TenantDep, store
     if outcome == "quota":
         raise HTTPException(429, f"tenant {tenant.name!r} has {value} jobs queued or running, its limit is "
                                  f"{tenant.max_active_jobs}: wait for one to finish or cancel one")
+    if outcome == "stored":
+        what, stored = value.split(" ", 1)
+        bound = (f"{stored} jobs stored, its limit is {settings.max_jobs_kept} (SCDD_MAX_JOBS_KEPT)" if what == "jobs"
+                 else f"{int(stored):,} bytes of job specs stored, and this one would pass its limit of "
+                      f"{settings.max_stored_bytes:,} (SCDD_MAX_STORED_BYTES)")
+        raise HTTPException(429, f"tenant {tenant.name!r} has {bound}, finished jobs included: delete finished jobs "
+                                 f"you no longer need (DELETE /v1/jobs/{{id}}), or wait for retention to remove them")
     if outcome == "conflict":
         raise HTTPException(409, f"this Idempotency-Key was used for job {value} with a different spec: "
                                  "use a new key for a new job")
@@ -88,13 +97,25 @@ async def get_job(job: JobDep) -> JobOut:
 
 
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobOut, responses={**ERRORS, 409: {"model": ErrorOut}})
-async def cancel_job(job: JobDep, store: StoreDep, tenant: TenantDep) -> JobOut:
-    """Stop a job: a queued one at once; a running one at its next check, or by force after the grace period.
-    Idempotent; a finished job answers 409."""
-    outcome, state = await store.cancel(job["id"])
+async def cancel_job(job: JobDep, store: StoreDep, tenant: TenantDep, settings: SettingsDep) -> JobOut:
+    """Stop a job: a queued one at once (its record is deleted an hour later: it never ran); a running one at its
+    next check, or by force after the grace period. Idempotent; a finished job answers 409."""
+    outcome, state = await store.cancel(job["id"], settings.cancelled_queued_retention_s)
     if outcome == "final":
         raise HTTPException(409, f"job {job['id']} already {state}: nothing to cancel")
     return records.job_out(await store.get(job["id"], tenant.name) or job)
+
+
+@router.delete("/{job_id}", status_code=204, responses={**ERRORS, 409: {"model": ErrorOut}})
+async def delete_job(job: JobDep, store: StoreDep, tenant: TenantDep) -> Response:
+    """Delete a finished job: its record, events and curves go now (they count towards the tenant's storage bound),
+    its artifacts with the next run of the artifact GC. A queued or running job answers 409: cancel it first."""
+    outcome, state = await store.delete(job["id"], tenant.name)
+    if outcome == "active":
+        raise HTTPException(409, f"job {job['id']} is {state}: cancel it first, then delete it once it has ended")
+    if outcome == "missing":
+        raise HTTPException(404, f"no job {job['id']!r}: list yours with GET /v1/jobs")
+    return Response(status_code=204)
 
 
 def _refuse(loc: tuple[str, ...], message: str) -> RequestValidationError:
