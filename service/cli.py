@@ -1,5 +1,5 @@
 """The job service's part of the `scdd` command line: `serve` and the client commands (submit, status,
-wait, cancel, resume, download, jobs); scdd_cli composes them with the other layers' commands. The commands
+wait, cancel, resume, delete, download, jobs); scdd_cli composes them with the other layers' commands. The commands
 themselves run in service/serve.py and service/commands.py, imported when one runs."""
 
 from __future__ import annotations
@@ -47,6 +47,8 @@ def add_client(sub: argparse._SubParsersAction) -> None:
     add("wait", "follow a job's progress until it ends", WAIT_EPILOG).add_argument("job_id", metavar="ID")
     add("cancel", "cancel a job (a queued one at once, a running one at its next check)").add_argument(
         "job_id", metavar="ID")
+    add("delete", "delete a finished job from the service (record and events now, artifacts with the next GC run; "
+               "it frees the tenant's storage bound)").add_argument("job_id", metavar="ID")
     parser = add("resume", "run a failed or cancelled job again on its own output, keeping what it made")
     parser.add_argument("job_id", metavar="ID")
     parser.add_argument("--workers", type=_positive, metavar="N", help="run it on N workers (accepted only where that "

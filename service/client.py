@@ -146,6 +146,10 @@ class JobClient:
     def cancel(self, job_id: str) -> dict:
         return self._request("POST", f"{self._job(job_id)}/cancel").json()
 
+    def delete(self, job_id: str) -> None:
+        """Delete a finished job (record, events; its artifacts with the service's next GC run)."""
+        self._request("DELETE", self._job(job_id))
+
     def resume(self, job_id: str, workers: Optional[int] = None) -> dict:
         """Queue a failed or cancelled job again on its own output (its next attempt), on `workers` workers when
         given (refused where that would change its images)."""

@@ -184,6 +184,12 @@ def cancel(client: JobClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def delete(client: JobClient, args: argparse.Namespace) -> int:
+    client.delete(args.job_id)
+    print(f"{args.job_id} deleted (its artifacts go with the service's next GC run)")
+    return 0
+
+
 def resume(client: JobClient, args: argparse.Namespace) -> int:
     job = client.resume(args.job_id, args.workers)
     print(f"{job['id']} {job['state']} (attempt {job['attempt']}, {job['spec']['resources']['workers']} workers)",
@@ -213,4 +219,4 @@ def jobs(client: JobClient, args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"submit": submit, "status": status, "wait": wait, "cancel": cancel, "resume": resume, "download": download,
-            "jobs": jobs}
+            "jobs": jobs, "delete": delete}

@@ -80,6 +80,11 @@ def test_jobs_follow_the_cursor_pages_and_the_table_shows_the_newest(client, cli
     assert lines[1].split()[1:4] == ["queued", "-", "0%"]
     code, out, _ = cli("jobs", "--state", "cancelled")
     assert [line.split()[:2] for line in out.splitlines()[1:]] == [[ids[0], "cancelled"]]
+    code, out, err = cli("delete", ids[1])  # still queued: the server's 409 and its fix
+    assert code == 1 and "cancel it first" in err, err
+    code, out, _ = cli("delete", ids[0])
+    assert code == 0 and out.startswith(f"{ids[0]} deleted")
+    assert [job["id"] for job in client.jobs(limit=None)] == ids[:0:-1]
     with pytest.raises(SystemExit) as usage:
         cli("jobs", "--limit", "0")
     assert usage.value.code == 2

@@ -196,10 +196,27 @@ def test_a_job_that_cannot_be_submitted_is_dead_lettered(stack, fmnist_root, fmn
     stack.dispatcher(RAY_ADDRESS="http://127.0.0.1:9", SCDD_MAX_DELIVERIES="2")  # nothing listens there
     job = stack.client.post("/v1/jobs", json=spec(fmnist_root, fmnist_teacher_ckpt)).json()
     done = wait_state(stack.client, job["id"], {"failed"}, 60)
-    assert done["error"].startswith("not dispatched: ") and "2 failed submits" in done["error"]
+    assert done["error"].startswith("not dispatched: ") and "failed 2 times" in done["error"]
+    assert "127.0.0.1" not in done["error"]  # the submit errors (addresses) are the operator's, in its log
     dead = redis.Redis.from_url(stack.redis.url, decode_responses=True).xrange("scdd:queue:dead")
     assert [entry["job"] for _, entry in dead] == [job["id"]]
     assert [kind for _, kind, _ in sse_events(stack.client, job["id"])] == ["job_finished"]
+
+
+def test_a_failed_drivers_log_reaches_the_operator_redacted_and_the_tenant_a_fixed_message(stack, fmnist_root,
+                                                                                           fmnist_teacher_ckpt):
+    """Ray's message of a failed job is the tail of its driver log (tracebacks, paths, addresses, here a Redis URL
+    with its password); it used to be copied into the job's `error`. The driver here is a shell that prints such a
+    log and exits 3 before it could end the job itself."""
+    leak = "Traceback (most recent call last): redis://:hunter2@10.1.2.3:6379/0 /srv/secret/path"
+    process = stack.dispatcher(SCDD_JOB_PYTHON=f"sh -c 'echo \"{leak}\"; exit 3' --")
+    job = stack.client.post("/v1/jobs", json=spec(fmnist_root, fmnist_teacher_ckpt)).json()
+    done = wait_state(stack.client, job["id"], {"failed", "succeeded"}, 120)
+    assert done["error"] == (f"the job's driver failed (Ray job {job['id']}) without ending the job; the operator can "
+                             f"read why with `ray job logs {job['id']}`"), done["error"]
+    process.stop()
+    log = process.log.read_text()
+    assert "10.1.2.3:6379" in log and "hunter2" not in log  # the operator's copy, password redacted
 
 
 def test_a_job_ignoring_its_cancel_is_stopped_after_the_grace_period(stack, fmnist_root, fmnist_teacher_ckpt, ray_head):
