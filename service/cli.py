@@ -88,11 +88,12 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from service.redact import redact_text
     from service.serve import ServeError, ServeOptions, serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         return serve(ServeOptions(args.host, args.port, Path(args.data_dir), args.max_running, args.redis_maxmemory))
     except ServeError as exc:
-        print(f"scdd serve: {exc}", file=sys.stderr)
+        print(f"scdd serve: {redact_text(str(exc))}", file=sys.stderr)
         return 1

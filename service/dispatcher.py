@@ -298,8 +298,10 @@ class Dispatcher:
             env["SCDD_PLACEMENT_TIMEOUT_S"] = f"{s.placement_timeout_s:g}"
         if s.max_restarts is not None:
             env["SCDD_MAX_RESTARTS"] = str(s.max_restarts)
-        if s.curve_points != Settings.model_fields["curve_points"].default:  # the drivers record the curves
-            env["SCDD_CURVE_POINTS"] = str(s.curve_points)
+        for name in ("curve_points", "event_buffer", "final_record_retry_s"):  # read by the drivers: non-defaults
+            value = getattr(s, name)
+            if value != Settings.model_fields[name].default:
+                env[f"SCDD_{name.upper()}"] = f"{value:g}" if isinstance(value, float) else str(value)
         return {"REDIS_URL": s.redis_url, **env} if s.jobs_redis_url == "pass" else env
 
     def follow(self) -> None:

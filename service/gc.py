@@ -19,6 +19,7 @@ from service.admission import job_prefix
 from service.auth import TENANT
 from service.blocking_jobstore import BlockingJobStore
 from service.records import JOB_ID
+from service.redact import redact_url
 from service.settings import Settings
 
 log = logging.getLogger("scdd.gc")
@@ -50,7 +51,7 @@ def main() -> int:
     settings = Settings()
     removed = collect(BlockingJobStore.connect(settings.redis_url, settings.redis_prefix), settings)
     for prefix in removed:
-        print(f"removed {prefix}")
+        print(f"removed {redact_url(prefix)}")
     print(f"scdd gc: removed the artifacts of {len(removed)} expired jobs", file=sys.stderr)
     return 0
 

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from service.redact import redact_text, redact_url
+
 log = logging.getLogger("scdd.serve")
 PR_SET_PDEATHSIG = 1  # prctl(2)
 
@@ -165,7 +167,7 @@ def start_redis(folder: Path, stack: ExitStack, maxmemory: str = REDIS_MAXMEMORY
     _wait(lambda: redis_up(port), 20, "redis-server", process)
     url = f"redis://127.0.0.1:{port}/0"
     log.info("started redis-server at %s (data in %s, append-only file, fsync always, maxmemory %s, noeviction)",
-             url, folder, maxmemory)
+             redact_url(url), folder, maxmemory)
     return url
 
 
@@ -307,9 +309,10 @@ def serve(options: ServeOptions) -> int:
             try:
                 app = create_app(Settings())
             except (KeyConfigError, ValueError) as exc:
-                raise ServeError(str(exc)) from None
+                raise ServeError(redact_text(str(exc))) from None
             start_dispatcher(data_dir, stack)
-            log.info("API on http://%s:%d (docs at /docs); artifacts in %s", options.host, options.port, env["SCDD_ARTIFACTS"])
+            log.info("API on http://%s:%d (docs at /docs); artifacts in %s", options.host, options.port,
+                     redact_url(env["SCDD_ARTIFACTS"]))
             uvicorn.run(app, host=options.host, port=options.port, log_level="info")
     except _Stop:
         log.info("stopped; everything this command started is stopped too")

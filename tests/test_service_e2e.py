@@ -256,9 +256,10 @@ def test_a_jobs_runtime_env_holds_the_redis_url_only_when_the_cluster_lacks_it(r
                       ray_jobs=None).job_env()
     assert kept == {"SCDD_REDIS_PREFIX": "env-test", "SCDD_EVENTS_MAXLEN": "10000"}
     faults = Dispatcher(Settings(redis_url=url, redis_prefix="env-test", jobs_redis_url="cluster",
-                                 placement_timeout_s=1800, max_restarts=8, curve_points=64), store,
-                        ray_jobs=None).job_env()
-    assert faults == {**kept, "SCDD_PLACEMENT_TIMEOUT_S": "1800", "SCDD_MAX_RESTARTS": "8", "SCDD_CURVE_POINTS": "64"}
+                                 placement_timeout_s=1800, max_restarts=8, curve_points=64, event_buffer=50,
+                                 final_record_retry_s=1200), store, ray_jobs=None).job_env()
+    assert faults == {**kept, "SCDD_PLACEMENT_TIMEOUT_S": "1800", "SCDD_MAX_RESTARTS": "8", "SCDD_CURVE_POINTS": "64",
+                      "SCDD_EVENT_BUFFER": "50", "SCDD_FINAL_RECORD_RETRY_S": "1200"}
 
 
 def test_only_the_current_attempts_driver_claims_a_job(redis_server):
