@@ -81,10 +81,11 @@ def stop_process(process: subprocess.Popen, seconds: float = 20) -> None:
 def start_api(redis_url: str, jobs_url: str, artifacts: Path, log: Path,
               **settings: str) -> tuple[subprocess.Popen, str]:
     """The API under uvicorn (one process) with tenant `bench` (KEY); `settings` are SCDD_* variables that
-    replace this benchmark's (no job quota, no submit rate limit)."""
+    replace this benchmark's (no job quota, no submit or read rate limit: one tenant here is the load of many)."""
     port = free_port()
     env = {**os.environ, "REDIS_URL": redis_url, "RAY_ADDRESS": jobs_url, "SCDD_API_KEYS": f"bench={KEY}",
-           "SCDD_ARTIFACTS": str(artifacts), "SCDD_MAX_ACTIVE_JOBS": str(10**9), "SCDD_SUBMIT_RATE": "0", **settings}
+           "SCDD_ARTIFACTS": str(artifacts), "SCDD_MAX_ACTIVE_JOBS": str(10**9), "SCDD_SUBMIT_RATE": "0",
+           "SCDD_READ_RATE": "0", **settings}
     env.pop("SCDD_API_KEYS_FILE", None)
     process = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "--factory", "service.api.main:create_app", "--host", "127.0.0.1",

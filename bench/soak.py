@@ -341,6 +341,7 @@ def main() -> int:
             head.start()
             settings = {"SCDD_API_KEYS": ",".join(f"{t}={k}" for t, k in KEYS.items()), "SCDD_MAX_ACTIVE_JOBS": "20",
                         "SCDD_SUBMIT_RATE": "60", "SCDD_SUBMIT_BURST": "10", "SCDD_MAX_STREAMS_PER_TENANT": "20",
+                        "SCDD_READ_RATE": "3000", "SCDD_READ_BURST": "500",  # the defaults (api_load turns it off)
                         "SCDD_MAX_JOBS_KEPT": str(args.max_jobs_kept)}
             api, url = start_api(redis_server.url, head.jobs_url, tmp / "artifacts", tmp / "api.log", **settings)
             stack.callback(stop_process, api)

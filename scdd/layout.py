@@ -3,7 +3,9 @@ library and the Ray workers alike.
 
 What a user gets:
 - `images/<class dir>/<source index>_<round>.png`   the distilled set, a torchvision ImageFolder (`.jpg` with
-                                                     output.image_format jpeg)
+                                                     output.image_format jpeg); `class_folders` names the class
+                                                     dirs (a name that cannot be a folder of every store and URL
+                                                     is stored under a safe one; the manifest maps them back)
 - `manifest.json`                                    every image (class, round, sha256, size, origin)
 - `report.json`                                      the report (`api_schema.Report`)
 - `grid.png`                                         a preview, one row per class
@@ -23,6 +25,9 @@ The teacher cache (`output.teacher_cache`) is another store: `<digest>.pt` per t
 """
 
 from __future__ import annotations
+
+import re
+from collections.abc import Sequence
 
 IMAGES_DIR = "images"
 MANIFEST = "manifest.json"
@@ -65,3 +70,44 @@ def train_path(stage: str, name: str) -> str:
 
 def full_data_record_path(key: str) -> str:
     return f"{FULL_DATA_DIR}/{key}.json"
+
+
+# A class folder may not hold what the job service refuses in an artifact path (service/artifacts.py check_relative:
+# a second URL encoding `%`, a backslash, control characters) nor a `/`; "", "." and ".." name no folder.
+_UNSAFE_FOLDER = re.compile(r"[\\%/\x00-\x1f\x7f]")
+_NOT_SAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
+ENCODED_NAME_CHARS = 48  # of the class name kept (sanitised) in an encoded folder name
+
+
+def safe_folder(name: str) -> bool:
+    """Whether class name `name` can be its own output folder: one path segment the service lists, serves and zips,
+    in UTF-8."""
+    if name in ("", ".", "..") or _UNSAFE_FOLDER.search(name):
+        return False
+    try:
+        name.encode()
+    except UnicodeEncodeError:  # a file name's undecodable bytes (surrogates): not UTF-8
+        return False
+    return True
+
+
+def class_folders(names: Sequence[str]) -> tuple[str, ...]:
+    """The output folder of each class of a dataset (`names`: all its classes, in source order, so a class's folder
+    does not depend on the subset a job chooses). A safe name (`safe_folder`) is its own folder, so the outputs of
+    ordinary names keep their layout; any other becomes `c<source index:05d>-<the name, sanitised>` (only
+    [A-Za-z0-9._-]), made unique against every other folder of the dataset, deterministic. The manifest records
+    each class's name beside its folder (`classes[].name` / `.dir`); an encoded folder may sort out of class order,
+    so sets are read back through the manifest, not by sorting folders."""
+    taken = {name for name in names if safe_folder(name)}
+    folders = []
+    for index, name in enumerate(names):
+        if safe_folder(name):
+            folders.append(name)
+            continue
+        base = f"c{index:05d}-{_NOT_SAFE_CHARS.sub('_', name).strip('._')[:ENCODED_NAME_CHARS] or 'class'}"
+        folder, n = base, 1
+        while folder in taken:
+            folder, n = f"{base}-{n}", n + 1
+        taken.add(folder)
+        folders.append(folder)
+    return tuple(folders)

@@ -1,5 +1,9 @@
 """The streamed zip of a job's artifacts: what the archive route sends, made while it is sent.
 
+Before it answers, the route walks the listing once (`plan_archive`): the file count (at most
+SCDD_MAX_ARCHIVE_FILES), the bytes (counted against the tenant's SCDD_ARCHIVE_BYTES_PER_HOUR) and every name,
+so a name the API cannot serve is refused with a clear error instead of being found after a 200 was sent.
+
 Entries are STORED (the images are PNGs), each with a data descriptor; the central directory spools to a
 temporary file, so memory does not follow the number of files. Files are read with the sizes the listing gave
 (service/artifacts.py): no exists/HEAD call per file.
@@ -15,10 +19,11 @@ import tempfile
 import time
 import zlib
 from collections.abc import Generator, Iterable, Iterator
+from dataclasses import dataclass, field
 from itertools import chain
 from typing import Optional
 
-from service.artifacts import Entry, JobArtifacts, UnsafePath, check_relative, within
+from service.artifacts import Entry, JobArtifacts, UnsafePath, check_relative, servable, within
 
 
 class LocalReader:
@@ -158,6 +163,39 @@ class ZipWriter:
                                     min(self.count, COUNT_LIMIT), min(size, ZIP64_LIMIT), min(start, ZIP64_LIMIT), 0))
 
 
+# -- before the answer: what the zip will hold ----------------------------------------------------------------
+REFUSED_SHOWN = 3  # names of refused files an error message quotes
+
+
+@dataclass
+class ArchivePlan:
+    """What one walk of the listing found: the files the zip would hold and their bytes; the names the API refuses
+    (the first few, and how many); whether there are more files than the bound (the walk stops there)."""
+
+    files: int = 0
+    bytes: int = 0
+    refused: list[str] = field(default_factory=list)
+    refused_count: int = 0
+    over: bool = False
+
+
+def plan_archive(entries: Iterable[Entry], max_files: int) -> ArchivePlan:
+    """Walk `entries` once (lazily: nothing is collected), up to the first file past `max_files`."""
+    plan = ArchivePlan()
+    for rel, size in entries:
+        if not servable(rel):
+            plan.refused_count += 1
+            if len(plan.refused) < REFUSED_SHOWN:
+                plan.refused.append(rel)
+            continue
+        if plan.files == max_files:
+            plan.over = True
+            break
+        plan.files += 1
+        plan.bytes += max(size, 0)
+    return plan
+
+
 SKIPPED_SHOWN = 1000  # SKIPPED.txt names at most this many files (then a count): it stays short
 
 
@@ -187,23 +225,30 @@ def coalesce(pieces: Iterable[bytes], size: int = 1 << 16) -> Generator[bytes, N
         yield bytes(buffer)
 
 
-def zip_pieces(reader: Reader, entries: Iterable[Entry], folder: str, when: Optional[float] = None) -> Iterator[bytes]:
-    """The zip of `entries` (every name under `folder`/). Whether a file goes in is decided before its header is
-    sent: a name the API's path check refuses (a class folder with % or \\) or a file gone since the listing is left
-    out and named in SKIPPED.txt at the end, so a half-sent archive never breaks on one file."""
+def zip_pieces(reader: Reader, entries: Iterable[Entry], folder: str, when: Optional[float] = None,
+               max_files: Optional[int] = None) -> Iterator[bytes]:
+    """The zip of `entries` (every name under `folder`/), at most `max_files` of them. Whether a file goes in is
+    decided before its header is sent: a file gone since the listing, one past `max_files` (a running job that wrote
+    more since the route counted) or a name the API's path check refuses (the route refuses those before it answers;
+    this is the check of last resort) is left out and named in SKIPPED.txt at the end, so a half-sent archive never
+    breaks on one file."""
     writer = ZipWriter(when)
     try:
-        yield from _zip_entries(writer, reader, entries, folder)
+        yield from _zip_entries(writer, reader, entries, folder, max_files)
     finally:  # also when the download stops half-way: the spooled central directory is deleted now
         writer.central.close()
 
 
-def _zip_entries(writer: ZipWriter, reader: Reader, entries: Iterable[Entry], folder: str) -> Iterator[bytes]:
+def _zip_entries(writer: ZipWriter, reader: Reader, entries: Iterable[Entry], folder: str,
+                 max_files: Optional[int] = None) -> Iterator[bytes]:
     skipped, more = [], 0
     for rel, size in entries:
         try:
-            chunks = reader.open(check_relative(rel), size)
-            why = "gone since the listing, or not a regular file" if chunks is None else ""
+            if max_files is not None and writer.count >= max_files:
+                chunks, why = None, "past the archive's file limit (SCDD_MAX_ARCHIVE_FILES): download it on its own"
+            else:
+                chunks = reader.open(check_relative(rel), size)
+                why = "gone since the listing, or not a regular file" if chunks is None else ""
         except UnsafePath:
             chunks, why = None, "its name has a character the API refuses (% \\ or a control character)"
         if chunks is None:
@@ -222,6 +267,7 @@ def reader_for(artifacts: JobArtifacts) -> Reader:
     return LocalReader(artifacts.root) if artifacts.local else StoreReader(artifacts.fs, artifacts.root)
 
 
-def zip_stream(artifacts: JobArtifacts, entries: Iterable[Entry], folder: str) -> Generator[bytes, None, None]:
+def zip_stream(artifacts: JobArtifacts, entries: Iterable[Entry], folder: str,
+               max_files: Optional[int] = None) -> Generator[bytes, None, None]:
     """The job's archive as sent: `zip_pieces` in chunks of 64 KB or more."""
-    return coalesce(zip_pieces(reader_for(artifacts), entries, folder))
+    return coalesce(zip_pieces(reader_for(artifacts), entries, folder, max_files=max_files))

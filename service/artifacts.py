@@ -4,7 +4,9 @@ streamed zip of the set is service/archive.py).
 A requested path is relative to the job's prefix and must name a file the listing shows: no
 absolute paths, no `.`/`..` segments, no backslashes, percent signs or control characters (the
 URL was already decoded once; a second encoding is refused, not decoded), and for local folders
-the real path (symlinks resolved) must stay inside the prefix.
+the real path (symlinks resolved) must stay inside the prefix. A listing leaves out what this check refuses
+(`servable`), so everything it shows can be downloaded; scdd stores a class whose name has such a character under
+a safe folder name (scdd/layout.py class_folders), so only older outputs or foreign files hold one.
 
 What a user sees is the distilled set, not the run's bookkeeping: `state/` (tens of thousands of resume
 records on a large job) is never listed, downloaded or archived. A 1000-class IPC-50 job has 50 000 images, so
@@ -65,6 +67,17 @@ def check_relative(path: str) -> str:
     if any(part in ("", ".", "..") for part in parts):
         raise UnsafePath(path)
     return path
+
+
+def servable(path: str) -> bool:
+    """Whether the single-file route serves `path` as far as its name goes (for a folder key ending in "/", whether a
+    listing prefix may name it). A listing shows only such paths, so it never shows a file the route refuses (a
+    class folder with % or \\ written before scdd stored such classes under safe folder names, a foreign file)."""
+    try:
+        check_relative(path[:-1] if path.endswith("/") else path)
+    except UnsafePath:
+        return False
+    return True
 
 
 def within(real: str, root: str) -> bool:
@@ -143,6 +156,11 @@ def paginate(since: Since, prefix: str = "", cursor: Optional[str] = None, limit
         key, size = entry
         if hidden(key):
             items = since(after(STATE))
+            continue
+        if not servable(key):  # the single-file route would refuse it: not listed (nor a folder of such names)
+            cut = key.find("/", len(prefix)) if delimiter else -1
+            if cut >= 0 and not servable(key[:cut]):
+                items = since(after(key[:cut + 1]))
             continue
         if len(page.files) + len(page.folders) == limit:
             page.next_cursor = encode_cursor(last)
@@ -261,8 +279,9 @@ class JobArtifacts:
         return paginate(self.source(prefix, delimiter), prefix, cursor, limit, delimiter)
 
     def list(self) -> list[Entry]:
-        """Every file (state/ aside): for small jobs and tests; the API pages with `page`."""
-        return [entry for entry in self.source()("") if not hidden(entry[0])]
+        """Every file a listing shows (state/ and names the API refuses aside): for small jobs and tests; the API
+        pages with `page`."""
+        return [entry for entry in self.source()("") if not hidden(entry[0]) and servable(entry[0])]
 
     def manifest(self) -> Optional[Sorted]:
         """The manifest's images, from the cache while the file is unchanged; None before the job wrote it."""
@@ -395,5 +414,7 @@ class JobArtifacts:
 
     # -- the archive -----------------------------------------------------------------------------------
     def archive_entries(self) -> Iterator[Entry]:
-        """The files the zip holds, lazily in path order (nothing is collected: memory does not follow the count)."""
+        """The files the zip holds, lazily in path order (nothing is collected: memory does not follow the count).
+        Names the API refuses are among them: the archive route checks every one before it answers
+        (service/archive.py plan_archive)."""
         return (entry for entry in self.source()("") if archived(entry[0]))

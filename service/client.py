@@ -1,7 +1,8 @@
 """A small synchronous client of the job API (what `scdd submit/status/wait/cancel/download/jobs` use).
 
 Every HTTP error becomes a `ClientError` carrying the server's own message; an unreachable server
-becomes one that names the URL. Nothing here imports torch, Ray or the service's server side.
+becomes one that names the URL. A read (GET) refused by the tenant's read rate (429) is sent again after the
+answer's Retry-After. Nothing here imports torch, Ray or the service's server side.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,6 +21,7 @@ from urllib.parse import quote
 import httpx
 
 Event = tuple[str, str, dict]  # (event id, type, the event as a dict)
+READ_WAIT_S = 600.0  # a read refused by the tenant's read rate is sent again after its Retry-After, this long at most
 
 
 class ClientError(Exception):
@@ -98,23 +101,52 @@ class JobClient:
                                      "with `scdd serve`, or point SCDD_SERVER (or --server) at it")
         return ClientError(None, f"the scdd server at {self.server_url} did not answer: {type(exc).__name__}: {exc}")
 
-    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    def _rate_limited(self, method: str, response: httpx.Response, waited: float) -> bool:
+        """Whether a read refused by the tenant's read rate (429 with Retry-After) is to be sent again: then this
+        waits for it first, up to READ_WAIT_S in all for one request. Writes are not retried (their 429 is a quota or
+        the submit rate, for the caller to see)."""
+        if method != "GET" or response.status_code != 429:
+            return False
         try:
-            response = self.http.request(method, path, **kwargs)
-        except httpx.TransportError as exc:
-            raise self._unreachable(exc) from None
+            wait = float(response.headers.get("Retry-After", ""))
+        except ValueError:
+            return False
+        if waited + wait > READ_WAIT_S:
+            return False
+        time.sleep(max(wait, 0.05))
+        return True
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        waited = 0.0
+        while True:
+            try:
+                response = self.http.request(method, path, **kwargs)
+            except httpx.TransportError as exc:
+                raise self._unreachable(exc) from None
+            started = time.monotonic()
+            if not self._rate_limited(method, response, waited):
+                break
+            waited += time.monotonic() - started
         if response.is_error:
             raise ClientError(response.status_code, _server_message(response))
         return response
 
     @contextmanager
     def _stream(self, path: str, headers: Optional[dict] = None) -> Iterator[httpx.Response]:
-        """A streamed GET whose status was checked (an error answer is read and raised as ClientError)."""
-        with self.http.stream("GET", path, headers=headers, timeout=self.stream_timeout) as response:
-            if response.is_error:
-                response.read()
-                raise ClientError(response.status_code, _server_message(response))
-            yield response
+        """A streamed GET whose status was checked (an error answer is read and raised as ClientError); a read refused
+        by the read rate is sent again after its Retry-After."""
+        waited = 0.0
+        while True:
+            with self.http.stream("GET", path, headers=headers, timeout=self.stream_timeout) as response:
+                if response.is_error:
+                    response.read()
+                    started = time.monotonic()
+                    if self._rate_limited("GET", response, waited):
+                        waited += time.monotonic() - started
+                        continue
+                    raise ClientError(response.status_code, _server_message(response))
+                yield response
+                return
 
     @staticmethod
     def _job(job_id: str) -> str:

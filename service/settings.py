@@ -91,9 +91,9 @@ class Settings(BaseSettings):
     event_buffer: int = Field(1000, ge=10, le=100_000, description="Events a job's driver holds while Redis is slow or "
                               "away (progress events beyond it are dropped, stage and final events kept). Read by the "
                               "job's driver.")
-    read_rate: float = Field(1200.0, ge=0, description="Read requests (GET) a tenant may make per minute, on average "
+    read_rate: float = Field(3000.0, ge=0, description="Read requests (GET) a tenant may make per minute, on average "
                              "(token bucket in Redis; 0: no limit); faster ones get 429 with Retry-After.")
-    read_burst: int = Field(200, ge=1, description="Read requests a tenant may make at once before read_rate applies.")
+    read_burst: int = Field(500, ge=1, description="Read requests a tenant may make at once before read_rate applies.")
     max_archive_files: int = Field(200_000, ge=1, description="Files one zip download may hold (the zip writer keeps "
                                    "an entry per file in memory); a larger output gets 413 naming the per-file route.")
     archive_bytes_per_hour: int = Field(50 * 1024**3, ge=1, description="Bytes of zip downloads one tenant may start "

@@ -224,6 +224,24 @@ def test_download_keeps_paths_skips_present_files_and_checks_the_manifest(client
     assert code == 1 and "images/1/1_0000.png" in err and "do not match manifest.json" in err
 
 
+def test_a_download_waits_out_the_read_rate_instead_of_failing(redis_server, tmp_path):
+    """With a read rate of 120 a minute after bursts of 3, a download of 8 files (plus its listing and manifest
+    request) is refused 429 midway; the client waits for each Retry-After and gets every file."""
+    settings = api_settings(redis_server.url, tmp_path, read_rate=120, read_burst=3)
+    server = ApiServer(create_app(settings)).start()
+    try:
+        with JobClient(server.url, "key-acme") as job_client:
+            job = job_client.submit(SPEC)
+            files = {f"images/0/0_{i:04d}.png": b"\x89PNG %d" % i for i in range(8)}
+            write_artifacts(tmp_path / "artifacts" / "acme" / job["id"], files)
+            started = time.monotonic()
+            result = job_client.download(job["id"], tmp_path / "download")
+            assert result["downloaded"] == 8 and time.monotonic() - started >= 2.0  # it waited for tokens
+            assert all((tmp_path / "download" / rel).read_bytes() == data for rel, data in files.items())
+    finally:
+        server.stop()
+
+
 @pytest.mark.parametrize("rel", ["../x", "images/../../x", "/etc/passwd", "images//x", "./x", "a\\..\\..\\x", ""])
 def test_paths_that_would_leave_the_destination_are_refused(tmp_path, rel):
     with pytest.raises(ClientError, match="refusing artifact path"):

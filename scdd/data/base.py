@@ -25,7 +25,8 @@ if TYPE_CHECKING:  # annotations only: the compute path imports without pydantic
 class DatasetInfo:
     name: str
     class_names: tuple[str, ...]
-    class_dirs: tuple[str, ...]  # output folder per class; sorts in class order (ImageFolder-compatible)
+    class_dirs: tuple[str, ...]  # output folder per class (scdd.layout.class_folders); sorts in class order but where
+    # a name had to be encoded: read a set back through its manifest
     source_indices: tuple[int, ...]  # each class's index in the full source dataset
     channels: int
     image_size: int

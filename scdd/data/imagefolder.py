@@ -34,6 +34,7 @@ from torch.utils.data import Dataset
 from scdd.data.base import DatasetInfo, RealData, limit_per_class, select_classes
 from scdd.data.registry import register_dataset
 from scdd.errors import CorruptImageError, DataError
+from scdd.layout import class_folders
 
 if TYPE_CHECKING:  # annotations only: the compute path imports without pydantic (bench/gpu_check.py)
     from api_schema import DatasetSpec
@@ -309,10 +310,11 @@ def imagefolder(spec: DatasetSpec, seed: int) -> RealData:
     val_samples = samples("val", spec.test_limit)
 
     size = spec.image_size or min(load_rgb(train_samples[0][0]).size)
+    folders = class_folders(train_classes)  # the output's class folders: a name the service cannot carry is encoded
     info = DatasetInfo(
         name="imagefolder",
         class_names=tuple(train_classes[i] for i in chosen),
-        class_dirs=tuple(train_classes[i] for i in chosen),
+        class_dirs=tuple(folders[i] for i in chosen),
         source_indices=tuple(chosen),
         channels=3,
         image_size=size,

@@ -1,4 +1,5 @@
-"""Access to a job's archive beyond the API key: short-lived signed links, and the per-tenant bound on downloads.
+"""Access to a job's archive beyond the API key: short-lived signed links, and the per-tenant bounds on downloads
+(zips running at once on this process; bytes of zips started per hour, across processes, in Redis).
 
 A browser cannot put an Authorization header on its own downloads, so the console asks for a short-lived link
 (`POST .../archive-link`) and lets the browser download to disk from it, instead of holding the zip in memory.
@@ -15,9 +16,13 @@ import hmac
 import json
 import secrets
 import threading
+import time
+import weakref
 from collections import Counter
 
+import redis.asyncio as aioredis
 from fastapi import HTTPException, Request
+from redis.commands.core import AsyncScript
 
 from service.api.streams import Slot
 
@@ -47,6 +52,59 @@ class ArchiveSlots:
             self.open[tenant] -= 1
             if self.open[tenant] <= 0:
                 del self.open[tenant]
+
+
+# Bytes of zip downloads a tenant may start: a token bucket of `burst` bytes (SCDD_ARCHIVE_BYTES_PER_HOUR) that refills
+# at burst / 3600 bytes a second, so at most that many bytes start in one go and, on average, per hour. KEYS: the
+# tenant's bucket. ARGV: now (s), bytes per second, burst, this download's bytes. Returns {1, 0} when they were
+# taken, else {0, seconds until they can be (ceil)}; a refused download takes nothing.
+TAKE_BYTES = """
+local now, rate, burst, cost = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+local tokens, at = tonumber(state[1]) or burst, tonumber(state[2]) or now
+tokens = math.min(burst, tokens + math.max(0, now - at) * rate)
+local taken = 0
+if tokens >= cost then
+  tokens = tokens - cost
+  taken = 1
+end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', tostring(now))
+redis.call('EXPIRE', KEYS[1], math.ceil(burst / rate) + 1)
+if taken == 1 then return {1, 0} end
+return {0, math.ceil((cost - tokens) / rate)}
+"""
+_BYTE_BUCKETS: "weakref.WeakKeyDictionary[aioredis.Redis, AsyncScript]" = weakref.WeakKeyDictionary()
+
+
+def _size(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} bytes"
+
+
+async def take_archive_bytes(request: Request, tenant: str, job_id: str, size: int) -> None:
+    """Count a zip download of `size` bytes against the tenant's SCDD_ARCHIVE_BYTES_PER_HOUR (in Redis, so every API
+    process counts against one bound) as it starts: 429 with Retry-After when the last hour's downloads leave too
+    little, 413 when this one alone is more than an hour's allowance (waiting would never help)."""
+    limit = request.app.state.settings.archive_bytes_per_hour
+    per_file = f"GET /v1/jobs/{job_id}/artifacts/{{path}} (paths from GET /v1/jobs/{job_id}/artifacts)"
+    if size > limit:
+        raise HTTPException(413, f"the archive of job {job_id} is {_size(size)}, more than a tenant may download as "
+                                 f"zips in an hour ({_size(limit)}, SCDD_ARCHIVE_BYTES_PER_HOUR): download its files "
+                                 f"one by one with {per_file}, or ask the operator to raise SCDD_ARCHIVE_BYTES_PER_HOUR")
+    store = request.app.state.store
+    script = _BYTE_BUCKETS.get(store.redis)
+    if script is None:
+        script = _BYTE_BUCKETS[store.redis] = store.redis.register_script(TAKE_BYTES)
+    taken, wait = await script(keys=[f"{store.keys.prefix}:archive-bytes:{tenant}"],
+                               args=[f"{time.time():.3f}", limit / 3600, limit, size])
+    if taken != 1:
+        raise HTTPException(429, f"tenant {tenant!r} has used its allowance of zip downloads ({_size(limit)} an hour, "
+                                 f"SCDD_ARCHIVE_BYTES_PER_HOUR): this archive ({_size(size)}) fits in it again in "
+                                 f"{int(wait)} s; retry then, or download single files with {per_file}",
+                            headers={"Retry-After": str(int(wait))})
 
 
 def _b64(data: bytes) -> str:

@@ -1,12 +1,19 @@
-"""Typed dependencies of the routes: settings, the job store, the caller's tenant, the caller's job."""
+"""Typed dependencies of the routes: settings, the job store, the caller's tenant (and its read rate), the caller's
+job."""
 
 from __future__ import annotations
 
+import time
+import weakref
 from typing import Annotated
 
+import redis.asyncio as aioredis
 from fastapi import Depends, HTTPException, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from redis.commands.core import AsyncScript
+from redis.exceptions import OutOfMemoryError
 
+from service import records
 from service.api.async_jobstore import AsyncJobStore
 from service.auth import ApiKeys, Tenant
 from service.settings import Settings
@@ -22,12 +29,53 @@ def get_store(request: Request) -> AsyncJobStore:
     return request.app.state.store
 
 
-def get_tenant(request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> Tenant:
+_BUCKETS: "weakref.WeakKeyDictionary[aioredis.Redis, AsyncScript]" = weakref.WeakKeyDictionary()
+
+
+def read_rate_key(prefix: str, tenant: str) -> str:
+    """The Redis key of a tenant's read bucket (records.TAKE_TOKEN's hash: tokens and when they were counted)."""
+    return f"{prefix}:readrate:{tenant}"
+
+
+async def take_read_token(request: Request, tenant: str) -> None:
+    """One read of `tenant` against its token bucket in Redis (so every API process counts against the same
+    SCDD_READ_RATE per minute, after bursts of SCDD_READ_BURST), or 429 with Retry-After naming the limit. An event
+    stream takes one token when it opens, however many events it carries."""
+    settings: Settings = request.app.state.settings
+    if settings.read_rate <= 0:
+        return
+    store: AsyncJobStore = request.app.state.store
+    script = _BUCKETS.get(store.redis)
+    if script is None:
+        script = _BUCKETS[store.redis] = store.redis.register_script(records.TAKE_TOKEN)
+    try:
+        taken, wait = await script(keys=[read_rate_key(store.keys.prefix, tenant)],
+                                   args=[f"{time.time():.3f}", settings.read_rate / 60, settings.read_burst])
+    except OutOfMemoryError:  # Redis is full and refuses the bucket's write: reads go on (every job stays readable)
+        return
+    if taken != 1:
+        raise HTTPException(429, f"tenant {tenant!r} reads faster than its limit of {settings.read_rate:g} requests "
+                                 f"per minute (bursts of {settings.read_burst}; SCDD_READ_RATE, SCDD_READ_BURST): "
+                                 f"retry in {int(wait)} s, and poll less often (or follow GET /v1/jobs/{{id}}/events, "
+                                 "one request for a job's whole progress)", headers={"Retry-After": str(int(wait))})
+
+
+def tenant_of_key(request: Request, credentials: HTTPAuthorizationCredentials | None) -> Tenant:
+    """The tenant of the API key sent, or 401."""
     keys: ApiKeys = request.app.state.keys
     tenant = keys.tenant_for(credentials.credentials) if credentials else None
     if tenant is None:
         raise HTTPException(401, "missing or unknown API key: send 'Authorization: Bearer <key>'",
                             headers={"WWW-Authenticate": "Bearer"})
+    return tenant
+
+
+async def get_tenant(request: Request,
+                     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> Tenant:
+    """The caller's tenant (401 without a valid key); a read (GET) also takes a token of its read rate (429)."""
+    tenant = tenant_of_key(request, credentials)
+    if request.method == "GET":
+        await take_read_token(request, tenant.name)
     return tenant
 
 

@@ -6,6 +6,11 @@ the queue of each subscriber of that job. A subscriber first reads what it misse
 Last-Event-ID) with short, non-blocking `XRANGE` pages on the API's shared pool, then takes entries
 from its queue, skipping those it has sent. So N open streams cost one Redis connection, not N.
 
+A backlog is read one page (PAGE entries) at a time, and the next page only once the stream has sent the last
+(a generator the response pulls from; uvicorn stops pulling while the client's socket is full): a job's 10 000
+kept events cost a stream one page of memory, not the whole backlog, so a reconnect storm of 1 000 streams does
+not hold 1 000 backlogs at once.
+
 The order of the steps is what makes it lossless: a subscriber registers before it reads, the hub
 pushes every entry past a job's cursor to every subscriber registered at that moment, and a
 subscriber reads up to the cursor it finds after registering. A subscriber too slow to empty its
@@ -120,14 +125,15 @@ class EventHub:
             if not followed.subscribers:
                 del self.jobs[subscriber.job_id]
 
-    async def _read(self, job_id: str, after: str, until: str = "+") -> list[Entry]:
-        """The job's entries in (after, until], from Redis, page by page."""
-        found: list[Entry] = []
+    async def _pages(self, job_id: str, after: str, until: str = "+") -> AsyncIterator[list[Entry]]:
+        """The job's entries in (after, until], from Redis, one page (at most PAGE entries) at a time: the next page is
+        read only when the caller has taken this one, so a stream holds one page whatever its backlog."""
         while True:
             page = await self.store.xrange(self.keys.events(job_id), f"({after}", until, count=PAGE)
-            found += [(entry_id, fields["type"], fields["data"]) for entry_id, fields in page]
+            if page:
+                yield [(entry_id, fields["type"], fields["data"]) for entry_id, fields in page]
             if len(page) < PAGE:
-                return found
+                return
             after = page[-1][0]
 
     async def _catch_up(self, subscriber: Subscriber, after: str) -> AsyncIterator[Entry]:
@@ -136,9 +142,10 @@ class EventHub:
         followed = self.jobs[subscriber.job_id]
         if followed.cursor is None:
             start = after
-            for entry in await self._read(subscriber.job_id, after):
-                after = entry[0]
-                yield entry
+            async for page in self._pages(subscriber.job_id, after):
+                for entry in page:
+                    yield entry
+                after = page[-1][0]
             if followed.cursor is None:
                 if after == start:  # nothing new: the hub starts at the stream's end, never past it (whatever id
                     # the client sent, or the entries after it would never be pushed to anyone)
@@ -148,8 +155,9 @@ class EventHub:
                 self._someone.set()
         while stream_id(followed.cursor) > stream_id(after):
             until = followed.cursor
-            for entry in await self._read(subscriber.job_id, after, until):
-                yield entry
+            async for page in self._pages(subscriber.job_id, after, until):
+                for entry in page:
+                    yield entry
             after = until
 
     async def entries(self, job_id: str, after: str, idle_s: float) -> AsyncIterator[Optional[Entry]]:
@@ -188,6 +196,8 @@ class EventHub:
         """Whether Redis holds an entry after `after` (a `job_finished` followed by a resume's entries)."""
         return bool(await self.store.xrange(self.keys.events(job_id), f"({after}", "+", count=1))
 
-    async def rest(self, job_id: str, after: str) -> list[Entry]:
-        """Every entry after `after` now in Redis (a finished job's last ones)."""
-        return await self._read(job_id, after)
+    async def rest(self, job_id: str, after: str) -> AsyncIterator[Entry]:
+        """Every entry after `after` now in Redis (a finished job's last ones), page by page."""
+        async for page in self._pages(job_id, after):
+            for entry in page:
+                yield entry

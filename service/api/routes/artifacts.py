@@ -8,7 +8,6 @@ import json
 import time
 import weakref
 from collections.abc import Generator
-from itertools import chain
 from typing import Annotated, Literal, Optional
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
@@ -18,22 +17,23 @@ from fastapi.security import HTTPAuthorizationCredentials
 
 from api_schema import ArtifactList, ArtifactOut, ErrorOut
 from api_schema.service import ArchiveLinkOut
-from service.api.deps import JobDep, SettingsDep, StoreDep, TenantDep, _bearer, get_tenant
-from service.api.archive_links import link_secret, sign_link, verify_link
+from service.api.deps import JobDep, SettingsDep, StoreDep, TenantDep, _bearer, take_read_token, tenant_of_key
+from service.api.archive_links import link_secret, sign_link, take_archive_bytes, verify_link
 from service.api.streams import Slot
-from service.archive import zip_stream
+from service.archive import ArchivePlan, plan_archive, zip_stream
 from service.artifacts import BadCursor, JobArtifacts, UnsafePath, check_prefix
 
 router = APIRouter(prefix="/v1/jobs", tags=["artifacts"])
 
 ERRORS = {401: {"model": ErrorOut}, 404: {"model": ErrorOut}}
+READ_ERRORS = {**ERRORS, 429: {"model": ErrorOut}}  # a GET past the tenant's SCDD_READ_RATE
 
 
 def _artifacts(job: dict) -> JobArtifacts:
     return JobArtifacts(json.loads(job["spec"])["output"]["url"])
 
 
-@router.get("/{job_id}/artifacts", response_model=ArtifactList, responses={**ERRORS, 400: {"model": ErrorOut}})
+@router.get("/{job_id}/artifacts", response_model=ArtifactList, responses={**READ_ERRORS, 400: {"model": ErrorOut}})
 async def list_artifacts(
     job: JobDep,
     prefix: Annotated[str, Query(max_length=1024, description="Only paths starting with this, e.g. images/3/ "
@@ -44,8 +44,9 @@ async def list_artifacts(
                                                        "(in `folders`) instead of what they hold.")] = None,
 ) -> ArtifactList:
     """The job's files (images/<class>/<file>.png, manifest.json, report.json, grid.png, teacher/...), a page at a
-    time in path order; the run's resume records (state/) are not among them. Once the job has written its
-    manifest, its images are listed from it."""
+    time in path order; the run's resume records (state/) are not among them, nor a name the single-file route
+    refuses (an older output's class folder with % or \\), so every path listed downloads. Once the job has written
+    its manifest, its images are listed from it."""
     try:
         check_prefix(prefix)
     except UnsafePath:
@@ -68,10 +69,14 @@ async def archive_caller(
 ) -> str:
     """The caller's tenant, from a link's token (for the job in the URL, read unvalidated: the token is checked
     against it) or else from the API key. A sub-dependency, so a caller without credentials gets 401 before any
-    parameter of the route is validated, as on every other job route."""
+    parameter of the route is validated, as on every other job route. Either way the download is one read of the
+    tenant's SCDD_READ_RATE."""
     if token is not None:
-        return verify_link(await link_secret(request), token, str(request.path_params.get("job_id", "")), time.time())
-    return get_tenant(request, credentials).name
+        tenant = verify_link(await link_secret(request), token, str(request.path_params.get("job_id", "")), time.time())
+    else:
+        tenant = tenant_of_key(request, credentials).name
+    await take_read_token(request, tenant)
+    return tenant
 
 
 async def archive_access(
@@ -105,26 +110,50 @@ class ArchiveResponse(StreamingResponse):
                 self.pieces.close()
 
 
-@router.get("/{job_id}/archive", responses={200: {"content": {"application/zip": {}}}, **ERRORS,
-                                            429: {"model": ErrorOut}})
-async def download_archive(request: Request,
+def _refusal(job_id: str, plan: ArchivePlan, max_files: int) -> Optional[HTTPException]:
+    """Why the zip cannot be sent whole (before a 200 is): nothing written yet (404), a name the API cannot serve
+    (409: the zip would miss it), more files than SCDD_MAX_ARCHIVE_FILES (413); None when it can."""
+    per_file = f"GET /v1/jobs/{job_id}/artifacts/{{path}} (paths from GET /v1/jobs/{job_id}/artifacts)"
+    if plan.refused_count:
+        shown = ", ".join(repr(path) for path in plan.refused)
+        more = f" and {plan.refused_count - len(plan.refused)} more" if plan.refused_count > len(plan.refused) else ""
+        return HTTPException(409, f"job {job_id}'s output holds {plan.refused_count} file(s) whose names the API cannot "
+                                  f"serve ({shown}{more}: a class folder with % or \\ or a control character, written "
+                                  "before scdd stored such classes under safe folder names), so a zip would miss "
+                                  f"them: download the other files one by one with {per_file}, or run the job again "
+                                  "into a new output")
+    if plan.over:
+        return HTTPException(413, f"job {job_id} has more than {max_files} files to archive, the limit of one zip "
+                                  f"(SCDD_MAX_ARCHIVE_FILES): download them one by one with {per_file}, or a class "
+                                  f"at a time with GET /v1/jobs/{job_id}/artifacts?prefix=images/<class>/")
+    if not plan.files:
+        return HTTPException(404, f"job {job_id} has no artifacts yet: see GET /v1/jobs/{job_id}")
+    return None
+
+
+@router.get("/{job_id}/archive", responses={200: {"content": {"application/zip": {}}}, **READ_ERRORS,
+                                            409: {"model": ErrorOut}, 413: {"model": ErrorOut}})
+async def download_archive(request: Request, settings: SettingsDep,
                            access: Annotated[tuple[dict, str], Depends(archive_access)]) -> StreamingResponse:
     """The job's images/, manifest.json, report.json, grid.png and teacher/ as one zip (entries under `<job id>/`,
-    stored uncompressed: the images are PNGs), streamed as it is made; files whose names the API refuses are left
-    out and named in SKIPPED.txt. Authorised by the API key or by a link's `token`. 404 while the job has written
-    none of them; at most SCDD_MAX_ARCHIVES_PER_TENANT at once per tenant (429)."""
+    stored uncompressed: the images are PNGs), streamed as it is made. Authorised by the API key or by a link's
+    `token`. Every file is checked before the answer starts: 404 while the job has written none of them; 409 when
+    one has a name the API cannot serve; 413 past SCDD_MAX_ARCHIVE_FILES files; 429 past
+    SCDD_MAX_ARCHIVES_PER_TENANT downloads at once or the tenant's SCDD_ARCHIVE_BYTES_PER_HOUR."""
     job, tenant = access
     slot = request.app.state.archive_slots.take(tenant)
     try:
         artifacts = _artifacts(job)
+        plan = await run_in_threadpool(lambda: plan_archive(artifacts.archive_entries(), settings.max_archive_files))
+        refusal = _refusal(job["id"], plan, settings.max_archive_files)
+        if refusal is not None:
+            raise refusal
+        await take_archive_bytes(request, tenant, job["id"], plan.bytes)
         entries = await run_in_threadpool(artifacts.archive_entries)
-        first = await run_in_threadpool(next, entries, None)
-        if first is None:
-            raise HTTPException(404, f"job {job['id']} has no artifacts yet: see GET /v1/jobs/{job['id']}")
     except BaseException:
         slot.release()
         raise
-    return ArchiveResponse(zip_stream(artifacts, chain([first], entries), job["id"]), slot, job["id"])
+    return ArchiveResponse(zip_stream(artifacts, entries, job["id"], settings.max_archive_files), slot, job["id"])
 
 
 @router.post("/{job_id}/archive-link", response_model=ArchiveLinkOut, responses=ERRORS)
@@ -137,7 +166,7 @@ async def archive_link(request: Request, job: JobDep, tenant: TenantDep, setting
 
 
 @router.get("/{job_id}/artifacts/{path:path}", responses={200: {"content": {"application/octet-stream": {}}},
-                                                         400: {"model": ErrorOut}, **ERRORS})
+                                                         400: {"model": ErrorOut}, **READ_ERRORS})
 async def download_artifact(job: JobDep, path: Annotated[str, Path(description="A path from the listing.")]) -> StreamingResponse:
     """One file, streamed (not the run's state/)."""
     artifacts = _artifacts(job)

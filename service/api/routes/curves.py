@@ -12,7 +12,7 @@ router = APIRouter(prefix="/v1/jobs", tags=["events"])
 
 
 @router.get("/{job_id}/curves", response_model=CurvesOut,
-            responses={401: {"model": ErrorOut}, 404: {"model": ErrorOut}})
+            responses={401: {"model": ErrorOut}, 404: {"model": ErrorOut}, 429: {"model": ErrorOut}})
 async def job_curves(job: JobDep, store: StoreDep, settings: SettingsDep) -> CurvesOut:
     """The job's metric curves (losses such as ce and bn in recover, loss in training loops), one per attempt, stage
     and loop: at most `max_points` points each, spread over the whole run however long it is, the last one the

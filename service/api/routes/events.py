@@ -41,7 +41,7 @@ async def _frames(hub: EventHub, store: AsyncJobStore, request: Request, job_id:
         async for entry in entries:
             if entry is None:  # quiet for idle_s: has the job ended (its last events trimmed), or the client gone?
                 if await store.state(job_id) in FINAL_STATES:
-                    for entry_id, kind, data in await hub.rest(job_id, after):  # written before it ended
+                    async for entry_id, kind, data in hub.rest(job_id, after):  # written before it ended
                         yield _frame(entry_id, kind, data)
                     return
                 yield ": keep-alive\n\n"
@@ -70,7 +70,8 @@ async def job_events(job: JobDep, tenant: TenantDep, request: Request,
     """Server-Sent Events: `job_started`, `stage_started`, `progress`, `stage_finished`, `error`, `job_finished`,
     `job_resumed` (each `data:` is the event as JSON, each `id:` its position). Send `Last-Event-ID` to resume after
     an event; the stream ends after the last attempt's `job_finished` (a resumed job's earlier ones pass); a quiet stream gets a `: keep-alive` comment every 10 s. Open streams are
-    bounded per tenant and per API process (429)."""
+    bounded per tenant and per API process (429); opening one is one read of the tenant's SCDD_READ_RATE, its
+    events are not. A backlog is sent a page (200 events) at a time."""
     after = last_event_id or "0-0"
     if not STREAM_ID.match(after):
         raise HTTPException(400, f"Last-Event-ID {after!r} is not an event id (like 1732190000000-0): "
