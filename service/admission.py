@@ -2,9 +2,11 @@
 
 The service chooses the output: every job writes under `<artifacts>/<tenant>/<job id>` and caches
 teachers under `<teacher cache>/<tenant>`, so `output.url`, `output.teacher_cache` and `output.s3`
-are not for requests. Paths a job reads (dataset root, checkpoints, the set an evaluate job judges) must lie under one of the
-service's data roots (SCDD_DATA_ROOTS) or the tenant's own artifacts. A local checkpoint file there is read (its
-pickle only, without torch: service/checkpoint_scan.py) and refused when the library's safe load would refuse it.
+are not for requests. Paths a job reads (dataset root, checkpoints, the set an evaluate job judges) must be absolute
+(the job runs in another process and folder than the API: a relative path would be checked here and opened there) or
+object-store URLs, and lie under one of the service's data roots (SCDD_DATA_ROOTS) or the tenant's own artifacts. A
+local checkpoint file there is read (its pickle only, without torch: service/checkpoint_scan.py) and refused when the
+library's safe load would refuse it. Everything here touches the filesystem: the API calls it in a thread.
 """
 
 from __future__ import annotations
@@ -71,7 +73,11 @@ def admit(spec: JobSpec, tenant: Tenant, job_id: str, settings: Settings) -> dic
     for loc, path in reads:
         if path is None:
             continue
-        if not _readable(path, roots, tenant_root):
+        if "://" not in path and not os.path.isabs(path):
+            errors.append((("body", *loc), f"{path!r} is a relative path: a job runs in another folder than the API, "
+                                           f"so give the absolute path (e.g. under {roots[0] if roots else '/data'}) "
+                                           f"or an object-store URL"))
+        elif not _readable(path, roots, tenant_root):
             errors.append((("body", *loc), f"{path!r} is outside the folders this service reads from "
                                            f"({', '.join(roots)}, or your own job artifacts)"))
         elif (loc, path) in checkpoints and "://" not in path:  # a URL is read (and judged) by the squeeze stage
@@ -80,7 +86,7 @@ def admit(spec: JobSpec, tenant: Tenant, job_id: str, settings: Settings) -> dic
                 errors.append((("body", *loc), refusal))
     root_refused = any(loc == ("body", "dataset", "root") for loc, _ in errors)
     errors += over_budget(spec, tenant, look_in_root=not root_refused,  # never lists a folder it may not read
-                          max_gpus=settings.max_gpus)
+                          settings=settings)
     if errors:
         raise AdmissionError(errors)
     data = spec.to_dict()

@@ -12,6 +12,9 @@ at `SCDD_API_KEYS_FILE` (YAML or JSON, hashes only):
           max_image_iterations: 1000000   # recover: images x iterations of one job
           max_epochs: 300         # any one training schedule (teacher, SSL, probe, student)
           max_wall_clock_s: 7200  # a job is stopped and failed ("timeout") this long after dispatch
+          max_job_memory_gib: 64  # the estimated peak memory of one process of a job (service/budget.py)
+          max_jobs_kept: 500      # jobs the tenant keeps stored, finished ones included (SCDD_MAX_JOBS_KEPT)
+          max_stored_bytes: 16777216  # bytes of job specs it keeps stored (SCDD_MAX_STORED_BYTES)
 
 `python -m service.auth new TENANT` prints a fresh key and the line to put in that file.
 """
@@ -47,12 +50,20 @@ def new_key() -> str:
 
 @dataclass(frozen=True)
 class Limits:
-    """What one job of a tenant may ask for (service/budget.py checks a spec against them)."""
+    """What one job of a tenant may ask for (service/budget.py checks a spec against them), and what the tenant may
+    keep stored (the create script checks those)."""
 
     max_workers: int
     max_image_iterations: int
     max_epochs: int
     max_wall_clock_s: float
+    # The estimated peak memory (GiB) of one process of a job; None: SCDD_MAX_JOB_MEMORY_GIB (the node's memory
+    # bounds every job as well).
+    max_job_memory_gib: Optional[float] = None
+    # Jobs and bytes of job specs the tenant keeps stored, finished ones included; None: SCDD_MAX_JOBS_KEPT,
+    # SCDD_MAX_STORED_BYTES.
+    max_jobs_kept: Optional[int] = None
+    max_stored_bytes: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -102,6 +113,9 @@ def _tenant_name(name: str) -> str:
 UNLIMITED = Limits(max_workers=10**6, max_image_iterations=10**18, max_epochs=10**9, max_wall_clock_s=0)
 
 
+NUMBER_LIMITS = ("max_wall_clock_s", "max_job_memory_gib")  # the limits that may be fractions; the others are integers
+
+
 def _limits(path: Path, name: str, given: object, defaults: Limits) -> Limits:
     if given is None:
         return defaults
@@ -109,10 +123,12 @@ def _limits(path: Path, name: str, given: object, defaults: Limits) -> Limits:
         raise KeyConfigError(f"API key file {path}: tenants.{name}.limits must be a mapping of "
                              f"{', '.join(Limits.__dataclass_fields__)}")
     for key, value in given.items():
+        number = key in NUMBER_LIMITS
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or \
-                (key != "max_wall_clock_s" and (not isinstance(value, int) or value < 1)):
+                (not number and (not isinstance(value, int) or value < 1)) or \
+                (key == "max_job_memory_gib" and value <= 0) or (key == "max_stored_bytes" and value < 65536):
             raise KeyConfigError(f"API key file {path}: tenants.{name}.limits.{key} must be a positive "
-                                 f"{'number' if key == 'max_wall_clock_s' else 'integer'}")
+                                 f"{'number' if number else 'integer'}")
     return replace(defaults, **given)
 
 

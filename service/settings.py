@@ -55,7 +55,7 @@ class Settings(BaseSettings):
     max_epochs: int = Field(1000, ge=1, description="Epochs of any one training schedule of a job (teacher, SSL, "
                             "probe, student, full data); a tenant's own limit wins.")
     max_job_memory_gib: Optional[float] = Field(None, gt=0, description="Estimated peak memory (GiB) of any one "
-                                                "process of a job (service/budget.py estimates it from the spec); a "
+                                                "process of a job (service/memory_estimate.py estimates it from the spec); a "
                                                 "tenant's own limit wins. None: node_memory_gib bounds it.")
     job_timeout_s: float = Field(604800.0, ge=0, description="A job still running this long after dispatch is stopped "
                                  "and fails with 'timeout'; 0: no limit; a tenant's max_wall_clock_s wins.")
@@ -105,7 +105,7 @@ class Settings(BaseSettings):
                                      "worker groups.")
     node_memory_gib: Optional[float] = Field(None, gt=0, description="Memory (GiB) of the largest node a job's driver "
                                              "or worker can land on: a job whose estimated peak memory "
-                                             "(service/budget.py) exceeds it is refused at submission. None: this "
+                                             "(service/memory_estimate.py) exceeds it is refused at submission. None: this "
                                              "machine's memory. The chart sets it from its worker groups.")
     console: bool = Field(True, description="Serve the web console at /ui/ (static files; its data comes through the "
                           "authenticated /v1 routes).")
@@ -152,7 +152,9 @@ class Settings(BaseSettings):
         from service.auth import Limits
 
         return Limits(max_workers=self.max_workers, max_image_iterations=self.max_image_iterations,
-                      max_epochs=self.max_epochs, max_wall_clock_s=self.job_timeout_s)
+                      max_epochs=self.max_epochs, max_wall_clock_s=self.job_timeout_s,
+                      max_job_memory_gib=self.max_job_memory_gib, max_jobs_kept=self.max_jobs_kept,
+                      max_stored_bytes=self.max_stored_bytes)
 
     @property
     def data_root_list(self) -> list[str]:

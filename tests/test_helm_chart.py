@@ -496,6 +496,49 @@ def test_job_bounds_default_to_the_gpu_groups_size(name, gpus, workers):
         assert (env["SCDD_MAX_GPUS"]["value"], env["SCDD_MAX_WORKERS"]["value"]) == (gpus, workers)
 
 
+@pytest.mark.parametrize("name, cpus, memory", [
+    ("default", "8", "48"), ("gpus-1x8", "64", "480"), ("gpus-8x1", "8", "48"), ("gpu-max-0", None, None),
+    ("existing-secrets-static-ray", "8", "48"), ("no-gpu-group-no-policies", "4", "16")])
+def test_node_bounds_come_from_the_largest_worker_group_that_can_start_a_pod(name, cpus, memory, monkeypatch, tmp_path):
+    """SCDD_NODE_CPUS / SCDD_NODE_MEMORY_GIB: the largest worker group with maxReplicas > 0 (its CPU limit, else
+    request; its memory limit), unset without one (gpu-max-0: the API then uses its own machine's); the API
+    refuses resources.threads above them (the Ray entrypoint's CPU request could never be placed)."""
+    from api_schema import JobSpec
+    from service.budget import over_budget
+    from service.auth import Tenant
+
+    c = container(name, "Deployment", f"{FULLNAME}-api")
+    env = env_of(c)
+    assert (env.get("SCDD_NODE_CPUS", {}).get("value"), env.get("SCDD_NODE_MEMORY_GIB", {}).get("value")) == \
+        (cpus, memory)
+    assert "SCDD_MAX_JOB_MEMORY_GIB" not in env  # config.maxJobMemoryGib: null
+    settings = _settings_from(c, monkeypatch)
+    if cpus is None:
+        assert settings.node_cpus is None and settings.node_memory_gib is None
+        return
+    assert (settings.node_cpus, settings.node_memory_gib) == (int(cpus), float(memory))
+    tenant = Tenant("acme", 4, settings.default_limits)
+    job = {"dataset": {"classes": [0, 1]}, "resources": {"threads": int(cpus)}}
+    assert over_budget(JobSpec.model_validate(job), tenant, settings=settings) == []
+    job["resources"]["threads"] += 1
+    ((loc, message),) = over_budget(JobSpec.model_validate(job), tenant, settings=settings)
+    assert loc == ("body", "resources", "threads") and f"more than the {cpus} CPUs" in message
+    assert "(SCDD_NODE_CPUS)" in message
+
+
+def test_node_bounds_and_the_memory_limit_set_in_config_win(chart):
+    env = _dispatcher_env(_render_values(chart, {"config": {"nodeCpus": 3, "nodeMemoryGib": 1.5,
+                                                            "maxJobMemoryGib": 40}}))
+    assert [env[k]["value"] for k in ("SCDD_NODE_CPUS", "SCDD_NODE_MEMORY_GIB", "SCDD_MAX_JOB_MEMORY_GIB")] == \
+        ["3", "1.5", "40"]
+    mixed = {"ray": {"workers": {"maxReplicas": 0}, "additionalWorkerGroups": [
+        {"groupName": "small", "minReplicas": 0, "maxReplicas": 2},  # the chart's default 2 CPU / 8Gi
+        {"groupName": "big", "minReplicas": 0, "maxReplicas": 1, "rayStartParams": {"num-cpus": "12"},
+         "resources": {"requests": {"cpu": "7500m", "memory": "16G"}}}]}}
+    env = _dispatcher_env(_render_values(chart, mixed))
+    assert (env["SCDD_NODE_CPUS"]["value"], env["SCDD_NODE_MEMORY_GIB"]["value"]) == ("12", "14.900390625")  # 16e9 B
+
+
 def _render_values(chart, values: dict) -> dict[str, list[dict]]:
     kinds: dict[str, list[dict]] = {}
     for path, text in chart.render(values, name=RELEASE, namespace=NAMESPACE).items():
@@ -914,6 +957,83 @@ def test_network_policies():
     assert not of_kind("no-gpu-group-no-policies", "NetworkPolicy")
     assert not of_kind("external-redis", "NetworkPolicy") or \
         f"{FULLNAME}-redis" not in {p["metadata"]["name"] for p in of_kind("external-redis", "NetworkPolicy")}
+
+
+def _every_pod(name: str) -> list[tuple[str, dict, dict]]:
+    """(where, labels the pod will carry, pod spec) of every pod template anywhere in the rendered objects (a
+    Deployment's, a CronJob's job template's, a hook Pod, a RayCluster's groups, whatever kind holds one), found by
+    shape, not by a list of kinds. Ray pods get the labels KubeRay puts on them (ray.io/cluster, node-type, group)."""
+    found: list[tuple[str, dict, dict]] = []
+
+    def walk(node, path: str, doc: dict) -> None:
+        if isinstance(node, list):
+            for i, item in enumerate(node):
+                walk(item, f"{path}[{i}]", doc)
+            return
+        if not isinstance(node, dict):
+            return
+        spec = node.get("spec")
+        if isinstance(spec, dict) and isinstance(spec.get("containers"), list):
+            labels = dict((node.get("metadata") or {}).get("labels") or {})
+            if doc["kind"] == "RayCluster":
+                head = "headGroupSpec" in path
+                group = "headgroup" if head else next(g["groupName"] for g in doc["spec"]["workerGroupSpecs"]
+                                                      if g["template"] is node)
+                labels.update({"ray.io/cluster": doc["metadata"]["name"], "ray.io/group": group,
+                               "ray.io/node-type": "head" if head else "worker"})
+            found.append((f"{doc['kind']}/{doc['metadata']['name']}{path}", labels, spec))
+        for key, value in node.items():
+            walk(value, f"{path}.{key}", doc)
+
+    for doc in objects(name):
+        walk(doc, "", doc)
+    return found
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    assert set(selector) <= {"matchLabels"}, selector  # the chart's selectors use labels only
+    return (selector.get("matchLabels") or {}).items() <= labels.items()
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_redis_admits_every_pod_that_talks_to_it(name):
+    """Every pod whose environment holds REDIS_URL or Redis's password (its Secret) is admitted on 6379 by the
+    NetworkPolicies that select the in-chart Redis (none selecting it: all ingress is open, as Kubernetes has it).
+    The clients are found in the rendered manifests (the artifact GC's CronJob among them), not listed here."""
+    pods = _every_pod(name)
+    servers = [(where, labels, spec) for where, labels, spec in pods
+               if any("redis-server" in (c.get("command") or []) + (c.get("args") or []) for c in spec["containers"])]
+    if not servers:
+        assert "external" in name, f"{name}: no in-chart Redis"
+        return
+    (server_where, server_labels, server_spec), = servers
+    secrets = {item["valueFrom"]["secretKeyRef"]["name"] for c in server_spec["containers"] for item in c.get("env", [])
+               if "secretKeyRef" in item.get("valueFrom", {})}
+
+    def talks_to_redis(spec: dict) -> bool:
+        for c in spec["containers"] + spec.get("initContainers", []):
+            for item in c.get("env", []):
+                ref = item.get("valueFrom", {}).get("secretKeyRef", {})
+                if item["name"] in ("REDIS_URL", "SCDD_REDIS_URL", "SCDD_REDIS_PASSWORD") or ref.get("name") in secrets:
+                    return True
+            if any(source.get("secretRef", {}).get("name") in secrets for source in c.get("envFrom", [])):
+                return True
+        return False
+
+    clients = [(where, labels) for where, labels, spec in pods if where != server_where and talks_to_redis(spec)]
+    assert any(where.startswith("CronJob/") for where, _ in clients) == VALUE_SETS[name].get("gc", {}).get(
+        "enabled", True), clients  # the GC is found as a client exactly where it is enabled
+    policies = [p for p in of_kind(name, "NetworkPolicy") if "Ingress" in p["spec"].get("policyTypes", ["Ingress"])
+                and _selects(p["spec"]["podSelector"], server_labels)]
+    if not policies:
+        assert VALUE_SETS[name].get("networkPolicy", {}).get("enabled") is False, name
+        return
+    for where, labels in clients:
+        admitted = any(
+            ("podSelector" in peer and "namespaceSelector" not in peer and _selects(peer["podSelector"], labels)
+             or peer == {}) and (not ports or any(port.get("port") in (6379, "redis") for port in ports))
+            for policy in policies for peer, ports in _peers(policy))
+        assert admitted, f"{name}: {where} (labels {labels}) talks to Redis but no NetworkPolicy admits it"
 
 
 def test_egress_is_closed_but_for_what_each_pod_talks_to():

@@ -30,7 +30,8 @@ def stack(tmp_path, ray_local, ray_head, fmnist_root, fmnist_teacher_ckpt):
     redis_server = RedisServer(tmp_path / "redis").start()
     settings = Settings(redis_url=redis_server.url, ray_address=ray_head.jobs_url, api_keys=f"acme={KEY},globex={OTHER_KEY}",
                         api_keys_file=None, artifacts=str(tmp_path / "artifacts"),
-                        data_roots=os.pathsep.join([str(fmnist_root), str(fmnist_teacher_ckpt.parent)]))
+                        data_roots=os.pathsep.join([str(fmnist_root), str(fmnist_teacher_ckpt.parent)]),
+                        node_cpus=4)  # more than the Ray head's 2: a test asks for a driver Ray holds pending
     api = ApiServer(create_app(settings)).start()
     env = {"REDIS_URL": redis_server.url, "RAY_ADDRESS": ray_head.jobs_url, "SCDD_MAX_RUNNING": "1",
            "SCDD_POLL_S": "0.2", "SCDD_RECLAIM_AFTER_S": "2", "SCDD_CANCEL_GRACE_S": "20"}

@@ -40,7 +40,8 @@ def test_finished_jobs_count_towards_the_jobs_a_tenant_keeps_until_deleted(servi
     for job_id in jobs:
         assert acme.post(f"/v1/jobs/{job_id}/cancel").status_code == 202
     refused = submit(acme, status=429)
-    assert "3 jobs stored, its limit is 3 (SCDD_MAX_JOBS_KEPT)" in refused and "DELETE /v1/jobs/{id}" in refused
+    assert "3 jobs stored, its limit is 3 (limits.max_jobs_kept in the API key file, else SCDD_MAX_JOBS_KEPT)" \
+        in refused and "DELETE /v1/jobs/{id}" in refused
     submit(globex)  # the bound is per tenant
     assert acme.delete(f"/v1/jobs/{jobs[0]}").status_code == 204
     assert acme.get(f"/v1/jobs/{jobs[0]}").status_code == 404
@@ -95,3 +96,23 @@ def test_a_resumed_job_cancelled_again_while_queued_expires_like_any(service):
     assert store.redis.zscore(store.keys.expiring, job_id) is not None
     assert acme.post(f"/v1/jobs/{job_id}/resume").status_code == 202
     assert store.redis.zscore(store.keys.expiring, job_id) is None
+
+
+def test_a_tenants_own_storage_bounds_in_the_key_file_win(redis_server, tmp_path):
+    import yaml
+
+    from service.auth import hash_key
+
+    keys = tmp_path / "keys.yaml"
+    keys.write_text(yaml.safe_dump({"tenants": {
+        "acme": {"keys_sha256": [hash_key("key-acme")], "limits": {"max_jobs_kept": 1}},
+        "globex": {"keys_sha256": [hash_key("key-globex")]}}}))
+    settings = api_settings(redis_server.url, tmp_path, submit_rate=0, api_keys=None, api_keys_file=str(keys))
+    server = ApiServer(create_app(settings)).start()
+    try:
+        with server.client("key-acme") as acme, server.client("key-globex") as globex:
+            submit(acme)
+            assert "its limit is 1 (limits.max_jobs_kept" in submit(acme, status=429)
+            submit(globex), submit(globex)  # the service's bound (2000) for the other tenant
+    finally:
+        server.stop()

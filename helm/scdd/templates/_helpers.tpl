@@ -210,6 +210,67 @@ every additional group.
 {{- end -}}
 {{- end -}}
 
+{{/* A memory quantity ("48Gi", "512Mi", "16G", 1073741824) in MiB (floored). */}}
+{{- define "scdd.memoryMi" -}}
+{{- $q := toString . -}}
+{{- $units := list (list "Ki" 1024.0) (list "Mi" 1048576.0) (list "Gi" 1073741824.0) (list "Ti" 1099511627776.0) (list "Pi" 1125899906842624.0) (list "k" 1000.0) (list "K" 1000.0) (list "M" 1000000.0) (list "G" 1000000000.0) (list "T" 1000000000000.0) (list "P" 1000000000000000.0) -}}
+{{- $bytes := -1.0 -}}
+{{- range $units -}}
+{{- if and (lt $bytes 0.0) (hasSuffix (index . 0) $q) -}}
+{{- $bytes = mulf (float64 (trimSuffix (index . 0) $q)) (index . 1) -}}
+{{- end -}}
+{{- end -}}
+{{- if lt $bytes 0.0 }}{{ $bytes = float64 $q }}{{ end -}}
+{{- divf $bytes 1048576.0 | floor | int64 -}}
+{{- end -}}
+
+{{/*
+The largest node a job's driver or worker can land on, from the worker groups that can start a pod (maxReplicas
+> 0): "<cpus> <memory MiB>", each the largest over those groups (0 0: none). A group's CPUs are what Ray gives it
+(rayStartParams num-cpus, else KubeRay's: the CPU limit, else the request), its memory the memory limit (else the
+request); an additional group without resources has the chart's default 2 CPU / 8Gi.
+*/}}
+{{- define "scdd.largestNode" -}}
+{{- $ray := .Values.ray -}}
+{{- $groups := list -}}
+{{- if and $ray.workers.enabled (gt (int $ray.workers.maxReplicas) 0) }}{{ $groups = append $groups $ray.workers }}{{ end -}}
+{{- range $ray.additionalWorkerGroups -}}
+{{- if gt (int .maxReplicas) 0 }}{{ $groups = append $groups . }}{{ end -}}
+{{- end -}}
+{{- $cpu := 0 -}}
+{{- $mem := 0 -}}
+{{- range $groups -}}
+{{- $r := .resources | default (dict "requests" (dict "cpu" "2" "memory" "8Gi") "limits" (dict "memory" "8Gi")) -}}
+{{- $requests := $r.requests | default dict -}}
+{{- $limits := $r.limits | default dict -}}
+{{- $c := index (.rayStartParams | default dict) "num-cpus" | default $limits.cpu | default $requests.cpu -}}
+{{- if not (kindIs "invalid" $c) }}{{ $cpu = max $cpu (include "scdd.milliCpu" $c | int64) }}{{ end -}}
+{{- $m := $limits.memory | default $requests.memory -}}
+{{- if not (kindIs "invalid" $m) }}{{ $mem = max $mem (include "scdd.memoryMi" $m | int64) }}{{ end -}}
+{{- end -}}
+{{- printf "%d %d" (div $cpu 1000) $mem -}}
+{{- end -}}
+
+{{/* SCDD_NODE_CPUS: config.nodeCpus, else the largest worker node's CPUs (scdd.largestNode; "": not set). */}}
+{{- define "scdd.nodeCpus" -}}
+{{- if not (kindIs "invalid" .Values.config.nodeCpus) -}}
+{{- .Values.config.nodeCpus | int64 -}}
+{{- else -}}
+{{- $cpus := index (splitList " " (include "scdd.largestNode" .)) 0 | int64 -}}
+{{- if gt $cpus 0 }}{{ $cpus }}{{ end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* SCDD_NODE_MEMORY_GIB: config.nodeMemoryGib, else the largest worker node's memory in GiB ("": not set). */}}
+{{- define "scdd.nodeMemoryGib" -}}
+{{- if not (kindIs "invalid" .Values.config.nodeMemoryGib) -}}
+{{- .Values.config.nodeMemoryGib | toString -}}
+{{- else -}}
+{{- $mi := index (splitList " " (include "scdd.largestNode" .)) 1 | int64 -}}
+{{- if gt $mi 0 }}{{ divf $mi 1024 | toString }}{{ end -}}
+{{- end -}}
+{{- end -}}
+
 {{/*
 The Ray head's container resources: ray.head.resources when set, else derived from config.maxRunning
 (ray.head.sizing): memory base + maxRunning x per job (request = limit), CPU base + maxRunning x per job
@@ -289,6 +350,18 @@ replicas: device auto then waits for a GPU node instead of running on CPUs), els
   value: {{ $c.pollS | toString | quote }}
 - name: SCDD_MAX_WORKERS
   value: {{ include "scdd.maxWorkers" . | quote }}
+{{- with include "scdd.nodeCpus" . }}
+- name: SCDD_NODE_CPUS
+  value: {{ . | quote }}
+{{- end }}
+{{- with include "scdd.nodeMemoryGib" . }}
+- name: SCDD_NODE_MEMORY_GIB
+  value: {{ . | quote }}
+{{- end }}
+{{- with $c.maxJobMemoryGib }}
+- name: SCDD_MAX_JOB_MEMORY_GIB
+  value: {{ . | toString | quote }}
+{{- end }}
 - name: SCDD_MAX_IMAGE_ITERATIONS
   value: {{ $c.maxImageIterations | int64 | quote }}
 - name: SCDD_MAX_EPOCHS

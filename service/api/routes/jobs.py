@@ -24,6 +24,8 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 ID_ATTEMPTS = 3
 ERRORS = {401: {"model": ErrorOut}, 404: {"model": ErrorOut}}
+READ_ERRORS = {**ERRORS, 429: {"model": ErrorOut, "description": "Past the tenant's read rate (SCDD_READ_RATE): "
+                                                                   "retry after Retry-After."}}
 UNREADABLE = {"model": ErrorOut, "description": "The body is not text (not UTF-8), so not JSON either."}
 
 
@@ -50,8 +52,8 @@ async def submit_job(spec: JobSpec, response: Response, tenant: TenantDep, store
                                           for loc, msg in exc.errors]) from None
         outcome, value = await store.create(job_id, tenant.name, effective, tenant.max_active_jobs, key_hash, body_hash,
                                             timeout_s=tenant.limits.max_wall_clock_s,
-                                            max_jobs_kept=settings.max_jobs_kept,
-                                            max_stored_bytes=settings.max_stored_bytes)
+                                            max_jobs_kept=tenant.limits.max_jobs_kept or settings.max_jobs_kept,
+                                            max_stored_bytes=tenant.limits.max_stored_bytes or settings.max_stored_bytes)
         if outcome != "taken":
             break
     else:
@@ -61,9 +63,12 @@ async def submit_job(spec: JobSpec, response: Response, tenant: TenantDep, store
                                  f"{tenant.max_active_jobs}: wait for one to finish or cancel one")
     if outcome == "stored":
         what, stored = value.split(" ", 1)
-        bound = (f"{stored} jobs stored, its limit is {settings.max_jobs_kept} (SCDD_MAX_JOBS_KEPT)" if what == "jobs"
-                 else f"{int(stored):,} bytes of job specs stored, and this one would pass its limit of "
-                      f"{settings.max_stored_bytes:,} (SCDD_MAX_STORED_BYTES)")
+        kept, size = (tenant.limits.max_jobs_kept or settings.max_jobs_kept,
+                      tenant.limits.max_stored_bytes or settings.max_stored_bytes)
+        bound = (f"{stored} jobs stored, its limit is {kept} (limits.max_jobs_kept in the API key file, else "
+                 f"SCDD_MAX_JOBS_KEPT)" if what == "jobs" else
+                 f"{int(stored):,} bytes of job specs stored, and this one would pass its limit of {size:,} "
+                 f"(limits.max_stored_bytes in the API key file, else SCDD_MAX_STORED_BYTES)")
         raise HTTPException(429, f"tenant {tenant.name!r} has {bound}, finished jobs included: delete finished jobs "
                                  f"you no longer need (DELETE /v1/jobs/{{id}}), or wait for retention to remove them")
     if outcome == "conflict":
@@ -78,7 +83,8 @@ async def submit_job(spec: JobSpec, response: Response, tenant: TenantDep, store
     return records.job_out(record)
 
 
-@router.get("", response_model=JobList, responses={401: {"model": ErrorOut}, 422: {"model": ErrorOut}})
+@router.get("", response_model=JobList, responses={401: {"model": ErrorOut}, 422: {"model": ErrorOut},
+                                                   429: READ_ERRORS[429]})
 async def list_jobs(tenant: TenantDep, store: StoreDep,
                     state: Annotated[Optional[JobState], Query(description="Only jobs in this state.")] = None,
                     limit: Annotated[int, Query(ge=1, le=100)] = 20,
@@ -90,7 +96,7 @@ async def list_jobs(tenant: TenantDep, store: StoreDep,
     return JobList(jobs=[records.job_out(record) for record in found], next_cursor=next_cursor)
 
 
-@router.get("/{job_id}", response_model=JobOut, responses=ERRORS)
+@router.get("/{job_id}", response_model=JobOut, responses=READ_ERRORS)
 async def get_job(job: JobDep) -> JobOut:
     """State, stage, progress, timestamps, error, and the report summary once done."""
     return records.job_out(job)
@@ -138,14 +144,15 @@ def _resumed_spec(job: dict, workers: Optional[int], tenant: Tenant, settings: S
         resumed = JobSpec.model_validate(data)
     except ValidationError as exc:
         raise _refuse(("body", "workers"), "; ".join(e["msg"] for e in exc.errors())) from None
-    errors = over_budget(resumed, tenant, max_gpus=settings.max_gpus)
+    errors = over_budget(resumed, tenant, settings=settings)
     if errors:
         raise RequestValidationError([{"loc": loc, "msg": msg, "type": "value_error"} for loc, msg in errors])
     return resumed.to_dict(), workers
 
 
 @router.post("/{job_id}/resume", status_code=202, response_model=JobOut,
-             responses={**ERRORS, 409: {"model": ErrorOut}, 422: {"model": ErrorOut}, 429: {"model": ErrorOut}})
+             responses={**ERRORS, 400: UNREADABLE, 409: {"model": ErrorOut}, 422: {"model": ErrorOut},
+                        429: {"model": ErrorOut}})
 async def resume_job(job: JobDep, store: StoreDep, tenant: TenantDep, settings: SettingsDep,
                      body: Annotated[Optional[ResumeIn], Body()] = None) -> JobOut:
     """Run a failed, cancelled or timed-out job again on its own output as its next `attempt`: the teacher, the
