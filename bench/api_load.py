@@ -47,6 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from service.records import GROUP, Keys
+from service.serve import ensure_ray_token
 from tests.services import DispatcherProcess, RayHead, RedisServer, free_port, wait_until
 
 KEY = os.environ.get("SCDD_BENCH_KEY") or f"bench-{secrets.token_hex(16)}"  # a child process gets its parent's
@@ -362,6 +363,7 @@ def main() -> None:
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     os.environ.setdefault("RAY_AUTH_MODE", "token")  # `ray start` turns token auth on; Jobs API clients must send it
     tmp = Path(tempfile.mkdtemp(prefix="api-load-"))
+    ensure_ray_token(tmp)  # a fresh machine has none: one for this run's head, dispatcher and clients
     try:
         with contextlib.ExitStack() as stack:
             run(args, stack, tmp)

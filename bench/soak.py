@@ -9,8 +9,8 @@ API), the API under uvicorn (one process) and one dispatcher (SCDD_MAX_RUNNING=2
   artifacts and download its manifest, wait `--pause` s.
 - The abuser (mallory), all at once: keeps as many real jobs queued as its quota lets it (to hold the run
   slots), submits and cancels as fast as it can (the submission rate limit answers, then its storage bound,
-  `--max-jobs-kept`: jobs cancelled while queued stay an hour), holds as many event streams as it may and
-  keeps asking for more, and sends oversized, too large and malformed requests.
+  `--max-jobs-kept`, finished jobs included, until retention deletes them), holds as many event streams as it
+  may and keeps asking for more, and sends oversized, too large and malformed requests.
 - In the middle, Redis goes away for `--outage-s` (stopped, then started again on its append-only file, as a
   Redis pod restart does): answers during the outage (and 10 s after) are counted apart, and every
   well-behaved job must still succeed (its driver buffers its events, the dispatcher waits for Redis).
@@ -21,7 +21,7 @@ slot (created -> dispatched) against the abuser's, and whether Redis memory stay
 from the sample at the retention time plus a minute to the last).
 
     python bench/soak.py [--minutes 10] [--retention-s 60] [--pause 5] [--redis-maxmemory 64mb] [--outage-s 60]
-                         [--max-jobs-kept 200]
+                         [--max-jobs-kept 40]
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 from api_load import percentile, processes_naming, start_api, stop_process, stop_ray_head, tiny_spec  # noqa: E402
 from service.records import Keys  # noqa: E402
+from service.serve import ensure_ray_token  # noqa: E402
 from tests.services import DispatcherProcess, RayHead, RedisServer, wait_until  # noqa: E402
 
 GOOD = ("alpha", "beta", "gamma")
@@ -323,7 +324,9 @@ def main() -> int:
     parser.add_argument("--pause", type=float, default=5, help="seconds a well-behaved tenant waits between jobs")
     parser.add_argument("--redis-maxmemory", default="64mb")
     parser.add_argument("--outage-s", type=float, default=60, help="Redis stopped this long mid-run (0: no outage)")
-    parser.add_argument("--max-jobs-kept", type=int, default=200, help="SCDD_MAX_JOBS_KEPT: the abuser's storage bound")
+    parser.add_argument("--max-jobs-kept", type=int, default=40,
+                        help="SCDD_MAX_JOBS_KEPT: the abuser reaches it (20 active + a minute of churn at 60 a minute, kept for "
+                        "the retention of 60 s) while a well-behaved tenant keeps at most a few")
     args = parser.parse_args()
     os.chdir(ROOT)  # Ray job drivers run `python -m service.entrypoint` in the head's working folder
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
@@ -331,6 +334,7 @@ def main() -> int:
     print(f"machine: {os.cpu_count()} CPUs; the clients, API, Redis, dispatcher and Ray share them. "
           f"{args.minutes:g} minutes, retention {args.retention_s:g} s, Redis maxmemory {args.redis_maxmemory}\n")
     tmp = Path(tempfile.mkdtemp(prefix="scdd-soak-"))
+    ensure_ray_token(tmp)  # a fresh machine has none: one for this run's head, dispatcher and clients
     tally, samples = Tally(), []
     try:
         with contextlib.ExitStack() as stack:
