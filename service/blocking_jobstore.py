@@ -45,11 +45,12 @@ class BlockingJobStore:
             (event or {}).get("type", ""), records.event_json(event) if event else "", *flat])
         return moved == 1, state
 
-    def claim(self, job_id: str, attempt: int) -> tuple[int, str]:
+    def claim(self, job_id: str, attempt: int, token: str = "") -> tuple[int, str]:
         """The driver of `attempt` takes the job: queued/dispatched -> running (records.CLAIM). (1, previous state),
-        (0, current state: not claimable), (-1, '') no job, (-2, current attempt) a newer attempt owns it."""
+        (0, current state: not claimable), (-1, '') no job, (-2, current attempt) a newer attempt owns it. `token`: the
+        driver's own, so that its claim sent again (the answer was lost) finds the job claimed by itself."""
         claimed, value = self._claim(keys=[self.keys.job(job_id)],
-                                     args=[self.keys.prefix, f"{time.time():.3f}", str(attempt)])
+                                     args=[self.keys.prefix, f"{time.time():.3f}", str(attempt), token])
         return int(claimed), value
 
     def finish(self, job_id: str, status: str, allowed: tuple[str, ...], error: Optional[str] = None,

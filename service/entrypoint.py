@@ -19,7 +19,9 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from typing import Any, Optional
+import time
+import uuid
+from typing import Any, Callable, Optional, TypeVar
 
 import redis
 from redis.backoff import NoBackoff
@@ -28,7 +30,7 @@ from redis.retry import Retry
 from api_schema import JobSpec
 from service.blocking_jobstore import BlockingJobStore
 from service.curves import CurveRecorder
-from service.event_buffer import BufferedEventSink
+from service.event_buffer import BufferedEventSink, transient
 from service.records import attempt_of
 from service.redact import redact_text, redact_url
 from service.settings import Settings
@@ -36,6 +38,7 @@ from workers.driver import run_job
 from workers.events import FanOut, HumanSink
 
 log = logging.getLogger("scdd.service")
+T = TypeVar("T")
 
 
 class RedisEventSink:
@@ -124,9 +127,29 @@ class CancelCheck:
 FINAL_RECORD_LOST = 3  # the exit code of a driver whose final record never reached Redis
 
 
+def until_redis_answers(what: str, call: Callable[[], T], seconds: float) -> T:
+    """`call()`, tried again (0.5 s doubling to 5 s apart) while Redis is unreachable, loading or full, for up to
+    `seconds`: a driver that Ray starts during a Redis outage waits for it rather than failing its job."""
+    deadline, delay, warned = time.monotonic() + seconds, 0.5, False
+    while True:
+        try:
+            return call()
+        except Exception as exc:  # noqa: BLE001 -- only what retrying can fix is retried
+            if not transient(exc) or time.monotonic() + delay > deadline:
+                raise
+            if not warned:
+                warned = True
+                log.warning("cannot %s: Redis does not answer (%s); trying again for up to %g s "
+                            "(SCDD_FINAL_RECORD_RETRY_S)", what, redact_text(f"{type(exc).__name__}: {exc}"), seconds)
+        time.sleep(delay)
+        delay = min(delay * 2, 5.0)
+
+
 def run(job_id: str, settings: Settings, attempt: int = 1) -> int:
     store = BlockingJobStore.connect(settings.redis_url, settings.redis_prefix, settings.events_maxlen)
-    claimed, state = store.claim(job_id, attempt)
+    token = uuid.uuid4().hex
+    wait = settings.final_record_retry_s
+    claimed, state = until_redis_answers("claim the job", lambda: store.claim(job_id, attempt, token), wait)
     if claimed == -1:
         print(f"scdd: no job {job_id} in Redis at {redact_url(settings.redis_url)} (prefix {settings.redis_prefix}): "
               "check that REDIS_URL and SCDD_REDIS_PREFIX of the Ray job are the service's", file=sys.stderr)
@@ -138,9 +161,11 @@ def run(job_id: str, settings: Settings, attempt: int = 1) -> int:
     if claimed != 1:
         print(f"scdd: job {job_id} is {state}; not starting it again", file=sys.stderr)
         return 0 if state == "succeeded" else 1
-    spec = JobSpec.model_validate(json.loads(store.get(job_id)["spec"]))  # as claimed (a resume may change it)
-    events = BufferedEventSink(RedisEventSink(store, job_id, settings.curve_points, attempt),
-                               settings.event_buffer, settings.final_record_retry_s)
+    record = until_redis_answers("read the job", lambda: store.get(job_id), wait)
+    spec = JobSpec.model_validate(json.loads(record["spec"]))  # as claimed (a resume may change it)
+    sink = until_redis_answers("read the job's curves",
+                               lambda: RedisEventSink(store, job_id, settings.curve_points, attempt), wait)
+    events = BufferedEventSink(sink, settings.event_buffer, settings.final_record_retry_s)
     cancel = CancelCheck.connect(settings, job_id)
     try:
         outcome = run_job(spec, FanOut(events, HumanSink(sys.stdout)), should_cancel=cancel)

@@ -259,17 +259,22 @@ redis.call('XADD', KEYS[5], '*', 'job', id)
 return {'queued', tostring(attempt)}
 """
 
-# KEYS: job. ARGV: prefix, now, the attempt the claiming driver belongs to. The Ray entrypoint's claim: queued or
-# dispatched -> running, only for the job's current attempt (a driver of an earlier attempt that Ray starts late
-# never runs). Returns {1, previous state}, {0, current state}, {-1, ''} (no job) or {-2, current attempt}.
+# KEYS: job. ARGV: prefix, now, the attempt the claiming driver belongs to, the driver's token. The Ray entrypoint's
+# claim: queued or dispatched -> running, only for the job's current attempt (a driver of an earlier attempt that
+# Ray starts late never runs). The same driver claiming again (its first answer was lost in a Redis outage) finds its
+# own claim: {1, 'running'}. Returns {1, previous state}, {0, current state}, {-1, ''} (no job) or {-2, current
+# attempt}.
 CLAIM = _MOVE + """
 local cur = redis.call('HGET', KEYS[1], 'state')
 if not cur then return {-1, ''} end
 local attempt = redis.call('HGET', KEYS[1], 'attempt') or '1'
 if attempt ~= ARGV[3] then return {-2, attempt} end
+if cur == 'running' and ARGV[4] ~= '' and redis.call('HGET', KEYS[1], 'claimed_by') == ARGV[4] then
+  return {1, cur}
+end
 if cur ~= 'queued' and cur ~= 'dispatched' then return {0, cur} end
 move(ARGV[1], KEYS[1], cur, 'running', ARGV[2])
-redis.call('HSET', KEYS[1], 'started_at', ARGV[2])
+redis.call('HSET', KEYS[1], 'started_at', ARGV[2], 'claimed_by', ARGV[4])
 return {1, cur}
 """
 

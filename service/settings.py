@@ -84,8 +84,9 @@ class Settings(BaseSettings):
     cancelled_queued_retention_s: float = Field(3600.0, ge=0, description="A job cancelled before it was dispatched "
                                                 "is deleted from Redis this long after (it never ran: nothing to "
                                                 "keep for retention_days).")
-    final_record_retry_s: float = Field(600.0, ge=0, description="How long a job's driver keeps trying to write its "
-                                        "final record (state, error, summary) while Redis is unreachable. Progress "
+    final_record_retry_s: float = Field(600.0, ge=0, description="How long a job's driver keeps trying to reach Redis "
+                                        "while it is unreachable: to claim the job when Ray starts it, and to write "
+                                        "its final record (state, error, summary) when it ends. Progress "
                                         "events go through a bounded buffer and are dropped, oldest progress first, "
                                         "while Redis is away. Read by the job's driver.")
     event_buffer: int = Field(1000, ge=10, le=100_000, description="Events a job's driver holds while Redis is slow or "
