@@ -149,7 +149,15 @@ def run(job_id: str, settings: Settings, attempt: int = 1) -> int:
     store = BlockingJobStore.connect(settings.redis_url, settings.redis_prefix, settings.events_maxlen)
     token = uuid.uuid4().hex
     wait = settings.final_record_retry_s
-    claimed, state = until_redis_answers("claim the job", lambda: store.claim(job_id, attempt, token), wait)
+    try:
+        claimed, state = until_redis_answers("claim the job", lambda: store.claim(job_id, attempt, token), wait)
+    except Exception as exc:  # noqa: BLE001 -- Redis never answered: say so in one line, not a traceback
+        if not transient(exc):
+            raise
+        print(f"scdd: job {job_id}: Redis at {redact_url(settings.redis_url)} did not answer within "
+              f"SCDD_FINAL_RECORD_RETRY_S ({wait:g} s), so the job could not be claimed: check that Redis is up and "
+              f"that REDIS_URL of the Ray nodes is the service's", file=sys.stderr)
+        return 2
     if claimed == -1:
         print(f"scdd: no job {job_id} in Redis at {redact_url(settings.redis_url)} (prefix {settings.redis_prefix}): "
               "check that REDIS_URL and SCDD_REDIS_PREFIX of the Ray job are the service's", file=sys.stderr)

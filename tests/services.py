@@ -102,6 +102,22 @@ class RayHead:
             forget_ray_head(self.port)  # as `scdd serve` does: no record of a head that is gone
 
 
+def stop_service_ray_jobs(jobs_url: str, since_ms: int) -> list[str]:
+    """Stop the service's Ray jobs (metadata `scdd_job`) submitted to the head at `jobs_url` since `since_ms` and not
+    ended: a test whose own Redis is gone leaves drivers that would wait minutes for it (SCDD_FINAL_RECORD_RETRY_S)
+    while holding the shared head's CPUs. The submission ids stopped."""
+    from ray.job_submission import JobSubmissionClient
+
+    client, stopped = JobSubmissionClient(jobs_url), []
+    for job in client.list_jobs():
+        status = str(getattr(job.status, "value", job.status))
+        if (job.metadata or {}).get("scdd_job") and (job.start_time or 0) >= since_ms and \
+                status not in ("SUCCEEDED", "FAILED", "STOPPED"):
+            client.stop_job(job.submission_id)
+            stopped.append(job.submission_id)
+    return stopped
+
+
 class ApiServer:
     """The FastAPI app under uvicorn on loopback, in a thread of the test process."""
 

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from service.serve import child_env
-from tests.services import free_port, wait_until
+from tests.services import free_port, stop_service_ray_jobs, wait_until
 from tests.test_data import make_imagefolder
 from tests.test_service_artifacts import fabricate_job
 
@@ -72,10 +72,12 @@ def serve(tmp_path, ray_head):
         except httpx.HTTPError:
             return False
 
+    since_ms = int(time.time() * 1000)
     wait_until(up, 120, "scdd serve")
     yield url
     process.terminate()
     process.wait(120)
+    stop_service_ray_jobs(ray_head.jobs_url, since_ms)  # drivers whose Redis just went with `serve`
 
 
 def api(url: str, key: str) -> httpx.Client:

@@ -238,6 +238,19 @@ def test_a_driver_started_while_redis_is_away_waits_to_claim_its_job_and_runs_it
     assert acme.get(f"/v1/jobs/{job_id}").json()["state"] == "succeeded"
 
 
+def test_a_driver_whose_redis_never_comes_back_says_so_in_one_line(redis_server, tmp_path, capsys):
+    """A Redis that is gone for good (or a wrong REDIS_URL on the Ray nodes): the driver gives up after
+    SCDD_FINAL_RECORD_RETRY_S with a line naming the (redacted) URL and the fix, exit code 2, no traceback."""
+    from service.entrypoint import run
+
+    settings = api_settings(redis_server.url.replace("redis://", "redis://:pw@"), tmp_path, final_record_retry_s=1.5)
+    redis_server.stop()
+    assert run("j-00000000000000000000", settings, 1) == 2
+    message = capsys.readouterr().err
+    assert "did not answer within SCDD_FINAL_RECORD_RETRY_S (1.5 s)" in message and "redis://***@127.0.0.1" in message
+    assert "Traceback" not in message and ":pw@" not in message
+
+
 def test_a_claim_sent_again_by_the_same_driver_finds_its_own_claim(running_job):
     """The claim's answer lost in an outage: the driver's retry must not read its own claim as another's."""
     store, _claimed = running_job
