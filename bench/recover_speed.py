@@ -6,14 +6,16 @@ statistics are realistic) and a batch of 100 images it runs:
              whole batch, one roll, BN variance by permute-and-copy, fp32, eager, a loss.item() per step
   fp32       scdd: per-image crop/flip/roll in one grid_sample, var_mean statistics, fp32, eager
   fast       scdd with the speed options this machine's `auto` resolves to
-             (torch.compile + channels-last + bf16 autocast where bf16 is native)
+             (torch.compile + channels-last + bf16 autocast where bf16 is native); `--amp off` keeps it fp32
+             (compiled, channels-last), so the figure of a machine without native bf16 can be taken on one with it,
+             and `--amp bf16` forces autocast; the first line names the CPU's bf16 support
 and prints image-iterations per second, the ratio to the yardstick, and the CE and BN losses of
 each loop's final images, all measured the same way (fp32, eager, same initial noise) in two views:
 `aug` is the mean over 20 fixed draws of the per-image augmentation (the objective recover
 optimises, and what a student sees in training), `plain` is the images without augmentation. Compile time is paid once per run and listed apart (inductor caches compiled
 kernels on disk, so a second run of the script compiles faster).
 
-    python bench/recover_speed.py [--iterations 100] [--models convnet resnet18_small]
+    python bench/recover_speed.py [--iterations 100] [--models convnet resnet18_small] [--amp auto|off|bf16]
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from scdd.data import load_dataset
 from scdd.models import create_model
 from scdd.progress import SilentProgress
 from scdd.recover import BNStatLoss, freeze, prepare_teacher, synthesize
-from scdd.runtime import Runtime, resolve_runtime
+from scdd.runtime import Runtime, fast_bf16, resolve_runtime
 from scdd.squeeze import train_supervised
 
 from published_loop import yardstick  # bench/published_loop.py
@@ -82,6 +84,9 @@ def main() -> None:
     parser.add_argument("--train-limit", type=int, default=300, help="teacher training images per class")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--r-bn", type=float, default=0.01, help="BN-loss weight (0.01: SRe2L's published value)")
+    parser.add_argument("--amp", choices=["auto", "off", "bf16"], default="auto",
+                        help="bf16 autocast of the `fast` loop: auto (where this machine has it natively), off (the "
+                        "compiled fp32 path of a machine without it), bf16")
     args = parser.parse_args()
 
     data = load_dataset(DatasetSpec(train_limit=args.train_limit), seed=args.seed)
@@ -91,9 +96,10 @@ def main() -> None:
     spec = RecoverSpec(iterations=args.iterations, batch_size=BATCH, r_bn=args.r_bn)
     jitter = info.image_size // 8
     plain = Runtime(torch.device("cpu"), None, False, "off")
-    fast = resolve_runtime(ResourcesSpec(compile="on"))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {BATCH}, {args.iterations} iterations; "
-          f"fast = {fast.describe()}")
+    fast = resolve_runtime(ResourcesSpec(compile="on", amp=args.amp))
+    native = "native bf16 (AVX512-BF16 or AMX)" if fast_bf16(torch.device("cpu")) else "no native bf16"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU with {native}, batch {BATCH}, "
+          f"{args.iterations} iterations; fast = {fast.describe()} (--amp {args.amp})")
     header = (f"{'model':<15} {'loop':<10} {'img-it/s':>9} {'x yard':>7} {'CE aug':>7} {'BN aug':>8} "
               f"{'CE plain':>8} {'BN plain':>8} {'compile s':>9}")
 
