@@ -13,6 +13,8 @@ Keys (prefix `scdd` by default; one Redis instance, not Redis Cluster: scripts d
                                  bound, with the number of ids in `<p>:tenant:<t>:jobs`)
 - `<p>:idem:<t>:<sha256(key)>`   hash {job, body}: Idempotency-Key -> job, expires
 - `<p>:rate:<t>`                 hash {tokens, at}: the tenant's submission token bucket, expires
+- `<p>:readrate:<t>`             hash {tokens, at}: the tenant's read (GET) token bucket, expires
+- `<p>:archive-bytes:<t>`        hash {tokens, at}: the tenant's bucket of zip-download bytes (an hour's worth), expires
 - `<p>:queue`                    stream (consumer group `dispatchers`): one message {job} per submission
 - `<p>:queue:dead`               stream: dead-lettered messages {job, reason}
 - `<p>:slots`                    hash: job id -> `<tenant> <gpus>` of each job holding a run slot (dispatched,
@@ -66,6 +68,12 @@ class Keys:
 
     def rate(self, tenant: str) -> str:
         return f"{self.prefix}:rate:{tenant}"
+
+    def read_rate(self, tenant: str) -> str:
+        return f"{self.prefix}:readrate:{tenant}"
+
+    def archive_bytes(self, tenant: str) -> str:
+        return f"{self.prefix}:archive-bytes:{tenant}"
 
     def idempotency(self, tenant: str, key_hash: str) -> str:
         return f"{self.prefix}:idem:{tenant}:{key_hash}"
@@ -122,6 +130,11 @@ def new_job_id() -> str:
     """`j-` + 12 hex digits of milliseconds + 8 random: unique, and ids sort by creation time."""
     return f"j-{int(time.time() * 1000):012x}{os.urandom(4).hex()}"
 
+
+# Whether a job in `state` (nil: no record) is live: queued, dispatched or running.
+_LIVE = """
+local function live(state) return state == 'queued' or state == 'dispatched' or state == 'running' end
+"""
 
 # Moves a job to state `to` (keeping the per-tenant state sets, counts and the run slots right)
 # and, when given, appends an event to the job's stream in the same step.
@@ -315,30 +328,31 @@ return gone
 
 # A tenant deletes a finished job (DELETE /v1/jobs/{id}). KEYS: job. ARGV: prefix, now, tenant.
 # Returns {'deleted', state} | {'active', state} (not finished: cancel it first) | {'missing', ''}.
-DELETE = _FORGET + """
+DELETE = _LIVE + _FORGET + """
 local fields = redis.call('HMGET', KEYS[1], 'state', 'tenant', 'id')
 if not fields[1] or fields[2] ~= ARGV[3] then return {'missing', ''} end
-if fields[1] ~= 'succeeded' and fields[1] ~= 'failed' and fields[1] ~= 'cancelled' then return {'active', fields[1]} end
+if live(fields[1]) then return {'active', fields[1]} end
 forget(ARGV[1], fields[3], ARGV[2])
 return {'deleted', fields[1]}
 """
 
-# Per-tenant submission rate: a token bucket. KEYS: the tenant's bucket. ARGV: now (s), tokens per second,
-# burst (bucket size). Returns {1, 0} when a token was taken, else {0, seconds until the next token (ceil)}.
+# A per-tenant token bucket (submissions, reads, bytes of zip downloads). KEYS: the tenant's bucket. ARGV: now (s),
+# tokens per second, burst (bucket size), the tokens this request costs. Returns {1, 0} when they were taken, else
+# {0, seconds until there are as many (ceil)}; a refused request takes nothing.
 TAKE_TOKEN = """
-local now, rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local now, rate, burst, cost = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local state = redis.call('HMGET', KEYS[1], 'tokens', 'at')
 local tokens, at = tonumber(state[1]) or burst, tonumber(state[2]) or now
 tokens = math.min(burst, tokens + math.max(0, now - at) * rate)
 local taken = 0
-if tokens >= 1 then
-  tokens = tokens - 1
+if tokens >= cost then
+  tokens = tokens - cost
   taken = 1
 end
 redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', tostring(now))
 redis.call('EXPIRE', KEYS[1], math.ceil(burst / rate) + 1)
 if taken == 1 then return {1, 0} end
-return {0, math.ceil((1 - tokens) / rate)}
+return {0, math.ceil((cost - tokens) / rate)}
 """
 
 # Fair share of the run slots. KEYS: slots, tenants, served. ARGV: prefix, job id, tenant, the job's GPUs,
@@ -351,9 +365,9 @@ return {0, math.ceil((1 - tokens) / rate)}
 # dispatcher reads a job before it reserves, and a cancel in between must not leave a slot to a finished job (a slot
 # of a final or missing job is freed here, and by SWEEP_SLOTS).
 # Returns {1, 'held'|'reserved'} or {0, 'full'|'gpus'|'owed:<tenant>'|'final'|'missing'}.
-RESERVE = """
+RESERVE = _LIVE + """
 local state = redis.call('HGET', KEYS[4], 'state')
-if state ~= 'queued' and state ~= 'dispatched' and state ~= 'running' then
+if not live(state) then
   redis.call('HDEL', KEYS[1], ARGV[2])
   if state then return {0, 'final'} end
   return {0, 'missing'}
@@ -388,11 +402,10 @@ return {1, 'reserved'}
 
 # Frees the run slots of jobs that are final or gone (a slot left by a crash between steps, or by an older
 # version's RESERVE). KEYS: slots. ARGV: prefix. Returns the job ids freed.
-SWEEP_SLOTS = """
+SWEEP_SLOTS = _LIVE + """
 local freed = {}
 for _, id in ipairs(redis.call('HKEYS', KEYS[1])) do
-  local state = redis.call('HGET', ARGV[1] .. ':job:' .. id, 'state')
-  if state ~= 'queued' and state ~= 'dispatched' and state ~= 'running' then
+  if not live(redis.call('HGET', ARGV[1] .. ':job:' .. id, 'state')) then
     redis.call('HDEL', KEYS[1], id)
     table.insert(freed, id)
   end

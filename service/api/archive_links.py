@@ -16,13 +16,9 @@ import hmac
 import json
 import secrets
 import threading
-import time
-import weakref
 from collections import Counter
 
-import redis.asyncio as aioredis
 from fastapi import HTTPException, Request
-from redis.commands.core import AsyncScript
 
 from service.api.streams import Slot
 
@@ -54,26 +50,9 @@ class ArchiveSlots:
                 del self.open[tenant]
 
 
-# Bytes of zip downloads a tenant may start: a token bucket of `burst` bytes (SCDD_ARCHIVE_BYTES_PER_HOUR) that refills
-# at burst / 3600 bytes a second, so at most that many bytes start in one go and, on average, per hour. KEYS: the
-# tenant's bucket. ARGV: now (s), bytes per second, burst, this download's bytes. Returns {1, 0} when they were
-# taken, else {0, seconds until they can be (ceil)}; a refused download takes nothing.
-TAKE_BYTES = """
-local now, rate, burst, cost = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local state = redis.call('HMGET', KEYS[1], 'tokens', 'at')
-local tokens, at = tonumber(state[1]) or burst, tonumber(state[2]) or now
-tokens = math.min(burst, tokens + math.max(0, now - at) * rate)
-local taken = 0
-if tokens >= cost then
-  tokens = tokens - cost
-  taken = 1
-end
-redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', tostring(now))
-redis.call('EXPIRE', KEYS[1], math.ceil(burst / rate) + 1)
-if taken == 1 then return {1, 0} end
-return {0, math.ceil((cost - tokens) / rate)}
-"""
-_BYTE_BUCKETS: "weakref.WeakKeyDictionary[aioredis.Redis, AsyncScript]" = weakref.WeakKeyDictionary()
+# Bytes of zip downloads a tenant may start: a token bucket (records.TAKE_TOKEN, `Keys.archive_bytes`) of
+# SCDD_ARCHIVE_BYTES_PER_HOUR bytes that refills at that many an hour, so at most that many bytes start in one go and,
+# on average, per hour; a download costs its bytes, and a refused one takes nothing.
 
 
 def _size(n: int) -> str:
@@ -95,12 +74,8 @@ async def take_archive_bytes(request: Request, tenant: str, job_id: str, size: i
                                  f"zips in an hour ({_size(limit)}, SCDD_ARCHIVE_BYTES_PER_HOUR): download its files "
                                  f"one by one with {per_file}, or ask the operator to raise SCDD_ARCHIVE_BYTES_PER_HOUR")
     store = request.app.state.store
-    script = _BYTE_BUCKETS.get(store.redis)
-    if script is None:
-        script = _BYTE_BUCKETS[store.redis] = store.redis.register_script(TAKE_BYTES)
-    taken, wait = await script(keys=[f"{store.keys.prefix}:archive-bytes:{tenant}"],
-                               args=[f"{time.time():.3f}", limit / 3600, limit, size])
-    if taken != 1:
+    taken, wait = await store.take_tokens(store.keys.archive_bytes(tenant), limit / 3600, limit, size)
+    if not taken:
         raise HTTPException(429, f"tenant {tenant!r} has used its allowance of zip downloads ({_size(limit)} an hour, "
                                  f"SCDD_ARCHIVE_BYTES_PER_HOUR): this archive ({_size(size)}) fits in it again in "
                                  f"{int(wait)} s; retry then, or download single files with {per_file}",

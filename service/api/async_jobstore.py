@@ -27,8 +27,8 @@ class AsyncJobStore:
         self._delete = client.register_script(records.DELETE)
 
     async def create(self, job_id: str, tenant: str, spec: dict[str, Any], quota: int,
-                     idempotency_key_hash: Optional[str], body_hash: str, timeout_s: float = 0,
-                     max_jobs_kept: int = 2000, max_stored_bytes: int = 64 * 1024 * 1024) -> tuple[str, str]:
+                     idempotency_key_hash: Optional[str], body_hash: str, timeout_s: float, max_jobs_kept: int,
+                     max_stored_bytes: int) -> tuple[str, str]:
         """('created' | 'existing' | 'conflict' | 'taken', job id), ('quota', active job count) or ('stored',
         'jobs <n>' | 'bytes <n>': the tenant's storage bound is reached); 'taken' leaves the record of that id as it
         was."""
@@ -69,7 +69,7 @@ class AsyncJobStore:
             found = [record for record in await pipe.execute() if record]
         return found, (page[-1] if len(ids) > limit else None)
 
-    async def cancel(self, job_id: str, queued_kept_s: float = 3600.0) -> tuple[str, str]:
+    async def cancel(self, job_id: str, queued_kept_s: float) -> tuple[str, str]:
         """records.CANCEL; a job cancelled while queued is deleted `queued_kept_s` later."""
         event = records.event_json(records.finished_event(job_id, "cancelled", "cancelled before it was dispatched"))
         outcome, state = await self._cancel(keys=[self.keys.job(job_id), self.keys.expiring],
@@ -83,14 +83,6 @@ class AsyncJobStore:
                                             args=[self.keys.prefix, f"{time.time():.3f}", tenant])
         return outcome, state
 
-    async def stored(self, tenant: str) -> tuple[int, int]:
-        """(jobs, spec bytes) the tenant has stored, finished jobs included."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.zcard(self.keys.tenant_jobs(tenant))
-            pipe.get(self.keys.tenant_bytes(tenant))
-            jobs, size = await pipe.execute()
-        return int(jobs), int(size or 0)
-
     async def resume(self, job_id: str, tenant: str, quota: int, spec: Optional[dict[str, Any]],
                      event: dict[str, Any]) -> tuple[str, str]:
         """Queue a failed or cancelled job again as its next attempt (records.RESUME), with `spec` when it changes.
@@ -103,11 +95,15 @@ class AsyncJobStore:
                   json.dumps(spec, sort_keys=True) if spec is not None else ""])
         return outcome, value
 
+    async def take_tokens(self, bucket: str, per_second: float, burst: float, cost: float = 1) -> tuple[bool, int]:
+        """`cost` tokens of the token bucket at key `bucket` (records.TAKE_TOKEN): (True, 0) when taken, else (False,
+        seconds to wait)."""
+        taken, wait = await self._take_token(keys=[bucket], args=[f"{time.time():.3f}", per_second, burst, cost])
+        return taken == 1, int(wait)
+
     async def take_submit_token(self, tenant: str, per_minute: float, burst: int) -> tuple[bool, int]:
         """(True, 0) when the tenant may submit now, else (False, seconds to wait)."""
-        taken, wait = await self._take_token(keys=[self.keys.rate(tenant)],
-                                             args=[f"{time.time():.3f}", per_minute / 60, burst])
-        return taken == 1, int(wait)
+        return await self.take_tokens(self.keys.rate(tenant), per_minute / 60, burst)
 
     async def memory(self) -> tuple[int, int]:
         """(used_memory, maxmemory) of Redis in bytes; maxmemory 0 means no limit."""

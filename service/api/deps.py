@@ -3,17 +3,12 @@ job."""
 
 from __future__ import annotations
 
-import time
-import weakref
 from typing import Annotated
 
-import redis.asyncio as aioredis
 from fastapi import Depends, HTTPException, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from redis.commands.core import AsyncScript
 from redis.exceptions import OutOfMemoryError
 
-from service import records
 from service.api.async_jobstore import AsyncJobStore
 from service.auth import ApiKeys, Tenant
 from service.settings import Settings
@@ -29,14 +24,6 @@ def get_store(request: Request) -> AsyncJobStore:
     return request.app.state.store
 
 
-_BUCKETS: "weakref.WeakKeyDictionary[aioredis.Redis, AsyncScript]" = weakref.WeakKeyDictionary()
-
-
-def read_rate_key(prefix: str, tenant: str) -> str:
-    """The Redis key of a tenant's read bucket (records.TAKE_TOKEN's hash: tokens and when they were counted)."""
-    return f"{prefix}:readrate:{tenant}"
-
-
 async def take_read_token(request: Request, tenant: str) -> None:
     """One read of `tenant` against its token bucket in Redis (so every API process counts against the same
     SCDD_READ_RATE per minute, after bursts of SCDD_READ_BURST), or 429 with Retry-After naming the limit. An event
@@ -45,15 +32,11 @@ async def take_read_token(request: Request, tenant: str) -> None:
     if settings.read_rate <= 0:
         return
     store: AsyncJobStore = request.app.state.store
-    script = _BUCKETS.get(store.redis)
-    if script is None:
-        script = _BUCKETS[store.redis] = store.redis.register_script(records.TAKE_TOKEN)
     try:
-        taken, wait = await script(keys=[read_rate_key(store.keys.prefix, tenant)],
-                                   args=[f"{time.time():.3f}", settings.read_rate / 60, settings.read_burst])
+        taken, wait = await store.take_tokens(store.keys.read_rate(tenant), settings.read_rate / 60, settings.read_burst)
     except OutOfMemoryError:  # Redis is full and refuses the bucket's write: reads go on (every job stays readable)
         return
-    if taken != 1:
+    if not taken:
         raise HTTPException(429, f"tenant {tenant!r} reads faster than its limit of {settings.read_rate:g} requests "
                                  f"per minute (bursts of {settings.read_burst}; SCDD_READ_RATE, SCDD_READ_BURST): "
                                  f"retry in {int(wait)} s, and poll less often (or follow GET /v1/jobs/{{id}}/events, "

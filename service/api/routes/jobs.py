@@ -43,6 +43,8 @@ async def submit_job(spec: JobSpec, response: Response, tenant: TenantDep, store
                                      f"SCDD_SUBMIT_BURST): retry in {wait} s", headers={"Retry-After": str(wait)})
     key_hash = hashlib.sha256(idempotency_key.encode()).hexdigest() if idempotency_key else None
     body_hash = hashlib.sha256(json.dumps(spec.to_dict(), sort_keys=True).encode()).hexdigest()
+    kept, size = (tenant.limits.max_jobs_kept or settings.max_jobs_kept,  # what the tenant may keep stored
+                  tenant.limits.max_stored_bytes or settings.max_stored_bytes)
     for _ in range(ID_ATTEMPTS):  # a new id is unique but for a clash of its 32 random bits in one millisecond
         job_id = records.new_job_id()
         try:
@@ -51,9 +53,8 @@ async def submit_job(spec: JobSpec, response: Response, tenant: TenantDep, store
             raise RequestValidationError([{"loc": loc, "msg": msg, "type": "value_error"}
                                           for loc, msg in exc.errors]) from None
         outcome, value = await store.create(job_id, tenant.name, effective, tenant.max_active_jobs, key_hash, body_hash,
-                                            timeout_s=tenant.limits.max_wall_clock_s,
-                                            max_jobs_kept=tenant.limits.max_jobs_kept or settings.max_jobs_kept,
-                                            max_stored_bytes=tenant.limits.max_stored_bytes or settings.max_stored_bytes)
+                                            timeout_s=tenant.limits.max_wall_clock_s, max_jobs_kept=kept,
+                                            max_stored_bytes=size)
         if outcome != "taken":
             break
     else:
@@ -63,8 +64,6 @@ async def submit_job(spec: JobSpec, response: Response, tenant: TenantDep, store
                                  f"{tenant.max_active_jobs}: wait for one to finish or cancel one")
     if outcome == "stored":
         what, stored = value.split(" ", 1)
-        kept, size = (tenant.limits.max_jobs_kept or settings.max_jobs_kept,
-                      tenant.limits.max_stored_bytes or settings.max_stored_bytes)
         bound = (f"{stored} jobs stored, its limit is {kept} (limits.max_jobs_kept in the API key file, else "
                  f"SCDD_MAX_JOBS_KEPT)" if what == "jobs" else
                  f"{int(stored):,} bytes of job specs stored, and this one would pass its limit of {size:,} "
