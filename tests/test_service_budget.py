@@ -41,6 +41,24 @@ def refusal(answer) -> tuple[list[tuple], str]:
 # ---- the estimate ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("validate", [{}, {"mode": "hard"}, {"preset": "long"}, {"preset": "long", "mode": "hard"},
+                                      {"student_arch": "mobilenet_v2_small"}, {"batch_size": 32}])
+@pytest.mark.parametrize("size", [28, 32, 64, 96])
+def test_the_estimate_picks_the_students_and_at_least_the_batch_the_validate_stage_will(validate, size):
+    """The API does not import the compute layer (it would import torch), so service/memory_estimate.py restates
+    how scdd/validate/protocol.py picks the default student and its batch; this keeps the two in step: the same
+    student, and a batch no smaller than the one the run resolves (the long preset's depends on the set: the
+    estimate takes its bound, 100)."""
+    from scdd.validate.protocol import resolve_protocol
+    from service.memory_estimate import _student_archs, _student_batch
+
+    spec = JobSpec.model_validate({"dataset": {"image_size": size}, "validate": {"enabled": True, **validate}})
+    for images in (2, 100, 50_000):
+        protocol = resolve_protocol(spec.validate_, images, size)
+        assert _student_archs(spec, size) == [protocol.student_arch]
+        assert _student_batch(spec) >= protocol.batch_size
+
+
 def _saved_bytes_per_pixel(name: str, size: int) -> float:
     """Bytes a training forward of registry model `name` saves for backward, per input pixel of one image."""
     from scdd.models import create_model
