@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 
 from scdd import augment
 from scdd.models.ensemble import Ensemble, members_of
@@ -61,14 +62,15 @@ def recover_loss(
     zero = torch.zeros((), device=inputs.device)
     ce_sum = prior_sum = zero
     if len(targets):
-        with runtime.autocast():
+        with record_function("recover.forward"), runtime.autocast():  # the BN hooks gather their statistics here
             logits = teacher(views)
         ce_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
         if spec.tv_weight:
             prior_sum = prior_sum + spec.tv_weight * total_variation(inputs).sum()
         if spec.l2_weight:
             prior_sum = prior_sum + spec.l2_weight * l2_norm(inputs).sum()
-    bn = objective.loss()
+    with record_function("recover.bn_loss"):  # the statistics' distance (and their all-reduce across workers)
+        bn = objective.loss()
     own = (ce_sum + prior_sum) / batch_images + objective.scope.replicated_scale * spec.r_bn * bn
     return StepLoss(own, ce_sum, prior_sum, bn)
 
@@ -130,19 +132,22 @@ def synthesize(
             group["lr"] = cosine_lr(spec.lr, step, spec.iterations)
         views = inputs
         if n:
-            params = augment.sample_params(
-                n, size, crop=aug.crop, scale=aug.crop_scale, ratio=aug.crop_ratio,
-                flip=aug.flip, jitter=jitter, generator=generator if augment_generator is None else augment_generator,
-                per=aug.per, jitter_direction=aug.jitter_direction,
-            )
-            views = augment.apply(inputs, params)
+            with record_function("recover.augment"):
+                params = augment.sample_params(
+                    n, size, crop=aug.crop, scale=aug.crop_scale, ratio=aug.crop_ratio, flip=aug.flip, jitter=jitter,
+                    generator=generator if augment_generator is None else augment_generator,
+                    per=aug.per, jitter_direction=aug.jitter_direction,
+                )
+                views = augment.apply(inputs, params)
         runner = runners[objective.select(step)]
         loss = recover_loss(runner, views, targets, inputs, spec, runtime, objective, batch_images)
-        optimizer.zero_grad(set_to_none=True)
-        loss.own.backward()
-        optimizer.step()
-        with torch.no_grad():
-            torch.maximum(torch.minimum(inputs, high), low, out=inputs)
+        with record_function("recover.backward"):
+            optimizer.zero_grad(set_to_none=True)
+            loss.own.backward()
+        with record_function("recover.optimizer"):
+            optimizer.step()
+            with torch.no_grad():
+                torch.maximum(torch.minimum(inputs, high), low, out=inputs)
         if on_step is not None:
             on_step(step)
     ce = bn = total = 0.0
