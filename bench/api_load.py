@@ -18,6 +18,7 @@ dispatch part, a dispatcher process. Everything it started is stopped at the end
    the script waits until Ray reports each Ray job ended before it stops the stack.
 
     python bench/api_load.py [--requests 2000] [--concurrency 100] [--dispatch-jobs 8]
+    python bench/api_load.py --smoke   # seconds, both phases: 40 requests, 8 clients, 2 dispatch jobs
 """
 
 from __future__ import annotations
@@ -50,10 +51,13 @@ from service.records import GROUP, Keys
 from service.serve import ensure_ray_token
 from tests.services import DispatcherProcess, RayHead, RedisServer, free_port, wait_until
 
+from benchlib import apply_smoke  # bench/benchlib.py
+
 KEY = os.environ.get("SCDD_BENCH_KEY") or f"bench-{secrets.token_hex(16)}"  # a child process gets its parent's
 FINAL = {"succeeded", "failed", "cancelled"}
 RAY_TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+SMOKE = {"requests": 40, "concurrency": 8, "dispatch_jobs": 2}  # --smoke: seconds, the same code paths
 
 
 def tiny_spec() -> dict:
@@ -102,7 +106,11 @@ def start_api(redis_url: str, jobs_url: str, artifacts: Path, log: Path,
         except httpx.HTTPError:
             return False
 
-    wait_until(up, 30, "the API")
+    try:
+        wait_until(up, 30, "the API")
+    except BaseException:
+        stop_process(process)
+        raise
     return process, url
 
 
@@ -147,6 +155,12 @@ def processes_naming(words: list[str]) -> list[str]:
                 if any(word in cmdline for word in words):
                     found.append(f"{entry.name}: {cmdline.strip()}")
     return found
+
+
+def exit_on_sigterm() -> None:
+    """SIGTERM (`kill`, a CI job's timeout) ends the run as Ctrl-C does, through the clean-up that stops what it
+    started; Python's default ends it at once and leaves redis-server, the API and the Ray head running."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -358,7 +372,12 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000, help="requests per load operation")
     parser.add_argument("--concurrency", type=int, default=100, help="concurrent clients")
     parser.add_argument("--dispatch-jobs", type=int, default=8, help="jobs submitted at once for the dispatch rate")
+    parser.add_argument("--smoke", action="store_true", help="seconds, both phases: " + ", ".join(
+        f"--{dest.replace('_', '-')} {value}" for dest, value in SMOKE.items()) + " unless given")
     args = parser.parse_args()
+    if args.smoke:
+        apply_smoke(parser, args, SMOKE)
+    exit_on_sigterm()
     os.chdir(ROOT)  # Ray job drivers run `python -m service.entrypoint` in the head's working folder
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     os.environ.setdefault("RAY_AUTH_MODE", "token")  # `ray start` turns token auth on; Jobs API clients must send it

@@ -15,7 +15,8 @@ few batches of noise). Needs only torch and torchvision: scdd is imported from t
 nothing here imports pydantic. See docs/gpu-check.md for the columns.
 
     python bench/gpu_check.py                       # device: cuda if available
-    python bench/gpu_check.py --device cpu --tiny   # seconds on a CPU (what tests/test_gpu_check.py runs)
+    python bench/gpu_check.py --device cpu --tiny   # seconds on a CPU
+    python bench/gpu_check.py --smoke               # the same, written to a temporary file (tests/test_gpu_check.py)
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import importlib
 import json
 import platform
 import sys
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -101,7 +103,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--parts", nargs="+", choices=GROUPS, default=list(GROUPS), help="which groups of parts to run")
     parser.add_argument("--out", type=Path, help="JSON file (default: bench/results/gpu_check_<device>[_tiny].json)")
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+    parser.add_argument("--smoke", action="store_true",
+                        help="--device cpu --tiny, the JSON to a temporary file unless --out says where (every bench's "
+                        "small mode, run by the test suite)")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.device, args.tiny = "cpu", True
+        args.out = args.out or Path(tempfile.mkdtemp(prefix="gpu-check-smoke-")) / "gpu_check_cpu_tiny.json"
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

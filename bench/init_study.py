@@ -10,6 +10,8 @@ set. Each row is appended to a JSON-lines file (every run is kept), and a table 
     python bench/init_study.py --ipc 10 --configs selected-easy+it30 real+it100 --seeds 0 1 2
     python bench/init_study.py --ipc 1 10 --configs random herding --relabel-arch resnet18_small   # other teacher
 
+    python bench/init_study.py --smoke      # seconds: 50 + 50 images per class, IPC 1, random and real, 2 epochs
+
 A config is `<init>[-<rank>][+it<N>][+lr<x>][+bn<x>][+crops<N>][+cand<N>]`; `random` is the random-real baseline
 (the pipeline's own `random_real_subset`).
 """
@@ -20,6 +22,7 @@ import argparse
 import json
 import re
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,11 +40,16 @@ from scdd.runtime import resolve_runtime
 from scdd.squeeze.supervised import train_supervised
 from scdd.validate import random_real_subset, resolve_protocol, train_student
 
+from benchlib import apply_smoke  # bench/benchlib.py
+
 HELD_OUT_PER_CLASS = 1000
+SMOKE = {"ipc": [1], "configs": ["random", "real"], "teacher_epochs": 1, "preset": "quick", "student_epochs": 2,
+         "limit": 50}
 
 
-def held_out_split(seed: int = 0) -> RealData:
-    """Pool = train minus 1000 random images per class; 'test' = those held-out training images."""
+def held_out_split(seed: int = 0, limit: int | None = None) -> RealData:
+    """Pool = train minus 1000 random images per class; 'test' = those held-out training images (`limit`: at most
+    that many of each per class)."""
     full = load_dataset(DatasetSpec(train_limit=None), seed)  # every training image: pool 5000, held out 1000
     labels = full.train.labels
     generator = torch.Generator().manual_seed(12345 + seed)
@@ -49,8 +57,8 @@ def held_out_split(seed: int = 0) -> RealData:
     for label in range(10):
         members = (labels == label).nonzero().flatten()
         order = members[torch.randperm(len(members), generator=generator)]
-        held.append(order[:HELD_OUT_PER_CLASS])
-        pool.append(order[HELD_OUT_PER_CLASS:])
+        held.append(order[:HELD_OUT_PER_CLASS][:limit])
+        pool.append(order[HELD_OUT_PER_CLASS:][:limit])
     held, pool = torch.cat(held).sort().values, torch.cat(pool).sort().values
 
     def part(index: torch.Tensor) -> TensorImageDataset:
@@ -135,11 +143,21 @@ def main() -> None:
     parser.add_argument("--relabel-epochs", type=int, help="another relabel teacher (default: the scoring teacher)")
     parser.add_argument("--relabel-seed", type=int, default=None)
     parser.add_argument("--relabel-arch", default="convnet", help="architecture of the relabel teacher (e.g. resnet18_small)")
+    parser.add_argument("--student-epochs", type=int, help="cut the preset's student epochs")
+    parser.add_argument("--limit", type=int, help="at most this many pool and held-out images per class")
     parser.add_argument("--out", default="bench/results/init_study.jsonl")
+    parser.add_argument("--smoke", action="store_true", help="seconds: " + ", ".join(f"{k} {v}" for k, v in SMOKE.items())
+                        + "; the log and the teacher cache go to a temporary folder")
     args = parser.parse_args()
-    runtime = resolve_runtime(ResourcesSpec(device="cpu"))
-    data = held_out_split()
     cache = Path("bench/out/study")
+    if args.smoke:
+        apply_smoke(parser, args, SMOKE)
+        cache = Path(tempfile.mkdtemp(prefix="init-study-smoke-"))
+        if args.out == parser.get_default("out"):
+            args.out = str(cache / "init_study.jsonl")
+        print(f"the log and the teacher cache: {cache}", flush=True)
+    runtime = resolve_runtime(ResourcesSpec(device="cpu"))
+    data = held_out_split(limit=args.limit)
     scorer = teacher(data, args.teacher_epochs, 0, cache, runtime)
     relabel = scorer
     if args.relabel_epochs or args.relabel_seed is not None or args.relabel_arch != "convnet":
@@ -154,7 +172,7 @@ def main() -> None:
             for seed in args.seeds:
                 started = time.perf_counter()
                 images, labels = make_set(config, ipc, data, scorer, runtime, seed)
-                protocol = resolve_protocol(ValidateSpec(preset=args.preset), len(images))
+                protocol = resolve_protocol(ValidateSpec(preset=args.preset, epochs=args.student_epochs), len(images))
                 torch.manual_seed(seed)
                 student = create_model(protocol.student_arch, 10, 1, 28)
                 train_student(student, PixelSet.from_normalized(images, labels, data.info), protocol, relabel, runtime,
@@ -163,7 +181,9 @@ def main() -> None:
                 row = {"ipc": ipc, "config": config, "seed": seed, "preset": args.preset, "held_out_top1": top1,
                        "teacher_epochs": args.teacher_epochs, "relabel_epochs": args.relabel_epochs,
                        "relabel_seed": args.relabel_seed, "relabel_arch": args.relabel_arch,
-                       "relabel_top1": relabel_top1, "seconds": round(time.perf_counter() - started, 1)}
+                       "relabel_top1": relabel_top1, "seconds": round(time.perf_counter() - started, 1),
+                       **({"student_epochs": args.student_epochs} if args.student_epochs else {}),
+                       **({"limit": args.limit} if args.limit else {})}
                 with open(args.out, "a") as f:
                     f.write(json.dumps(row) + "\n")
                 results.setdefault((ipc, config), []).append(top1)

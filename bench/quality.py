@@ -15,6 +15,7 @@ training images (bench/init_study.py), never on this test split.
     python bench/quality.py --quick                  # a few minutes: IPC 1 and 10, one seed, short schedules
     python bench/quality.py --ipc 50 --rows sre2l/herding --seeds 0 1 2
     python bench/quality.py --table-from bench/results/quality.jsonl   # the table of every logged run
+    python bench/quality.py --smoke                  # seconds: 2 classes, 30 images each, IPC 1, schedules of 1-2
 
 `--teachers-of-seed 0` makes every seed use the teachers seed 0 trained (cached), so seeds vary the picked
 images, the random subset and the student only; without it every seed trains its own teachers.
@@ -39,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -48,8 +50,19 @@ from api_schema import JobSpec
 from scdd.models import checkpoint_bytes
 from scdd.pipeline import run_distillation
 
+from benchlib import apply_smoke  # bench/benchlib.py
+
 DEFAULT_ROWS = ["sre2l/noise", "scdd/noise", "sre2l/real", "sre2l/selected", "sre2l/herding", "scdd/herding",
                 "scdd/herding@quick"]
+SMOKE = {"ipc": [1], "seeds": [0], "rows": ["sre2l/noise", "scdd/herding@quick"], "hard_ipc": [1],
+         "hard_rows": ["sre2l/noise"], "teacher_epochs": 1, "ssl_epochs": 1}
+
+
+def dataset_cuts(args) -> dict:
+    """The training (and, smoke only, class and test) images a run uses: all, 1000 a class for --quick."""
+    if args.smoke:
+        return {"train_limit": 30, "test_limit": 30, "classes": [0, 1]}
+    return {"train_limit": 1000 if args.quick else None}  # None: all 60 000 training images
 
 
 def teacher_files(method: str, args, out: Path) -> dict:
@@ -74,7 +87,7 @@ def other_relabel_teacher(args, out: Path) -> tuple[str, float]:
     from scdd.runtime import resolve_runtime
     from scdd.squeeze.teachers import TeacherCache, recovery_teacher
 
-    spec = JobSpec.model_validate({"method": "sre2l", "seed": 0, "dataset": {"train_limit": 1000 if args.quick else None},
+    spec = JobSpec.model_validate({"method": "sre2l", "seed": 0, "dataset": dataset_cuts(args),
                                    "teacher": {"arch": args.relabel_arch, "epochs": args.teacher_epochs}})
     path = out / "teachers" / f"relabel-{args.relabel_arch}-e{args.teacher_epochs}.pt"
     data = load_dataset(spec.dataset, spec.seed)
@@ -132,15 +145,17 @@ def job(row: str, ipc: int, seed: int, mode: str, baseline: bool, args, out: Pat
     relabel = args.relabel.checkpoint if args.relabel else shared.get("relabel")
     validate = {"mode": mode, "preset": preset, "baseline": baseline, "relabel_teacher": "supervised",
                 **({"relabel_checkpoint": relabel} if relabel else {})}
-    if args.quick:
-        validate["epochs"] = 30 if mode == "kd" else 60
+    if args.quick or args.smoke:
+        validate["epochs"] = 2 if args.smoke else 30 if mode == "kd" else 60
     recover = {"ipc": ipc, "init": init, "select": {"candidates": max(100, 2 * ipc)}}
-    if args.quick and init == "noise":
+    if args.smoke:
+        recover["iterations"] = 2
+    elif args.quick and init == "noise":
         recover["iterations"] = 100
     return JobSpec.model_validate({
         "method": method,
         "seed": seed,
-        "dataset": {"train_limit": 1000 if args.quick else None},  # all 60 000 training images
+        "dataset": dataset_cuts(args),
         "teacher": {"epochs": args.teacher_epochs, "ssl": {"epochs": args.ssl_epochs},
                     **({"ensemble": args.ensemble.split(",")} if args.ensemble else {}),
                     **({"checkpoint": shared["teacher"]} if shared else {})},
@@ -169,7 +184,7 @@ def cell(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {(max(values) - min(values)) / 2:.2f}"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--ipc", type=int, nargs="+")
@@ -190,7 +205,18 @@ def main() -> None:
     parser.add_argument("--table-from", metavar="JSONL", help="print the table of the runs in this log and exit")
     parser.add_argument("--rerun-baselines", action="store_true",
                         help="train the random-real baseline even where --log holds it for the seed (it is deterministic)")
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true",
+                        help="seconds, every code path of a run: " + ", ".join(f"{k} {v}" for k, v in SMOKE.items())
+                        + ", 2 classes of 30 images, 2 recover iterations and student epochs; --out and --log go to a "
+                        "temporary folder")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        apply_smoke(parser, args, SMOKE)
+        if args.out == parser.get_default("out"):
+            args.out = tempfile.mkdtemp(prefix="quality-smoke-")
+        if args.log == parser.get_default("log"):
+            args.log = str(Path(args.out) / "quality.jsonl")
+        print(f"outputs and log: {args.out}", flush=True)
     ipcs = args.ipc or ([1, 10] if args.quick else [1, 10, 50])
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     out = Path(args.out)

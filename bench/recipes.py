@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -35,7 +36,11 @@ from api_schema import JobSpec
 from scdd.layout import RELABEL_PATH, TEACHER_PATH
 from scdd.pipeline import run_distillation
 
+from benchlib import apply_smoke  # bench/benchlib.py
+
 DEFAULT_ROWS = ["sre2l-cifar", "scdd-cifar100", "defaults"]
+SMOKE = {"rows": ["sre2l-cifar", "defaults"], "seeds": [0], "ipc": 1, "classes": [0, 1], "teacher_epochs": 1,
+         "train_limit": 20, "test_limit": 20, "recover_iterations": 2, "student_epochs": 2}
 
 
 def distill_spec(row: str, seed: int, args, out: Path) -> dict:
@@ -153,7 +158,7 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", nargs="+", default=DEFAULT_ROWS,
                         help="recipes (scdd-imagenet, scdd-cifar100, sre2l-imagenet, sre2l-tiny-imagenet, sre2l-cifar) "
@@ -171,17 +176,20 @@ def main() -> None:
     parser.add_argument("--out", default="bench-out/recipes", help="where the jobs write (outputs, teachers)")
     parser.add_argument("--log", default="bench/results/recipes.jsonl",
                         help="every run, one JSON line; runs it holds (same cuts) are not run again")
-    parser.add_argument("--smoke", action="store_true", help="seconds: 2 classes, IPC 1, one seed, schedules of 1-2")
+    parser.add_argument("--smoke", action="store_true", help="seconds: 2 classes, IPC 1, one seed, schedules of 1-2; "
+                        "--out and --log go to a temporary folder")
     parser.add_argument("--table-from", help="print the table of a JSON-lines log and exit")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.table_from:
         print(table([json.loads(line) for line in Path(args.table_from).read_text().splitlines() if line.strip()]))
         return
     if args.smoke:
-        args.rows, args.seeds, args.ipc, args.classes = ["sre2l-cifar", "defaults"], [0], 1, [0, 1]
-        args.teacher_epochs, args.train_limit, args.test_limit = 1, 20, 20
-        args.recover_iterations, args.student_epochs = 2, 2
-        args.log = str(Path(args.out) / "smoke.jsonl")
+        apply_smoke(parser, args, SMOKE)
+        if args.out == parser.get_default("out"):
+            args.out = tempfile.mkdtemp(prefix="recipes-smoke-")
+        if args.log == parser.get_default("log"):
+            args.log = str(Path(args.out) / "smoke.jsonl")
+        print(f"outputs and log: {args.out}", flush=True)
     print(f"bench/recipes.py: rows {args.rows}, seeds {args.seeds}, IPC {args.ipc}; cuts {cuts(args)}", flush=True)
     results = run(args)
     print(table(results))

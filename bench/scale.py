@@ -30,7 +30,7 @@ With RAY_ADDRESS set, every `ray::` process on this machine counts as a worker o
 
     python bench/scale.py                          # 1000 classes, 50 + 5 images each, 32 px; IPC 10 and 50
     python bench/scale.py --classes 100            # a medium size
-    python bench/scale.py --smoke --out /tmp/s.json  # seconds: 20 classes at 8 px, IPC 1 and 2
+    python bench/scale.py --smoke                  # 20 classes at 8 px, IPC 1 (JSON to a temp folder); --ipc 1,2: growth
     python bench/scale.py --ipc 50 --serve-only    # the IPC 50 job through `scdd serve`: artifact listing pages,
                                                    # the archive's rate, the API's memory (bench/scale_serve.py)
 
@@ -46,7 +46,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -56,8 +55,8 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "bench" / "results"
+from benchlib import RESULTS, apply_smoke, git_state  # bench/benchlib.py
+
 MIB = 2**20
 DRIVER = "driver"
 OUTSIDE = "outside stages"
@@ -74,7 +73,10 @@ RAY_HELPERS = {"TrainController", "SynchronizationActor", "PlacementGroupCleaner
                "PreemptionWatcher", "execute", "JobControl"}
 OTHER = "other Ray actors"
 ROLE_ORDER = (DRIVER, "data", "child", OTHER, RAY_SYSTEM)
-SMOKE = {"classes": 20, "train": 6, "val": 2, "size": 8, "ipc": "1,2"}  # --smoke: seconds, the same code path
+# --smoke: the same code path, one run without the random-real baseline (`--smoke --ipc 1,2 --baseline on` adds the
+# growth table and the baseline: each run starts its own driver, Ray cluster and four Ray Train stages, about 100 s on 2
+# cores)
+SMOKE = {"classes": 20, "train": 6, "val": 2, "size": 8, "ipc": "1", "baseline": "off"}
 
 
 def kind_of(role: str) -> str:
@@ -384,7 +386,7 @@ def job_spec(args: argparse.Namespace, data_root: str, ipc: int, out: str, teach
         "recover": {"ipc": ipc, "init": "noise", "iterations": args.iterations,
                     **({"batch_size": args.batch_size} if args.batch_size else {})},
         "validate": {"epochs": args.student_epochs, "student_arch": args.student_arch, "dd_ranking": False,
-                     "baseline": True},
+                     "baseline": args.baseline == "on"},
         "resources": {"device": "cpu", "workers": args.workers, "threads": 1, "compile": "off"},
         "output": {"url": out, "teacher_cache": teacher_cache},
     }
@@ -545,23 +547,11 @@ def dump(document: dict) -> str:
                   lambda m: "[" + ", ".join(x.strip() for x in m.group(1).split(",")) + "]", text) + "\n"
 
 
-def git_state() -> dict:
-    """The commit the code is at, and whether the working tree differs from it."""
-    def git(*args: str) -> str | None:
-        try:
-            return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=10).stdout
-        except (OSError, subprocess.SubprocessError):
-            return None
-
-    commit, status = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": (commit or "").strip() or None, "dirty": bool(status.strip()) if status is not None else None}
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true",
                         help=f"seconds, the same code path: {SMOKE['classes']} classes, {SMOKE['size']} px, "
-                        f"{SMOKE['train']} train / {SMOKE['val']} val images per class, IPC {SMOKE['ipc']}")
+                        f"{SMOKE['train']} train / {SMOKE['val']} val images per class, IPC {SMOKE['ipc']}, no baseline")
     parser.add_argument("--classes", type=int, default=1000)
     parser.add_argument("--train", type=int, default=50, help="training images per class")
     parser.add_argument("--val", type=int, default=5, help="validation images per class")
@@ -575,6 +565,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--student-arch", default="convnet_d1_w32")
     parser.add_argument("--student-epochs", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--baseline", choices=["on", "off"], default="on",
+                        help="validate.baseline: train the random-real baseline too (its own Ray Train stage)")
     parser.add_argument("--interval", type=float, default=0.2, help="seconds between memory samples")
     parser.add_argument("--data", type=Path, default=Path("/tmp/scdd-scale-data"),
                         help="where the ImageFolder is cached")
@@ -584,7 +576,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="run every IPC in this process on one Ray cluster (default: a fresh driver process each)")
     parser.add_argument("--out", type=Path, default=None,
                         help="the JSON results (default bench/results/scale-<date>.json; with --smoke "
-                        "scale-smoke-<date>.json)")
+                        "scale-smoke-<date>.json in a temporary folder)")
     parser.add_argument("--print-spec", action="store_true", help="print the first run's full job spec and exit")
     parser.add_argument("--serve", action="store_true",
                         help="also run the largest IPC's job through `scdd serve` (its own redis-server and Ray head) "
@@ -594,10 +586,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--page", type=int, default=1000, help="--serve: files per listing page (the API's limit)")
     args = parser.parse_args(argv)
     if args.smoke:
-        defaults = {a.dest: a.default for a in parser._actions}
-        for key, value in SMOKE.items():
-            if getattr(args, key) == defaults[key]:
-                setattr(args, key, value)
+        apply_smoke(parser, args, SMOKE)
     args.ipcs = sorted({int(x) for x in str(args.ipc).split(",") if x.strip()})
     if not args.ipcs:
         parser.error("--ipc names no IPC")
@@ -634,7 +623,9 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
     today = datetime.date.today().isoformat()
     kind = "scale-serve" if args.serve_only else "scale"
-    out = args.out or RESULTS / f"{kind}-{'smoke-' if args.smoke else ''}{today}.json"
+    # a smoke run must not touch the repository: its JSON goes to a temporary folder unless --out says where
+    smoke_folder = Path(tempfile.mkdtemp(prefix="scale-smoke-")) if args.smoke else RESULTS
+    out = args.out or smoke_folder / f"{kind}-{'smoke-' if args.smoke else ''}{today}.json"
     document = {
         "bench": "scale", "date": today, **git_state(), "smoke": args.smoke,
         "host": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},

@@ -14,6 +14,7 @@ It then checks that every stream got every event, and prints the table (and how 
 were blocked in XREAD while the streams were open: one per API process, the event hub's).
 
     python bench/sse_load.py [--streams 1000] [--jobs 1] [--rate 5] [--seconds 20] [--requests 500]
+    python bench/sse_load.py --smoke   # seconds, every check: 20 streams, 2 s of events, 20 requests per probe
 """
 
 from __future__ import annotations
@@ -35,12 +36,14 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from api_load import KEY, percentile, start_api, stop_process  # noqa: E402
+from api_load import KEY, exit_on_sigterm, percentile, start_api, stop_process  # noqa: E402
+from benchlib import apply_smoke  # noqa: E402
 from service.records import Keys  # noqa: E402
 from tests.services import RedisServer  # noqa: E402
 
 SPEC = {"method": "sre2l", "dataset": {"classes": [0, 1]}, "recover": {"ipc": 1, "iterations": 2},
         "resources": {"device": "cpu"}}
+SMOKE = {"streams": 20, "seconds": 2.0, "requests": 20}  # --smoke: seconds, the same code paths and checks
 
 
 # -- the stream holder (a process of its own) -------------------------------------------------------
@@ -117,19 +120,24 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=5.0, help="events per second into each job's stream")
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--requests", type=int, default=500)
+    parser.add_argument("--smoke", action="store_true", help="seconds, every check: " + ", ".join(
+        f"--{dest} {value:g}" for dest, value in SMOKE.items()) + " unless given")
     parser.add_argument("--hold", nargs=2, metavar=("URL", "JOBS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.hold:
         asyncio.run(hold(args.hold[0], args.hold[1].split(","), args.streams))
         return 0
+    if args.smoke:
+        apply_smoke(parser, args, SMOKE)
+    exit_on_sigterm()
 
     with tempfile.TemporaryDirectory(prefix="scdd-sse-") as tmp:
         redis_server = RedisServer(Path(tmp) / "redis").start()
         bound = str(args.streams + 10)
-        api, url = start_api(redis_server.url, "", Path(tmp) / "artifacts", Path(tmp) / "api.log",
-                             SCDD_MAX_STREAMS_PER_TENANT=bound, SCDD_MAX_STREAMS_PER_PROCESS=bound)
-        holder = None
+        api = holder = None
         try:
+            api, url = start_api(redis_server.url, "", Path(tmp) / "artifacts", Path(tmp) / "api.log",
+                                 SCDD_MAX_STREAMS_PER_TENANT=bound, SCDD_MAX_STREAMS_PER_PROCESS=bound)
             with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as client:
                 jobs = [client.post("/v1/jobs", json=SPEC).json()["id"] for _ in range(args.jobs)]
             quiet = probe(url, jobs[0], args.requests)
@@ -159,7 +167,9 @@ def main() -> int:
         finally:
             if holder and holder.poll() is None:
                 holder.kill()
-            stop_process(api)
+                holder.wait(10)
+            if api:
+                stop_process(api)
             redis_server.stop()
     complete = sum(1 for count in counts if count == sent)
     print(f"{args.streams} streams on {args.jobs} job(s): all opened in {open_s:.1f} s with statuses "

@@ -8,7 +8,7 @@ linear probe (30 epochs, 2 augmented views, standardised features) on a randomly
 same architecture, and prints both probes' test top-1 on the whole 10 000-image test split.
 
     python bench/ssl_backbone.py                      # about an hour on 2 CPU cores
-    python bench/ssl_backbone.py --epochs 1 --train-limit 500 --out /tmp/ssl   # a smoke run
+    python bench/ssl_backbone.py --smoke              # seconds: 1 epoch on 30 images per class, to a temp folder
 
 `--epochs auto` (the default) times one pretraining epoch on 3 000 images and extrapolates to the whole split
 (the epoch time is linear in the images); the chosen count, the measured and projected times are printed and
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,6 +32,10 @@ from scdd.progress import ConsoleProgress, SilentProgress
 from scdd.runtime import resolve_runtime
 from scdd.squeeze.probe import train_probe
 from scdd.squeeze.teachers import TeacherCache, recovery_teacher
+
+from benchlib import apply_smoke  # bench/benchlib.py
+
+SMOKE = {"epochs": "1", "train_limit": 30, "teacher_epochs": 1}
 
 
 def scdd_spec(epochs: int, train_limit: int | None, teacher_epochs: int) -> JobSpec:
@@ -64,7 +69,16 @@ def main() -> None:
     parser.add_argument("--teacher-epochs", type=int, default=3, help="as bench/quality.py (part of the spec digest)")
     parser.add_argument("--out", default="bench/out/quality", help="the teacher cache is <out>/teachers")
     parser.add_argument("--log", default="bench/results/ssl_backbone.jsonl")
+    parser.add_argument("--smoke", action="store_true", help="seconds: " + ", ".join(f"{k} {v}" for k, v in SMOKE.items())
+                        + "; --out and --log go to a temporary folder")
     args = parser.parse_args()
+    if args.smoke:
+        apply_smoke(parser, args, SMOKE)
+        if args.out == parser.get_default("out"):
+            args.out = tempfile.mkdtemp(prefix="ssl-backbone-smoke-")
+        if args.log == parser.get_default("log"):
+            args.log = str(Path(args.out) / "ssl_backbone.jsonl")
+        print(f"teacher cache and log: {args.out}", flush=True)
     record: dict = {"train_limit": args.train_limit}
     data = load_dataset(scdd_spec(1, args.train_limit, args.teacher_epochs).dataset, 0)  # the same whatever the epochs
     if args.epochs == "auto":

@@ -19,14 +19,14 @@ PARTS = {"recover/resnet18@32", "recover/resnet18_small@8", "global/W=1", "globa
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """One run of `bench/gpu_check.py --device cpu --tiny` with pydantic made unimportable."""
+    """One run of `bench/gpu_check.py --smoke` (`--device cpu --tiny`) with pydantic made unimportable."""
     root = tmp_path_factory.mktemp("gpu_check")
     (root / "hidden" / "pydantic").mkdir(parents=True)
     (root / "hidden" / "pydantic" / "__init__.py").write_text('raise ImportError("pydantic is hidden by the test")\n')
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(root / "hidden"), os.environ.get("PYTHONPATH")]))}
     out = root / "check.json"
-    proc = subprocess.run([sys.executable, str(BENCH / "gpu_check.py"), "--device", "cpu", "--tiny", "--out", str(out)],
+    proc = subprocess.run([sys.executable, str(BENCH / "gpu_check.py"), "--smoke", "--out", str(out)],
                           env=env, capture_output=True, text=True, timeout=600)
     return proc, json.loads(out.read_text()) if out.exists() else None
 
