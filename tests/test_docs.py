@@ -54,6 +54,23 @@ def test_recipe_page_is_generated_from_the_current_recipes():
         "docs/reference/recipes.md is stale: run .venv/bin/python scripts/gen_recipe_docs.py")
 
 
+def test_benchmark_tables_are_rendered_from_the_result_files():
+    """Every table of docs/benchmarks-and-findings.md inside a generated block is what its bench's `--table-from`
+    prints for the committed result files it names (issue 28), and the speed and scaling tables are such blocks."""
+    spec = importlib.util.spec_from_file_location("gen_bench_docs", ROOT / "scripts" / "gen_bench_docs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    text = module.PAGE.read_text()
+    commands = [match["command"] for match in module.BLOCK.finditer(text)]
+    for bench in ("recover_speed", "scaling"):
+        assert any(f"bench/{bench}.py --table-from" in command for command in commands), bench
+    for command in commands:
+        for path in command.split()[3:]:
+            assert (ROOT / path).is_file() or path.startswith("--"), f"{command}: {path} is not a committed result file"
+    assert module.render(text) == text, (
+        "docs/benchmarks-and-findings.md is stale: run .venv/bin/python scripts/gen_bench_docs.py")
+
+
 def test_spec_reference_lists_every_field_with_its_default():
     from api_schema import JobSpec
 

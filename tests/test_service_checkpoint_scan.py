@@ -4,7 +4,6 @@ against the library's own safe load (scdd/models/checkpoint.py), and one spec go
 from __future__ import annotations
 
 import argparse
-import io
 import pathlib
 import pickle
 import zipfile
