@@ -13,6 +13,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -106,3 +107,12 @@ def apply_smoke(parser: argparse.ArgumentParser, args: argparse.Namespace, smoke
             setattr(args, dest, value)
     print("smoke mode (seconds, the same code paths; the numbers are no measurement): "
           + " ".join(f"--{dest.replace('_', '-')} {getattr(args, dest)}" for dest in smoke), flush=True)
+
+
+def smoke_into_temp(parser: argparse.ArgumentParser, args: argparse.Namespace, name: str) -> None:
+    """A smoke run's `--out` folder and its `--log` file inside it go to a new temporary folder, unless given."""
+    if args.out == parser.get_default("out"):
+        args.out = tempfile.mkdtemp(prefix=f"{name}-smoke-")
+    if args.log == parser.get_default("log"):
+        args.log = str(Path(args.out) / f"{name}.jsonl")
+    print(f"outputs and log: {args.out}", flush=True)

@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -50,7 +49,7 @@ from api_schema import JobSpec
 from scdd.models import checkpoint_bytes
 from scdd.pipeline import run_distillation
 
-from benchlib import apply_smoke  # bench/benchlib.py
+from benchlib import apply_smoke, smoke_into_temp  # bench/benchlib.py
 
 DEFAULT_ROWS = ["sre2l/noise", "scdd/noise", "sre2l/real", "sre2l/selected", "sre2l/herding", "scdd/herding",
                 "scdd/herding@quick"]
@@ -212,11 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.smoke:
         apply_smoke(parser, args, SMOKE)
-        if args.out == parser.get_default("out"):
-            args.out = tempfile.mkdtemp(prefix="quality-smoke-")
-        if args.log == parser.get_default("log"):
-            args.log = str(Path(args.out) / "quality.jsonl")
-        print(f"outputs and log: {args.out}", flush=True)
+        smoke_into_temp(parser, args, "quality")
     ipcs = args.ipc or ([1, 10] if args.quick else [1, 10, 50])
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     out = Path(args.out)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -36,7 +35,7 @@ from api_schema import JobSpec
 from scdd.layout import RELABEL_PATH, TEACHER_PATH
 from scdd.pipeline import run_distillation
 
-from benchlib import apply_smoke  # bench/benchlib.py
+from benchlib import apply_smoke, smoke_into_temp  # bench/benchlib.py
 
 DEFAULT_ROWS = ["sre2l-cifar", "scdd-cifar100", "defaults"]
 SMOKE = {"rows": ["sre2l-cifar", "defaults"], "seeds": [0], "ipc": 1, "classes": [0, 1], "teacher_epochs": 1,
@@ -185,11 +184,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.smoke:
         apply_smoke(parser, args, SMOKE)
-        if args.out == parser.get_default("out"):
-            args.out = tempfile.mkdtemp(prefix="recipes-smoke-")
-        if args.log == parser.get_default("log"):
-            args.log = str(Path(args.out) / "smoke.jsonl")
-        print(f"outputs and log: {args.out}", flush=True)
+        smoke_into_temp(parser, args, "recipes")
     print(f"bench/recipes.py: rows {args.rows}, seeds {args.seeds}, IPC {args.ipc}; cuts {cuts(args)}", flush=True)
     results = run(args)
     print(table(results))

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from scdd.runtime import resolve_runtime
 from scdd.squeeze.probe import train_probe
 from scdd.squeeze.teachers import TeacherCache, recovery_teacher
 
-from benchlib import apply_smoke  # bench/benchlib.py
+from benchlib import apply_smoke, smoke_into_temp  # bench/benchlib.py
 
 SMOKE = {"epochs": "1", "train_limit": 30, "teacher_epochs": 1}
 
@@ -74,11 +73,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.smoke:
         apply_smoke(parser, args, SMOKE)
-        if args.out == parser.get_default("out"):
-            args.out = tempfile.mkdtemp(prefix="ssl-backbone-smoke-")
-        if args.log == parser.get_default("log"):
-            args.log = str(Path(args.out) / "ssl_backbone.jsonl")
-        print(f"teacher cache and log: {args.out}", flush=True)
+        smoke_into_temp(parser, args, "ssl_backbone")
     record: dict = {"train_limit": args.train_limit}
     data = load_dataset(scdd_spec(1, args.train_limit, args.teacher_epochs).dataset, 0)  # the same whatever the epochs
     if args.epochs == "auto":
