@@ -90,7 +90,7 @@ def smoke_runs():
     with ThreadPoolExecutor(max_workers=PARALLEL) as pool:
         runs = dict(zip(order, pool.map(run_smoke, order)))
     after = repository_files()
-    changed = sorted(path for path in after if before.get(path) != after[path])
+    changed = sorted(path for path in set(before) | set(after) if before.get(path) != after.get(path))  # made, changed, gone
     for name, run in sorted(runs.items(), key=lambda item: -item[1]["seconds"]):
         print(f"bench/{name} --smoke: {run['seconds']:.0f} s, exit {run['code']}")
     return runs, changed
