@@ -74,6 +74,17 @@ def describe_host(info: dict) -> str:
     return f"{info['cores']}-core {info['cpu']} {bf16}{torch}"
 
 
+# the record_function ranges of one recover step (scdd/recover/synthesize.py), as torch.profiler names them
+STEP_PHASES = ("recover.augment", "recover.forward", "recover.bn_loss", "recover.backward", "recover.optimizer")
+
+
+def step_phases_ms(events, steps: int) -> dict[str, float]:
+    """Milliseconds per step of each phase of a recover step (`augment`, `forward`, ...), from a profile's
+    `key_averages()` over `steps` steps; 0 for a phase that did not run."""
+    totals = {e.key: e.cpu_time_total for e in events if e.key in STEP_PHASES}
+    return {name.split(".", 1)[1]: round(totals.get(name, 0.0) / 1000 / steps, 3) for name in STEP_PHASES}
+
+
 def commit_of(document: dict) -> str:
     """`commit 37f330d`, with `and uncommitted changes` where the tree differed from it."""
     return f"commit {document.get('commit')}" + (" and uncommitted changes" if document.get("dirty") else "")

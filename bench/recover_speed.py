@@ -38,10 +38,11 @@ from scdd.data import load_dataset
 from scdd.models import create_model
 from scdd.progress import SilentProgress
 from scdd.recover import BNStatLoss, freeze, prepare_teacher, synthesize
-from scdd.runtime import Runtime, fast_bf16, resolve_runtime
+from scdd.runtime import Runtime, resolve_runtime
 from scdd.squeeze import train_supervised
 
-from benchlib import apply_smoke, commit_of, describe_host, host, read_results, write_result  # bench/benchlib.py
+from benchlib import (apply_smoke, commit_of, describe_host, host, read_results, step_phases_ms,  # bench/benchlib.py
+                      write_result)
 from published_loop import yardstick  # bench/published_loop.py
 
 BATCH = 100
@@ -91,18 +92,14 @@ def ours(teacher, targets, spec, bounds, size, runtime: Runtime, seed, profile_s
     return seconds, result.images, compile_seconds, profile
 
 
-PHASES = ("recover.augment", "recover.forward", "recover.bn_loss", "recover.backward", "recover.optimizer")
-
-
 def summarise_profile(prof, steps: int, top: int = 8) -> dict:
     """Milliseconds per step of each phase of scdd/recover/synthesize.py's step (its record_function ranges: the
     augmentation; the teacher's forward, in which the BN hooks gather their statistics; the BN loss; the backward;
     the optimizer step and clamp) and the ops that take the most self time."""
     events = prof.key_averages()
-    phase = {e.key: e.cpu_time_total / 1000 / steps for e in events if e.key in PHASES}
     ops = sorted((e for e in events if not e.key.startswith("recover.")), key=lambda e: -e.self_cpu_time_total)
     total_self = sum(e.self_cpu_time_total for e in events) or 1.0
-    return {"steps": steps, "phase_ms": {name.split(".", 1)[1]: round(phase.get(name, 0.0), 3) for name in PHASES},
+    return {"steps": steps, "phase_ms": step_phases_ms(events, steps),
             "top_ops": [{"op": e.key, "self_ms": round(e.self_cpu_time_total / 1000 / steps, 3),
                          "share": round(e.self_cpu_time_total / total_self, 3)} for e in ops[:top]]}
 
@@ -154,7 +151,7 @@ def measure(args) -> dict:
                          **({"profile": profile} if profile else {})})
     return {"settings": {"iterations": args.iterations, "batch": BATCH, "r_bn": args.r_bn, "train_limit": args.train_limit,
                          "seed": args.seed, "amp": args.amp, "compile": args.compile, "models": args.models},
-            "fast": fast.describe(), "bf16_native": fast_bf16(torch.device("cpu")), "rows": rows}
+            "fast": fast.describe(), "rows": rows}  # the CPU's bf16 support: the document's host
 
 
 def losses_dict(losses: tuple[float, ...]) -> dict:

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import tempfile
 import time
 from datetime import timedelta
@@ -43,10 +41,12 @@ from scdd.recover.scope import GlobalScope, LocalScope, sync_bytes_per_step
 from scdd.runtime import resolve_runtime
 from scdd.layout import TEACHER_PATH, unit_record_path
 from scdd.store import ArtifactStore
+from service.serve import free_port
 from workers.cluster import connect
 from workers.recover import RayRecover
 
-from benchlib import apply_smoke, commit_of, describe_host, host, read_results, write_result  # bench/benchlib.py
+from benchlib import (apply_smoke, commit_of, describe_host, host, read_results, step_phases_ms,  # bench/benchlib.py
+                      write_result)
 
 CLASSES, CHANNELS, SIZE = 100, 3, 32
 GOAL = 1.9  # steady speed-up from 1 to 2 workers (issue 28)
@@ -73,11 +73,8 @@ def teacher_checkpoint(arch: str, classes: int) -> bytes:
 
 
 def run(arch: str, workers: int, args: argparse.Namespace) -> dict:
-    folder = tempfile.mkdtemp(prefix=f"scaling-{arch}-w{workers}-")
-    try:
+    with tempfile.TemporaryDirectory(prefix=f"scaling-{arch}-w{workers}-", ignore_cleanup_errors=True) as folder:
         return run_in(ArtifactStore(folder), arch, workers, args)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def run_in(store: ArtifactStore, arch: str, workers: int, args: argparse.Namespace) -> dict:
@@ -100,9 +97,6 @@ def run_in(store: ArtifactStore, arch: str, workers: int, args: argparse.Namespa
         "ce": result.final_ce,
         "bn": result.final_bn,
     }
-
-
-PHASES = ("recover.augment", "recover.forward", "recover.bn_loss", "recover.backward", "recover.optimizer")
 
 
 def profile_rank(rank: int, world: int, port: int, checkpoint: bytes, args: argparse.Namespace, queue) -> None:
@@ -132,12 +126,11 @@ def profile_rank(rank: int, world: int, port: int, checkpoint: bytes, args: argp
             synthesize(runner, targets, short, bounds, (CHANNELS, SIZE, SIZE), runtime, generator, objective)
         wall_ms = (time.perf_counter() - started) * 1000 / steps
     events = prof.key_averages()
-    phase = {e.key.split(".", 1)[1]: e.cpu_time_total / 1000 / steps for e in events if e.key in PHASES}
     conv = sum(e.self_cpu_time_total for e in events if "convolution" in e.key) / 1000 / steps
     # the statistics' all-reduce, forward and backward (scdd/recover/scope.py), waiting for the other rank included
     collective = sum(e.cpu_time_total for e in events if e.key in ("_AllReduceSum", "_AllReduceSumBackward")) / 1000 / steps
     queue.put({"workers": world, "rank": rank, "images": share, "step_ms": round(wall_ms, 2),
-               "phase_ms": {k: round(v, 2) for k, v in phase.items()}, "conv_ms": round(conv, 2),
+               "phase_ms": step_phases_ms(events, steps), "conv_ms": round(conv, 2),
                "all_reduce_ms": round(collective, 2)})
     if world > 1:
         torch.distributed.destroy_process_group()
@@ -154,7 +147,7 @@ def profile_split(arch: str, args: argparse.Namespace) -> list[dict]:
     rows = []
     for world in (1, 2):
         queue = context.Queue()
-        port = 29500 + os.getpid() % 1000
+        port = free_port()
         processes = [context.Process(target=profile_rank, args=(rank, world, port, checkpoint, args, queue))
                      for rank in range(world)]
         for process in processes:
