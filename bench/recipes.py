@@ -37,7 +37,7 @@ from api_schema import JobSpec
 from scdd.layout import RELABEL_PATH, REPORT, TEACHER_PATH
 from scdd.pipeline import run_distillation
 
-from benchlib import apply_smoke, smoke_into_temp  # bench/benchlib.py
+from benchlib import apply_smoke, describe_host, host, smoke_into_temp  # bench/benchlib.py
 
 DEFAULT_ROWS = ["sre2l-cifar", "scdd-cifar100", "defaults"]
 SMOKE = {"rows": ["sre2l-cifar", "defaults"], "seeds": [0], "ipc": 1, "classes": [0, 1], "teacher_epochs": 1,
@@ -81,7 +81,8 @@ def long_spec(job: JobSpec, output: Path, args) -> dict:
 
 
 def record(report, row: str, protocol: str, seed: int, seconds: float, args) -> dict:
-    """One run's log line: its scores, its relabel teacher, where and how long it ran, and the bench's cuts."""
+    """One run's log line: its scores, its relabel teacher, where (machine, device) and how long it ran, and the
+    bench's cuts."""
     validate = report.validate_
     teacher = report.teacher.top1 if report.teacher else None  # None: an evaluate job recovers nothing
     relabel = validate.relabel_teacher.top1 if validate.relabel_teacher else None
@@ -90,6 +91,7 @@ def record(report, row: str, protocol: str, seed: int, seconds: float, args) -> 
             "top1": validate.student.top1, "random_top1": validate.baseline.top1, "ior": validate.ior,
             "teacher_top1": teacher, "relabel_top1": relabel if relabel is not None else teacher,
             "recipe": report.recipe.name if report.recipe else None, "device": report.runtime.device,
+            "machine": describe_host(host()),
             "seconds": round(seconds, 1), "stage_seconds": {k: round(v, 1) for k, v in report.stage_seconds.items()},
             "threads": args.threads, "cuts": cuts(args)}
 
@@ -154,7 +156,7 @@ def cuts(args) -> dict:
 
 def table(results: list[dict]) -> str:
     """One table per set of cuts the runs were made with (rows are never averaged across cuts), each under a line
-    naming the cuts, the devices and the torch threads of its runs (the seconds depend on them)."""
+    naming the cuts, the machines, devices and torch threads of its runs (the seconds depend on them)."""
     by_cuts: dict[str, list[dict]] = defaultdict(list)
     for entry in results:
         by_cuts[json.dumps(entry.get("cuts"), sort_keys=True)].append(entry)
@@ -162,7 +164,9 @@ def table(results: list[dict]) -> str:
     for cut, entries in sorted(by_cuts.items()):
         threads = sorted({str(e.get("threads")) for e in entries})
         devices = sorted({e.get("device", "cpu") for e in entries})  # runs logged before the field were all cpu
-        parts.append(f"Cuts {cut}; device {', '.join(devices)}, torch threads per run: {', '.join(threads)}."
+        machines = sorted({e.get("machine", "not recorded") for e in entries})
+        parts.append(f"Cuts {cut}; machines: {'; '.join(machines)}; device {', '.join(devices)}, torch threads per "
+                     f"run: {', '.join(threads)}."
                      f"\n\n{setting_table(entries)}")
     return "\n\n".join(parts)
 
