@@ -91,7 +91,7 @@ def record(report, row: str, protocol: str, seed: int, seconds: float, args) -> 
             "top1": validate.student.top1, "random_top1": validate.baseline.top1, "ior": validate.ior,
             "teacher_top1": teacher, "relabel_top1": relabel if relabel is not None else teacher,
             "recipe": report.recipe.name if report.recipe else None, "device": report.runtime.device,
-            "machine": describe_host(host()),
+            "amp": report.runtime.amp, "machine": describe_host(host()),
             "seconds": round(seconds, 1), "stage_seconds": {k: round(v, 1) for k, v in report.stage_seconds.items()},
             "threads": args.threads, "cuts": cuts(args)}
 
@@ -189,7 +189,8 @@ def setting_table(results: list[dict]) -> str:
     for (row, protocol), entries in sorted(groups.items()):
         entries.sort(key=lambda e: e["seed"])
         iors = [e["ior"] for e in entries]
-        name = f"{entries[0]['student']}, {entries[0]['epochs']} ep"
+        amp = sorted({e.get("amp", "not recorded") for e in entries})  # autocast: off (fp32) or the dtype
+        name = f"{entries[0]['student']}, {entries[0]['epochs']} ep, autocast {'/'.join(amp)}"
         lines.append(f"| {row} | {protocol} | {name} | {teacher(entries)} | {spread([e['top1'] for e in entries])} | "
                      f"{spread([e['random_top1'] for e in entries])} | {statistics.mean(iors):+.2f} | "
                      f"{', '.join(f'{v:+.2f}' for v in iors)} (seeds {', '.join(str(e['seed']) for e in entries)}) | "
