@@ -24,7 +24,7 @@ if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"
 # Ray Train's controller polls its workers every 2 s by default: a tiny run waits up to that long for each report and
 # about 4 s to see its workers end. The Ray clusters the tests start inherit this environment and poll every 0.25 s
 # (docs/distributed.md, "Training stages").
-RAY_TRAIN_POLL_S = float(os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25"))
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 # Test images per class the tiny jobs measure accuracies on: every student, baseline and teacher of a job is
 # tested, and the whole 3-class test split (3000 images) made that most of a tiny job's time.

@@ -14,7 +14,7 @@ from scdd.evaluate import evaluate
 from scdd.models import create_model
 from scdd.runtime import Runtime
 from scdd.shard import Shard
-from tests.conftest import RAY_TRAIN_POLL_S, TEST_LIMIT, cpus_free_soon, tiny_job
+from tests.conftest import TEST_LIMIT, cpus_free_soon, tiny_job
 from workers.driver import run_job
 from workers.events import ListSink
 from workers.backend import RayOptions
@@ -63,9 +63,7 @@ def test_killed_training_worker_resumes_from_its_checkpoint(ray_local, tmp_path,
     spec = job(fmnist_root, tmp_path / "run", fmnist_teacher_ckpt)
     spec = JobSpec.model_validate({**spec.to_dict(), "validate": {**spec.to_dict()["validate"], "baseline": False,
                                                                    "epochs": 6}})
-    # the crash waits for the controller to take in the 3rd epoch's checkpoint: a few of its polls
-    fault = TrainFault(rank=1, epoch=3, step=1, delay_s=max(1.0, 4 * RAY_TRAIN_POLL_S))
-    options = RayOptions(train_fault=fault, checkpoint_every_s=0)
+    options = RayOptions(train_fault=TrainFault(rank=1, epoch=3, step=1), checkpoint_every_s=0)
     result = run_job(spec, ListSink(), options=options)
     assert result.status == "succeeded", result.error
     student = result.report.validate_.student
