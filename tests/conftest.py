@@ -21,9 +21,9 @@ if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"
     _token_file = Path(tempfile.mkdtemp(prefix="scdd-ray-token-")) / "auth_token"
     _token_file.write_text(secrets.token_hex(32))
     os.environ["RAY_AUTH_TOKEN_PATH"] = str(_token_file)
-# Ray Train's controller polls its workers every 2 s by default: a tiny run waits up to that long for each report and
-# about 4 s to see its workers end. The Ray clusters the tests start inherit this environment and poll every 0.25 s
-# (docs/distributed.md, "Training stages").
+# Ray Train's controller polls its workers every 2 s by default, and each ray.train.report waits for a poll: a tiny
+# stage spends most of its time waiting. The Ray clusters the tests start inherit this environment and poll every
+# 0.25 s (docs/distributed.md, "Training stages", has the measurement).
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 # Test images per class the tiny jobs measure accuracies on: every student, baseline and teacher of a job is
